@@ -1,0 +1,6 @@
+//! Command line entry point.
+
+/// Runs the command line.
+pub fn main() -> std::process::ExitCode {
+    std::process::ExitCode::SUCCESS
+}
