@@ -1,6 +1,131 @@
-//! Command line entry point.
+//! Command line: parses arguments, loads configuration, and runs the chosen command.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 unusable input (bad flags or configuration).
+//! Every failure is printed as one line on stderr naming the problem and its fix.
 
-/// Runs the command line.
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, Overrides};
+
+/// keywarden: a dstack-compatible KMS with an on-chain governance mirror.
+#[derive(Debug, Parser)]
+#[command(name = "keywarden", version = crate::telemetry::VERSION_LONG, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file (TOML). Environment variables KEYWARDEN_<SECTION>__<KEY> override it.
+    #[arg(long, global = true, env = "KEYWARDEN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service.
+    Serve(ServeArgs),
+    /// Inspect configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `keywarden serve` flags (they override file and environment).
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// API (KMS RPC) listen address.
+    #[arg(long, value_name = "ADDR")]
+    pub api_listen: Option<SocketAddr>,
+    /// Metrics and health listen address.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Admin listen address (the admin API runs only with a token configured).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Data directory (embedded database, key material).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL: sqlite://PATH or postgres://USER@HOST:PORT/DB.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+}
+
+/// `keywarden config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file and print the effective configuration, secrets redacted.
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+/// Runs the command line; the binary's `main`.
+pub fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    match run(cli, started) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure { code, message }) => {
+            eprintln!("keywarden: error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn usage(e: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: 2,
+        message: e.to_string(),
+    }
+}
+
+fn load(file: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, Failure> {
+    let config = Config::load(file, std::env::vars(), overrides).map_err(usage)?;
+    config.validate().map_err(usage)?;
+    Ok(config)
+}
+
+fn run(cli: Cli, started: Instant) -> Result<u8, Failure> {
+    match cli.command {
+        Command::Config(ConfigCommand::Check { file }) => {
+            let config = load(Some(&file), &Overrides::default())?;
+            print!("{}", config.to_redacted_toml());
+            eprintln!("keywarden: {} is valid", file.display());
+            Ok(0)
+        }
+        Command::Serve(args) => {
+            let overrides = Overrides {
+                api_listen: args.api_listen,
+                metrics_listen: args.metrics_listen,
+                admin_listen: args.admin_listen,
+                data_dir: args.data_dir,
+                database_url: args.database_url,
+            };
+            let config = load(cli.config.as_deref(), &overrides)?;
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Failure {
+                    code: 1,
+                    message: format!("cannot start the async runtime: {e}"),
+                })?;
+            runtime
+                .block_on(crate::service::serve(config, started))
+                .map_err(|e| Failure {
+                    code: 1,
+                    message: format!("{e:#}"),
+                })
+        }
+    }
 }

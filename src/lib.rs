@@ -3,4 +3,11 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map of modules and how data flows between them.
 
+pub mod app;
 pub mod cli;
+pub mod config;
+pub mod http;
+pub mod runtime;
+pub mod service;
+pub mod store;
+pub mod telemetry;

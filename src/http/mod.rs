@@ -1,0 +1,184 @@
+//! HTTP listeners: the API (KMS RPC) port, the metrics/health port and the admin port.
+//!
+//! Flow: [`bind`] claims each address before anything starts (a taken port is a start-up
+//! error naming the fix); each router gets the same hardening ([`harden`]: panic catching that
+//! counts `keywarden_handler_panics_total`, a request timeout, a body-size cap, a request span,
+//! and the `X-App-Version` header); [`Server`] serves one router as a supervised task with
+//! graceful shutdown. [`HttpError`] is the one error type that becomes a JSON response.
+
+mod admin;
+mod api;
+mod ops;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderName, HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use admin::router as admin_router;
+pub use api::router as api_router;
+pub use ops::router as ops_router;
+
+use crate::runtime::{Task, panic_message};
+use crate::telemetry::{Listener, ProcessMetrics};
+
+/// The one error type of the HTTP layer; renders as `{"error": "..."}` with its status.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// No such route.
+    #[error("not found")]
+    NotFound,
+    /// Missing or wrong bearer token.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// Bad request parameters.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A dependency is not available.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Something failed on our side.
+    #[error("internal error")]
+    Internal,
+    /// The address cannot be bound.
+    #[error("cannot listen on {name} {addr}: {reason} (fix: {fix})")]
+    Bind {
+        /// Config key of the listener.
+        name: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+        /// What to do.
+        fix: &'static str,
+    },
+}
+
+impl HttpError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal | Self::Bind { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut resp = (
+            status,
+            axum::Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// Binds `addr` for the listener configured at `name` (e.g. `api.listen`).
+pub async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, HttpError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let fix = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "stop the process using that port or choose another address for this listener"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "use a port above 1023 or grant the capability to bind low ports"
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                "use an address that belongs to this machine (or 0.0.0.0)"
+            }
+            _ => "choose another address for this listener",
+        };
+        HttpError::Bind {
+            name,
+            addr,
+            reason: e.kind().to_string(),
+            fix,
+        }
+    })
+}
+
+/// Limits and behaviour shared by every listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Per-request timeout; beyond it the answer is 503.
+    pub request_timeout: Duration,
+    /// Body size cap; beyond it the answer is 413.
+    pub max_body_bytes: usize,
+}
+
+/// Applies panic catching, timeout, body cap, request span and `X-App-Version` to `router`.
+pub fn harden(
+    router: Router,
+    listener: Listener,
+    limits: Limits,
+    metrics: ProcessMetrics,
+) -> Router {
+    let on_panic = move |panic: Box<dyn std::any::Any + Send + 'static>| {
+        metrics.handler_panicked(listener);
+        tracing::error!(?listener, panic = %panic_message(panic.as_ref()), "request handler panicked");
+        HttpError::Internal.into_response()
+    };
+    router
+        .fallback(|| async { HttpError::NotFound })
+        .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            limits.request_timeout,
+        ))
+        .layer(CatchPanicLayer::custom(on_panic))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(move |req: &Request<_>| {
+                tracing::info_span!(
+                    "http.request",
+                    listener = ?listener,
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                )
+            }),
+        )
+        .layer(SetResponseHeaderLayer::overriding(
+            HeaderName::from_static("x-app-version"),
+            HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+        ))
+}
+
+/// One listener served as a supervised task.
+pub struct Server {
+    /// Task name (`api_listener`, ...).
+    pub name: &'static str,
+    /// The bound socket.
+    pub listener: TcpListener,
+    /// What it serves.
+    pub router: Router,
+}
+
+impl Task for Server {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,176 @@
+//! `keywarden serve`: start-up, supervision and shutdown of the whole service.
+//!
+//! Order: logging → insecure-switch warnings → store (migrated) → run record → metrics →
+//! listeners bound (a taken port fails start-up before anything serves) → tasks spawned →
+//! ready. On shutdown: tasks drained within `runtime.shutdown_timeout`, the run marked clean,
+//! the store closed, pending spans exported.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tracing::Instrument as _;
+
+use crate::app::{AppState, HealthMonitor, Inner, unix_now};
+use crate::config::Config;
+use crate::http::{self, Limits, Server};
+use crate::runtime::{ComponentState, Criticality, Outcome, Readiness, Supervisor};
+use crate::store::Store;
+use crate::telemetry::{self, Listener, Metrics};
+
+/// How often the health monitor re-checks.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs the service until shutdown. `started` is when the process started. Returns the exit code.
+pub async fn serve(config: Config, started: Instant) -> anyhow::Result<u8> {
+    let log_guard = telemetry::logging::init(&config.telemetry)?;
+    let outcome = run(config, started).await;
+    log_guard.shutdown();
+    outcome
+}
+
+async fn run(config: Config, started: Instant) -> anyhow::Result<u8> {
+    let (state, supervisor) = start(config, started)
+        .instrument(tracing::info_span!("keywarden.startup"))
+        .await?;
+    let outcome = supervisor.wait(state.config.runtime.shutdown_timeout).await;
+    match &outcome {
+        Outcome::Clean => {
+            if let Err(e) = state.store.end_run(state.run.run_id, unix_now()).await {
+                tracing::error!(error = %e, "could not mark this run as cleanly stopped");
+            }
+            state
+                .audit("service_stop", "ok", serde_json::json!({}))
+                .await;
+            tracing::info!("keywarden stopped");
+        }
+        Outcome::CriticalTaskFailed { task, reason } => {
+            tracing::error!(task, %reason, "keywarden stopped because a critical task died");
+        }
+        Outcome::DrainTimedOut(d) => {
+            tracing::error!(deadline = %humantime::format_duration(*d), "keywarden stopped without draining");
+        }
+    }
+    state.store.close().await;
+    Ok(outcome.exit_code())
+}
+
+async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Supervisor)> {
+    for (key, on) in config.insecure_switches() {
+        if on {
+            tracing::warn!(key, "insecure setting enabled; do not use in production");
+        }
+    }
+    let target = config.database_target()?;
+    let admin_token_hash = config.admin_token_hash()?;
+    // Claim every port before touching the database, so a taken port writes nothing.
+    let api = http::bind("api.listen", config.api.listen).await?;
+    let ops = http::bind("metrics.listen", config.metrics.listen).await?;
+    let admin = if admin_token_hash.is_some() {
+        Some(http::bind("admin.listen", config.admin.listen).await?)
+    } else {
+        None
+    };
+
+    let store = Store::open(&config.storage, &target).await?;
+    let now = unix_now();
+    let node_id = store.node_id(now).await?;
+    let run = store
+        .begin_run(env!("CARGO_PKG_VERSION"), telemetry::GIT_SHA, now)
+        .await?;
+    if run.previous_unclean {
+        tracing::warn!("the previous run did not shut down cleanly");
+    }
+
+    let metrics = Metrics::new();
+    let readiness = Readiness::default();
+    readiness.register("listeners");
+    let addr =
+        |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let (api_addr, ops_addr) = (addr(&api), addr(&ops));
+    let admin_addr = admin.as_ref().map(addr);
+
+    let limits = Limits {
+        request_timeout: config.api.request_timeout,
+        max_body_bytes: config.api.max_body_bytes,
+    };
+    let state = AppState::new(Inner {
+        config,
+        store,
+        registry: metrics.registry,
+        process: metrics.process.clone(),
+        readiness: readiness.clone(),
+        admin_token_hash,
+        node_id,
+        run,
+        started,
+    });
+
+    let supervisor = Supervisor::new(metrics.process.clone());
+    let serve = |name, listener, router, kind| {
+        supervisor.spawn(
+            Server {
+                name,
+                listener,
+                router: http::harden(router, kind, limits, metrics.process.clone()),
+            },
+            Criticality::Critical,
+        );
+    };
+    serve(
+        "api_listener",
+        api,
+        http::api_router(state.clone()),
+        Listener::Api,
+    );
+    serve(
+        "metrics_listener",
+        ops,
+        http::ops_router(state.clone()),
+        Listener::Metrics,
+    );
+    if let Some(admin) = admin {
+        serve(
+            "admin_listener",
+            admin,
+            http::admin_router(state.clone()),
+            Listener::Admin,
+        );
+    }
+    supervisor.spawn(
+        HealthMonitor {
+            state: state.clone(),
+            interval: HEALTH_INTERVAL,
+        },
+        Criticality::Optional,
+    );
+    readiness.set("listeners", ComponentState::Ready);
+    state
+        .health()
+        .await
+        .is_empty()
+        .then_some(())
+        .context("database did not answer right after start-up")?;
+
+    let startup = started.elapsed();
+    metrics.process.set_startup_duration(startup.as_secs_f64());
+    state
+        .audit(
+            "service_start",
+            "ok",
+            serde_json::json!({
+                "version": telemetry::VERSION_LONG,
+                "insecure": state.config.insecure_switches().iter().filter(|(_, on)| *on).map(|(k, _)| *k).collect::<Vec<_>>(),
+            }),
+        )
+        .await;
+    tracing::info!(
+        api = %api_addr,
+        metrics = %ops_addr,
+        admin = admin_addr.as_deref().unwrap_or("disabled"),
+        database = state.store.backend_name(),
+        node_id = %state.node_id,
+        startup_ms = startup.as_millis() as u64,
+        "keywarden ready"
+    );
+    Ok((state, supervisor))
+}

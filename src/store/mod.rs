@@ -1,0 +1,365 @@
+//! Persistence: one store API over SQLite (embedded default) and PostgreSQL (selected by URL).
+//!
+//! Flow: [`Store::open`] creates the data directory (mode 0700), connects, and runs the
+//! backend's migrations (`migrations/sqlite`, `migrations/postgres`) before anything else uses
+//! it. Every method is written once: the `on_backend!`/`write_tx!` macros expand the same query
+//! code for each pool type. Check-then-write steps run inside one write transaction (`BEGIN
+//! IMMEDIATE` on SQLite so concurrent writers serialize instead of failing on upgrade).
+//! Later modules extend `Store` with their own tables in `impl Store` blocks of their own files.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::config::{DatabaseTarget, StorageConfig, redact_url};
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created or is not a directory.
+    #[error(
+        "cannot use data directory {path}: {reason} (fix: choose a writable directory with --data-dir or storage.data_dir)"
+    )]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// The operating system's reason.
+        reason: String,
+    },
+    /// The database could not be opened or reached.
+    #[error("cannot open database {target}: {reason} (fix: {fix})")]
+    Connect {
+        /// The database, credentials redacted.
+        target: String,
+        /// Why.
+        reason: String,
+        /// What to do.
+        fix: &'static str,
+    },
+    /// A migration failed; the database is left at the last migration that completed.
+    #[error(
+        "database migration failed on {target}: {reason} (fix: check that the database belongs to keywarden and the user may create tables)"
+    )]
+    Migrate {
+        /// The database, credentials redacted.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// A query failed.
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+    /// The database did not answer in time.
+    #[error("database did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Expands `$body` once per backend with `$pool` bound to that backend's pool.
+macro_rules! on_backend {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite($pool) => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` in a write transaction bound to `$tx`, committing if it completes; an early
+/// return (`?`) drops the transaction, which rolls it back.
+macro_rules! write_tx {
+    ($store:expr, $tx:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite(pool) => {
+                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+            Backend::Postgres(pool) => {
+                let mut $tx = pool.begin().await?;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+        }
+    };
+}
+
+// Sibling modules extend `Store` with these macros.
+#[allow(unused_imports)]
+pub(crate) use {on_backend, write_tx};
+
+/// The persistent store. Cheap to clone (pools are shared).
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Backend,
+    target: String,
+}
+
+/// What [`Store::begin_run`] found and recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunStart {
+    /// Id of this run's row.
+    pub run_id: i64,
+    /// How many times the service has started on this store, including this one.
+    pub runs: i64,
+    /// The previous run ended without a clean shutdown.
+    pub previous_unclean: bool,
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    /// Unix seconds.
+    pub at: i64,
+    /// What happened (`service_start`, `admin_auth`, `key_request`, ...).
+    pub kind: String,
+    /// `ok`, `refused`, ... (a closed set per kind).
+    pub outcome: String,
+    /// JSON object with the details.
+    pub detail: String,
+}
+
+impl Store {
+    /// Opens (creating if needed) the configured database and migrates it.
+    pub async fn open(cfg: &StorageConfig, target: &DatabaseTarget) -> Result<Self, StoreError> {
+        let store = match target {
+            DatabaseTarget::Sqlite(path) => Self::open_sqlite(cfg, path).await?,
+            DatabaseTarget::Postgres(url) => Self::open_postgres(cfg, url).await?,
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn open_sqlite(cfg: &StorageConfig, path: &Path) -> Result<Self, StoreError> {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        create_private_dir(&dir)?;
+        let target = format!("sqlite://{}", path.display());
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a committed key-release or checkpoint must survive power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(cfg.connect_timeout)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(cfg.max_connections)
+            .acquire_timeout(cfg.connect_timeout)
+            .connect_with(opts)
+            .await
+            .map_err(|e| StoreError::Connect {
+                target: target.clone(),
+                reason: one_line(&e),
+                fix: "check that the file's directory is writable and the file is an SQLite database",
+            })?;
+        Ok(Self {
+            backend: Backend::Sqlite(pool),
+            target,
+        })
+    }
+
+    async fn open_postgres(cfg: &StorageConfig, url: &str) -> Result<Self, StoreError> {
+        let target = redact_url(url);
+        let fix = "check that PostgreSQL is running and the URL's host, port, user and database are right";
+        let opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Connect {
+            target: target.clone(),
+            reason: one_line(&e),
+            fix,
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.max_connections)
+            .acquire_timeout(cfg.connect_timeout)
+            .connect_with(opts)
+            .await
+            .map_err(|e| StoreError::Connect {
+                target: target.clone(),
+                reason: one_line(&e),
+                fix,
+            })?;
+        Ok(Self {
+            backend: Backend::Postgres(pool),
+            target,
+        })
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let result = match &self.backend {
+            Backend::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await,
+            Backend::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await,
+        };
+        result.map_err(|e| StoreError::Migrate {
+            target: self.target.clone(),
+            reason: one_line(&e),
+        })
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The database this store uses, credentials redacted.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Answers when the database does, within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), StoreError> {
+        let q = async {
+            on_backend!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))
+        };
+        tokio::time::timeout(timeout, q)
+            .await
+            .map_err(|_| StoreError::Timeout(timeout))?
+            .map_err(StoreError::from)
+    }
+
+    /// Closes every pooled connection (waits for checked-out ones to come back).
+    pub async fn close(&self) {
+        on_backend!(self, pool => pool.close().await)
+    }
+
+    /// This node's stable identity, created on first use. Check-then-write in one transaction,
+    /// so concurrent first starts agree on one id.
+    pub async fn node_id(&self, now: i64) -> Result<String, StoreError> {
+        let mut fresh = [0u8; 16];
+        getrandom::fill(&mut fresh)
+            .map_err(|e| StoreError::Query(sqlx::Error::Protocol(format!("no randomness: {e}"))))?;
+        let fresh = hex::encode(fresh);
+        Ok(write_tx!(self, tx => {
+            sqlx::query("INSERT INTO meta (key, value, updated_at) VALUES ('node_id', $1, $2) ON CONFLICT (key) DO NOTHING")
+                .bind(&fresh)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query("SELECT value FROM meta WHERE key = 'node_id'")
+                .fetch_one(&mut *tx)
+                .await?;
+            row.try_get::<String, _>("value")?
+        }))
+    }
+
+    /// Records a process start; tells whether the previous run ended cleanly.
+    pub async fn begin_run(
+        &self,
+        version: &str,
+        git_sha: &str,
+        now: i64,
+    ) -> Result<RunStart, StoreError> {
+        Ok(write_tx!(self, tx => {
+            let last = sqlx::query("SELECT stopped_at FROM service_runs ORDER BY id DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?;
+            let previous_unclean = match last {
+                Some(row) => row.try_get::<Option<i64>, _>("stopped_at")?.is_none(),
+                None => false,
+            };
+            let row = sqlx::query("INSERT INTO service_runs (started_at, version, git_sha) VALUES ($1, $2, $3) RETURNING id")
+                .bind(now)
+                .bind(version)
+                .bind(git_sha)
+                .fetch_one(&mut *tx)
+                .await?;
+            let run_id: i64 = row.try_get("id")?;
+            let runs: i64 = sqlx::query("SELECT COUNT(*) AS n FROM service_runs")
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
+            RunStart { run_id, runs, previous_unclean }
+        }))
+    }
+
+    /// Marks a run as cleanly stopped.
+    pub async fn end_run(&self, run_id: i64, now: i64) -> Result<(), StoreError> {
+        on_backend!(self, pool => {
+            sqlx::query("UPDATE service_runs SET stopped_at = $1 WHERE id = $2")
+                .bind(now)
+                .bind(run_id)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Appends one audit record.
+    pub async fn append_audit(&self, rec: &AuditRecord) -> Result<(), StoreError> {
+        on_backend!(self, pool => {
+            sqlx::query("INSERT INTO audit_log (at, kind, outcome, detail) VALUES ($1, $2, $3, $4)")
+                .bind(rec.at)
+                .bind(&rec.kind)
+                .bind(&rec.outcome)
+                .bind(&rec.detail)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// The newest audit records, newest first.
+    pub async fn recent_audit(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = on_backend!(self, pool => {
+            sqlx::query("SELECT at, kind, outcome, detail FROM audit_log ORDER BY id DESC LIMIT $1")
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(AuditRecord {
+                        at: r.try_get("at")?,
+                        kind: r.try_get("kind")?,
+                        outcome: r.try_get("outcome")?,
+                        detail: r.try_get("detail")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()?
+        });
+        Ok(rows)
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    let err = |e: std::io::Error| StoreError::DataDir {
+        path: dir.display().to_string(),
+        reason: e.kind().to_string(),
+    };
+    if !dir.exists() {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir).map_err(err)?;
+    } else if !dir.is_dir() {
+        return Err(StoreError::DataDir {
+            path: dir.display().to_string(),
+            reason: "exists and is not a directory".into(),
+        });
+    }
+    Ok(())
+}
+
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,59 @@
+//! Telemetry: the metrics registry, process metrics, logs (text/JSON, audit target) and traces.
+//!
+//! Flow: [`logging::init`] installs the tracing subscriber once at start-up (filter, text or JSON
+//! output, optional audit file, OpenTelemetry layer that gives every span a trace id and exports
+//! it over OTLP when enabled). [`Metrics::new`] builds the prometheus-client registry that lives
+//! in application state (no globals); each subsystem registers its own metrics struct there, and
+//! the metrics listener encodes it on scrape.
+
+pub mod logging;
+mod process;
+
+use prometheus_client::registry::Registry;
+
+pub use process::{Listener, ProcessMetrics};
+
+/// Target of audit records: security-relevant events that may be routed to their own file.
+pub const AUDIT_TARGET: &str = "audit";
+
+/// Version string with the git revision, e.g. `0.1.0 (abc1234)`.
+pub const VERSION_LONG: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("KEYWARDEN_GIT_SHA"),
+    ")"
+);
+
+/// The git revision the binary was built from (`unknown` outside a checkout).
+pub const GIT_SHA: &str = env!("KEYWARDEN_GIT_SHA");
+
+/// Every metric the service exports, registered on one registry.
+#[derive(Debug)]
+pub struct Metrics {
+    /// The registry encoded on `/metrics`.
+    pub registry: Registry,
+    /// `keywarden_*` process metrics.
+    pub process: ProcessMetrics,
+}
+
+impl Metrics {
+    /// Builds the registry with every subsystem's metrics.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let process = ProcessMetrics::new(&mut registry);
+        Self { registry, process }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Encodes the registry in the OpenMetrics text format.
+pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::with_capacity(8 * 1024);
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}

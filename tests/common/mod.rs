@@ -1,0 +1,212 @@
+//! Helpers shared by the integration tests: free ports, the keywarden process, fresh PostgreSQL
+//! databases.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A loopback address with a free port.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// HTTP client for plain-HTTP loopback calls.
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// A running `keywarden` process whose stdout lines are collected. Killed on drop.
+pub struct Keywarden {
+    child: Option<Child>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    pub api: SocketAddr,
+    pub metrics: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// The binary under test.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keywarden"))
+}
+
+/// Runs keywarden to completion (for commands that exit), returning (code, stdout, stderr).
+pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = bin();
+    cmd.args(args).env_remove("RUST_LOG").stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+impl Keywarden {
+    /// Starts `keywarden serve` with the example config, a fresh data dir and free ports.
+    pub fn start(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let (api, metrics, admin) = (free_addr(), free_addr(), free_addr());
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/keywarden.toml");
+        let mut cmd = bin();
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .args(["--api-listen", &api.to_string()])
+            .args(["--metrics-listen", &metrics.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra_args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let sink = stdout.clone();
+        let pipe = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            child: Some(child),
+            stdout,
+            api,
+            metrics,
+            admin,
+        }
+    }
+
+    /// Polls `/readyz` until it answers 200 (at most 10 s); panics with the logs otherwise.
+    pub async fn wait_ready(&mut self) {
+        let client = http();
+        let url = format!("http://{}/readyz", self.metrics);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("keywarden exited early with {status}: {:?}", self.lines());
+            }
+            if let Ok(r) = client.get(&url).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("keywarden not ready within 10 s: {:?}", self.lines());
+    }
+
+    /// Stdout lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits (at most `limit`) for the exit code.
+    pub fn terminate(&mut self, limit: Duration) -> i32 {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                // Let the reader thread drain the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("keywarden did not exit within {limit:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Keywarden {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Server URL for PostgreSQL tests (trust auth on loopback by default).
+pub fn postgres_admin_url() -> String {
+    std::env::var("KEYWARDEN_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh, empty PostgreSQL database; dropped by [`PgDb::drop_now`].
+pub struct PgDb {
+    pub url: String,
+    name: String,
+}
+
+impl PgDb {
+    /// Creates a database with a unique name. Fails loudly when no server answers.
+    pub async fn create() -> Self {
+        use sqlx::Connection;
+        let admin = postgres_admin_url();
+        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL must be running for these tests ({admin}): {e}; .ci/run installs and starts it")
+        });
+        let mut rnd = [0u8; 6];
+        getrandom::fill(&mut rnd).unwrap();
+        let name = format!("kw_test_{}", hex::encode(rnd));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').unwrap().0;
+        Self {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    /// Drops the database (terminating leftover connections).
+    pub async fn drop_now(self) {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&postgres_admin_url())
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+}

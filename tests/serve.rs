@@ -1,0 +1,398 @@
+//! `keywarden serve` as a new user runs it: the real binary, real listeners, SQLite and
+//! PostgreSQL, SIGTERM, and every bad input with its one-line error.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{Keywarden, PgDb, http, run_to_end};
+
+/// Metric names (as queried: counters with `_total`) in the README table.
+fn readme_metrics() -> BTreeSet<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("<!-- metrics:begin -->")
+        .expect("README metrics table start marker");
+    let end = readme
+        .find("<!-- metrics:end -->")
+        .expect("README metrics table end marker");
+    readme[start..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Metric names (as queried) in an OpenMetrics exposition.
+fn exported_metrics(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            let mut it = l.split_whitespace();
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn serve_on_sqlite_answers_health_metrics_logs_json_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut kw = Keywarden::start(dir.path(), &[], &[]);
+    kw.wait_ready().await;
+    let ready_after = started.elapsed();
+    let client = http();
+
+    let health = client
+        .get(format!("http://{}/health", kw.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.headers()["x-app-version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(health.text().await.unwrap(), "OK");
+
+    let missing = client
+        .get(format!("http://{}/nope", kw.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        missing.json::<serde_json::Value>().await.unwrap()["error"],
+        "not found"
+    );
+
+    assert_eq!(
+        client
+            .get(format!("http://{}/livez", kw.metrics))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = client
+        .get(format!("http://{}/metrics", kw.metrics))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        metrics.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = metrics.text().await.unwrap();
+    assert!(text.contains("keywarden_build_info{version=\""), "{text}");
+    assert!(text.contains("keywarden_uptime_seconds "), "{text}");
+    assert!(text.contains("keywarden_healthy 1"), "{text}");
+    assert!(
+        text.contains("keywarden_background_task_panics_total{task=\"api_listener\"} 0"),
+        "{text}"
+    );
+
+    // The README documents exactly what the service exports.
+    assert_eq!(
+        readme_metrics(),
+        exported_metrics(&text),
+        "README metrics table is out of date"
+    );
+
+    // Admin API is off without a token.
+    assert!(
+        client
+            .get(format!("http://{}/admin/status", kw.admin))
+            .send()
+            .await
+            .is_err()
+    );
+
+    let code = kw.terminate(Duration::from_secs(5));
+    assert_eq!(code, 0);
+    let lines = kw.lines();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string() && v["target"].is_string(),
+            "{line}"
+        );
+    }
+    let ready = lines
+        .iter()
+        .find(|l| l.contains("\"keywarden ready\""))
+        .expect("ready line");
+    let ready: serde_json::Value = serde_json::from_str(ready).unwrap();
+    assert_eq!(ready["trace_id"].as_str().unwrap().len(), 32);
+    assert!(lines.iter().any(|l| l.contains("\"keywarden stopped\"")));
+    eprintln!("process start to /readyz 200 (debug build, incl. polling): {ready_after:?}");
+}
+
+#[tokio::test]
+async fn serve_on_postgres_works_the_same_and_remembers_clean_shutdown() {
+    let db = PgDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..2 {
+        let mut kw = Keywarden::start(dir.path(), &["--database-url", &db.url], &[]);
+        kw.wait_ready().await;
+        let client = http();
+        assert_eq!(
+            client
+                .get(format!("http://{}/health", kw.api))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            "OK"
+        );
+        assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+        let lines = kw.lines();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("\"database\":\"postgres\"")),
+            "{lines:?}"
+        );
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.contains("did not shut down cleanly")),
+            "round {round}: clean shutdown must be remembered: {lines:?}"
+        );
+    }
+    assert!(
+        !dir.path().join("keywarden.db").exists(),
+        "PostgreSQL mode must not create SQLite files"
+    );
+    db.drop_now().await;
+}
+
+#[tokio::test]
+async fn admin_api_requires_the_token_and_audits_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "correct horse\n").unwrap();
+    let token_ref = format!("file:{}", token_file.display());
+    let mut kw = Keywarden::start(
+        &dir.path().join("data"),
+        &[],
+        &[("KEYWARDEN_ADMIN__TOKEN", &token_ref)],
+    );
+    kw.wait_ready().await;
+    let client = http();
+    let url = |p: &str| format!("http://{}{p}", kw.admin);
+
+    let no = client.get(url("/admin/status")).send().await.unwrap();
+    assert_eq!(no.status(), 401);
+    assert_eq!(no.headers()["www-authenticate"], "Bearer");
+    let wrong = client
+        .get(url("/admin/status"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+
+    let ok = client
+        .get(url("/admin/status"))
+        .bearer_auth("correct horse")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let status: serde_json::Value = ok.json().await.unwrap();
+    assert_eq!(status["database"]["backend"], "sqlite");
+    assert_eq!(status["ready"], true);
+
+    let cfg = client
+        .get(url("/admin/config"))
+        .bearer_auth("correct horse")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(cfg.contains(&token_ref), "{cfg}");
+    assert!(
+        !cfg.contains("correct horse"),
+        "the secret must never be printed: {cfg}"
+    );
+
+    let audit: serde_json::Value = client
+        .get(url("/admin/audit?limit=10"))
+        .bearer_auth("correct horse")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let refusals = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "admin_auth" && r["outcome"] == "refused")
+        .count();
+    assert_eq!(refusals, 2, "{audit}");
+    let bad_limit = client
+        .get(url("/admin/audit?limit=0"))
+        .bearer_auth("correct horse")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_limit.status(), 400);
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}
+
+/// Asserts a one-line error on stderr with a fix and no panic/backtrace.
+fn assert_one_line_error(code: i32, stderr: &str, expected_code: i32, needle: &str) {
+    assert_eq!(code, expected_code, "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line expected: {stderr}");
+    assert!(lines[0].starts_with("keywarden: error: "), "{stderr}");
+    assert!(lines[0].contains(needle), "{needle:?} missing: {stderr}");
+    assert!(lines[0].contains("fix"), "a fix must be named: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unknown_config_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("k.toml");
+    std::fs::write(&cfg, "[storage]\ndata_dri = \"x\"\n").unwrap();
+    let (code, _, err) = run_to_end(&["--config", cfg.to_str().unwrap(), "serve"], &[]);
+    assert_one_line_error(code, &err, 2, "data_dri");
+}
+
+#[test]
+fn malformed_database_url_is_refused() {
+    let (code, _, err) = run_to_end(&["serve", "--database-url", "postgres//nohost"], &[]);
+    assert_one_line_error(code, &err, 2, "storage.database_url");
+}
+
+#[test]
+fn unreadable_secret_file_is_refused() {
+    let (code, _, err) = run_to_end(
+        &["serve"],
+        &[("KEYWARDEN_ADMIN__TOKEN", "file:/nonexistent/kw/admin-token")],
+    );
+    assert_one_line_error(code, &err, 2, "/nonexistent/kw/admin-token");
+}
+
+#[test]
+fn unreachable_database_is_refused_without_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{}/kw", common::free_port());
+    let (code, _, err) = run_to_end(
+        &[
+            "serve",
+            "--database-url",
+            &url,
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--api-listen",
+            &common::free_addr().to_string(),
+            "--metrics-listen",
+            &common::free_addr().to_string(),
+        ],
+        &[("KEYWARDEN_STORAGE__CONNECT_TIMEOUT", "300ms")],
+    );
+    assert_one_line_error(code, &err, 1, "cannot open database");
+    assert!(!dir.path().join("data").exists(), "nothing may be written");
+}
+
+#[test]
+fn unwritable_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let (code, _, err) = run_to_end(
+        &[
+            "serve",
+            "--data-dir",
+            file.join("sub").to_str().unwrap(),
+            "--api-listen",
+            &common::free_addr().to_string(),
+            "--metrics-listen",
+            &common::free_addr().to_string(),
+        ],
+        &[],
+    );
+    assert_one_line_error(code, &err, 1, "data directory");
+}
+
+#[test]
+fn port_in_use_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = run_to_end(
+        &[
+            "serve",
+            "--api-listen",
+            &addr,
+            "--metrics-listen",
+            &common::free_addr().to_string(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_one_line_error(code, &err, 1, "api.listen");
+    assert!(err.contains("in use"), "{err}");
+    assert!(!dir.path().join("data").exists(), "nothing may be written");
+}
+
+#[test]
+fn config_check_prints_the_effective_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("k.toml");
+    std::fs::write(
+        &cfg,
+        "[storage]\ndatabase_url = \"postgres://kw:hunter2@db:5432/kw\"\n[admin]\ntoken = \"env:KW_TEST_ADMIN_TOKEN\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = run_to_end(
+        &["config", "check", cfg.to_str().unwrap()],
+        &[("KW_TEST_ADMIN_TOKEN", "topsecret")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("[api]") && out.contains("listen = \"0.0.0.0:8000\""),
+        "{out}"
+    );
+    assert!(out.contains("token = \"env:KW_TEST_ADMIN_TOKEN\""), "{out}");
+    assert!(
+        !out.contains("hunter2") && !out.contains("topsecret"),
+        "{out}"
+    );
+    let (code, _, err) = run_to_end(&["config", "check", cfg.to_str().unwrap()], &[]);
+    assert_one_line_error(code, &err, 2, "KW_TEST_ADMIN_TOKEN");
+}
+
+#[test]
+fn version_names_the_git_revision() {
+    let (code, out, _) = run_to_end(&["--version"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with(&format!("keywarden {} (", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
+}

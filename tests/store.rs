@@ -1,0 +1,137 @@
+//! The store suite, run against SQLite and against the real PostgreSQL server, each test on a
+//! fresh database.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use keywarden::config::{DatabaseTarget, StorageConfig};
+use keywarden::store::{AuditRecord, Store};
+
+/// Runs `body` once on a fresh SQLite store and once on a fresh PostgreSQL database.
+macro_rules! on_both_backends {
+    ($name:ident, |$open:ident| $body:block) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                let cfg = StorageConfig {
+                    data_dir: dir.path().to_path_buf(),
+                    ..Default::default()
+                };
+                let target = DatabaseTarget::Sqlite(dir.path().join("kw.db"));
+                let $open = || Store::open(&cfg, &target);
+                $body
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let db = common::PgDb::create().await;
+                let cfg = StorageConfig::default();
+                let target = DatabaseTarget::Postgres(db.url.clone());
+                {
+                    let $open = || Store::open(&cfg, &target);
+                    $body
+                }
+                db.drop_now().await;
+            }
+        }
+    };
+}
+
+on_both_backends!(migrations_are_idempotent_across_restarts, |open| {
+    let s = open().await.unwrap();
+    s.ping(std::time::Duration::from_secs(2)).await.unwrap();
+    s.close().await;
+    let s = open().await.unwrap();
+    s.ping(std::time::Duration::from_secs(2)).await.unwrap();
+    s.close().await;
+});
+
+on_both_backends!(node_id_is_created_once_and_survives_restart, |open| {
+    let s = open().await.unwrap();
+    let (a, b, c) = tokio::join!(s.node_id(1), s.node_id(2), s.node_id(3));
+    let a = a.unwrap();
+    assert_eq!(a.len(), 32);
+    assert_eq!(a, b.unwrap());
+    assert_eq!(a, c.unwrap());
+    s.close().await;
+    let s = open().await.unwrap();
+    assert_eq!(s.node_id(4).await.unwrap(), a);
+    s.close().await;
+});
+
+on_both_backends!(unclean_previous_run_is_detected, |open| {
+    let s = open().await.unwrap();
+    let first = s.begin_run("0.1.0", "abc", 10).await.unwrap();
+    assert_eq!(first.runs, 1);
+    assert!(!first.previous_unclean);
+    // No end_run: the process "crashed".
+    let second = s.begin_run("0.1.0", "abc", 20).await.unwrap();
+    assert!(second.previous_unclean);
+    assert_eq!(second.runs, 2);
+    s.end_run(second.run_id, 30).await.unwrap();
+    let third = s.begin_run("0.1.0", "abc", 40).await.unwrap();
+    assert!(!third.previous_unclean);
+    assert_eq!(third.runs, 3);
+    s.close().await;
+});
+
+on_both_backends!(audit_records_come_back_newest_first, |open| {
+    let s = open().await.unwrap();
+    for i in 0..5 {
+        s.append_audit(&AuditRecord {
+            at: i,
+            kind: "admin_auth".into(),
+            outcome: if i % 2 == 0 { "refused" } else { "ok" }.into(),
+            detail: format!("{{\"i\":{i}}}"),
+        })
+        .await
+        .unwrap();
+    }
+    let recent = s.recent_audit(3).await.unwrap();
+    assert_eq!(
+        recent.iter().map(|r| r.at).collect::<Vec<_>>(),
+        vec![4, 3, 2]
+    );
+    assert_eq!(recent[0].outcome, "refused");
+    assert_eq!(recent[0].detail, "{\"i\":4}");
+    s.close().await;
+});
+
+#[tokio::test]
+async fn unreachable_postgres_is_a_clear_error() {
+    let cfg = StorageConfig {
+        connect_timeout: std::time::Duration::from_millis(500),
+        ..Default::default()
+    };
+    let port = common::free_port();
+    let err = Store::open(
+        &cfg,
+        &DatabaseTarget::Postgres(format!("postgres://kw:secretpw@127.0.0.1:{port}/kw")),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("cannot open database"), "{err}");
+    assert!(err.contains("fix:"), "{err}");
+    assert!(
+        !err.contains("secretpw"),
+        "password must be redacted: {err}"
+    );
+}
+
+#[tokio::test]
+async fn data_dir_under_a_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, "x").unwrap();
+    let cfg = StorageConfig::default();
+    let err = Store::open(&cfg, &DatabaseTarget::Sqlite(file.join("sub/kw.db")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot use data directory"), "{err}");
+    assert!(err.contains("--data-dir"), "{err}");
+}
