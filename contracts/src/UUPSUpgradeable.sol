@@ -46,6 +46,9 @@ abstract contract UUPSUpgradeable is IProxiable {
     /// @notice Points the proxy at `newImplementation` and delegate-calls `data` on it when non-empty.
     function upgradeToAndCall(address newImplementation, bytes memory data) public payable onlyProxy {
         _authorizeUpgrade(newImplementation);
+        if (newImplementation.code.length == 0) {
+            revert ERC1967Slots.ImplementationHasNoCode(newImplementation);
+        }
         try IProxiable(newImplementation).proxiableUUID() returns (bytes32 slot) {
             if (slot != ERC1967Slots.IMPLEMENTATION_SLOT) {
                 revert UUPSUnsupportedProxiableUUID(slot);
