@@ -4,10 +4,12 @@
 //! --no-fund` at the repository root); `KEYWARDEN_TEST_ANVIL` may point at another binary. The node
 //! listens on 127.0.0.1 on a free port and is killed when the handle is dropped.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// Where `npm ci` puts the anvil binary, relative to the repository root.
 pub const NPM_ANVIL: &str = "node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil";
@@ -33,39 +35,46 @@ impl Anvil {
         path
     }
 
-    /// Starts anvil with its default dev accounts (and `extra_args`) and waits until it accepts
-    /// connections. Retries on another port if the chosen one was taken in between.
+    /// Starts anvil with its default dev accounts (and `extra_args`) and waits until it reports
+    /// listening on its port. Two tests may be handed the same free port: the loser's anvil exits
+    /// without that line, and it is retried on another port.
     pub fn spawn_with(extra_args: &[&str]) -> Self {
         let binary = Self::binary();
         let mut last_error = String::new();
-        for _ in 0..3 {
+        for _ in 0..5 {
             let port = free_port();
             let mut child = Command::new(&binary)
                 .args(["--host", "127.0.0.1", "--port", &port.to_string()])
                 .args(extra_args)
                 .stdin(Stdio::null())
-                .stdout(Stdio::null())
+                .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(status) = child.try_wait().expect("poll anvil") {
-                    last_error = format!("anvil exited early with {status} (port {port})");
-                    break;
+            let stdout = child.stdout.take().expect("piped stdout");
+            let (tx, rx) = mpsc::channel();
+            // Reads until anvil exits, so its stdout pipe never fills up.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if line.contains("Listening on") {
+                        let _ = tx.send(line);
+                    }
                 }
-                let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
-                    return Self { child, port };
+            });
+            let expected = format!("127.0.0.1:{port}");
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(line) if line.contains(&expected) => return Self { child, port },
+                Ok(line) => last_error = format!("unexpected anvil output: {line}"),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    last_error = format!("anvil exited without listening on port {port}");
                 }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                Err(mpsc::RecvTimeoutError::Timeout) => {
                     last_error = format!("anvil did not listen on port {port} within 10 s");
-                    break;
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
+            let _ = child.kill();
+            let _ = child.wait();
         }
         panic!("could not start anvil: {last_error}");
     }
