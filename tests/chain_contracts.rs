@@ -183,18 +183,7 @@ impl Boot {
         }
     }
     fn app(&self) -> DstackApp::AppBootInfo {
-        let k = self.kms();
-        DstackApp::AppBootInfo {
-            appId: k.appId,
-            composeHash: k.composeHash,
-            instanceId: k.instanceId,
-            deviceId: k.deviceId,
-            mrAggregated: k.mrAggregated,
-            mrSystem: k.mrSystem,
-            osImageHash: k.osImageHash,
-            tcbStatus: k.tcbStatus,
-            advisoryIds: k.advisoryIds,
-        }
+        self.kms().into()
     }
 }
 
@@ -276,6 +265,7 @@ async fn deploy_reports_a_working_deployment() {
     assert_eq!(keys, ["app", "app_implementation", "block", "kms"]);
     assert_eq!(json["kms"], format!("{:#x}", c.d.kms));
     assert_eq!(json["block"], c.d.block);
+    assert_eq!(serde_json::from_value::<Deployment>(json).unwrap(), c.d);
     let text = c.d.to_string();
     assert!(text.contains(&c.d.kms.to_string()) && text.contains(&c.d.block.to_string()));
 }

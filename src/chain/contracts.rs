@@ -51,6 +51,41 @@ mod bindings {
 
 pub use bindings::{DstackApp, DstackKms, MultiSend, SafeL2, TimelockController};
 
+// `AppBootInfo` is generated once per contract (same layout, same ABI encoding); these conversions
+// let one boot report be checked against both.
+
+impl From<DstackKms::AppBootInfo> for DstackApp::AppBootInfo {
+    fn from(i: DstackKms::AppBootInfo) -> Self {
+        Self {
+            appId: i.appId,
+            composeHash: i.composeHash,
+            instanceId: i.instanceId,
+            deviceId: i.deviceId,
+            mrAggregated: i.mrAggregated,
+            mrSystem: i.mrSystem,
+            osImageHash: i.osImageHash,
+            tcbStatus: i.tcbStatus,
+            advisoryIds: i.advisoryIds,
+        }
+    }
+}
+
+impl From<DstackApp::AppBootInfo> for DstackKms::AppBootInfo {
+    fn from(i: DstackApp::AppBootInfo) -> Self {
+        Self {
+            appId: i.appId,
+            composeHash: i.composeHash,
+            instanceId: i.instanceId,
+            deviceId: i.deviceId,
+            mrAggregated: i.mrAggregated,
+            mrSystem: i.mrSystem,
+            osImageHash: i.osImageHash,
+            tcbStatus: i.tcbStatus,
+            advisoryIds: i.advisoryIds,
+        }
+    }
+}
+
 /// The ERC-1967 storage slot holding a proxy's implementation address
 /// (`keccak256("eip1967.proxy.implementation") - 1`). Proxies have no `implementation()` getter.
 pub const IMPLEMENTATION_SLOT: B256 =

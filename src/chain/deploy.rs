@@ -17,13 +17,13 @@ use alloy::primitives::{Address, B256, Bytes};
 use alloy::providers::{Provider, ProviderBuilder};
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::sol_types::{SolCall, SolValue};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::ChainError;
 use super::contracts::{Artifact, DstackKms};
 
 /// Addresses of a fresh test deployment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deployment {
     /// DstackKms proxy (the address to configure and watch).
     pub kms: Address,
