@@ -127,3 +127,18 @@ async fn dev_deploy_command_succeeds_and_fails_cleanly() {
     assert!(Cli::try_parse_from(["deploy", "--rpc", "not a url"]).is_err());
     assert!(Cli::try_parse_from(["deploy"]).is_err());
 }
+
+#[tokio::test]
+async fn deploy_fails_instead_of_hanging_when_nothing_is_mined() {
+    let anvil = Anvil::spawn_with(&["--no-mining"]);
+    let started = std::time::Instant::now();
+    let err =
+        keywarden::chain::deploy_with_timeout(&anvil.url(), std::time::Duration::from_secs(1))
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(err, keywarden::chain::ChainError::PendingTransaction(_)),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}

@@ -9,8 +9,12 @@
 //! 4. `setAppImplementation(appImplementation)` on the KMS proxy;
 //! 5. `deployAndRegisterApp(owner, false, false, false, 0, 0)` (6-argument overload): one app proxy
 //!    owned by the same account, with no compose hash or device allowed yet.
+//!
+//! Each step waits at most [`RECEIPT_TIMEOUT`] for its receipt (a node that does not mine fails
+//! instead of hanging).
 
 use std::fmt;
+use std::time::Duration;
 
 use alloy::network::TransactionBuilder;
 use alloy::primitives::{Address, B256, Bytes};
@@ -21,6 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use super::ChainError;
 use super::contracts::{Artifact, DstackKms};
+
+/// How long each step of [`deploy`] waits for its transaction to be mined.
+pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Addresses of a fresh test deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +63,14 @@ fn ensure_crypto_provider() {
 /// Deploys the test contracts through the node at `rpc_url`, from its first unlocked account,
 /// which becomes the owner of the KMS and of the app.
 pub async fn deploy(rpc_url: &url::Url) -> Result<Deployment, ChainError> {
+    deploy_with_timeout(rpc_url, RECEIPT_TIMEOUT).await
+}
+
+/// As [`deploy`], waiting at most `receipt_timeout` for each transaction to be mined.
+pub async fn deploy_with_timeout(
+    rpc_url: &url::Url,
+    receipt_timeout: Duration,
+) -> Result<Deployment, ChainError> {
     ensure_crypto_provider();
     let provider = ProviderBuilder::new().connect_http(rpc_url.clone());
     let owner = *provider
@@ -66,6 +81,7 @@ pub async fn deploy(rpc_url: &url::Url) -> Result<Deployment, ChainError> {
 
     let kms_implementation = create(
         &provider,
+        receipt_timeout,
         owner,
         "DstackKms implementation",
         Artifact::DstackKms.bytecode()?,
@@ -80,6 +96,7 @@ pub async fn deploy(rpc_url: &url::Url) -> Result<Deployment, ChainError> {
     .abi_encode();
     let (kms, proxy_receipt) = create(
         &provider,
+        receipt_timeout,
         owner,
         "DstackKms proxy",
         proxy_creation_code(kms_implementation, init.into())?,
@@ -95,6 +112,7 @@ pub async fn deploy(rpc_url: &url::Url) -> Result<Deployment, ChainError> {
 
     let app_implementation = create(
         &provider,
+        receipt_timeout,
         owner,
         "DstackApp implementation",
         Artifact::DstackApp.bytecode()?,
@@ -108,6 +126,7 @@ pub async fn deploy(rpc_url: &url::Url) -> Result<Deployment, ChainError> {
         .from(owner)
         .send()
         .await?
+        .with_timeout(Some(receipt_timeout))
         .get_receipt()
         .await?;
     ensure_success("setAppImplementation", &receipt)?;
@@ -117,6 +136,7 @@ pub async fn deploy(rpc_url: &url::Url) -> Result<Deployment, ChainError> {
         .from(owner)
         .send()
         .await?
+        .with_timeout(Some(receipt_timeout))
         .get_receipt()
         .await?;
     ensure_success("deployAndRegisterApp", &receipt)?;
@@ -151,6 +171,7 @@ pub fn proxy_creation_code(implementation: Address, init: Bytes) -> Result<Bytes
 /// Sends a contract creation from `from` and returns the new address with the receipt.
 async fn create<P: Provider>(
     provider: &P,
+    receipt_timeout: Duration,
     from: Address,
     step: &'static str,
     code: Bytes,
@@ -158,7 +179,12 @@ async fn create<P: Provider>(
     let tx = TransactionRequest::default()
         .with_from(from)
         .with_deploy_code(code);
-    let receipt = provider.send_transaction(tx).await?.get_receipt().await?;
+    let receipt = provider
+        .send_transaction(tx)
+        .await?
+        .with_timeout(Some(receipt_timeout))
+        .get_receipt()
+        .await?;
     ensure_success(step, &receipt)?;
     let address = receipt
         .contract_address

@@ -21,7 +21,7 @@ pub mod cli;
 pub mod contracts;
 pub mod deploy;
 
-pub use deploy::{Deployment, deploy};
+pub use deploy::{Deployment, deploy, deploy_with_timeout};
 
 /// Errors of the on-chain module.
 #[derive(Debug, thiserror::Error)]
