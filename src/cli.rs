@@ -32,6 +32,17 @@ pub enum Command {
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Development helpers (test contracts, test PKI).
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+/// `keywarden dev ...`
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Deploy our DstackKms/DstackApp test contracts to a development node (e.g. anvil) and
+    /// print their addresses and the deployment block.
+    Deploy(crate::chain::cli::DeployArgs),
 }
 
 /// `keywarden serve` flags (they override file and environment).
@@ -69,7 +80,7 @@ pub fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
     match run(cli, started) {
-        Ok(code) => ExitCode::from(code),
+        Ok(code) => code,
         Err(Failure { code, message }) => {
             eprintln!("keywarden: error: {message}");
             ExitCode::from(code)
@@ -95,13 +106,27 @@ fn load(file: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config,
     Ok(config)
 }
 
-fn run(cli: Cli, started: Instant) -> Result<u8, Failure> {
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot start the async runtime: {e}"),
+        })
+}
+
+fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
     match cli.command {
         Command::Config(ConfigCommand::Check { file }) => {
             let config = load(Some(&file), &Overrides::default())?;
             print!("{}", config.to_redacted_toml());
             eprintln!("keywarden: {} is valid", file.display());
-            Ok(0)
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev(DevCommand::Deploy(args)) => {
+            Ok(runtime()?.block_on(crate::chain::cli::run_deploy(args)))
         }
         Command::Serve(args) => {
             let overrides = Overrides {
@@ -112,16 +137,9 @@ fn run(cli: Cli, started: Instant) -> Result<u8, Failure> {
                 database_url: args.database_url,
             };
             let config = load(cli.config.as_deref(), &overrides)?;
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Failure {
-                    code: 1,
-                    message: format!("cannot start the async runtime: {e}"),
-                })?;
-            runtime
+            runtime()?
                 .block_on(crate::service::serve(config, started))
+                .map(ExitCode::from)
                 .map_err(|e| Failure {
                     code: 1,
                     message: format!("{e:#}"),

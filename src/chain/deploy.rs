@@ -1,0 +1,208 @@
+//! Deploys keywarden's test contracts to a development node.
+//!
+//! Transactions are sent with `eth_sendTransaction` from the node's first unlocked account
+//! (anvil's first dev account), so no key is handled here. Steps, each waited for:
+//!
+//! 1. DstackKms implementation;
+//! 2. ERC-1967 proxy pointing at it, initialised with `initialize(owner, address(0))`;
+//! 3. DstackApp implementation;
+//! 4. `setAppImplementation(appImplementation)` on the KMS proxy;
+//! 5. `deployAndRegisterApp(owner, false, false, false, 0, 0)` (6-argument overload): one app proxy
+//!    owned by the same account, with no compose hash or device allowed yet.
+//!
+//! Each step waits at most [`RECEIPT_TIMEOUT`] for its receipt (a node that does not mine fails
+//! instead of hanging).
+
+use std::fmt;
+use std::time::Duration;
+
+use alloy::network::TransactionBuilder;
+use alloy::primitives::{Address, B256, Bytes};
+use alloy::providers::{Provider, ProviderBuilder};
+use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
+use alloy::sol_types::{SolCall, SolValue};
+use serde::{Deserialize, Serialize};
+
+use super::ChainError;
+use super::contracts::{Artifact, DstackKms};
+
+/// How long each step of [`deploy`] waits for its transaction to be mined.
+pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Addresses of a fresh test deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// DstackKms proxy (the address to configure and watch).
+    pub kms: Address,
+    /// DstackApp implementation set on the KMS (`appImplementation()`).
+    pub app_implementation: Address,
+    /// The registered app (a DstackApp proxy); its address is the app id.
+    pub app: Address,
+    /// Block in which the KMS proxy was created: the first block holding its events.
+    pub block: u64,
+}
+
+impl fmt::Display for Deployment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "DstackKms (proxy)          {}", self.kms)?;
+        writeln!(f, "DstackApp implementation   {}", self.app_implementation)?;
+        writeln!(f, "registered app             {}", self.app)?;
+        write!(f, "deployment block           {}", self.block)
+    }
+}
+
+/// Installs rustls's `ring` provider as the process default if none is installed yet: the HTTP
+/// client is built without a built-in provider.
+fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race against another installer is fine: a provider is then installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// Deploys the test contracts through the node at `rpc_url`, from its first unlocked account,
+/// which becomes the owner of the KMS and of the app.
+pub async fn deploy(rpc_url: &url::Url) -> Result<Deployment, ChainError> {
+    deploy_with_timeout(rpc_url, RECEIPT_TIMEOUT).await
+}
+
+/// As [`deploy`], waiting at most `receipt_timeout` for each transaction to be mined.
+pub async fn deploy_with_timeout(
+    rpc_url: &url::Url,
+    receipt_timeout: Duration,
+) -> Result<Deployment, ChainError> {
+    ensure_crypto_provider();
+    let provider = ProviderBuilder::new().connect_http(rpc_url.clone());
+    let owner = *provider
+        .get_accounts()
+        .await?
+        .first()
+        .ok_or_else(|| ChainError::NoAccounts(rpc_url.to_string()))?;
+
+    let kms_implementation = create(
+        &provider,
+        receipt_timeout,
+        owner,
+        "DstackKms implementation",
+        Artifact::DstackKms.bytecode()?,
+    )
+    .await?
+    .0;
+
+    let init = DstackKms::initializeCall {
+        initialOwner: owner,
+        initialAppImplementation: Address::ZERO,
+    }
+    .abi_encode();
+    let (kms, proxy_receipt) = create(
+        &provider,
+        receipt_timeout,
+        owner,
+        "DstackKms proxy",
+        proxy_creation_code(kms_implementation, init.into())?,
+    )
+    .await?;
+    let block = proxy_receipt
+        .block_number
+        .ok_or(ChainError::IncompleteReceipt {
+            step: "DstackKms proxy",
+            missing: "block number",
+            tx: proxy_receipt.transaction_hash,
+        })?;
+
+    let app_implementation = create(
+        &provider,
+        receipt_timeout,
+        owner,
+        "DstackApp implementation",
+        Artifact::DstackApp.bytecode()?,
+    )
+    .await?
+    .0;
+
+    let kms_contract = DstackKms::new(kms, &provider);
+    let receipt = kms_contract
+        .setAppImplementation(app_implementation)
+        .from(owner)
+        .send()
+        .await?
+        .with_timeout(Some(receipt_timeout))
+        .get_receipt()
+        .await?;
+    ensure_success("setAppImplementation", &receipt)?;
+
+    let receipt = kms_contract
+        .deployAndRegisterApp_1(owner, false, false, false, B256::ZERO, B256::ZERO)
+        .from(owner)
+        .send()
+        .await?
+        .with_timeout(Some(receipt_timeout))
+        .get_receipt()
+        .await?;
+    ensure_success("deployAndRegisterApp", &receipt)?;
+    let app = receipt
+        .inner
+        .logs()
+        .iter()
+        .filter(|log| log.address() == kms)
+        .find_map(|log| log.log_decode::<DstackKms::AppDeployedViaFactory>().ok())
+        .map(|log| log.inner.data.appId)
+        .ok_or(ChainError::IncompleteReceipt {
+            step: "deployAndRegisterApp",
+            missing: "the AppDeployedViaFactory event",
+            tx: receipt.transaction_hash,
+        })?;
+
+    Ok(Deployment {
+        kms,
+        app_implementation,
+        app,
+        block,
+    })
+}
+
+/// Creation code of our ERC-1967 proxy pointing at `implementation` and delegate-calling `init`.
+pub fn proxy_creation_code(implementation: Address, init: Bytes) -> Result<Bytes, ChainError> {
+    let mut code = Artifact::Erc1967Proxy.bytecode()?.to_vec();
+    code.extend_from_slice(&(implementation, init).abi_encode_params());
+    Ok(code.into())
+}
+
+/// Sends a contract creation from `from` and returns the new address with the receipt.
+async fn create<P: Provider>(
+    provider: &P,
+    receipt_timeout: Duration,
+    from: Address,
+    step: &'static str,
+    code: Bytes,
+) -> Result<(Address, TransactionReceipt), ChainError> {
+    let tx = TransactionRequest::default()
+        .with_from(from)
+        .with_deploy_code(code);
+    let receipt = provider
+        .send_transaction(tx)
+        .await?
+        .with_timeout(Some(receipt_timeout))
+        .get_receipt()
+        .await?;
+    ensure_success(step, &receipt)?;
+    let address = receipt
+        .contract_address
+        .ok_or(ChainError::IncompleteReceipt {
+            step,
+            missing: "the created contract address",
+            tx: receipt.transaction_hash,
+        })?;
+    Ok((address, receipt))
+}
+
+fn ensure_success(step: &'static str, receipt: &TransactionReceipt) -> Result<(), ChainError> {
+    if receipt.status() {
+        Ok(())
+    } else {
+        Err(ChainError::Reverted {
+            step,
+            tx: receipt.transaction_hash,
+        })
+    }
+}
