@@ -133,7 +133,7 @@ pub fn harden(
 ) -> Router {
     let on_panic = move |panic: Box<dyn std::any::Any + Send + 'static>| {
         metrics.handler_panicked(listener);
-        tracing::error!(?listener, panic = %panic_message(panic.as_ref()), "request handler panicked");
+        tracing::error!(listener = listener.as_str(), panic = %panic_message(panic.as_ref()), "request handler panicked");
         HttpError::Internal.into_response()
     };
     router
@@ -148,7 +148,7 @@ pub fn harden(
             TraceLayer::new_for_http().make_span_with(move |req: &Request<_>| {
                 tracing::info_span!(
                     "http.request",
-                    listener = ?listener,
+                    listener = listener.as_str(),
                     method = %req.method(),
                     path = %req.uri().path(),
                 )
@@ -180,5 +180,82 @@ impl Task for Server {
             .with_graceful_shutdown(cancel.cancelled_owned())
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::routing::get;
+    use prometheus_client::registry::Registry;
+    use tower::ServiceExt as _;
+
+    fn hardened(router: Router) -> (Router, Registry) {
+        let mut registry = Registry::default();
+        let metrics = ProcessMetrics::new(&mut registry);
+        let limits = Limits {
+            request_timeout: Duration::from_millis(200),
+            max_body_bytes: 16,
+        };
+        (harden(router, Listener::Api, limits, metrics), registry)
+    }
+
+    async fn call(router: &Router, req: Request<Body>) -> Response {
+        router.clone().oneshot(req).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn handler_panic_becomes_500_and_is_counted() {
+        let (router, registry) = hardened(Router::new().route(
+            "/boom",
+            get(|| async {
+                panic!("handler bug");
+                #[allow(unreachable_code)]
+                ""
+            }),
+        ));
+        let resp = call(&router, Request::get("/boom").body(Body::empty()).unwrap()).await;
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(resp.headers()["x-app-version"], env!("CARGO_PKG_VERSION"));
+        let text = crate::telemetry::encode(&registry).unwrap();
+        assert!(
+            text.contains("keywarden_handler_panics_total{listener=\"api\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn slow_handler_times_out_with_503_and_big_body_gets_413() {
+        let (router, _r) = hardened(
+            Router::new()
+                .route(
+                    "/slow",
+                    get(|| async {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        "late"
+                    }),
+                )
+                .route(
+                    "/echo",
+                    axum::routing::post(|body: String| async move { body }),
+                ),
+        );
+        let resp = call(&router, Request::get("/slow").body(Body::empty()).unwrap()).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let resp = call(
+            &router,
+            Request::post("/echo")
+                .body(Body::from("x".repeat(64)))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let resp = call(
+            &router,
+            Request::get("/missing").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     }
 }
