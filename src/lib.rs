@@ -8,6 +8,7 @@ pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod kms;
 pub mod runtime;
 pub mod service;
 pub mod store;

@@ -1,0 +1,30 @@
+//! The KMS: root key material and the per-app key derivations dstack workloads receive.
+//!
+//! What it owns: [`keys`], the pure derivations, byte-compatible with upstream dstack's KMS
+//! (HKDF-SHA256 with salt `RATLS`, P-256 derived keys and their PKCS#8-hash "DH secrets",
+//! secp256k1 app keys with recoverable signatures by the root k256 key, the env-encryption X25519
+//! key, and the bootstrap report data). Flow of a key request, as it lands piece by piece:
+//! RA-TLS client certificate → attestation verified → boot info → mirror authorization →
+//! [`keys::AppKeys::derive`] → response and boot record.
+
+pub mod keys;
+
+/// Errors of the KMS module.
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    /// HKDF cannot produce that many bytes (more than 255 × 32).
+    #[error("cannot derive {0} bytes with HKDF-SHA256")]
+    DerivationLength(usize),
+    /// A derived scalar is not a valid key for its curve (probability ~2^-128).
+    #[error("derived {curve} key is out of range")]
+    DerivedKeyInvalid {
+        /// The curve.
+        curve: &'static str,
+    },
+    /// Signing failed.
+    #[error("signing failed: {0}")]
+    Signing(String),
+    /// A key could not be encoded.
+    #[error("key encoding failed: {0}")]
+    Encoding(String),
+}
