@@ -3,4 +3,5 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map of modules and how data flows between them.
 
+pub mod attestation;
 pub mod cli;
