@@ -16,7 +16,7 @@
 //! Every refusal is an [`AttestationError`] with a closed [`RejectReason`], used as the metric
 //! label ([`metrics`]) and the `reason` field of the `attestation verification failed` log line.
 
-//TMP pub mod cli;
+pub mod cli;
 //TMP pub mod collateral;
 pub mod config;
 pub mod eventlog;
@@ -26,7 +26,7 @@ pub mod nitro;
 pub mod ratls;
 pub mod reason;
 pub mod tdx;
-//TMP pub mod testpki;
+pub mod testpki;
 pub mod versioned;
 
 use dcap_qvl::QuoteCollateralV3;
@@ -102,7 +102,7 @@ impl Verifier {
     /// Builds a verifier; loads the test PKI root when `insecure_test_pki` is set.
     pub fn new(config: AttestationConfig) -> Result<Self> {
         let test_root = match &config.insecure_test_pki {
-            Some(dir) => Some(std::fs::read(dir).map_err(|e| reject!(ConfigInvalid, "{e}"))?), //TMP
+            Some(dir) => Some(testpki::TestPki::load_root_der(dir)?),
             None => None,
         };
         Self::with_test_root(config, test_root)

@@ -175,6 +175,12 @@ impl RejectReason {
                 | Self::UnknownFormat
                 | Self::CollateralMissing
                 | Self::ConfigInvalid
+                | Self::QuoteMalformed
+                | Self::NitroDocumentMalformed
+                | Self::AttestationMalformed
+                | Self::CertMalformed
+                | Self::CertNoAttestation
+                | Self::EventLogMalformed
         )
     }
 }

@@ -1,0 +1,243 @@
+//! The test attestation PKI produces quotes, dstack attestations and RA-TLS certificates that
+//! the production verifier accepts only when the test root is configured.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use keywarden::attestation::ratls;
+use keywarden::attestation::testpki::{GuestSpec, QuoteMeasurements, TestPki};
+use keywarden::attestation::{AttestationConfig, RejectReason, Verifier, VerifyRequest, versioned};
+
+const NOW: u64 = 1_800_000_000;
+
+fn pki() -> TestPki {
+    TestPki::generate(NOW).unwrap()
+}
+
+fn trusting(pki: &TestPki) -> Verifier {
+    Verifier::with_test_root(AttestationConfig::default(), Some(pki.root_der().to_vec())).unwrap()
+}
+
+fn guest() -> GuestSpec {
+    GuestSpec {
+        app_id: [0xa1; 20],
+        compose_hash: [0xc0; 32],
+        instance_id: vec![0x1d; 20],
+        key_provider: br#"{"name":"kms","id":"00"}"#.to_vec(),
+        mr_td: [0x11; 48],
+        rtmr0_2: [[0x22; 48], [0x33; 48], [0x44; 48]],
+        debug: false,
+    }
+}
+
+#[test]
+fn generated_quote_verifies_only_with_test_root() {
+    let pki = pki();
+    let m = QuoteMeasurements {
+        mr_td: [7; 48],
+        ..Default::default()
+    };
+    let quote = pki.quote(&[9; 64], &m, false).unwrap();
+    let v = trusting(&pki)
+        .verify_quote(&quote, pki.collateral(), NOW)
+        .unwrap();
+    assert_eq!(v.tcb_status, "UpToDate");
+    let td = v.td().unwrap();
+    assert_eq!(td.mr_td, [7; 48]);
+    assert_eq!(td.report_data, [9; 64]);
+    // dcap-qvl's own verifier accepts it too with the test root
+    dcap_qvl::verify::QuoteVerifier::new(pki.root_der().to_vec())
+        .verify(&quote, pki.collateral(), NOW)
+        .unwrap();
+    // the default verifier (Intel root only) refuses it
+    let e = Verifier::new(AttestationConfig::default())
+        .unwrap()
+        .verify_quote(&quote, pki.collateral(), NOW)
+        .unwrap_err();
+    assert_eq!(e.reason, RejectReason::UntrustedRoot, "{e}");
+    // another test PKI's root does not verify it either
+    let other = TestPki::generate(NOW).unwrap();
+    let e = trusting(&other)
+        .verify_quote(&quote, pki.collateral(), NOW)
+        .unwrap_err();
+    assert_eq!(e.reason, RejectReason::UntrustedRoot, "{e}");
+}
+
+#[test]
+fn debug_td_is_refused_unless_allowed() {
+    let pki = pki();
+    let quote = pki
+        .quote(&[0; 64], &QuoteMeasurements::default(), true)
+        .unwrap();
+    let e = trusting(&pki)
+        .verify_quote(&quote, pki.collateral(), NOW)
+        .unwrap_err();
+    assert_eq!(e.reason, RejectReason::DebugTd);
+    let lax = Verifier::with_test_root(
+        AttestationConfig {
+            insecure_allow_debug: true,
+            ..Default::default()
+        },
+        Some(pki.root_der().to_vec()),
+    )
+    .unwrap();
+    assert!(
+        lax.verify_quote(&quote, pki.collateral(), NOW)
+            .unwrap()
+            .td()
+            .unwrap()
+            .is_debug()
+    );
+}
+
+#[test]
+fn collateral_window_is_enforced() {
+    let pki = pki();
+    let quote = pki
+        .quote(&[0; 64], &QuoteMeasurements::default(), false)
+        .unwrap();
+    let v = trusting(&pki);
+    let e = v
+        .verify_quote(&quote, pki.collateral(), NOW + 40 * 24 * 3600)
+        .unwrap_err();
+    assert_eq!(e.reason, RejectReason::CollateralExpired, "{e}");
+    let e = v
+        .verify_quote(&quote, pki.collateral(), NOW - 2 * 3600)
+        .unwrap_err();
+    assert_eq!(e.reason, RejectReason::CollateralNotYetValid, "{e}");
+    let fresh = pki
+        .collateral_for(NOW + 39 * 24 * 3600, NOW + 60 * 24 * 3600)
+        .unwrap();
+    v.verify_quote(&quote, &fresh, NOW + 40 * 24 * 3600)
+        .unwrap();
+}
+
+#[test]
+fn flipped_bytes_in_generated_quote() {
+    let pki = pki();
+    let quote = pki
+        .quote(&[5; 64], &QuoteMeasurements::default(), false)
+        .unwrap();
+    let v = trusting(&pki);
+    for at in [40usize, 48 + 300, 48 + 584 + 4 + 3] {
+        let mut q = quote.clone();
+        q[at] ^= 0x80;
+        let e = v.verify_quote(&q, pki.collateral(), NOW).unwrap_err();
+        assert_eq!(
+            e.reason,
+            RejectReason::QuoteSignatureInvalid,
+            "byte {at}: {e}"
+        );
+    }
+}
+
+#[test]
+fn dstack_attestation_and_ratls_cert_bind_and_derive_identity() {
+    let pki = pki();
+    let g = guest();
+    let cert = pki.guest_cert(&g, None).unwrap();
+    let v = trusting(&pki);
+    let (parsed, verified) = v
+        .verify_ratls_cert(
+            &cert.cert_der,
+            NOW,
+            Some(pki.collateral()),
+            Some(&[0xee; 32]),
+        )
+        .unwrap();
+    assert_eq!(parsed.app_id.as_deref(), Some(&g.app_id[..]));
+    let b = &verified.boot_info;
+    assert_eq!(b.app_id, g.app_id);
+    assert_eq!(b.compose_hash, g.compose_hash);
+    assert_eq!(b.instance_id, g.instance_id);
+    assert_eq!(b.key_provider_info, g.key_provider);
+    assert_eq!(b.os_image_hash, vec![0xee; 32]);
+    assert_eq!(b.tcb_status, "UpToDate");
+    assert_eq!(b.mr_system.len(), 32);
+
+    // the same attestation in a certificate with another key does not bind
+    let att = parsed.attestation.clone().unwrap();
+    let key = ratls::CertBuilder::new_key().unwrap();
+    let stolen = ratls::CertBuilder::new("thief")
+        .attestation(&att)
+        .self_signed(&key)
+        .unwrap();
+    let e = v
+        .verify_ratls_cert(&stolen.cert_der, NOW, Some(pki.collateral()), None)
+        .unwrap_err();
+    assert_eq!(e.reason, RejectReason::ReportDataMismatch);
+
+    // a CA-signed guest certificate (the temp CA flow) verifies the same way
+    let ca_key = ratls::CertBuilder::new_key().unwrap();
+    let ca = ratls::CertBuilder::new("Dstack Client Temp CA")
+        .ca()
+        .self_signed(&ca_key)
+        .unwrap();
+    let signed = pki.guest_cert(&g, Some((&ca.cert_der, &ca_key))).unwrap();
+    v.verify_ratls_cert(&signed.cert_der, NOW, Some(pki.collateral()), None)
+        .unwrap();
+
+    // debug guests are refused
+    let debug = pki
+        .guest_cert(&GuestSpec { debug: true, ..g }, None)
+        .unwrap();
+    let e = v
+        .verify_ratls_cert(&debug.cert_der, NOW, Some(pki.collateral()), None)
+        .unwrap_err();
+    assert_eq!(e.reason, RejectReason::DebugTd);
+}
+
+#[test]
+fn dstack_attestation_tampering() {
+    let pki = pki();
+    let raw = pki.dstack_attestation(&guest(), &[3; 64]).unwrap();
+    let mut att = versioned::parse(&raw).unwrap();
+    let v = trusting(&pki);
+    let req = VerifyRequest {
+        now: NOW,
+        expected_report_data: Some(&[3; 64]),
+        collateral: Some(pki.collateral()),
+        os_image_hash: None,
+    };
+    v.verify_attestation(&att, &req).unwrap();
+    if let versioned::Platform::Tdx { event_log, .. } = &mut att.platform {
+        event_log.retain(|e| e.event != "instance-id");
+    }
+    assert_eq!(
+        v.verify_attestation(&att, &req).unwrap_err().reason,
+        RejectReason::RtmrMismatch
+    );
+}
+
+#[test]
+fn save_and_load_roundtrip() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    pki.save(dir.path()).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["root_ca.key", "pck.key", "attestation.key"] {
+            let mode = std::fs::metadata(dir.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+    }
+    let loaded = TestPki::load(dir.path()).unwrap();
+    assert_eq!(loaded.root_der(), pki.root_der());
+    let quote = loaded
+        .quote(&[1; 64], &QuoteMeasurements::default(), false)
+        .unwrap();
+    // the saved collateral JSON is a QuoteCollateralV3
+    let coll: dcap_qvl::QuoteCollateralV3 =
+        serde_json::from_slice(&std::fs::read(dir.path().join("collateral.json")).unwrap())
+            .unwrap();
+    let config = AttestationConfig {
+        insecure_test_pki: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    Verifier::new(config)
+        .unwrap()
+        .verify_quote(&quote, &coll, NOW)
+        .unwrap();
+}
