@@ -17,7 +17,7 @@
 //! label ([`metrics`]) and the `reason` field of the `attestation verification failed` log line.
 
 pub mod cli;
-//TMP pub mod collateral;
+pub mod collateral;
 pub mod config;
 pub mod eventlog;
 pub mod identity;
