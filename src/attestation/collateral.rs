@@ -342,11 +342,11 @@ impl CollateralProvider {
     ) -> Result<QuoteCollateralV3> {
         // an unreadable cache entry is treated as a miss, never as valid collateral
         let cached = self.cache.get(fmspc, ca).await.ok().flatten();
-        if let Some(c) = &cached {
-            if now.saturating_add(self.refresh_margin) < c.next_update {
-                self.record_cache(true);
-                return Ok(c.collateral.clone());
-            }
+        if let Some(c) = &cached
+            && now.saturating_add(self.refresh_margin) < c.next_update
+        {
+            self.record_cache(true);
+            return Ok(c.collateral.clone());
         }
         self.record_cache(false);
         let started = Instant::now();
