@@ -232,7 +232,7 @@ fn read_event_log(path: &Path) -> Result<Vec<eventlog::TdxEvent>> {
 }
 
 /// Runs the verification, filling `out` with what could be read even when refused.
-pub fn verify_input(args: &VerifyArgs, out: &mut VerifyOutput) -> Result<()> {
+fn verify_input(args: &VerifyArgs, out: &mut VerifyOutput) -> Result<()> {
     let input = read_capped(&args.file)?;
     let collateral = match &args.collateral {
         Some(p) => Some(tdx::parse_collateral(&read_capped(p)?)?),
@@ -332,11 +332,10 @@ fn describe_unverified(att: &Attestation, out: &mut VerifyOutput) {
     }
 }
 
-/// `attest verify`: prints the verdict; exits 0 when ok, 1 when rejected, 2 when unusable.
-pub fn run_verify(args: &VerifyArgs) -> ExitCode {
+/// Verifies and returns the exit code (0 ok, 1 rejected, 2 unusable) with the output object.
+pub fn evaluate(args: &VerifyArgs) -> (u8, VerifyOutput) {
     let mut out = VerifyOutput::default();
-    let result = verify_input(args, &mut out);
-    let code = match &result {
+    let code = match verify_input(args, &mut out) {
         Ok(()) => {
             out.verdict = "ok";
             0
@@ -344,10 +343,16 @@ pub fn run_verify(args: &VerifyArgs) -> ExitCode {
         Err(AttestationError { reason, detail }) => {
             out.verdict = "rejected";
             out.reason = Some(reason.to_string());
-            out.detail = Some(detail.clone());
+            out.detail = Some(detail);
             if reason.is_input_unusable() { 2 } else { 1 }
         }
     };
+    (code, out)
+}
+
+/// `attest verify`: prints the verdict; exits 0 when ok, 1 when rejected, 2 when unusable.
+pub fn run_verify(args: &VerifyArgs) -> ExitCode {
+    let (code, out) = evaluate(args);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
