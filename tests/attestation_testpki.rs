@@ -175,6 +175,22 @@ fn dstack_attestation_and_ratls_cert_bind_and_derive_identity() {
     v.verify_ratls_cert(&signed.cert_der, NOW, Some(pki.collateral()), None)
         .unwrap();
 
+    // outside the certificate's validity window
+    let key = ratls::CertBuilder::new_key().unwrap();
+    let rd = ratls::report_data_for_spki(&rcgen::PublicKeyData::subject_public_key_info(&key));
+    let att = pki.dstack_attestation(&g, &rd).unwrap();
+    let short = ratls::CertBuilder::new("short-lived")
+        .attestation(&att)
+        .validity(NOW as i64 - 10, NOW as i64 + 10)
+        .self_signed(&key)
+        .unwrap();
+    v.verify_ratls_cert(&short.cert_der, NOW, Some(pki.collateral()), None)
+        .unwrap();
+    let e = v
+        .verify_ratls_cert(&short.cert_der, NOW + 100, Some(pki.collateral()), None)
+        .unwrap_err();
+    assert_eq!(e.reason, RejectReason::CertExpired);
+
     // debug guests are refused
     let debug = pki
         .guest_cert(&GuestSpec { debug: true, ..g }, None)

@@ -199,9 +199,9 @@ pub struct NitroVerifier {
     root_sha256: [u8; 32],
     allowed: PcrAllowList,
     allow_debug: bool,
-    /// sha256(issuer DER) → validity window of the chain through it, already verified up to the
-    /// pinned root.
-    verified_issuers: Mutex<HashMap<[u8; 32], (u64, u64)>>,
+    /// sha256(certificate DER) → validity window of the chain through it, for leaves and
+    /// issuers whose path to the pinned root has been verified.
+    verified: Mutex<HashMap<[u8; 32], (u64, u64)>>,
 }
 
 impl NitroVerifier {
@@ -237,7 +237,7 @@ impl NitroVerifier {
                 decode(&policy.allowed_pcr2)?,
             ]),
             allow_debug,
-            verified_issuers: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashMap::new()),
         })
     }
 
@@ -277,7 +277,21 @@ impl NitroVerifier {
         Ok(report)
     }
 
+    /// The validity window of a cached verified certificate, if it covers `now`.
+    fn cached(&self, key: &[u8; 32], now: u64) -> Option<(u64, u64)> {
+        self.verified
+            .lock()
+            .ok()
+            .and_then(|c| c.get(key).copied())
+            .filter(|(nb, na)| *nb <= now && now <= *na)
+    }
+
     fn verify_chain(&self, doc: &NitroDocument, now: u64) -> Result<()> {
+        // an enclave reuses its leaf for hours: a leaf already verified to the root is done
+        let leaf_key: [u8; 32] = Sha256::digest(&doc.certificate).into();
+        if self.cached(&leaf_key, now).is_some() {
+            return Ok(());
+        }
         let leaf = CertificateDer::from(doc.certificate.as_slice());
         let leaf = webpki::EndEntityCert::try_from(&leaf)
             .map_err(|e| reject!(CertChainInvalid, "leaf certificate: {e}"))?;
@@ -291,13 +305,10 @@ impl NitroVerifier {
             .last()
             .ok_or_else(|| reject!(NitroDocumentMalformed, "empty cabundle"))?;
         let issuer_key: [u8; 32] = Sha256::digest(issuer).into();
-        let cached = self
-            .verified_issuers
-            .lock()
-            .ok()
-            .and_then(|c| c.get(&issuer_key).copied())
-            .filter(|(nb, na)| *nb <= now && now <= *na);
-        let (anchor_der, intermediates): (&[u8], Vec<CertificateDer<'_>>) = if cached.is_some() {
+        let cached_issuer = self.cached(&issuer_key, now);
+        let (anchor_der, intermediates): (&[u8], Vec<CertificateDer<'_>>) = if cached_issuer
+            .is_some()
+        {
             // warm: the issuer's path to the root was verified earlier and is still valid at now
             (issuer, Vec::new())
         } else {
@@ -328,30 +339,44 @@ impl NitroVerifier {
             None,
         )
         .map_err(map_webpki_error)?;
-        if cached.is_none() {
-            self.remember_chain(issuer_key, &doc.cabundle[1..]);
-        }
+        let chain_window = match cached_issuer {
+            Some(w) => w,
+            None => {
+                let w = validity_window((0, u64::MAX), &doc.cabundle[1..]);
+                self.remember(issuer_key, w);
+                w
+            }
+        };
+        self.remember(
+            leaf_key,
+            validity_window(chain_window, std::slice::from_ref(&doc.certificate)),
+        );
         Ok(())
     }
 
-    fn remember_chain(&self, key: [u8; 32], chain: &[Vec<u8>]) {
-        let mut window = (0u64, u64::MAX);
-        for der in chain {
-            let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-                return;
-            };
-            let v = cert.validity();
-            let nb = u64::try_from(v.not_before.timestamp()).unwrap_or(u64::MAX);
-            let na = u64::try_from(v.not_after.timestamp()).unwrap_or(0);
-            window = (window.0.max(nb), window.1.min(na));
-        }
-        if let Ok(mut cache) = self.verified_issuers.lock() {
+    fn remember(&self, key: [u8; 32], window: (u64, u64)) {
+        if let Ok(mut cache) = self.verified.lock() {
             if cache.len() >= MAX_CACHED_CHAINS {
                 cache.clear();
             }
             cache.insert(key, window);
         }
     }
+}
+
+/// Narrows `window` to the validity of every certificate in `chain` (empty if one is
+/// unreadable, so that nothing is cached for it).
+fn validity_window(mut window: (u64, u64), chain: &[Vec<u8>]) -> (u64, u64) {
+    for der in chain {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return (u64::MAX, 0);
+        };
+        let v = cert.validity();
+        let nb = u64::try_from(v.not_before.timestamp()).unwrap_or(u64::MAX);
+        let na = u64::try_from(v.not_after.timestamp()).unwrap_or(0);
+        window = (window.0.max(nb), window.1.min(na));
+    }
+    window
 }
 
 fn map_webpki_error(e: webpki::Error) -> super::reason::AttestationError {

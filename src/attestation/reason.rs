@@ -78,6 +78,8 @@ pub enum RejectReason {
     CertMalformed,
     /// An RA-TLS certificate carries no attestation extension.
     CertNoAttestation,
+    /// An RA-TLS certificate is outside its validity window at `now`.
+    CertExpired,
     /// The verifier configuration is unusable (bad test PKI, bad PCR hex...).
     ConfigInvalid,
 }
@@ -120,6 +122,7 @@ impl RejectReason {
         Self::DebugEnclave,
         Self::CertMalformed,
         Self::CertNoAttestation,
+        Self::CertExpired,
         Self::ConfigInvalid,
     ];
 
@@ -161,6 +164,7 @@ impl RejectReason {
             Self::DebugEnclave => "debug_enclave",
             Self::CertMalformed => "cert_malformed",
             Self::CertNoAttestation => "cert_no_attestation",
+            Self::CertExpired => "cert_expired",
             Self::ConfigInvalid => "config_invalid",
         }
     }
