@@ -257,3 +257,66 @@ fn save_and_load_roundtrip() {
         .verify_quote(&quote, &coll, NOW)
         .unwrap();
 }
+
+#[test]
+fn legacy_quote_and_gzip_event_log_extensions() {
+    use keywarden::attestation::eventlog;
+    let pki = pki();
+    let g = guest();
+    // take the event log and quote of a dstack attestation, re-bound to a fresh key
+    let key = ratls::CertBuilder::new_key().unwrap();
+    let rd = ratls::report_data_for_spki(&rcgen::PublicKeyData::subject_public_key_info(&key));
+    let att = versioned::parse(&pki.dstack_attestation(&g, &rd).unwrap()).unwrap();
+    let versioned::Platform::Tdx { quote, event_log } = att.platform else {
+        panic!()
+    };
+    let json = serde_json::to_vec(&event_log).unwrap();
+    let gz = eventlog::compress_event_log(&json).unwrap();
+    let cert = ratls::CertBuilder::new("legacy guest")
+        .legacy_quote(&quote)
+        .legacy_event_log(&gz)
+        .self_signed(&key)
+        .unwrap();
+    let (parsed, v) = trusting(&pki)
+        .verify_ratls_cert(&cert.cert_der, NOW, Some(pki.collateral()), None)
+        .unwrap();
+    assert!(parsed.attestation.is_none());
+    assert_eq!(v.boot_info.app_id, g.app_id);
+}
+
+#[test]
+fn certificate_size_and_shape_limits() {
+    for input in [&[][..], &[0x30, 0x82, 0x01][..], &vec![0x30; 70 * 1024][..]] {
+        let e = ratls::parse_cert(input).unwrap_err();
+        assert!(
+            matches!(
+                e.reason,
+                RejectReason::InputEmpty
+                    | RejectReason::CertMalformed
+                    | RejectReason::InputTooLarge
+            ),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        ratls::parse_cert(&vec![0x30; 70 * 1024])
+            .unwrap_err()
+            .reason,
+        RejectReason::InputTooLarge
+    );
+    assert_eq!(
+        ratls::parse_cert(&[]).unwrap_err().reason,
+        RejectReason::InputEmpty
+    );
+    // a certificate without attestation extensions
+    let key = ratls::CertBuilder::new_key().unwrap();
+    let plain = ratls::CertBuilder::new("plain").self_signed(&key).unwrap();
+    let pki = pki();
+    let e = trusting(&pki)
+        .verify_ratls_cert(&plain.cert_der, NOW, Some(pki.collateral()), None)
+        .unwrap_err();
+    assert_eq!(e.reason, RejectReason::CertNoAttestation);
+    // truncated certificate
+    let e = ratls::parse_cert(&plain.cert_der[..plain.cert_der.len() - 5]).unwrap_err();
+    assert_eq!(e.reason, RejectReason::CertMalformed);
+}

@@ -141,6 +141,12 @@ impl AttestationMetrics {
             .inc();
     }
 
+    /// Records the outcome of a verification call (convenience over
+    /// [`AttestationMetrics::record_verification`]).
+    pub fn observe<T>(&self, tee: TeeLabel, result: &Result<T, super::reason::AttestationError>) {
+        self.record_verification(tee, result.as_ref().map(|_| ()).map_err(|e| e.reason));
+    }
+
     /// Records a collateral fetch and its latency.
     pub fn record_collateral_fetch(&self, seconds: f64, ok: bool) {
         self.collateral_fetch_duration.observe(seconds);
@@ -168,7 +174,13 @@ mod tests {
         let mut reg = Registry::default();
         let m = AttestationMetrics::new(&mut reg);
         m.record_verification(TeeLabel::tdx, Ok(()));
-        m.record_verification(TeeLabel::nitro, Err(RejectReason::PcrNotAllowed));
+        m.observe::<()>(
+            TeeLabel::nitro,
+            &Err(super::super::reason::AttestationError::new(
+                RejectReason::PcrNotAllowed,
+                "x",
+            )),
+        );
         m.record_collateral_fetch(0.2, false);
         m.record_cache(true);
         m.record_cache(false);

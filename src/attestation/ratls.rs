@@ -203,6 +203,8 @@ pub struct CertBuilder {
     usage: Option<String>,
     app_id: Option<Vec<u8>>,
     attestation: Option<Vec<u8>>,
+    legacy_quote: Option<Vec<u8>>,
+    legacy_event_log: Option<Vec<u8>>,
     ca: bool,
     validity: Option<(i64, i64)>,
 }
@@ -237,6 +239,18 @@ impl CertBuilder {
     /// The `.8` attestation (`VersionedAttestation` bytes).
     pub fn attestation(mut self, attestation: &[u8]) -> Self {
         self.attestation = Some(attestation.to_vec());
+        self
+    }
+
+    /// The legacy `.1` quote (older guests; prefer [`CertBuilder::attestation`]).
+    pub fn legacy_quote(mut self, quote: &[u8]) -> Self {
+        self.legacy_quote = Some(quote.to_vec());
+        self
+    }
+
+    /// The legacy `.2` event log (JSON, optionally `ELGZv1`-compressed).
+    pub fn legacy_event_log(mut self, event_log: &[u8]) -> Self {
+        self.legacy_event_log = Some(event_log.to_vec());
         self
     }
 
@@ -283,6 +297,12 @@ impl CertBuilder {
             ext.set_criticality(false);
             p.custom_extensions.push(ext);
         };
+        if let Some(v) = &self.legacy_quote {
+            push(EXT_TDX_QUOTE, v);
+        }
+        if let Some(v) = &self.legacy_event_log {
+            push(EXT_EVENT_LOG, v);
+        }
         if let Some(v) = &self.app_id {
             push(EXT_APP_ID, v);
         }
