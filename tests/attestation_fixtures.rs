@@ -369,6 +369,19 @@ fn near_dstack_attestation_replays_and_derives_identity() {
     };
     let e = verifier().verify_attestation(&tampered, &req).unwrap_err();
     assert_eq!(e.reason, RejectReason::EventDigestMismatch);
+    // a tampered boot event in a complete log breaks the RTMR0 replay
+    let mut boot = att.clone();
+    if let Platform::Tdx { event_log, .. } = &mut boot.platform {
+        let ev = event_log.iter_mut().find(|e| e.imr == 0).unwrap();
+        ev.digest[0] ^= 1;
+    }
+    assert_eq!(
+        verifier()
+            .verify_attestation(&boot, &req)
+            .unwrap_err()
+            .reason,
+        RejectReason::RtmrMismatch
+    );
     // ... and with a recomputed digest, the replay no longer matches
     if let Platform::Tdx { event_log, .. } = &mut tampered.platform {
         let ev = event_log

@@ -228,14 +228,17 @@ pub fn check_runtime_digests(events: &[TdxEvent]) -> Result<()> {
     Ok(())
 }
 
-/// Replays the log and requires equality with the quoted RTMRs. RTMR3 must always match; RTMR0-2
-/// must match whenever the log carries their events (certificate copies of an attestation are
-/// stripped of boot events, and then the quoted RTMR0-2 are taken as they are).
+/// Replays the log and requires equality with the quoted RTMRs. RTMR3 must always match. RTMR0-2
+/// must match when the log is a complete boot log (events for all three); the copies placed in
+/// certificates are stripped to RTMR3 (plus, in V1, a placeholder ACPI event), and then the quoted
+/// RTMR0-2 are used as they are: identity derives from the quoted registers, never from boot
+/// event contents.
 pub fn verify_replay(events: &[TdxEvent], quoted: &[[u8; 48]; 4]) -> Result<()> {
     check_runtime_digests(events)?;
     let (mrs, seen) = replay(events)?;
+    let full_boot_log = seen[..3].iter().all(|s| *s);
     for i in 0..4 {
-        if (i == 3 || seen[i]) && mrs[i] != quoted[i] {
+        if (i == 3 || full_boot_log) && mrs[i] != quoted[i] {
             return Err(reject!(
                 RtmrMismatch,
                 "RTMR{i} replay {} != quoted {}",
@@ -331,6 +334,20 @@ mod tests {
         ];
         let (mrs, _) = replay(&events).unwrap();
         verify_replay(&events, &mrs).unwrap();
+        // a lone boot event (a stripped log's placeholder) does not have to replay
+        let mut stripped = events.clone();
+        stripped.insert(
+            0,
+            TdxEvent {
+                imr: 0,
+                event_type: 1,
+                digest: vec![0; 48],
+                event: String::new(),
+                event_payload: vec![],
+                version: EventVersion::V1,
+            },
+        );
+        verify_replay(&stripped, &mrs).unwrap();
         events[1].event_payload = b"3".to_vec();
         assert_eq!(
             verify_replay(&events, &mrs).unwrap_err().reason,
