@@ -320,3 +320,80 @@ fn certificate_size_and_shape_limits() {
     let e = ratls::parse_cert(&plain.cert_der[..plain.cert_der.len() - 5]).unwrap_err();
     assert_eq!(e.reason, RejectReason::CertMalformed);
 }
+
+#[test]
+fn v1_msgpack_attestation_with_v2_events_verifies() {
+    use keywarden::attestation::eventlog::{EventVersion, TdxEvent, replay};
+    use keywarden::attestation::testpki::QuoteMeasurements;
+    let pki = pki();
+    let g = guest();
+    let events = vec![
+        TdxEvent::runtime("app-id", &g.app_id, EventVersion::V2),
+        TdxEvent::runtime("compose-hash", &g.compose_hash, EventVersion::V2),
+        TdxEvent::runtime("instance-id", &g.instance_id, EventVersion::V1),
+    ];
+    let (mrs, _) = replay(&events).unwrap();
+    let mut mr_config_id = [0u8; 48];
+    mr_config_id[0] = 1;
+    mr_config_id[1..33].copy_from_slice(&g.compose_hash);
+    let m = QuoteMeasurements {
+        rtmr: [[0; 48], [0; 48], [0; 48], mrs[3]],
+        mr_config_id,
+        ..Default::default()
+    };
+    let quote = pki.quote(&[6; 64], &m, false).unwrap();
+
+    // upstream's V1 shape: {version, platform: {kind, data}, stack: {kind, data}}, named fields
+    #[derive(serde::Serialize)]
+    struct Tagged<T> {
+        kind: &'static str,
+        data: T,
+    }
+    #[derive(serde::Serialize)]
+    struct Platform {
+        quote: Vec<u8>,
+        event_log: Vec<TdxEvent>,
+    }
+    #[derive(serde::Serialize)]
+    struct Stack {
+        report_data: Vec<u8>,
+        runtime_events: Vec<()>,
+        config: String,
+    }
+    #[derive(serde::Serialize)]
+    struct V1 {
+        version: u64,
+        platform: Tagged<Platform>,
+        stack: Tagged<Stack>,
+    }
+    let bytes = rmp_serde::to_vec_named(&V1 {
+        version: 1,
+        platform: Tagged {
+            kind: "tdx",
+            data: Platform {
+                quote,
+                event_log: events,
+            },
+        },
+        stack: Tagged {
+            kind: "dstack",
+            data: Stack {
+                report_data: vec![6; 64],
+                runtime_events: vec![],
+                config: "{}".into(),
+            },
+        },
+    })
+    .unwrap();
+    assert!(matches!(bytes[0], 0x80..=0x8f));
+    let att = versioned::parse(&bytes).unwrap();
+    let req = VerifyRequest {
+        now: NOW,
+        expected_report_data: Some(&[6; 64]),
+        collateral: Some(pki.collateral()),
+        os_image_hash: None,
+    };
+    let v = trusting(&pki).verify_attestation(&att, &req).unwrap();
+    assert_eq!(v.boot_info.app_id, g.app_id);
+    assert_eq!(v.boot_info.compose_hash, g.compose_hash);
+}
