@@ -2,19 +2,24 @@
 //! documents, and RA-TLS certificates.
 //!
 //! This module owns everything between "bytes a workload presented" and "the `BootInfo` the
-//! authorization step consumes". It is pure: no I/O except the PCCS client in [`collateral`].
+//! authorization step consumes". Parsing, verification and derivation are pure functions of
+//! their inputs and an explicit `now`; I/O lives at the edges: the PCCS client
+//! ([`collateral`]), test PKI files ([`testpki`]) and the operator commands ([`cli`]).
 //!
-//! Flow of [`Verifier::verify_attestation`]:
-//! 1. TDX: the quote is verified with dcap-qvl at an explicit `now` against collateral
-//!    ([`tdx`]), the TCB policy applied, debug TDs refused; Nitro: the COSE document is verified
-//!    against the pinned AWS root ([`nitro`]) and the PCR policy applied.
+//! Flow of [`Verifier::verify_attestation`] (and [`Verifier::verify_ratls_cert`], which first
+//! reads the certificate's 62397 extensions and derives the expected report data from its key):
+//! 1. TDX: the quote is verified with dcap-qvl at `now` against collateral ([`tdx`]), the TCB
+//!    policy applied, debug TDs refused. Nitro: the COSE document is verified against the AWS
+//!    root G1, pinned by SHA-256 ([`nitro`]), and the PCR policy applied.
 //! 2. The report data must equal the expected binding (for RA-TLS:
 //!    `sha512("ratls-cert:" ‖ SPKI)`, see [`ratls`]).
-//! 3. TDX: the event log is replayed into RTMR0-3 and compared with the quote ([`eventlog`]).
+//! 3. TDX: the event log is replayed and compared with the quoted RTMR3 (and RTMR0-2 for a
+//!    complete boot log), runtime-event digests checked ([`eventlog`]).
 //! 4. The boot identity is derived ([`identity`]).
 //!
 //! Every refusal is an [`AttestationError`] with a closed [`RejectReason`], used as the metric
 //! label ([`metrics`]) and the `reason` field of the `attestation verification failed` log line.
+//! The test attestation PKI ([`testpki`]) is trusted only through `insecure_test_pki`.
 
 pub mod cli;
 pub mod collateral;
