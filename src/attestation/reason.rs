@@ -44,8 +44,12 @@ pub enum RejectReason {
     AdvisoryRejected,
     /// The PCK certificate flags (dynamic platform, cached keys, SMT) are not allowed by policy.
     PlatformFlagRejected,
-    /// The TD has the DEBUG attribute set.
+    /// The TD has the DEBUG (or a profiling) attribute set.
     DebugTd,
+    /// The TD attributes are not acceptable (migratable, reserved bits, service-TD binding).
+    TdAttributesRejected,
+    /// The quote failed verification for a reason not classified more precisely.
+    QuoteVerificationFailed,
     /// The TDX module signer or the TD's service-TD binding is not acceptable.
     TdxModuleRejected,
     /// The event log could not be parsed.
@@ -106,6 +110,8 @@ impl RejectReason {
         Self::AdvisoryRejected,
         Self::PlatformFlagRejected,
         Self::DebugTd,
+        Self::TdAttributesRejected,
+        Self::QuoteVerificationFailed,
         Self::TdxModuleRejected,
         Self::EventLogMalformed,
         Self::RtmrMismatch,
@@ -148,6 +154,8 @@ impl RejectReason {
             Self::AdvisoryRejected => "advisory_rejected",
             Self::PlatformFlagRejected => "platform_flag_rejected",
             Self::DebugTd => "debug_td",
+            Self::TdAttributesRejected => "td_attributes_rejected",
+            Self::QuoteVerificationFailed => "quote_verification_failed",
             Self::TdxModuleRejected => "tdx_module_rejected",
             Self::EventLogMalformed => "event_log_malformed",
             Self::RtmrMismatch => "rtmr_mismatch",

@@ -63,9 +63,9 @@ impl TdMeasurements {
         })
     }
 
-    /// Whether the TD runs in debug mode (host can read its memory).
+    /// Whether the TD runs in debug mode or with profiling (TUD bits: the host can observe it).
     pub fn is_debug(&self) -> bool {
-        self.td_attributes[0] & 0x01 != 0
+        self.td_attributes[0] & 0x71 != 0
     }
 }
 
@@ -223,6 +223,8 @@ fn classify_dcap_error(err: anyhow::Error) -> AttestationError {
         RejectReason::CollateralExpired
     } else if has(&["CertRevoked"]) {
         RejectReason::CertRevoked
+    } else if has(&["Revoked"]) {
+        RejectReason::TcbStatusRejected
     } else if has(&[
         "UnknownIssuer",
         "Failed to load root ca",
@@ -234,13 +236,10 @@ fn classify_dcap_error(err: anyhow::Error) -> AttestationError {
         RejectReason::UntrustedRoot
     } else if has(&["No matching TCB level", "below minimum required"]) {
         RejectReason::TcbLevelNotFound
-    } else if has(&[
-        "MRSIGNER mismatch",
-        "SEAMATTRIBUTES",
-        "service TD",
-        "SERVTD",
-    ]) {
+    } else if has(&["TDX module", "SEAMATTRIBUTES"]) {
         RejectReason::TdxModuleRejected
+    } else if has(&["TD attributes", "TD migration", "service TD", "SERVTD"]) {
+        RejectReason::TdAttributesRejected
     } else if has(&["debug", "Debug"]) {
         RejectReason::DebugTd
     } else if has(&[
@@ -266,7 +265,7 @@ fn classify_dcap_error(err: anyhow::Error) -> AttestationError {
     ]) {
         RejectReason::CollateralInvalid
     } else {
-        RejectReason::QuoteSignatureInvalid
+        RejectReason::QuoteVerificationFailed
     };
     AttestationError::new(reason, msg)
 }
@@ -297,6 +296,26 @@ mod tests {
             ),
             ("Failed to decode quote: x", RejectReason::QuoteMalformed),
             ("UnknownIssuer", RejectReason::UntrustedRoot),
+            (
+                "TCB status is invalid: Revoked",
+                RejectReason::TcbStatusRejected,
+            ),
+            (
+                "Reserved bits in TD attributes are set",
+                RejectReason::TdAttributesRejected,
+            ),
+            (
+                "TD migration is enabled",
+                RejectReason::TdAttributesRejected,
+            ),
+            (
+                "TDX module MRSIGNER mismatch",
+                RejectReason::TdxModuleRejected,
+            ),
+            (
+                "QE ISVPRODID mismatch",
+                RejectReason::QuoteVerificationFailed,
+            ),
         ];
         for (msg, want) in cases {
             assert_eq!(
