@@ -275,32 +275,7 @@ fn raw_public_key(key: &KeyPair) -> Result<[u8; 64]> {
 }
 
 fn pem(der: &[u8]) -> String {
-    let b64 = base64_encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    pem::encode(&pem::Pem::new("CERTIFICATE", der))
 }
 
 impl TestPki {
@@ -423,9 +398,8 @@ impl TestPki {
                 advisory_ids: Vec::new(),
             }],
         };
-        let json = |v: &dyn erased::Json| v.to_json();
-        let tcb_info = json(&tcb_info)?;
-        let qe_identity = json(&qe_identity)?;
+        let tcb_info = to_json(&tcb_info)?;
+        let qe_identity = to_json(&qe_identity)?;
         let signing_chain = format!("{}{}", pem(&self.tcb_der), pem(&self.root_der));
         Ok(QuoteCollateralV3 {
             pck_crl_issuer_chain: format!("{}{}", pem(&self.pck_ca_der), pem(&self.root_der)),
@@ -701,19 +675,6 @@ fn write_file(path: &Path, data: &[u8], secret: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Object-safe JSON serialization of the two dcap-qvl collateral structures.
-mod erased {
-    use super::{AttestationError, Result, reject};
-
-    pub trait Json {
-        fn to_json(&self) -> Result<String>;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Result<String> {
-            serde_json::to_string(self).map_err(|e: serde_json::Error| -> AttestationError {
-                reject!(ConfigInvalid, "collateral JSON: {e}")
-            })
-        }
-    }
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| reject!(ConfigInvalid, "collateral JSON: {e}"))
 }
