@@ -166,8 +166,9 @@ fn unwrap_octet_string(v: &[u8]) -> Result<Vec<u8>> {
     Ok(body.to_vec())
 }
 
-fn octet_string(content: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x04];
+/// DER tag-length-value with a definite length (short or long form).
+pub(crate) fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
     let len = content.len();
     if len < 0x80 {
         out.push(len as u8);
@@ -182,6 +183,10 @@ fn octet_string(content: &[u8]) -> Vec<u8> {
     }
     out.extend_from_slice(content);
     out
+}
+
+fn octet_string(content: &[u8]) -> Vec<u8> {
+    der_tlv(0x04, content)
 }
 
 /// A generated certificate with its key.

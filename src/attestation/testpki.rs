@@ -24,7 +24,7 @@ use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as 
 use sha2::{Digest, Sha256};
 
 use super::eventlog::{EventVersion, TdxEvent, replay};
-use super::ratls::{CertBuilder, GeneratedCert, report_data_for_spki};
+use super::ratls::{CertBuilder, GeneratedCert, der_tlv as tlv, report_data_for_spki};
 use super::reason::{AttestationError, Result, reject};
 use super::versioned::{self, Attestation, Platform};
 
@@ -164,25 +164,6 @@ fn leaf_params(cn: &str, now: u64) -> Result<CertificateParams> {
         KeyUsagePurpose::ContentCommitment,
     ];
     Ok(p)
-}
-
-/// Minimal DER writer for the SGX extension (rcgen takes the extension content as bytes).
-fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let len = content.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes: Vec<u8> = len
-            .to_be_bytes()
-            .into_iter()
-            .skip_while(|b| *b == 0)
-            .collect();
-        out.push(0x80 | bytes.len() as u8);
-        out.extend_from_slice(&bytes);
-    }
-    out.extend_from_slice(content);
-    out
 }
 
 fn oid(arcs: &[u64]) -> Vec<u8> {
