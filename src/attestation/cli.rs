@@ -203,6 +203,13 @@ pub fn detect(input: &[u8]) -> Result<InputKind> {
     }
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 fn read_capped(path: &Path) -> Result<Vec<u8>> {
     let meta =
         std::fs::metadata(path).map_err(|e| reject!(UnknownFormat, "{}: {e}", path.display()))?;
@@ -238,12 +245,7 @@ fn verify_input(args: &VerifyArgs, out: &mut VerifyOutput) -> Result<()> {
         Some(p) => Some(tdx::parse_collateral(&read_capped(p)?)?),
         None => None,
     };
-    let now = args.at.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    });
+    let now = args.at.unwrap_or_else(unix_now);
     let config = AttestationConfig {
         insecure_allow_debug: args.insecure_allow_debug,
         insecure_test_pki: args.insecure_test_pki.clone(),
@@ -390,11 +392,7 @@ pub fn run_test_pki_init(args: &TestPkiInitArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    match TestPki::generate(now).and_then(|pki| pki.save(&args.dir)) {
+    match TestPki::generate(unix_now()).and_then(|pki| pki.save(&args.dir)) {
         Ok(()) => {
             println!(
                 "test attestation PKI written to {} (trust it only with attestation.insecure_test_pki)",

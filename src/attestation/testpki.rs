@@ -233,25 +233,26 @@ fn sgx_extension(ppid: &[u8; 16]) -> Vec<u8> {
     tlv(0x30, &entries.concat())
 }
 
+fn ecdsa_key(key: &KeyPair) -> Result<EcdsaKeyPair> {
+    EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &key.serialize_der(),
+        &SystemRandom::new(),
+    )
+    .map_err(|e| reject!(ConfigInvalid, "P-256 key: {e}"))
+}
+
 /// Signs `msg` with a P-256 key, returning the raw r‖s form Intel structures use.
 fn sign_raw(key: &KeyPair, msg: &[u8]) -> Result<Vec<u8>> {
-    let rng = SystemRandom::new();
-    let signer =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &key.serialize_der(), &rng)
-            .map_err(|e| reject!(ConfigInvalid, "signing key: {e}"))?;
-    signer
-        .sign(&rng, msg)
+    ecdsa_key(key)?
+        .sign(&SystemRandom::new(), msg)
         .map(|s| s.as_ref().to_vec())
         .map_err(|_| reject!(ConfigInvalid, "signing failed"))
 }
 
+/// The raw `x ‖ y` public key (the uncompressed SEC1 point without its 0x04 prefix).
 fn raw_public_key(key: &KeyPair) -> Result<[u8; 64]> {
-    let rng = SystemRandom::new();
-    let signer =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &key.serialize_der(), &rng)
-            .map_err(|e| reject!(ConfigInvalid, "attestation key: {e}"))?;
-    // uncompressed SEC1: 0x04 ‖ x ‖ y
-    <[u8; 64]>::try_from(&signer.public_key().as_ref()[1..])
+    <[u8; 64]>::try_from(&ecdsa_key(key)?.public_key().as_ref()[1..])
         .map_err(|_| reject!(ConfigInvalid, "attestation key is not P-256"))
 }
 
