@@ -206,8 +206,6 @@ fn tdx_flipped_bytes_are_typed() {
     let Some(f) = fixtures() else { return };
     let quote = read(&f, "tdx/tdx_quote");
     let coll = collateral(&f, "tdx/tdx_quote_collateral.json");
-    let parsed = tdx::parse_quote(&quote).unwrap();
-    let _ = parsed;
     // header (user data area), body (report_data), ECDSA signature (after the 4-byte length)
     for (at, want) in [
         (40usize, RejectReason::QuoteSignatureInvalid),
@@ -556,8 +554,6 @@ fn nitro_negative_cases() {
         RejectReason::NitroSignatureInvalid
     );
     // certificate chain: a byte inside the leaf certificate's signature area
-    let parsed = keywarden::attestation::nitro::parse_document(&doc).unwrap();
-    let _ = parsed;
     let cert_pos = doc.windows(2).position(|w| w == [0x30, 0x82]).unwrap();
     let mut d = doc.clone();
     d[cert_pos + 200] ^= 0x01;
