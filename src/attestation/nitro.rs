@@ -300,57 +300,58 @@ impl NitroVerifier {
             webpki::ring::ECDSA_P384_SHA384,
             webpki::ring::ECDSA_P256_SHA256,
         ];
-        let issuer = doc
+        // Anchor at the deepest bundle certificate whose path to the root is cached (only
+        // certificates on a verified path are ever cached), else at the pinned root.
+        let warm = doc
             .cabundle
-            .last()
-            .ok_or_else(|| reject!(NitroDocumentMalformed, "empty cabundle"))?;
-        let issuer_key: [u8; 32] = Sha256::digest(issuer).into();
-        let cached_issuer = self.cached(&issuer_key, now);
-        let (anchor_der, intermediates): (&[u8], Vec<CertificateDer<'_>>) = if cached_issuer
-            .is_some()
-        {
-            // warm: the issuer's path to the root was verified earlier and is still valid at now
-            (issuer, Vec::new())
-        } else {
-            let root = doc
-                .cabundle
-                .first()
-                .filter(|r| <[u8; 32]>::from(Sha256::digest(r)) == self.root_sha256)
-                .ok_or_else(|| reject!(UntrustedRoot, "cabundle root is not the pinned root"))?;
-            (
-                root,
-                doc.cabundle
-                    .iter()
-                    .skip(1)
-                    .map(|c| CertificateDer::from(c.as_slice()))
-                    .collect(),
-            )
-        };
-        let anchor_cert = CertificateDer::from(anchor_der);
-        let anchor = webpki::anchor_from_trusted_cert(&anchor_cert)
-            .map_err(|e| reject!(CertChainInvalid, "trust anchor: {e}"))?;
-        leaf.verify_for_usage(
-            &algs,
-            &[anchor],
-            &intermediates,
-            time,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(map_webpki_error)?;
-        let chain_window = match cached_issuer {
-            Some(w) => w,
+            .iter()
+            .enumerate()
+            .skip(1)
+            .rev()
+            .find_map(|(i, c)| {
+                let key: [u8; 32] = Sha256::digest(c).into();
+                self.cached(&key, now).map(|w| (i, w))
+            });
+        let (anchor_index, anchor_window) = match warm {
+            Some(found) => found,
             None => {
-                let w = validity_window((0, u64::MAX), &doc.cabundle[1..]);
-                self.remember(issuer_key, w);
-                w
+                doc.cabundle
+                    .first()
+                    .filter(|r| <[u8; 32]>::from(Sha256::digest(r)) == self.root_sha256)
+                    .ok_or_else(|| {
+                        reject!(UntrustedRoot, "cabundle root is not the pinned root")
+                    })?;
+                (0, (0, u64::MAX))
             }
         };
-        self.remember(
-            leaf_key,
-            validity_window(chain_window, std::slice::from_ref(&doc.certificate)),
-        );
+        let anchor_cert = CertificateDer::from(doc.cabundle[anchor_index].as_slice());
+        let anchor = webpki::anchor_from_trusted_cert(&anchor_cert)
+            .map_err(|e| reject!(CertChainInvalid, "trust anchor: {e}"))?;
+        let intermediates: Vec<CertificateDer<'_>> = doc.cabundle[anchor_index + 1..]
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
+        let anchors = [anchor];
+        let path = leaf
+            .verify_for_usage(
+                &algs,
+                &anchors,
+                &intermediates,
+                time,
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .map_err(map_webpki_error)?;
+        // remember the certificates of the verified path (not whatever else the bundle held),
+        // each with the validity window of its path down from the anchor
+        let mut window = anchor_window;
+        for cert in path.intermediate_certificates().rev() {
+            let der = cert.der();
+            window = narrow(window, &der);
+            self.remember(Sha256::digest(&der).into(), window);
+        }
+        self.remember(leaf_key, narrow(window, &doc.certificate));
         Ok(())
     }
 
@@ -364,19 +365,16 @@ impl NitroVerifier {
     }
 }
 
-/// Narrows `window` to the validity of every certificate in `chain` (empty if one is
-/// unreadable, so that nothing is cached for it).
-fn validity_window(mut window: (u64, u64), chain: &[Vec<u8>]) -> (u64, u64) {
-    for der in chain {
-        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-            return (u64::MAX, 0);
-        };
-        let v = cert.validity();
-        let nb = u64::try_from(v.not_before.timestamp()).unwrap_or(u64::MAX);
-        let na = u64::try_from(v.not_after.timestamp()).unwrap_or(0);
-        window = (window.0.max(nb), window.1.min(na));
-    }
-    window
+/// Narrows `window` to the validity of the certificate `der` (to an empty window if it is
+/// unreadable, so that nothing usable is cached for it).
+fn narrow(window: (u64, u64), der: &[u8]) -> (u64, u64) {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return (u64::MAX, 0);
+    };
+    let v = cert.validity();
+    let nb = u64::try_from(v.not_before.timestamp()).unwrap_or(u64::MAX);
+    let na = u64::try_from(v.not_after.timestamp()).unwrap_or(0);
+    (window.0.max(nb), window.1.min(na))
 }
 
 fn map_webpki_error(e: webpki::Error) -> super::reason::AttestationError {
