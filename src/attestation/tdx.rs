@@ -5,9 +5,9 @@
 //! errors to typed reasons and applies the configured policy (status, advisories, PCK flags,
 //! debug TD, TDX module signer) itself, so each refusal has its own reason.
 
+use dcap_qvl::QuoteCollateralV3;
 use dcap_qvl::quote::{Quote, Report};
-use dcap_qvl::verify::QuoteVerifier;
-use dcap_qvl::{PckCertFlag, QuoteClaims, QuoteCollateralV3, TcbStatus};
+use dcap_qvl::verify::{QuoteVerifier, VerifiedReport};
 
 use super::config::TcbPolicy;
 use super::reason::{AttestationError, RejectReason, Result, check_size, reject};
@@ -103,14 +103,33 @@ pub fn parse_collateral(json: &[u8]) -> Result<QuoteCollateralV3> {
     serde_json::from_slice(json).map_err(|e| reject!(CollateralInvalid, "collateral JSON: {e}"))
 }
 
-/// A dcap-qvl policy that accepts everything: the TCB policy is applied afterwards with typed
-/// reasons, from the same claims.
-struct CollectClaims;
+/// The PCK certificate facts the policy needs beyond dcap-qvl's report.
+struct PckFacts {
+    fmspc: [u8; 6],
+    dynamic_platform: bool,
+    cached_keys: bool,
+    smt_enabled: bool,
+}
 
-impl dcap_qvl::Policy for CollectClaims {
-    fn validate(&self, _claims: &QuoteClaims) -> anyhow::Result<()> {
-        Ok(())
+/// Reads the PCK leaf's SGX extension from the chain dcap-qvl verified (the collateral's chain
+/// when it carries one, else the quote's); cheaper than building dcap-qvl's full claims.
+fn pck_facts(quote: &Quote, collateral: &QuoteCollateralV3) -> Result<PckFacts> {
+    let ext = match &collateral.pck_certificate_chain {
+        Some(pem) => dcap_qvl::intel::parse_pck_extension_from_pem(pem.as_bytes()),
+        None => dcap_qvl::intel::extract_cert_chain(quote).and_then(|chain| {
+            let leaf = chain
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("empty PCK certificate chain"))?;
+            dcap_qvl::intel::parse_pck_extension(leaf)
+        }),
     }
+    .map_err(|e| reject!(QuoteMalformed, "PCK certificate extension: {e:#}"))?;
+    Ok(PckFacts {
+        fmspc: ext.fmspc,
+        dynamic_platform: ext.dynamic_platform == Some(true),
+        cached_keys: ext.cached_keys == Some(true),
+        smt_enabled: ext.smt_enabled == Some(true),
+    })
 }
 
 /// Verifies `raw` against `collateral` at `now` (unix seconds), anchored at `root_der` (Intel's
@@ -124,41 +143,46 @@ pub fn verify_quote(
     policy: &TcbPolicy,
     allow_debug: bool,
 ) -> Result<VerifiedQuote> {
-    check_size("quote", raw, MAX_QUOTE_LEN)?;
+    let quote = parse_quote(raw)?;
     let verifier = match root_der {
         Some(der) => QuoteVerifier::new(der.to_vec()),
         None => QuoteVerifier::new_prod(),
     };
     // dcap-qvl's own debug check is disabled so that the refusal carries `debug_td`.
-    let claims = verifier
+    let report = verifier
         .allow_debug(true)
-        .verify_with_policy(raw, collateral, now, &CollectClaims)
+        .verify(raw, collateral, now)
         .map_err(classify_dcap_error)?;
-    apply_policy(&claims, policy, allow_debug)?;
+    let pck = pck_facts(&quote, collateral)?;
+    apply_policy(&report, quote.header.tee_type, &pck, policy, allow_debug)?;
     Ok(VerifiedQuote {
-        tcb_status: claims.tcb.status.to_string(),
-        advisory_ids: claims.tcb.advisory_ids.clone(),
-        ppid: claims.platform.pck.ppid.clone(),
-        fmspc: claims.platform.pck.fmspc,
-        report: claims.report,
+        tcb_status: report.status,
+        advisory_ids: report.advisory_ids,
+        ppid: report.ppid,
+        fmspc: pck.fmspc,
+        report: report.report,
     })
 }
 
-fn apply_policy(claims: &QuoteClaims, policy: &TcbPolicy, allow_debug: bool) -> Result<()> {
-    let status = claims.tcb.status;
-    let status_name = status.to_string();
-    if status == TcbStatus::Revoked || !policy.accepted_statuses.contains(&status_name) {
-        return Err(reject!(TcbStatusRejected, "TCB status {status_name}"));
+fn apply_policy(
+    verified: &VerifiedReport,
+    tee_type: u32,
+    pck: &PckFacts,
+    policy: &TcbPolicy,
+    allow_debug: bool,
+) -> Result<()> {
+    let status = &verified.status;
+    // dcap-qvl refuses Revoked itself; the explicit check keeps that true whatever the config
+    if status == "Revoked" || !policy.accepted_statuses.contains(status) {
+        return Err(reject!(TcbStatusRejected, "TCB status {status}"));
     }
-    if let Some(id) = claims
-        .tcb
+    if let Some(id) = verified
         .advisory_ids
         .iter()
         .find(|id| policy.rejected_advisory_ids.contains(id))
     {
         return Err(reject!(AdvisoryRejected, "advisory {id}"));
     }
-    let pck = &claims.platform.pck;
     for (name, flag, allowed) in [
         (
             "dynamic platform",
@@ -168,13 +192,16 @@ fn apply_policy(claims: &QuoteClaims, policy: &TcbPolicy, allow_debug: bool) -> 
         ("cached keys", pck.cached_keys, policy.allow_cached_keys),
         ("SMT", pck.smt_enabled, policy.allow_smt),
     ] {
-        if flag == PckCertFlag::True && !allowed {
+        if flag && !allowed {
             return Err(reject!(PlatformFlagRejected, "{name} not allowed"));
         }
     }
-    match (&claims.report, TdMeasurements::from_report(&claims.report)) {
+    match (
+        &verified.report,
+        TdMeasurements::from_report(&verified.report),
+    ) {
         (_, Some(td)) => {
-            if claims.tee_type != TEE_TYPE_TDX {
+            if tee_type != TEE_TYPE_TDX {
                 return Err(reject!(QuoteMalformed, "TD report in a non-TDX quote"));
             }
             if td.is_debug() && !allow_debug {
