@@ -44,7 +44,7 @@ const TCB_INFO: &str = "tcb_info.json";
 const QE_IDENTITY: &str = "qe_identity.json";
 const COLLATERAL: &str = "collateral.json";
 
-/// FMSPC of the test platform (ASCII "KWTEST" would not fit: 6 bytes, recognisable).
+/// FMSPC of the test platform (`KWT` ‖ 00 00 01): recognisable, and no Intel FMSPC.
 pub const TEST_FMSPC: [u8; 6] = [0x4b, 0x57, 0x54, 0x00, 0x00, 0x01];
 /// How long generated collateral stays valid.
 pub const COLLATERAL_LIFETIME: u64 = 30 * 24 * 3600;
