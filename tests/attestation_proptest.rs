@@ -68,3 +68,42 @@ proptest! {
         }
     }
 }
+
+fn fixture(name: &str) -> Option<Vec<u8>> {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures")
+        .join(name);
+    std::fs::read(p).ok()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Real inputs with one bit flipped and a random truncation: typed errors, never a panic.
+    #[test]
+    fn mutated_real_inputs_never_panic(pos in any::<prop::sample::Index>(), bit in 0u8..8, cut in any::<prop::sample::Index>()) {
+        let inputs = [
+            "ra-tls/dstack_simulator_attestation.versioned_attestation.bin",
+            "nitro/dstack_attest_prod.versioned_attestation.bin",
+            "nitro/dstack_nsm_qvl_prod.cose",
+            "tdx/tdx_quote",
+        ];
+        let mut found = false;
+        for name in inputs {
+            let Some(mut data) = fixture(name) else { continue };
+            found = true;
+            let i = pos.index(data.len());
+            data[i] ^= 1 << bit;
+            let truncated = &data[..cut.index(data.len() + 1)];
+            for input in [&data[..], truncated] {
+                let _ = versioned::parse(input);
+                let _ = nitro::parse_document(input);
+                let _ = tdx::parse_quote(input);
+                let _ = cli::detect(input);
+            }
+        }
+        if !found {
+            eprintln!("SKIPPED: fixtures not found; mutated-input property not exercised");
+        }
+    }
+}
