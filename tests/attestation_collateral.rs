@@ -188,3 +188,24 @@ async fn fetch_cache_refresh_and_expiry() {
         "{out}"
     );
 }
+
+#[test]
+fn next_update_of_real_collateral_is_the_window_end() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    if !dir.is_dir() {
+        eprintln!(
+            "SKIPPED: attestation fixtures not found at {}",
+            dir.display()
+        );
+        return;
+    }
+    for (file, window_end) in [
+        ("tdx/tdx_quote_collateral.json", 1752919235),
+        ("ra-tls/near_mpc_dstack_tdx_collateral.json", 1789171031),
+    ] {
+        let c =
+            keywarden::attestation::tdx::parse_collateral(&std::fs::read(dir.join(file)).unwrap())
+                .unwrap();
+        assert_eq!(collateral_next_update(&c).unwrap(), window_end, "{file}");
+    }
+}
