@@ -209,3 +209,43 @@ fn next_update_of_real_collateral_is_the_window_end() {
         assert_eq!(collateral_next_update(&c).unwrap(), window_end, "{file}");
     }
 }
+
+#[tokio::test]
+async fn root_ca_crl_from_the_distribution_point_when_there_is_no_pccs_endpoint() {
+    // an Intel-PCS-like server: no rootcacrl endpoint; the root names where its CRL lives
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let pki = TestPki::generate_with_root_crl_url(NOW, Some(&format!("{base}/IntelSGXRootCA.der")))
+        .unwrap();
+    let state = Arc::new(Pccs {
+        collateral: pki.collateral().clone(),
+        requests: AtomicUsize::new(0),
+        down: AtomicBool::new(false),
+    });
+    async fn root_crl_der(State(s): State<Shared>) -> Response {
+        s.collateral.root_ca_crl.clone().into_response()
+    }
+    let app = Router::new()
+        .route("/sgx/certification/v4/pckcrl", get(pckcrl))
+        .route("/tdx/certification/v4/tcb", get(tcb))
+        .route("/tdx/certification/v4/qe/identity", get(qe_identity))
+        .route("/IntelSGXRootCA.der", get(root_crl_der))
+        .with_state(state);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let config = AttestationConfig {
+        pccs_url: base,
+        ..AttestationConfig::default()
+    };
+    let provider =
+        CollateralProvider::new(&config, Arc::new(MemoryCollateralCache::default()), None).unwrap();
+    let quote = pki
+        .quote(&[1; 64], &QuoteMeasurements::default(), false)
+        .unwrap();
+    let c = provider.for_quote(&quote, NOW).await.unwrap();
+    assert_eq!(c.root_ca_crl, pki.collateral().root_ca_crl);
+    Verifier::with_test_root(config, Some(pki.root_der().to_vec()))
+        .unwrap()
+        .verify_quote(&quote, &c, NOW)
+        .unwrap();
+}

@@ -264,8 +264,19 @@ impl TestPki {
     /// Generates a fresh PKI whose collateral is valid from `now - 1 h` for
     /// [`COLLATERAL_LIFETIME`].
     pub fn generate(now: u64) -> Result<Self> {
+        Self::generate_with_root_crl_url(now, None)
+    }
+
+    /// Like [`TestPki::generate`], with a CRL distribution point in the root certificate, the
+    /// way Intel's root points at its CRL (Intel PCS has no root CRL endpoint).
+    pub fn generate_with_root_crl_url(now: u64, root_crl_url: Option<&str>) -> Result<Self> {
         let root_key = new_key()?;
-        let root_params = ca_params("Keywarden Test SGX Root CA", None, now)?;
+        let mut root_params = ca_params("Keywarden Test SGX Root CA", None, now)?;
+        if let Some(url) = root_crl_url {
+            root_params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+                uris: vec![url.to_owned()],
+            }];
+        }
         let root_der = root_params
             .self_signed(&root_key)
             .map_err(cfg_err("root"))?
