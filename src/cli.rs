@@ -32,9 +32,20 @@ pub enum Command {
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Verify attestation evidence.
+    #[command(subcommand)]
+    Attest(AttestCommand),
     /// Development helpers (test contracts, test PKI).
     #[command(subcommand)]
     Dev(DevCommand),
+}
+
+/// `keywarden attest ...`
+#[derive(Debug, Subcommand)]
+pub enum AttestCommand {
+    /// Verify a TDX quote (raw or hex), Nitro COSE document, dstack VersionedAttestation or
+    /// RA-TLS certificate. Exit 0 when it verifies, 1 when rejected, 2 when the input is unusable.
+    Verify(crate::attestation::cli::VerifyArgs),
 }
 
 /// `keywarden dev ...`
@@ -43,6 +54,16 @@ pub enum DevCommand {
     /// Deploy our DstackKms/DstackApp test contracts to a development node (e.g. anvil) and
     /// print their addresses and the deployment block.
     Deploy(crate::chain::cli::DeployArgs),
+    /// Test attestation PKI (an Intel-like root trusted only with `insecure_test_pki`).
+    #[command(name = "test-pki", subcommand)]
+    TestPki(TestPkiCommand),
+}
+
+/// `keywarden dev test-pki ...`
+#[derive(Debug, Subcommand)]
+pub enum TestPkiCommand {
+    /// Generate a test PKI (root, PCK chain, TCB info, QE identity, collateral) into a directory.
+    Init(crate::attestation::cli::TestPkiInitArgs),
 }
 
 /// `keywarden serve` flags (they override file and environment).
@@ -124,6 +145,12 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
             print!("{}", config.to_redacted_toml());
             eprintln!("keywarden: {} is valid", file.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Attest(AttestCommand::Verify(args)) => {
+            Ok(crate::attestation::cli::run_verify(&args))
+        }
+        Command::Dev(DevCommand::TestPki(TestPkiCommand::Init(args))) => {
+            Ok(crate::attestation::cli::run_test_pki_init(&args))
         }
         Command::Dev(DevCommand::Deploy(args)) => {
             Ok(runtime()?.block_on(crate::chain::cli::run_deploy(args)))

@@ -4,6 +4,7 @@
 //! See `docs/ARCHITECTURE.md` for the map of modules and how data flows between them.
 
 pub mod app;
+pub mod attestation;
 pub mod chain;
 pub mod cli;
 pub mod config;

@@ -396,3 +396,19 @@ fn version_names_the_git_revision() {
         "{out}"
     );
 }
+
+#[test]
+fn attest_verify_and_test_pki_init_are_wired() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let (code, _, err) = run_to_end(&["dev", "test-pki", "init", pki.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    // Unusable input: exit 2 with a JSON verdict naming the reason.
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, b"definitely not a quote").unwrap();
+    let (code, out, _) = run_to_end(&["attest", "verify", junk.to_str().unwrap(), "--json"], &[]);
+    assert_eq!(code, 2, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"], "rejected");
+    assert!(v["reason"].is_string(), "{v}");
+}

@@ -135,3 +135,40 @@ async fn data_dir_under_a_file_is_a_clear_error() {
     assert!(err.contains("cannot use data directory"), "{err}");
     assert!(err.contains("--data-dir"), "{err}");
 }
+
+on_both_backends!(collateral_cache_round_trips_and_replaces, |open| {
+    use keywarden::attestation::collateral::{CachedCollateral, CollateralCache};
+    use keywarden::attestation::testpki::TestPki;
+    let s = open().await.unwrap();
+    assert!(s.get("00906ED50000", "platform").await.unwrap().is_none());
+    let pki = TestPki::generate(1_700_000_000).unwrap();
+    let first = CachedCollateral {
+        collateral: pki.collateral().clone(),
+        next_update: 1_700_086_400,
+        fetched_at: 1_700_000_000,
+    };
+    s.put("00906ED50000", "platform", &first).await.unwrap();
+    let got = s.get("00906ED50000", "platform").await.unwrap().unwrap();
+    assert_eq!(got.next_update, first.next_update);
+    assert_eq!(got.collateral.tcb_info, first.collateral.tcb_info);
+    assert!(
+        s.get("00906ED50000", "processor").await.unwrap().is_none(),
+        "keyed by CA too"
+    );
+    let second = CachedCollateral {
+        next_update: 1_700_172_800,
+        fetched_at: 1_700_090_000,
+        ..first
+    };
+    s.put("00906ED50000", "platform", &second).await.unwrap();
+    let got = s.get("00906ED50000", "platform").await.unwrap().unwrap();
+    assert_eq!(
+        (got.next_update, got.fetched_at),
+        (1_700_172_800, 1_700_090_000)
+    );
+    s.close().await;
+    // Survives a restart.
+    let s = open().await.unwrap();
+    assert!(s.get("00906ED50000", "platform").await.unwrap().is_some());
+    s.close().await;
+});

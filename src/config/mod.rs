@@ -37,6 +37,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Process-level behaviour.
     pub runtime: RuntimeConfig,
+    /// Attestation verification: TCB policy, collateral, Nitro PCRs.
+    pub attestation: crate::attestation::AttestationConfig,
 }
 
 /// The API listener.
@@ -352,10 +354,12 @@ impl Config {
 
     /// Every `insecure_*` switch with its current value, by full key name.
     pub fn insecure_switches(&self) -> Vec<(&'static str, bool)> {
-        vec![(
+        let mut all = vec![(
             "admin.insecure_listen_public",
             self.admin.insecure_listen_public,
-        )]
+        )];
+        all.extend(self.attestation.insecure_switches());
+        all
     }
 
     /// The database selected by `storage`.

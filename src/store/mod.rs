@@ -5,7 +5,10 @@
 //! it. Every method is written once: the `on_backend!`/`write_tx!` macros expand the same query
 //! code for each pool type. Check-then-write steps run inside one write transaction (`BEGIN
 //! IMMEDIATE` on SQLite so concurrent writers serialize instead of failing on upgrade).
-//! Later modules extend `Store` with their own tables in `impl Store` blocks of their own files.
+//! Other modules' tables are served from child modules here (`collateral`: the TDX collateral
+//! cache behind `attestation::collateral::CollateralCache`), so the backend stays private.
+
+mod collateral;
 
 use std::path::Path;
 use std::str::FromStr;
