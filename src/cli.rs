@@ -35,9 +35,27 @@ pub enum Command {
     /// Verify attestation evidence.
     #[command(subcommand)]
     Attest(AttestCommand),
+    /// KMS key material.
+    #[command(subcommand)]
+    Kms(KmsCommand),
     /// Development helpers (test contracts, test PKI).
     #[command(subcommand)]
     Dev(DevCommand),
+}
+
+/// `keywarden kms ...`
+#[derive(Debug, Subcommand)]
+pub enum KmsCommand {
+    /// Print what an operator registers on-chain: the root k256 public key, the root CA public
+    /// key and the bootstrap report data. Reads the keys under the configured data directory.
+    Info {
+        /// Data directory (overrides the configuration).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `keywarden attest ...`
@@ -144,6 +162,38 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
             let config = load(Some(&file), &Overrides::default())?;
             print!("{}", config.to_redacted_toml());
             eprintln!("keywarden: {} is valid", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kms(KmsCommand::Info { data_dir, json }) => {
+            let overrides = Overrides {
+                data_dir,
+                ..Overrides::default()
+            };
+            let config = load(cli.config.as_deref(), &overrides)?;
+            let keys = crate::kms::root::load_existing(&config.storage.data_dir, &config.kms)
+                .map_err(|e| Failure {
+                    code: 1,
+                    message: e.to_string(),
+                })?;
+            let info = crate::kms::keys::BootstrapInfo::of(&keys.root).map_err(|e| Failure {
+                code: 1,
+                message: e.to_string(),
+            })?;
+            let (k256, ca, rd) = (
+                hex::encode(&info.k256_pubkey),
+                hex::encode(&info.ca_pubkey),
+                hex::encode(info.report_data),
+            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "k256_pubkey": k256, "ca_pubkey": ca, "bootstrap_report_data": rd })
+                );
+            } else {
+                println!("k256_pubkey           {k256}");
+                println!("ca_pubkey             {ca}");
+                println!("bootstrap_report_data {rd}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Attest(AttestCommand::Verify(args)) => {

@@ -72,6 +72,9 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
     };
 
     let store = Store::open(&config.storage, &target).await?;
+    let kms_keys = crate::kms::root::load_or_create(&config.storage.data_dir, &config.kms)?;
+    // No TEE here: the RPC certificate is issued by our root CA without an attestation of our own.
+    tracing::warn!("KMS is not running attested; its RPC certificate carries no attestation");
     let now = unix_now();
     let node_id = store.node_id(now).await?;
     let run = store
@@ -153,6 +156,16 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
 
     let startup = started.elapsed();
     metrics.process.set_startup_duration(startup.as_secs_f64());
+    if kms_keys.created {
+        let info = crate::kms::keys::BootstrapInfo::of(&kms_keys.root)?;
+        state
+            .audit(
+                "kms_keys_created",
+                "ok",
+                serde_json::json!({ "k256_pubkey": hex::encode(&info.k256_pubkey) }),
+            )
+            .await;
+    }
     state
         .audit(
             "service_start",

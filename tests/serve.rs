@@ -412,3 +412,49 @@ fn attest_verify_and_test_pki_init_are_wired() {
     assert_eq!(v["verdict"], "rejected");
     assert!(v["reason"].is_string(), "{v}");
 }
+
+#[tokio::test]
+async fn first_start_creates_kms_keys_and_kms_info_prints_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (code, _, err) = run_to_end(&["kms", "info", "--data-dir", data.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "no keys before the first start: {err}");
+    assert!(err.contains("no KMS keys yet"), "{err}");
+
+    let mut kw = Keywarden::start(&data, &[], &[]);
+    kw.wait_ready().await;
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+    assert!(kw.lines().iter().any(|l| l.contains("kms_keys_created")));
+
+    let (code, out, err) = run_to_end(
+        &[
+            "kms",
+            "info",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["k256_pubkey"].as_str().unwrap().len(), 66);
+    assert_eq!(v["bootstrap_report_data"].as_str().unwrap().len(), 128);
+
+    // Keys survive restarts: a second start does not create new ones.
+    let mut kw = Keywarden::start(&data, &[], &[]);
+    kw.wait_ready().await;
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+    assert!(!kw.lines().iter().any(|l| l.contains("kms_keys_created")));
+    let (_, again, _) = run_to_end(
+        &[
+            "kms",
+            "info",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(out, again);
+}

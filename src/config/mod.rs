@@ -39,6 +39,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// Attestation verification: TCB policy, collateral, Nitro PCRs.
     pub attestation: crate::attestation::AttestationConfig,
+    /// KMS root keys and RPC certificate.
+    pub kms: crate::kms::root::KmsConfig,
 }
 
 /// The API listener.
@@ -546,6 +548,22 @@ impl Config {
                     "set a service name such as \"keywarden\"",
                 );
             }
+        }
+        if self.kms.domains.is_empty() || self.kms.domains.iter().any(|d| d.trim().is_empty()) {
+            push(
+                "kms.domains",
+                "must name at least one non-empty DNS name".into(),
+                "list the names clients use to reach the KMS, e.g. [\"kms.example.com\"]",
+            );
+        }
+        if let Some(r) = &self.kms.key_encryption_key
+            && let Err(e) = r.resolve()
+        {
+            push(
+                "kms.key_encryption_key",
+                format!("{r}: {e}"),
+                "point it at a readable file or a set environment variable",
+            );
         }
         if self.runtime.shutdown_timeout.is_zero()
             || self.runtime.shutdown_timeout > Duration::from_secs(600)

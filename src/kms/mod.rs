@@ -8,6 +8,7 @@
 //! [`keys::AppKeys::derive`] → response and boot record.
 
 pub mod keys;
+pub mod root;
 
 /// Errors of the KMS module.
 #[derive(Debug, thiserror::Error)]
