@@ -70,19 +70,24 @@ impl AppState {
         problems
     }
 
-    /// Writes an audit record to the `audit` log target and the store. A store failure is
-    /// logged, never silently dropped.
+    /// Writes an audit record (see [`audit`]).
     pub async fn audit(&self, kind: &str, outcome: &str, detail: serde_json::Value) {
-        tracing::info!(target: AUDIT_TARGET, kind, outcome, detail = %detail, "audit");
-        let rec = AuditRecord {
-            at: unix_now(),
-            kind: kind.to_owned(),
-            outcome: outcome.to_owned(),
-            detail: detail.to_string(),
-        };
-        if let Err(e) = self.store.append_audit(&rec).await {
-            tracing::error!(error = %e, kind, "audit record could not be stored");
-        }
+        audit(&self.store, kind, outcome, detail).await;
+    }
+}
+
+/// Writes an audit record to the `audit` log target and the store. A store failure is logged,
+/// never silently dropped.
+pub async fn audit(store: &Store, kind: &str, outcome: &str, detail: serde_json::Value) {
+    tracing::info!(target: AUDIT_TARGET, kind, outcome, detail = %detail, "audit");
+    let rec = AuditRecord {
+        at: unix_now(),
+        kind: kind.to_owned(),
+        outcome: outcome.to_owned(),
+        detail: detail.to_string(),
+    };
+    if let Err(e) = store.append_audit(&rec).await {
+        tracing::error!(error = %e, kind, "audit record could not be stored");
     }
 }
 

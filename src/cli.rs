@@ -102,6 +102,9 @@ pub struct ServeArgs {
     /// Database URL: sqlite://PATH or postgres://USER@HOST:PORT/DB.
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
+    /// Trust the test attestation PKI in DIR (made by `dev test-pki init`). Tests and demos only.
+    #[arg(long, value_name = "DIR")]
+    pub insecure_test_pki: Option<PathBuf>,
 }
 
 /// `keywarden config ...`
@@ -212,6 +215,7 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                 admin_listen: args.admin_listen,
                 data_dir: args.data_dir,
                 database_url: args.database_url,
+                insecure_test_pki: args.insecure_test_pki,
             };
             let config = load(cli.config.as_deref(), &overrides)?;
             runtime()?

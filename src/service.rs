@@ -14,6 +14,15 @@ use crate::app::{AppState, HealthMonitor, Inner, unix_now};
 use crate::config::Config;
 use crate::http::{self, Limits, Server};
 use crate::runtime::{ComponentState, Criticality, Outcome, Readiness, Supervisor};
+use std::sync::Arc;
+
+use crate::attestation::Verifier;
+use crate::attestation::collateral::CollateralProvider;
+use crate::attestation::testpki::TestPki;
+use crate::kms::authz::{AuthBackendKind, Authorizer, DevAuthorizer, NoMirror, WebhookAuthorizer};
+use crate::kms::dispatch::{ChainMeta, CollateralSource, KmsRpc, KmsRpcParts};
+use crate::kms::root::KmsKeys;
+use crate::kms::server::RpcServer;
 use crate::store::Store;
 use crate::telemetry::{self, Listener, Metrics};
 
@@ -55,6 +64,9 @@ async fn run(config: Config, started: Instant) -> anyhow::Result<u8> {
 }
 
 async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Supervisor)> {
+    // First, so a SIGTERM during start-up is handled as a shutdown request.
+    let metrics = Metrics::new();
+    let supervisor = Supervisor::new(metrics.process.clone());
     for (key, on) in config.insecure_switches() {
         if on {
             tracing::warn!(key, "insecure setting enabled; do not use in production");
@@ -73,6 +85,8 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
 
     let store = Store::open(&config.storage, &target).await?;
     let kms_keys = crate::kms::root::load_or_create(&config.storage.data_dir, &config.kms)?;
+    let kms_bootstrap = crate::kms::keys::BootstrapInfo::of(&kms_keys.root)?;
+    let kms_created = kms_keys.created;
     // No TEE here: the RPC certificate is issued by our root CA without an attestation of our own.
     tracing::warn!("KMS is not running attested; its RPC certificate carries no attestation");
     let now = unix_now();
@@ -84,7 +98,8 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         tracing::warn!("the previous run did not shut down cleanly");
     }
 
-    let metrics = Metrics::new();
+    let kms_rpc = kms_rpc(&config, kms_keys, store.clone(), &metrics)?;
+    let tls = crate::kms::server::tls_config(kms_rpc.keys())?;
     let readiness = Readiness::default();
     readiness.register("listeners");
     let addr =
@@ -108,7 +123,6 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         started,
     });
 
-    let supervisor = Supervisor::new(metrics.process.clone());
     let serve = |name, listener, router, kind| {
         supervisor.spawn(
             Server {
@@ -119,11 +133,20 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
             Criticality::Critical,
         );
     };
-    serve(
-        "api_listener",
-        api,
-        http::api_router(state.clone()),
-        Listener::Api,
+    supervisor.spawn(
+        RpcServer {
+            listener: api,
+            tls,
+            router: http::harden(
+                kms_rpc.router(),
+                Listener::Api,
+                limits,
+                metrics.process.clone(),
+            ),
+            metrics: metrics.kms.clone(),
+            handshake_timeout: state.config.api.handshake_timeout,
+        },
+        Criticality::Critical,
     );
     serve(
         "metrics_listener",
@@ -156,13 +179,12 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
 
     let startup = started.elapsed();
     metrics.process.set_startup_duration(startup.as_secs_f64());
-    if kms_keys.created {
-        let info = crate::kms::keys::BootstrapInfo::of(&kms_keys.root)?;
+    if kms_created {
         state
             .audit(
                 "kms_keys_created",
                 "ok",
-                serde_json::json!({ "k256_pubkey": hex::encode(&info.k256_pubkey) }),
+                serde_json::json!({ "k256_pubkey": hex::encode(&kms_bootstrap.k256_pubkey) }),
             )
             .await;
     }
@@ -186,4 +208,42 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         "keywarden ready"
     );
     Ok((state, supervisor))
+}
+
+/// Assembles the KMS RPC: verifier (with the test PKI when configured), collateral from PCCS via
+/// the store's cache, and the configured authorization backend.
+fn kms_rpc(
+    config: &Config,
+    keys: KmsKeys,
+    store: Store,
+    metrics: &Metrics,
+) -> anyhow::Result<KmsRpc> {
+    let verifier = Verifier::new(config.attestation.clone())?;
+    let test_pki = match &config.attestation.insecure_test_pki {
+        Some(dir) => Some(TestPki::load(dir)?),
+        None => None,
+    };
+    let pccs = CollateralProvider::new(
+        &config.attestation,
+        Arc::new(store.clone()),
+        Some(metrics.attestation.clone()),
+    )?;
+    let authorizer: Arc<dyn Authorizer> = match config.auth.backend {
+        AuthBackendKind::Dev => Arc::new(DevAuthorizer),
+        AuthBackendKind::Webhook => Arc::new(WebhookAuthorizer::new(
+            config.auth.webhook_url.as_deref().unwrap_or_default(),
+            config.auth.webhook_timeout,
+        )?),
+        AuthBackendKind::Chain => Arc::new(NoMirror),
+    };
+    Ok(KmsRpc::new(KmsRpcParts {
+        keys,
+        verifier,
+        collateral: CollateralSource::new(pccs, test_pki.as_ref()),
+        authorizer,
+        metrics: metrics.kms.clone(),
+        attestation_metrics: metrics.attestation.clone(),
+        store,
+        chain: ChainMeta::default(),
+    }))
 }

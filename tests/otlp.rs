@@ -7,7 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Keywarden, free_addr, http};
+use common::{Keywarden, free_addr};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -128,8 +128,8 @@ async fn exported_span_matches_log_trace_id(protocol: &str) {
         ],
     );
     kw.wait_ready().await;
-    let r = http()
-        .get(format!("http://{}/health", kw.api))
+    let r = common::https(dir.path())
+        .get(format!("{}/health", kw.api_url()))
         .send()
         .await
         .unwrap();

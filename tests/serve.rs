@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Keywarden, PgDb, http, run_to_end};
+use common::{Keywarden, PgDb, http, https, run_to_end};
 
 /// Metric names (as queried: counters with `_total`) in the README table.
 fn readme_metrics() -> BTreeSet<String> {
@@ -51,9 +51,10 @@ async fn serve_on_sqlite_answers_health_metrics_logs_json_and_stops_on_sigterm()
     kw.wait_ready().await;
     let ready_after = started.elapsed();
     let client = http();
+    let tls = https(dir.path());
 
-    let health = client
-        .get(format!("http://{}/health", kw.api))
+    let health = tls
+        .get(format!("{}/health", kw.api_url()))
         .send()
         .await
         .unwrap();
@@ -61,8 +62,8 @@ async fn serve_on_sqlite_answers_health_metrics_logs_json_and_stops_on_sigterm()
     assert_eq!(health.headers()["x-app-version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(health.text().await.unwrap(), "OK");
 
-    let missing = client
-        .get(format!("http://{}/nope", kw.api))
+    let missing = tls
+        .get(format!("{}/nope", kw.api_url()))
         .send()
         .await
         .unwrap();
@@ -146,10 +147,10 @@ async fn serve_on_postgres_works_the_same_and_remembers_clean_shutdown() {
     for round in 0..2 {
         let mut kw = Keywarden::start(dir.path(), &["--database-url", &db.url], &[]);
         kw.wait_ready().await;
-        let client = http();
+        let client = https(dir.path());
         assert_eq!(
             client
-                .get(format!("http://{}/health", kw.api))
+                .get(format!("{}/health", kw.api_url()))
                 .send()
                 .await
                 .unwrap()

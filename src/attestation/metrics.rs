@@ -118,6 +118,14 @@ impl AttestationMetrics {
             "Collateral not in the cache (or due for refresh)",
             m.collateral_cache_misses.clone(),
         );
+        // Success series start at 0 so dashboards and ratios see them before the first request.
+        for tee in [TeeLabel::tdx, TeeLabel::nitro] {
+            let _ = m.verifications.get_or_create(&VerificationLabels {
+                tee,
+                result: ResultLabel::ok,
+                reason: ReasonLabel(None),
+            });
+        }
         m
     }
 

@@ -41,6 +41,8 @@ pub struct Config {
     pub attestation: crate::attestation::AttestationConfig,
     /// KMS root keys and RPC certificate.
     pub kms: crate::kms::root::KmsConfig,
+    /// Who authorizes boots.
+    pub auth: crate::kms::authz::AuthConfig,
 }
 
 /// The API listener.
@@ -54,6 +56,9 @@ pub struct ApiConfig {
     pub request_timeout: Duration,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Time a client has to complete the TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -62,6 +67,7 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -242,6 +248,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--database-url`
     pub database_url: Option<String>,
+    /// `--insecure-test-pki`
+    pub insecure_test_pki: Option<PathBuf>,
 }
 
 /// One thing wrong with the configuration, and how to fix it.
@@ -352,6 +360,9 @@ impl Config {
         if let Some(u) = &o.database_url {
             self.storage.database_url = Some(u.clone());
         }
+        if let Some(d) = &o.insecure_test_pki {
+            self.attestation.insecure_test_pki = Some(d.clone());
+        }
     }
 
     /// Every `insecure_*` switch with its current value, by full key name.
@@ -361,6 +372,7 @@ impl Config {
             self.admin.insecure_listen_public,
         )];
         all.extend(self.attestation.insecure_switches());
+        all.push(("auth.insecure_dev_auth", self.auth.insecure_dev_auth));
         all
     }
 
@@ -548,6 +560,37 @@ impl Config {
                     "set a service name such as \"keywarden\"",
                 );
             }
+        }
+        match self.auth.backend {
+            crate::kms::authz::AuthBackendKind::Dev if !self.auth.insecure_dev_auth => push(
+                "auth.backend",
+                "\"dev\" authorizes every attested boot and needs auth.insecure_dev_auth = true"
+                    .into(),
+                "use backend = \"chain\" or \"webhook\", or set auth.insecure_dev_auth = true for development",
+            ),
+            crate::kms::authz::AuthBackendKind::Webhook => {
+                match self.auth.webhook_url.as_deref().map(url::Url::parse) {
+                    Some(Ok(u)) if matches!(u.scheme(), "http" | "https") => {}
+                    Some(_) => push(
+                        "auth.webhook_url",
+                        "is not an http(s) URL".into(),
+                        "set the auth server's base URL, e.g. \"http://127.0.0.1:8090\"",
+                    ),
+                    None => push(
+                        "auth.webhook_url",
+                        "is required with auth.backend = \"webhook\"".into(),
+                        "set the auth server's base URL",
+                    ),
+                }
+            }
+            _ => {}
+        }
+        if self.api.handshake_timeout.is_zero() {
+            push(
+                "api.handshake_timeout",
+                "must be positive".into(),
+                "use a duration such as \"10s\"",
+            );
         }
         if self.kms.domains.is_empty() || self.kms.domains.iter().any(|d| d.trim().is_empty()) {
             push(

@@ -7,7 +7,6 @@
 //! graceful shutdown. [`HttpError`] is the one error type that becomes a JSON response.
 
 mod admin;
-mod api;
 mod ops;
 
 use std::net::SocketAddr;
@@ -25,7 +24,6 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use admin::router as admin_router;
-pub use api::router as api_router;
 pub use ops::router as ops_router;
 
 use crate::runtime::{Task, panic_message};

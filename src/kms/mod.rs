@@ -7,8 +7,13 @@
 //! RA-TLS client certificate → attestation verified → boot info → mirror authorization →
 //! [`keys::AppKeys::derive`] → response and boot record.
 
+pub mod authz;
+pub mod dispatch;
 pub mod keys;
+pub mod metrics;
+pub mod proto;
 pub mod root;
+pub mod server;
 
 /// Errors of the KMS module.
 #[derive(Debug, thiserror::Error)]

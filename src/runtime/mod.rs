@@ -71,10 +71,12 @@ pub struct Supervisor {
     fatal_tx: mpsc::UnboundedSender<(&'static str, String)>,
     fatal_rx: mpsc::UnboundedReceiver<(&'static str, String)>,
     metrics: ProcessMetrics,
+    signals: ShutdownSignals,
 }
 
 impl Supervisor {
-    /// A supervisor with no tasks yet.
+    /// A supervisor with no tasks yet; installs the SIGTERM/SIGINT handlers (call inside the
+    /// runtime, before anything starts serving).
     pub fn new(metrics: ProcessMetrics) -> Self {
         let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
         Self {
@@ -83,6 +85,7 @@ impl Supervisor {
             fatal_tx,
             fatal_rx,
             metrics,
+            signals: ShutdownSignals::install(),
         }
     }
 
@@ -128,7 +131,7 @@ impl Supervisor {
     /// drains them within `deadline`.
     pub async fn wait(mut self, deadline: Duration) -> Outcome {
         let mut outcome = tokio::select! {
-            () = shutdown_signal() => {
+            () = self.signals.recv() => {
                 tracing::info!("shutdown requested; draining");
                 Outcome::Clean
             }
@@ -154,31 +157,57 @@ impl Supervisor {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C. If the handlers cannot be installed, never resolves (and says so).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            tracing::warn!("cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
+/// SIGTERM and SIGINT handlers, installed when created: a signal that arrives before the
+/// supervisor waits (say, right after the listeners came up) is kept, not fatal.
+struct ShutdownSignals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => {
-                tracing::warn!("cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let install = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(signal = name, error = %e, "cannot listen for signal");
+                    None
+                }
+            };
+            Self {
+                term: install(SignalKind::terminate(), "SIGTERM"),
+                int: install(SignalKind::interrupt(), "SIGINT"),
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Resolves on the first signal; never, if no handler could be installed.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.term) => {}
+                () = next(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub registry: Registry,
     /// `keywarden_*` process metrics.
     pub process: ProcessMetrics,
+    /// `dstack_kms_*` key-dispatch metrics.
+    pub kms: crate::kms::metrics::KmsMetrics,
+    /// `dstack_kms_attestation_*` / `dstack_kms_collateral_*` metrics.
+    pub attestation: crate::attestation::AttestationMetrics,
 }
 
 impl Metrics {
@@ -41,7 +45,14 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let process = ProcessMetrics::new(&mut registry);
-        Self { registry, process }
+        let kms = crate::kms::metrics::KmsMetrics::new(&mut registry);
+        let attestation = crate::attestation::AttestationMetrics::new(&mut registry);
+        Self {
+            registry,
+            process,
+            kms,
+            attestation,
+        }
     }
 }
 

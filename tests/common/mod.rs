@@ -32,6 +32,24 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// HTTPS client trusting the KMS root CA under `data_dir` (the API listener speaks TLS).
+pub fn https(data_dir: &Path) -> reqwest::Client {
+    https_with_identity(data_dir, None)
+}
+
+/// Like [`https`], presenting `identity_pem` (certificate + key PEM) as client certificate.
+pub fn https_with_identity(data_dir: &Path, identity_pem: Option<&str>) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = std::fs::read(data_dir.join("kms/root-ca.pem")).unwrap();
+    let mut b = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap());
+    if let Some(pem) = identity_pem {
+        b = b.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
+    }
+    b.build().unwrap()
+}
+
 /// A running `keywarden` process whose stdout lines are collected. Killed on drop.
 pub struct Keywarden {
     child: Option<Child>,
@@ -39,6 +57,13 @@ pub struct Keywarden {
     pub api: SocketAddr,
     pub metrics: SocketAddr,
     pub admin: SocketAddr,
+}
+
+impl Keywarden {
+    /// `https://localhost:PORT` of the API listener (the certificate is issued for localhost).
+    pub fn api_url(&self) -> String {
+        format!("https://localhost:{}", self.api.port())
+    }
 }
 
 /// The binary under test.

@@ -1,0 +1,192 @@
+//! Who decides whether a verified boot may receive keys.
+//!
+//! [`Authorizer`] is one interface with several backends: the upstream webhook API
+//! (`POST {url}/bootAuth/app|kms`, so keywarden can run in front of an existing auth server),
+//! `dev` (allows every boot; accepted only with `auth.insecure_dev_auth`), and the on-chain mirror.
+//! Every backend fails closed: no answer, a non-2xx answer or bad JSON is a refusal.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::attestation::BootInfo;
+
+/// The `[auth]` configuration section.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `chain` (the on-chain mirror), `webhook` (upstream's auth API) or `dev`.
+    pub backend: AuthBackendKind,
+    /// Base URL of the auth server for `backend = "webhook"`.
+    pub webhook_url: Option<String>,
+    /// Timeout of one webhook call.
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+    /// Allow `backend = "dev"`, which authorizes every attested boot.
+    pub insecure_dev_auth: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            backend: AuthBackendKind::Chain,
+            webhook_url: None,
+            webhook_timeout: Duration::from_secs(5),
+            insecure_dev_auth: false,
+        }
+    }
+}
+
+/// Authorization backends.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthBackendKind {
+    /// The local on-chain mirror.
+    Chain,
+    /// Upstream's auth webhook.
+    Webhook,
+    /// Allow every attested boot (development only).
+    Dev,
+}
+
+/// An authorization answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthDecision {
+    /// Whether the boot may receive keys.
+    pub allowed: bool,
+    /// Why not (the contract's reason string), empty when allowed.
+    pub reason: String,
+    /// The gateway app id to hand to the app.
+    pub gateway_app_id: String,
+}
+
+/// Why no decision could be had (the request is refused).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The backend could not be asked or did not answer properly.
+    #[error("authorization backend unavailable: {0}")]
+    Unavailable(String),
+    /// The backend's state is too old to answer (the chain mirror beyond `max_staleness`).
+    #[error("on-chain state is stale: {0}")]
+    Stale(String),
+}
+
+/// Decides on boots. Object-safe so the backend is chosen at start-up.
+pub trait Authorizer: Send + Sync {
+    /// Whether `boot` may get app keys (`is_kms` false) or KMS keys (`is_kms` true).
+    fn authorize<'a>(
+        &'a self,
+        boot: &'a BootInfo,
+        is_kms: bool,
+    ) -> BoxFuture<'a, Result<AuthDecision, AuthError>>;
+}
+
+/// Allows every attested boot. Only constructed with `auth.insecure_dev_auth`.
+#[derive(Debug)]
+pub struct DevAuthorizer;
+
+impl Authorizer for DevAuthorizer {
+    fn authorize<'a>(
+        &'a self,
+        _boot: &'a BootInfo,
+        _is_kms: bool,
+    ) -> BoxFuture<'a, Result<AuthDecision, AuthError>> {
+        Box::pin(async {
+            Ok(AuthDecision {
+                allowed: true,
+                reason: String::new(),
+                gateway_app_id: String::new(),
+            })
+        })
+    }
+}
+
+/// The on-chain backend before a chain is configured: refuses every boot (fail closed).
+#[derive(Debug)]
+pub struct NoMirror;
+
+impl Authorizer for NoMirror {
+    fn authorize<'a>(
+        &'a self,
+        _boot: &'a BootInfo,
+        _is_kms: bool,
+    ) -> BoxFuture<'a, Result<AuthDecision, AuthError>> {
+        Box::pin(async {
+            Err(AuthError::Unavailable(
+                "auth.backend is \"chain\" but no chain mirror is configured".into(),
+            ))
+        })
+    }
+}
+
+/// Upstream's auth API: `POST {url}/bootAuth/app` or `/bootAuth/kms` with the boot info as
+/// camelCase JSON, answered with `{"isAllowed", "gatewayAppId", "reason"}`.
+#[derive(Debug)]
+pub struct WebhookAuthorizer {
+    base: String,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WebhookAnswer {
+    is_allowed: bool,
+    #[serde(default)]
+    gateway_app_id: String,
+    #[serde(default)]
+    reason: String,
+}
+
+impl WebhookAuthorizer {
+    /// A client for the auth server at `base_url`.
+    pub fn new(base_url: &str, timeout: Duration) -> Result<Self, AuthError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| AuthError::Unavailable(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            base: base_url.trim_end_matches('/').to_owned(),
+            http,
+        })
+    }
+}
+
+impl Authorizer for WebhookAuthorizer {
+    fn authorize<'a>(
+        &'a self,
+        boot: &'a BootInfo,
+        is_kms: bool,
+    ) -> BoxFuture<'a, Result<AuthDecision, AuthError>> {
+        Box::pin(async move {
+            let path = if is_kms {
+                "bootAuth/kms"
+            } else {
+                "bootAuth/app"
+            };
+            let resp = self
+                .http
+                .post(format!("{}/{path}", self.base))
+                .json(boot)
+                .send()
+                .await
+                .map_err(|e| AuthError::Unavailable(format!("{path}: {e}")))?;
+            if !resp.status().is_success() {
+                return Err(AuthError::Unavailable(format!(
+                    "{path} answered {}",
+                    resp.status()
+                )));
+            }
+            let answer: WebhookAnswer = resp
+                .json()
+                .await
+                .map_err(|e| AuthError::Unavailable(format!("{path}: bad JSON: {e}")))?;
+            Ok(AuthDecision {
+                allowed: answer.is_allowed,
+                reason: answer.reason,
+                gateway_app_id: answer.gateway_app_id,
+            })
+        })
+    }
+}

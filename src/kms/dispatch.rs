@@ -1,0 +1,458 @@
+//! The KMS RPC methods and their pRPC transport (`/prpc/KMS.<Method>`, JSON or protobuf).
+//!
+//! Flow of `GetAppKey`: the client certificate of the TLS connection (an RA-TLS certificate) →
+//! [`crate::attestation::Verifier::verify_ratls_cert`] with collateral for its quote → `BootInfo`
+//! → [`Authorizer`] → [`AppKeys::derive`] → response; each step's refusal has a [`Refusal`]
+//! reason used in the error body, the `dstack_kms_requests_total` label and the log line.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use dcap_qvl::QuoteCollateralV3;
+use prost::Message;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::Instrument as _;
+
+use super::authz::{AuthError, Authorizer};
+use super::keys::{AppKeys, BootstrapInfo, EnvEncryptPubKey};
+use super::metrics::{KmsMetrics, Method, Outcome, Refusal};
+use super::proto;
+use super::root::KmsKeys;
+use crate::attestation::collateral::CollateralProvider;
+use crate::attestation::testpki::{TEST_FMSPC, TestPki};
+use crate::attestation::{AttestationError, AttestationMetrics, Platform, Verifier, tdx};
+use crate::store::Store;
+
+/// The peer's client certificate (DER), attached to each request of a TLS connection.
+#[derive(Debug, Clone, Default)]
+pub struct PeerCert(pub Option<Arc<Vec<u8>>>);
+
+/// A refused request: the reason label and the message the caller sees.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    /// Closed-set reason.
+    pub reason: Refusal,
+    /// Message for the caller (upstream's wording where it has one).
+    pub message: String,
+}
+
+impl Refused {
+    fn new(reason: Refusal, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Where TDX collateral comes from: PCCS (cached in the store), or the test PKI's own set for
+/// quotes it issued when `insecure_test_pki` is configured.
+pub struct CollateralSource {
+    pccs: CollateralProvider,
+    test: Option<QuoteCollateralV3>,
+}
+
+impl CollateralSource {
+    /// Builds the source; `test_pki` is the loaded test PKI when configured.
+    pub fn new(pccs: CollateralProvider, test_pki: Option<&TestPki>) -> Self {
+        Self {
+            pccs,
+            test: test_pki.map(|p| p.collateral().clone()),
+        }
+    }
+
+    async fn for_quote(
+        &self,
+        quote: &[u8],
+        now: u64,
+    ) -> Result<QuoteCollateralV3, AttestationError> {
+        if let Some(test) = &self.test {
+            let parsed = tdx::parse_quote(quote)?;
+            if dcap_qvl::intel::quote_fmspc(&parsed).ok() == Some(TEST_FMSPC) {
+                return Ok(test.clone());
+            }
+        }
+        self.pccs.for_quote(quote, now).await
+    }
+}
+
+/// What `GetMeta` reports about the chain side.
+#[derive(Debug, Clone, Default)]
+pub struct ChainMeta {
+    /// DstackKms address.
+    pub kms_contract_address: Option<String>,
+    /// Chain id.
+    pub chain_id: Option<u64>,
+}
+
+/// The KMS RPC state. Cheap to clone.
+#[derive(Clone)]
+pub struct KmsRpc(Arc<Inner>);
+
+struct Inner {
+    keys: KmsKeys,
+    verifier: Verifier,
+    collateral: CollateralSource,
+    authorizer: Arc<dyn Authorizer>,
+    metrics: KmsMetrics,
+    attestation_metrics: AttestationMetrics,
+    store: Store,
+    chain: ChainMeta,
+}
+
+/// Everything the KMS RPC needs.
+pub struct KmsRpcParts {
+    /// Root keys and certificates.
+    pub keys: KmsKeys,
+    /// Attestation verifier.
+    pub verifier: Verifier,
+    /// Collateral source.
+    pub collateral: CollateralSource,
+    /// Authorization backend.
+    pub authorizer: Arc<dyn Authorizer>,
+    /// KMS metrics.
+    pub metrics: KmsMetrics,
+    /// Attestation metrics.
+    pub attestation_metrics: AttestationMetrics,
+    /// Store (audit records).
+    pub store: Store,
+    /// Chain facts for GetMeta.
+    pub chain: ChainMeta,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl KmsRpc {
+    /// Assembles the RPC state.
+    pub fn new(p: KmsRpcParts) -> Self {
+        Self(Arc::new(Inner {
+            keys: p.keys,
+            verifier: p.verifier,
+            collateral: p.collateral,
+            authorizer: p.authorizer,
+            metrics: p.metrics,
+            attestation_metrics: p.attestation_metrics,
+            store: p.store,
+            chain: p.chain,
+        }))
+    }
+
+    /// The root key material.
+    pub fn keys(&self) -> &KmsKeys {
+        &self.0.keys
+    }
+
+    /// The routes of the KMS listener: `/health` and `/prpc/{method}`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/health", get(|| async { "OK" }))
+            .route("/prpc/{method}", get(prpc).post(prpc))
+            .with_state(self.clone())
+    }
+
+    fn temp_ca(&self) -> proto::GetTempCaCertResponse {
+        proto::GetTempCaCertResponse {
+            temp_ca_cert: self.0.keys.tmp_ca_pem.clone(),
+            temp_ca_key: self.0.keys.tmp_ca_key_pem.to_string(),
+            ca_cert: self.0.keys.root_ca_pem.clone(),
+        }
+    }
+
+    fn meta(&self) -> Result<proto::GetMetaResponse, Refused> {
+        let info = BootstrapInfo::of(&self.0.keys.root)
+            .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
+        Ok(proto::GetMetaResponse {
+            ca_cert: self.0.keys.root_ca_pem.clone(),
+            allow_any_upgrade: false,
+            k256_pubkey: info.k256_pubkey.clone(),
+            bootstrap_info: Some(proto::BootstrapResponse {
+                ca_pubkey: info.ca_pubkey,
+                k256_pubkey: info.k256_pubkey,
+                attestation: Vec::new(),
+            }),
+            is_dev: false,
+            gateway_app_id: None,
+            kms_contract_address: self.0.chain.kms_contract_address.clone(),
+            chain_id: self.0.chain.chain_id,
+            app_auth_implementation: None,
+        })
+    }
+
+    fn env_pubkey(&self, req: &proto::AppId) -> Result<proto::PublicKeyResponse, Refused> {
+        if req.app_id.len() != 20 {
+            return Err(Refused::new(Refusal::BadRequest, "app_id must be 20 bytes"));
+        }
+        let k = EnvEncryptPubKey::derive(&self.0.keys.root, &req.app_id, now_secs())
+            .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
+        Ok(proto::PublicKeyResponse {
+            public_key: k.public_key.to_vec(),
+            signature: k.signature.to_vec(),
+            timestamp: k.timestamp,
+            signature_v1: k.signature_v1.to_vec(),
+        })
+    }
+
+    async fn app_key(
+        &self,
+        peer: &PeerCert,
+        req: proto::GetAppKeyRequest,
+    ) -> Result<proto::AppKeyResponse, Refused> {
+        if req.api_version > 1 {
+            return Err(Refused::new(
+                Refusal::Unsupported,
+                format!("Unsupported API version: {}", req.api_version),
+            ));
+        }
+        let Some(der) = &peer.0 else {
+            return Err(Refused::new(
+                Refusal::NoAttestation,
+                "No attestation provided",
+            ));
+        };
+        let now = now_secs();
+        let os_image_hash = crate::attestation::identity::os_image_hash_from_config(&req.vm_config);
+        let verified = self.verify(der, now, os_image_hash.as_deref()).await;
+        let verified = verified.map_err(|e| {
+            Refused::new(
+                Refusal::AttestationRejected,
+                format!("attestation verification failed: {}", e.reason),
+            )
+        })?;
+        let boot = verified.boot_info;
+        let decision = self
+            .0
+            .authorizer
+            .authorize(&boot, false)
+            .await
+            .map_err(|e| {
+                let reason = match e {
+                    AuthError::Stale(_) => Refusal::ChainStateStale,
+                    AuthError::Unavailable(_) => Refusal::AuthUnavailable,
+                };
+                tracing::warn!(reason = reason.as_str(), error = %e, "measurement not authorized");
+                Refused::new(reason, format!("App not allowed: {e}"))
+            })?;
+        if !decision.allowed {
+            tracing::warn!(
+                reason = %decision.reason,
+                app_id = %hex::encode(&boot.app_id),
+                compose_hash = %hex::encode(&boot.compose_hash),
+                mr_aggregated = %hex::encode(&boot.mr_aggregated),
+                "measurement not authorized"
+            );
+            self.audit_key_request(&boot, "refused", &decision.reason)
+                .await;
+            return Err(Refused::new(
+                Refusal::NotAuthorized,
+                format!("App not allowed: Boot denied: {}", decision.reason),
+            ));
+        }
+        let keys = AppKeys::derive(&self.0.keys.root, &boot.app_id, &boot.instance_id)
+            .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
+        tracing::info!(
+            app_id = %hex::encode(&boot.app_id),
+            instance_id = %hex::encode(&boot.instance_id),
+            compose_hash = %hex::encode(&boot.compose_hash),
+            "key dispatched"
+        );
+        self.audit_key_request(&boot, "ok", "").await;
+        Ok(proto::AppKeyResponse {
+            ca_cert: self.0.keys.root_ca_pem.clone(),
+            disk_crypt_key: keys.disk_crypt_key.to_vec(),
+            env_crypt_key: keys.env_crypt_key.to_vec(),
+            k256_key: keys.k256_key.to_vec(),
+            k256_signature: keys.k256_signature.to_vec(),
+            tproxy_app_id: decision.gateway_app_id.clone(),
+            gateway_app_id: decision.gateway_app_id,
+            os_image_hash: boot.os_image_hash.clone(),
+        })
+    }
+
+    /// Verifies the client's RA-TLS certificate, recording the attestation metrics and the
+    /// `attestation verification failed` line on refusal.
+    async fn verify(
+        &self,
+        der: &[u8],
+        now: u64,
+        os_image_hash: Option<&[u8]>,
+    ) -> Result<crate::attestation::Verified, AttestationError> {
+        let parsed = crate::attestation::ratls::parse_cert(der).and_then(|c| c.attestation());
+        let tee = parsed.as_ref().map_or(
+            crate::attestation::TeeLabel::tdx,
+            crate::attestation::tee_of,
+        );
+        let result = async {
+            let att = parsed?;
+            let collateral = match &att.platform {
+                Platform::Tdx { quote, .. } => Some(self.0.collateral.for_quote(quote, now).await?),
+                Platform::NitroEnclave { .. } => None,
+            };
+            self.0
+                .verifier
+                .verify_ratls_cert(der, now, collateral.as_ref(), os_image_hash)
+                .map(|(_, v)| v)
+        }
+        .await;
+        self.0.attestation_metrics.observe(tee, &result);
+        result
+    }
+
+    async fn audit_key_request(
+        &self,
+        boot: &crate::attestation::BootInfo,
+        outcome: &str,
+        reason: &str,
+    ) {
+        let detail = serde_json::json!({
+            "app_id": hex::encode(&boot.app_id),
+            "instance_id": hex::encode(&boot.instance_id),
+            "compose_hash": hex::encode(&boot.compose_hash),
+            "mr_aggregated": hex::encode(&boot.mr_aggregated),
+            "os_image_hash": hex::encode(&boot.os_image_hash),
+            "device_id": hex::encode(&boot.device_id),
+            "reason": reason,
+        });
+        crate::app::audit(&self.0.store, "key_request", outcome, detail).await;
+    }
+}
+
+/// How the caller wants its body encoded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Json,
+    Protobuf,
+}
+
+fn encoding(query: Option<&str>, headers: &HeaderMap, is_get: bool) -> Encoding {
+    let json_query =
+        query.is_some_and(|q| q.split('&').any(|p| p == "json" || p.starts_with("json=")));
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    if is_get || json_query || json_type {
+        Encoding::Json
+    } else {
+        Encoding::Protobuf
+    }
+}
+
+fn decode<T: Message + Default + DeserializeOwned>(
+    enc: Encoding,
+    body: &[u8],
+) -> Result<T, Refused> {
+    match enc {
+        Encoding::Json if body.iter().all(u8::is_ascii_whitespace) => Ok(T::default()),
+        Encoding::Json => serde_json::from_slice(body)
+            .map_err(|e| Refused::new(Refusal::BadRequest, format!("invalid JSON request: {e}"))),
+        Encoding::Protobuf => T::decode(body).map_err(|e| {
+            Refused::new(
+                Refusal::BadRequest,
+                format!("invalid protobuf request: {e}"),
+            )
+        }),
+    }
+}
+
+fn encode<T: Message + Serialize>(enc: Encoding, value: &T) -> Response {
+    match enc {
+        Encoding::Json => axum::Json(value).into_response(),
+        Encoding::Protobuf => (
+            [(header::CONTENT_TYPE, "application/protobuf")],
+            value.encode_to_vec(),
+        )
+            .into_response(),
+    }
+}
+
+fn refusal_response(enc: Encoding, r: &Refused) -> Response {
+    let status = match r.reason {
+        Refusal::AuthUnavailable | Refusal::ChainStateStale => StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    match enc {
+        Encoding::Json => (
+            status,
+            axum::Json(serde_json::json!({ "error": r.message })),
+        )
+            .into_response(),
+        Encoding::Protobuf => (
+            status,
+            [(header::CONTENT_TYPE, "application/protobuf")],
+            proto::ProtoError {
+                message: r.message.clone(),
+            }
+            .encode_to_vec(),
+        )
+            .into_response(),
+    }
+}
+
+async fn prpc(
+    State(rpc): State<KmsRpc>,
+    Path(method_name): Path<String>,
+    RawQuery(query): RawQuery,
+    peer: Option<axum::Extension<PeerCert>>,
+    request_method: axum::http::Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let method = Method::parse(&method_name);
+    let enc = encoding(
+        query.as_deref(),
+        &headers,
+        request_method == axum::http::Method::GET,
+    );
+    let peer = peer.map(|axum::Extension(p)| p).unwrap_or_default();
+    let span = tracing::info_span!("kms.rpc", method = method.as_str());
+    let result: Result<Response, Refused> = async {
+        match method {
+            Method::GetTempCaCert => Ok(encode(enc, &rpc.temp_ca())),
+            Method::GetMeta => Ok(encode(enc, &rpc.meta()?)),
+            Method::GetAppEnvEncryptPubKey => {
+                let req: proto::AppId = decode(enc, &body)?;
+                Ok(encode(enc, &rpc.env_pubkey(&req)?))
+            }
+            Method::GetAppKey => {
+                let req: proto::GetAppKeyRequest = decode(enc, &body)?;
+                Ok(encode(enc, &rpc.app_key(&peer, req).await?))
+            }
+            Method::SignCert | Method::GetKmsKey => Err(Refused::new(
+                Refusal::Unsupported,
+                format!("{method_name} is not offered by this KMS yet"),
+            )),
+            Method::Unknown => Err(Refused::new(
+                Refusal::Unsupported,
+                format!("Method not found: {method_name}"),
+            )),
+        }
+    }
+    .instrument(span)
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    match result {
+        Ok(resp) => {
+            rpc.0.metrics.request(method, Outcome::Ok, elapsed);
+            resp
+        }
+        Err(refused) => {
+            rpc.0
+                .metrics
+                .request(method, Outcome::Refused(refused.reason), elapsed);
+            refusal_response(enc, &refused)
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! `dstack_kms_*` metrics of the key-dispatch path.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// KMS RPC methods (closed set; unknown names are `unknown`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Method {
+    /// GetAppKey
+    GetAppKey,
+    /// GetAppEnvEncryptPubKey
+    GetAppEnvEncryptPubKey,
+    /// GetMeta
+    GetMeta,
+    /// GetTempCaCert
+    GetTempCaCert,
+    /// SignCert
+    SignCert,
+    /// GetKmsKey
+    GetKmsKey,
+    /// Anything else.
+    Unknown,
+}
+
+impl Method {
+    /// Every method.
+    pub const ALL: [Method; 7] = [
+        Self::GetAppKey,
+        Self::GetAppEnvEncryptPubKey,
+        Self::GetMeta,
+        Self::GetTempCaCert,
+        Self::SignCert,
+        Self::GetKmsKey,
+        Self::Unknown,
+    ];
+
+    /// From a pRPC path segment (`KMS.GetAppKey` or `GetAppKey`).
+    pub fn parse(name: &str) -> Self {
+        match name.strip_prefix("KMS.").unwrap_or(name) {
+            "GetAppKey" => Self::GetAppKey,
+            "GetAppEnvEncryptPubKey" => Self::GetAppEnvEncryptPubKey,
+            "GetMeta" => Self::GetMeta,
+            "GetTempCaCert" => Self::GetTempCaCert,
+            "SignCert" => Self::SignCert,
+            "GetKmsKey" => Self::GetKmsKey,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// Snake-case label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GetAppKey => "get_app_key",
+            Self::GetAppEnvEncryptPubKey => "get_app_env_encrypt_pub_key",
+            Self::GetMeta => "get_meta",
+            Self::GetTempCaCert => "get_temp_ca_cert",
+            Self::SignCert => "sign_cert",
+            Self::GetKmsKey => "get_kms_key",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// Why a request was refused (closed set; feeds the error body, the metric label and the log).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Refusal {
+    /// No RA-TLS client certificate on a method that needs one.
+    NoAttestation,
+    /// The attestation did not verify.
+    AttestationRejected,
+    /// The measurements are not authorized.
+    NotAuthorized,
+    /// The authorization backend could not answer.
+    AuthUnavailable,
+    /// The on-chain state is too old to answer.
+    ChainStateStale,
+    /// Malformed request.
+    BadRequest,
+    /// The method is not offered.
+    Unsupported,
+    /// Something failed on our side.
+    Internal,
+}
+
+impl Refusal {
+    /// Snake-case label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoAttestation => "no_attestation",
+            Self::AttestationRejected => "attestation_rejected",
+            Self::NotAuthorized => "not_authorized",
+            Self::AuthUnavailable => "auth_unavailable",
+            Self::ChainStateStale => "chain_state_stale",
+            Self::BadRequest => "bad_request",
+            Self::Unsupported => "unsupported",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+macro_rules! label_str {
+    ($t:ty) => {
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    };
+}
+label_str!(Method);
+label_str!(Refusal);
+
+/// `ok` or the refusal.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered.
+    Ok,
+    /// Refused for this reason.
+    Refused(Refusal),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: Method,
+    outcome: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: Method,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    outcome: &'static str,
+}
+
+/// Metrics of the KMS RPC listener. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct KmsMetrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<MethodLabels, Histogram>,
+    handshakes: Family<HandshakeLabels, Counter>,
+    active_connections: Gauge,
+}
+
+impl KmsMetrics {
+    /// Registers the KMS metrics.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                // 100 µs .. ~13 s
+                Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+            }),
+            handshakes: Family::default(),
+            active_connections: Gauge::default(),
+        };
+        registry.register(
+            "dstack_kms_requests",
+            "KMS RPC requests by method, outcome (ok|refused) and refusal reason",
+            m.requests.clone(),
+        );
+        registry.register(
+            "dstack_kms_dispatch_duration_seconds",
+            "Time from request to response on the KMS RPC, by method",
+            m.duration.clone(),
+        );
+        registry.register(
+            "dstack_kms_ratls_handshakes",
+            "TLS handshakes on the KMS RPC listener, by outcome (ok|failed)",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "dstack_kms_active_connections",
+            "Open connections on the KMS RPC listener",
+            m.active_connections.clone(),
+        );
+        for method in Method::ALL {
+            let _ = m.requests.get_or_create(&RequestLabels {
+                method,
+                outcome: "ok",
+                reason: "none",
+            });
+            let _ = m.duration.get_or_create(&MethodLabels { method });
+        }
+        for outcome in ["ok", "failed"] {
+            let _ = m.handshakes.get_or_create(&HandshakeLabels { outcome });
+        }
+        m
+    }
+
+    /// Counts one request and its duration.
+    pub fn request(&self, method: Method, outcome: Outcome, seconds: f64) {
+        let (outcome, reason) = match outcome {
+            Outcome::Ok => ("ok", "none"),
+            Outcome::Refused(r) => ("refused", r.as_str()),
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                method,
+                outcome,
+                reason,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&MethodLabels { method })
+            .observe(seconds);
+    }
+
+    /// Counts a handshake.
+    pub fn handshake(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.handshakes
+            .get_or_create(&HandshakeLabels { outcome })
+            .inc();
+    }
+
+    /// Tracks an open connection until the guard drops.
+    pub fn connection(&self) -> ConnectionGuard {
+        self.active_connections.inc();
+        ConnectionGuard(self.active_connections.clone())
+    }
+}
+
+/// Decrements `dstack_kms_active_connections` on drop.
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,145 @@
+//! The KMS RPC listener: TLS with optional client certificates (RA-TLS), HTTP/1.1 on top.
+//!
+//! Client certificates are requested but not required, so GetTempCaCert, GetMeta and
+//! GetAppEnvEncryptPubKey work without one; a presented certificate must chain to the temp CA.
+//! Each connection's client certificate is attached to its requests as [`PeerCert`]. A failed
+//! handshake is counted and logged as `RA-TLS handshake failed`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::dispatch::PeerCert;
+use super::metrics::KmsMetrics;
+use super::root::KmsKeys;
+use crate::runtime::Task;
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("KMS TLS configuration: {0}")]
+pub struct TlsError(String);
+
+/// Builds the server TLS configuration from the KMS key material.
+pub fn tls_config(keys: &KmsKeys) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let err = |e: &dyn std::fmt::Display| TlsError(e.to_string());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain: Vec<CertificateDer<'static>> =
+        [keys.rpc_cert_pem.as_bytes(), keys.root_ca_pem.as_bytes()]
+            .into_iter()
+            .map(|pem| CertificateDer::from_pem_slice(pem).map_err(|e| err(&e)))
+            .collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(keys.rpc_key_pem.as_bytes()).map_err(|e| err(&e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(keys.tmp_ca_pem.as_bytes()).map_err(|e| err(&e))?)
+        .map_err(|e| err(&e))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| err(&e))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(&e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| err(&e))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Serves the KMS router over TLS as a supervised task.
+pub struct RpcServer {
+    /// The bound socket.
+    pub listener: TcpListener,
+    /// TLS configuration.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Routes (already hardened).
+    pub router: Router,
+    /// Metrics.
+    pub metrics: KmsMetrics,
+    /// Time a client has to finish the TLS handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Task for RpcServer {
+    fn name(&self) -> &'static str {
+        "api_listener"
+    }
+
+    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let acceptor = TlsAcceptor::from(self.tls);
+        let connections = TaskTracker::new();
+        loop {
+            let (tcp, peer_addr) = tokio::select! {
+                () = cancel.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of fds and the like: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed on the KMS listener");
+                        tokio::select! {
+                            () = cancel.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        }
+                    }
+                },
+            };
+            let acceptor = acceptor.clone();
+            let router = self.router.clone();
+            let metrics = self.metrics.clone();
+            let cancel = cancel.clone();
+            let timeout = self.handshake_timeout;
+            connections.spawn(async move {
+                let _open = metrics.connection();
+                let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        metrics.handshake(false);
+                        tracing::warn!(peer = %peer_addr, error = %e, "RA-TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics.handshake(false);
+                        tracing::warn!(peer = %peer_addr, error = "handshake timed out", "RA-TLS handshake failed");
+                        return;
+                    }
+                };
+                metrics.handshake(true);
+                let peer = PeerCert(
+                    tls.get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| Arc::new(c.to_vec())),
+                );
+                let service = TowerToHyperService::new(router.layer(axum::Extension(peer)));
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    res = conn.as_mut() => {
+                        if let Err(e) = res {
+                            tracing::debug!(peer = %peer_addr, error = %e, "KMS connection ended with an error");
+                        }
+                    }
+                    () = cancel.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            });
+        }
+        connections.close();
+        connections.wait().await;
+        Ok(())
+    }
+}

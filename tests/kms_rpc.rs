@@ -1,0 +1,300 @@
+//! The KMS RPC over real TLS on loopback, driven like a dstack guest: temp CA → own RA-TLS
+//! certificate with a test-PKI quote → GetAppKey. Authorization through an in-test auth server
+//! speaking upstream's webhook API.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Keywarden, free_addr, http, https, https_with_identity};
+use keywarden::attestation::testpki::{GuestSpec, TestPki};
+use keywarden::kms::keys::AppKeys;
+use keywarden::kms::proto;
+use prost::Message as _;
+
+const ALLOWED_APP: [u8; 20] = [0xa1; 20];
+const DENIED_APP: [u8; 20] = [0xd1; 20];
+
+fn guest(app_id: [u8; 20]) -> GuestSpec {
+    GuestSpec {
+        app_id,
+        compose_hash: [0xc0; 32],
+        instance_id: vec![0x1d; 20],
+        key_provider: br#"{"name":"kms","id":"00"}"#.to_vec(),
+        mr_td: [0x11; 48],
+        rtmr0_2: [[0x22; 48], [0x33; 48], [0x44; 48]],
+        debug: false,
+    }
+}
+
+/// An auth server allowing only `ALLOWED_APP`; counts calls.
+async fn auth_server(calls: Arc<std::sync::atomic::AtomicUsize>) -> std::net::SocketAddr {
+    let addr = free_addr();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let app = axum::Router::new().route(
+        "/bootAuth/app",
+        axum::routing::post(move |axum::Json(boot): axum::Json<serde_json::Value>| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let allowed = boot["appId"] == hex::encode(ALLOWED_APP);
+                assert_eq!(boot["composeHash"], hex::encode([0xc0; 32]));
+                axum::Json(serde_json::json!({
+                    "isAllowed": allowed,
+                    "gatewayAppId": "gw-app",
+                    "reason": if allowed { "" } else { "Compose hash not allowed" },
+                }))
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// Starts keywarden trusting a fresh test PKI; returns (process, pki).
+fn start(dir: &Path, env: &[(&str, &str)]) -> (Keywarden, TestPki) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let pki = TestPki::generate(now - 60).unwrap();
+    let pki_dir = dir.join("pki");
+    pki.save(&pki_dir).unwrap();
+    let kw = Keywarden::start(
+        &dir.join("data"),
+        &["--insecure-test-pki", pki_dir.to_str().unwrap()],
+        env,
+    );
+    (kw, pki)
+}
+
+async fn post_json(
+    client: &reqwest::Client,
+    url: String,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = client.post(url).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// The guest flow: temp CA, then an RA-TLS identity for `spec`.
+async fn guest_identity(kw: &Keywarden, data: &Path, pki: &TestPki, spec: &GuestSpec) -> String {
+    let (status, temp) = post_json(
+        &https(data),
+        format!("{}/prpc/KMS.GetTempCaCert?json", kw.api_url()),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{temp}");
+    let ca_pem = temp["temp_ca_cert"].as_str().unwrap();
+    let ca_der = pem::parse(ca_pem).unwrap().into_contents();
+    let ca_key = rcgen::KeyPair::from_pem(temp["temp_ca_key"].as_str().unwrap()).unwrap();
+    let cert = pki.guest_cert(spec, Some((&ca_der, &ca_key))).unwrap();
+    format!("{}{}", cert.cert_pem, cert.key_pem)
+}
+
+async fn metrics(kw: &Keywarden) -> String {
+    http()
+        .get(format!("http://{}/metrics", kw.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let auth = auth_server(calls.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let auth_url = format!("http://{auth}");
+    let (mut kw, pki) = start(
+        dir.path(),
+        &[
+            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
+            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth_url),
+        ],
+    );
+    kw.wait_ready().await;
+    let url = |m: &str| format!("{}/prpc/{m}?json", kw.api_url());
+    let vm_config = serde_json::json!({"os_image_hash": hex::encode([0x05; 32])}).to_string();
+    let request = serde_json::json!({"api_version": 1, "vm_config": vm_config});
+
+    // Allowed boot: keys equal the derivation from the root keys on disk.
+    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
+    let client = https_with_identity(&data, Some(&identity));
+    let (status, keys) = post_json(&client, url("KMS.GetAppKey"), request.clone()).await;
+    assert_eq!(status, 200, "{keys}");
+    let root = keywarden::kms::root::load_existing(&data, &Default::default()).unwrap();
+    let expected = AppKeys::derive(&root.root, &ALLOWED_APP, &[0x1d; 20]).unwrap();
+    assert_eq!(keys["disk_crypt_key"], hex::encode(expected.disk_crypt_key));
+    assert_eq!(keys["env_crypt_key"], hex::encode(expected.env_crypt_key));
+    assert_eq!(keys["k256_key"], hex::encode(expected.k256_key));
+    assert_eq!(keys["k256_signature"], hex::encode(expected.k256_signature));
+    assert_eq!(keys["gateway_app_id"], "gw-app");
+    assert_eq!(keys["os_image_hash"], hex::encode([0x05; 32]));
+    assert_eq!(keys["ca_cert"], root.root_ca_pem);
+    // The same method without the `KMS.` prefix.
+    let (status, _) = post_json(&client, url("GetAppKey"), request.clone()).await;
+    assert_eq!(status, 200);
+
+    // Not authorized: the webhook's reason comes back.
+    let identity = guest_identity(&kw, &data, &pki, &guest(DENIED_APP)).await;
+    let denied = https_with_identity(&data, Some(&identity));
+    let (status, err) = post_json(&denied, url("KMS.GetAppKey"), request.clone()).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        err["error"],
+        "App not allowed: Boot denied: Compose hash not allowed"
+    );
+
+    // No client certificate.
+    let (status, err) = post_json(&https(&data), url("KMS.GetAppKey"), request.clone()).await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"], "No attestation provided");
+
+    // A debug TD is refused by attestation policy before anyone is asked.
+    let before = calls.load(std::sync::atomic::Ordering::SeqCst);
+    let identity = guest_identity(
+        &kw,
+        &data,
+        &pki,
+        &GuestSpec {
+            debug: true,
+            ..guest(ALLOWED_APP)
+        },
+    )
+    .await;
+    let debug = https_with_identity(&data, Some(&identity));
+    let (status, err) = post_json(&debug, url("KMS.GetAppKey"), request.clone()).await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"], "attestation verification failed: debug_td");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), before);
+
+    // Bad input: unparsable JSON and an unknown method.
+    let (status, err) = post_json(
+        &client,
+        url("KMS.GetAppKey"),
+        serde_json::json!({"api_version": "x"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid JSON request"),
+        "{err}"
+    );
+    let (status, _) = post_json(&client, url("KMS.Nope"), serde_json::json!({})).await;
+    assert_eq!(status, 400);
+
+    // Env-encryption public key needs no client certificate; protobuf body by default.
+    let body = proto::AppId {
+        app_id: ALLOWED_APP.to_vec(),
+    }
+    .encode_to_vec();
+    let r = https(&data)
+        .post(format!("{}/prpc/KMS.GetAppEnvEncryptPubKey", kw.api_url()))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let pk = proto::PublicKeyResponse::decode(r.bytes().await.unwrap()).unwrap();
+    let x =
+        x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(expected.env_crypt_key));
+    assert_eq!(pk.public_key, x.to_bytes());
+
+    // GetMeta over protobuf.
+    let r = https(&data)
+        .post(format!("{}/prpc/KMS.GetMeta", kw.api_url()))
+        .send()
+        .await
+        .unwrap();
+    let meta = proto::GetMetaResponse::decode(r.bytes().await.unwrap()).unwrap();
+    assert_eq!(meta.ca_cert, root.root_ca_pem);
+    assert_eq!(meta.k256_pubkey.len(), 33);
+
+    let text = metrics(&kw).await;
+    for needle in [
+        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"ok\",reason=\"none\"} 2",
+        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"not_authorized\"} 1",
+        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"no_attestation\"} 1",
+        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"attestation_rejected\"} 1",
+        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"bad_request\"} 1",
+        "dstack_kms_attestation_verifications_total{tee=\"tdx\",result=\"rejected\",reason=\"debug_td\"} 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle}\n{text}");
+    }
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+    let lines = kw.lines();
+    for message in [
+        "\"key dispatched\"",
+        "\"measurement not authorized\"",
+        "\"attestation verification failed\"",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(message)),
+            "no {message} line"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_backend_without_a_mirror_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut kw, pki) = start(dir.path(), &[]);
+    kw.wait_ready().await;
+    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
+    let client = https_with_identity(&data, Some(&identity));
+    let (status, err) = post_json(
+        &client,
+        format!("{}/prpc/KMS.GetAppKey?json", kw.api_url()),
+        serde_json::json!({"api_version": 1, "vm_config": "{}"}),
+    )
+    .await;
+    assert_eq!(status, 503, "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("no chain mirror"),
+        "{err}"
+    );
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_on_the_kms_port_is_a_counted_handshake_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut kw, _pki) = start(dir.path(), &[]);
+    kw.wait_ready().await;
+    assert!(
+        http()
+            .get(format!("http://{}/health", kw.api))
+            .send()
+            .await
+            .is_err()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = metrics(&kw).await;
+        if text.contains("dstack_kms_ratls_handshakes_total{outcome=\"failed\"} 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+    assert!(
+        kw.lines()
+            .iter()
+            .any(|l| l.contains("\"RA-TLS handshake failed\""))
+    );
+}
