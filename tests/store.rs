@@ -172,3 +172,46 @@ on_both_backends!(collateral_cache_round_trips_and_replaces, |open| {
     assert!(s.get("00906ED50000", "platform").await.unwrap().is_some());
     s.close().await;
 });
+
+on_both_backends!(boot_records_count_boots_and_measurement_sets, |open| {
+    use keywarden::store::BootObservation;
+    let s = open().await.unwrap();
+    let obs = |at: i64, compose: &str| BootObservation {
+        app_id: "aa".repeat(20),
+        instance_id: "bb".repeat(20),
+        at,
+        mr_aggregated: "cc".repeat(32),
+        compose_hash: compose.to_owned(),
+        os_image_hash: "dd".repeat(32),
+        device_id: "ee".repeat(32),
+    };
+    assert!(
+        s.boot_record(&"aa".repeat(20), &"bb".repeat(20))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let first = s.record_boot(&obs(100, "01")).await.unwrap();
+    assert_eq!(
+        (first.first_boot, first.last_boot, first.boot_count),
+        (100, 100, 1)
+    );
+    let second = s.record_boot(&obs(200, "02")).await.unwrap();
+    assert_eq!(
+        (second.first_boot, second.last_boot, second.boot_count),
+        (100, 200, 2)
+    );
+    // Concurrent boots of the same instance are all counted.
+    let (o3, o4) = (obs(300, "02"), obs(301, "02"));
+    let (a, b) = tokio::join!(s.record_boot(&o3), s.record_boot(&o4));
+    a.unwrap();
+    b.unwrap();
+    let rec = s
+        .boot_record(&"aa".repeat(20), &"bb".repeat(20))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.boot_count, 4);
+    assert_eq!(rec.first_boot, 100);
+    s.close().await;
+});

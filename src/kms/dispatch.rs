@@ -28,7 +28,7 @@ use super::root::KmsKeys;
 use crate::attestation::collateral::CollateralProvider;
 use crate::attestation::testpki::{TEST_FMSPC, TestPki};
 use crate::attestation::{AttestationError, AttestationMetrics, Platform, Verifier, tdx};
-use crate::store::Store;
+use crate::store::{BootObservation, Store};
 
 /// The peer's client certificate (DER), attached to each request of a TLS connection.
 #[derive(Debug, Clone, Default)]
@@ -260,7 +260,33 @@ impl KmsRpc {
         }
         let keys = AppKeys::derive(&self.0.keys.root, &boot.app_id, &boot.instance_id)
             .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
+        // No record, no keys: the boot record is what governance and CVM health rely on.
+        let record = self
+            .0
+            .store
+            .record_boot(&BootObservation {
+                app_id: hex::encode(&boot.app_id),
+                instance_id: hex::encode(&boot.instance_id),
+                at: i64::try_from(now).unwrap_or(i64::MAX),
+                mr_aggregated: hex::encode(&boot.mr_aggregated),
+                compose_hash: hex::encode(&boot.compose_hash),
+                os_image_hash: hex::encode(&boot.os_image_hash),
+                device_id: hex::encode(&boot.device_id),
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "boot record could not be written; keys withheld");
+                Refused::new(Refusal::Internal, "could not record the key release")
+            })?;
+        if record.boot_count == 1 {
+            tracing::info!(
+                app_id = %hex::encode(&boot.app_id),
+                instance_id = %hex::encode(&boot.instance_id),
+                "CVM deployed"
+            );
+        }
         tracing::info!(
+            boot_count = record.boot_count,
             app_id = %hex::encode(&boot.app_id),
             instance_id = %hex::encode(&boot.instance_id),
             compose_hash = %hex::encode(&boot.compose_hash),

@@ -6,8 +6,10 @@
 //! code for each pool type. Check-then-write steps run inside one write transaction (`BEGIN
 //! IMMEDIATE` on SQLite so concurrent writers serialize instead of failing on upgrade).
 //! Other modules' tables are served from child modules here (`collateral`: the TDX collateral
-//! cache behind `attestation::collateral::CollateralCache`), so the backend stays private.
+//! cache behind `attestation::collateral::CollateralCache`; `boots`: the KMS's boot records), so
+//! the backend stays private.
 
+mod boots;
 mod collateral;
 
 use std::path::Path;
@@ -16,6 +18,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::Row;
+
+pub use boots::{BootObservation, BootRecord};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,

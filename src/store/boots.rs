@@ -1,0 +1,106 @@
+//! Boot records: what the KMS learns from every key release (spec/07 §1), written in the same
+//! transaction for the instance row and the served-measurement row.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{Backend, Store, StoreError, on_backend, write_tx};
+
+/// One key release to record. Byte fields are lowercase hex.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootObservation {
+    /// App id.
+    pub app_id: String,
+    /// Instance id (empty when the app has none).
+    pub instance_id: String,
+    /// Unix seconds.
+    pub at: i64,
+    /// Aggregated measurement.
+    pub mr_aggregated: String,
+    /// Compose hash.
+    pub compose_hash: String,
+    /// OS image hash.
+    pub os_image_hash: String,
+    /// Device id.
+    pub device_id: String,
+}
+
+/// An instance's record after a boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BootRecord {
+    /// First boot (unix seconds).
+    pub first_boot: i64,
+    /// Latest boot (unix seconds).
+    pub last_boot: i64,
+    /// Boots seen, including this one.
+    pub boot_count: i64,
+}
+
+impl Store {
+    /// Records a key release: bumps the instance's record and the served measurement set, in one
+    /// transaction. Returns the instance's record (boot_count 1 means a newly deployed CVM).
+    pub async fn record_boot(&self, b: &BootObservation) -> Result<BootRecord, StoreError> {
+        Ok(write_tx!(self, tx => {
+            sqlx::query(
+                "INSERT INTO boot_records (app_id, instance_id, first_boot, last_boot, boot_count, mr_aggregated, compose_hash, os_image_hash, device_id) \
+                 VALUES ($1, $2, $3, $3, 1, $4, $5, $6, $7) \
+                 ON CONFLICT (app_id, instance_id) DO UPDATE SET last_boot = excluded.last_boot, boot_count = boot_records.boot_count + 1, \
+                 mr_aggregated = excluded.mr_aggregated, compose_hash = excluded.compose_hash, os_image_hash = excluded.os_image_hash, device_id = excluded.device_id",
+            )
+            .bind(&b.app_id)
+            .bind(&b.instance_id)
+            .bind(b.at)
+            .bind(&b.mr_aggregated)
+            .bind(&b.compose_hash)
+            .bind(&b.os_image_hash)
+            .bind(&b.device_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO served_measurements (app_id, instance_id, mr_aggregated, compose_hash, os_image_hash, device_id, first_served, last_served, times_served) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, 1) \
+                 ON CONFLICT (app_id, instance_id, mr_aggregated, compose_hash, os_image_hash, device_id) \
+                 DO UPDATE SET last_served = excluded.last_served, times_served = served_measurements.times_served + 1",
+            )
+            .bind(&b.app_id)
+            .bind(&b.instance_id)
+            .bind(&b.mr_aggregated)
+            .bind(&b.compose_hash)
+            .bind(&b.os_image_hash)
+            .bind(&b.device_id)
+            .bind(b.at)
+            .execute(&mut *tx)
+            .await?;
+            let row = sqlx::query("SELECT first_boot, last_boot, boot_count FROM boot_records WHERE app_id = $1 AND instance_id = $2")
+                .bind(&b.app_id)
+                .bind(&b.instance_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            BootRecord {
+                first_boot: row.try_get("first_boot")?,
+                last_boot: row.try_get("last_boot")?,
+                boot_count: row.try_get("boot_count")?,
+            }
+        }))
+    }
+
+    /// The record of one instance, if it ever received keys.
+    pub async fn boot_record(
+        &self,
+        app_id: &str,
+        instance_id: &str,
+    ) -> Result<Option<BootRecord>, StoreError> {
+        let row: Option<(i64, i64, i64)> = on_backend!(self, pool => {
+            sqlx::query_as("SELECT first_boot, last_boot, boot_count FROM boot_records WHERE app_id = $1 AND instance_id = $2")
+                .bind(app_id)
+                .bind(instance_id)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row.map(|(first_boot, last_boot, boot_count)| BootRecord {
+            first_boot,
+            last_boot,
+            boot_count,
+        }))
+    }
+}
