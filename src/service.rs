@@ -245,5 +245,13 @@ fn kms_rpc(
         attestation_metrics: metrics.attestation.clone(),
         store,
         chain: ChainMeta::default(),
+        max_concurrent: config.kms.max_concurrent_requests,
+        max_queued: config.kms.max_queued_requests,
+        canaries: config
+            .kms
+            .canary_app_ids
+            .iter()
+            .filter_map(|id| hex::decode(id.strip_prefix("0x").unwrap_or(id)).ok())
+            .collect(),
     }))
 }

@@ -17,6 +17,8 @@ use prost::Message as _;
 
 const ALLOWED_APP: [u8; 20] = [0xa1; 20];
 const DENIED_APP: [u8; 20] = [0xd1; 20];
+const SLOW_APP: [u8; 20] = [0x51; 20];
+const CANARY_APP: [u8; 20] = [0xca; 20];
 
 fn guest(app_id: [u8; 20]) -> GuestSpec {
     GuestSpec {
@@ -40,7 +42,10 @@ async fn auth_server(calls: Arc<std::sync::atomic::AtomicUsize>) -> std::net::So
             let calls = calls.clone();
             async move {
                 calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let allowed = boot["appId"] == hex::encode(ALLOWED_APP);
+                if boot["appId"] == hex::encode(SLOW_APP) {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                }
+                let allowed = boot["appId"] != hex::encode(DENIED_APP);
                 assert_eq!(boot["composeHash"], hex::encode([0xc0; 32]));
                 axum::Json(serde_json::json!({
                     "isAllowed": allowed,
@@ -115,11 +120,13 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let auth_url = format!("http://{auth}");
+    let canaries = format!("[\"{}\"]", hex::encode(CANARY_APP));
     let (mut kw, pki) = start(
         dir.path(),
         &[
             ("KEYWARDEN_AUTH__BACKEND", "webhook"),
             ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth_url),
+            ("KEYWARDEN_KMS__CANARY_APP_IDS", &canaries),
         ],
     );
     kw.wait_ready().await;
@@ -153,6 +160,18 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
     assert_eq!(
         err["error"],
         "App not allowed: Boot denied: Compose hash not allowed"
+    );
+
+    // A canary app id never gets keys, even though the auth server would allow it.
+    let before = calls.load(std::sync::atomic::Ordering::SeqCst);
+    let identity = guest_identity(&kw, &data, &pki, &guest(CANARY_APP)).await;
+    let canary = https_with_identity(&data, Some(&identity));
+    let (status, err) = post_json(&canary, url("KMS.GetAppKey"), request.clone()).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "refused before authorization"
     );
 
     // No client certificate.
@@ -231,6 +250,8 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"attestation_rejected\"} 1",
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"bad_request\"} 1",
         "dstack_kms_attestation_verifications_total{tee=\"tdx\",result=\"rejected\",reason=\"debug_td\"} 1",
+        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"canary\"} 1",
+        "dstack_kms_canary_requests_total 1",
     ] {
         assert!(text.contains(needle), "missing {needle}\n{text}");
     }
@@ -240,12 +261,52 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
         "\"key dispatched\"",
         "\"measurement not authorized\"",
         "\"attestation verification failed\"",
+        "\"CVM deployed\"",
+        "\"canary app id requested keys: security incident\"",
     ] {
         assert!(
             lines.iter().any(|l| l.contains(message)),
             "no {message} line"
         );
     }
+
+    // Both releases to the allowed instance are recorded; refused requests are not.
+    let store = keywarden::store::Store::open(
+        &keywarden::config::StorageConfig::default(),
+        &keywarden::config::DatabaseTarget::Sqlite(data.join("keywarden.db")),
+    )
+    .await
+    .unwrap();
+    let instance = hex::encode([0x1d; 20]);
+    let rec = store
+        .boot_record(&hex::encode(ALLOWED_APP), &instance)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.boot_count, 2);
+    for refused in [DENIED_APP, CANARY_APP] {
+        assert!(
+            store
+                .boot_record(&hex::encode(refused), &instance)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    let audit = store.recent_audit(50).await.unwrap();
+    let outcomes: Vec<&str> = audit
+        .iter()
+        .filter(|r| r.kind == "key_request")
+        .map(|r| r.outcome.as_str())
+        .collect();
+    for (outcome, n) in [("ok", 2), ("refused", 1), ("security_incident", 1)] {
+        assert_eq!(
+            outcomes.iter().filter(|o| **o == outcome).count(),
+            n,
+            "{outcome}: {outcomes:?}"
+        );
+    }
+    store.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,4 +358,66 @@ async fn plain_http_on_the_kms_port_is_a_counted_handshake_failure() {
             .iter()
             .any(|l| l.contains("\"RA-TLS handshake failed\""))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_queue_requests_get_a_fast_503() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let auth = auth_server(calls.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let auth_url = format!("http://{auth}");
+    let (mut kw, pki) = start(
+        dir.path(),
+        &[
+            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
+            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth_url),
+            ("KEYWARDEN_KMS__MAX_CONCURRENT_REQUESTS", "1"),
+            ("KEYWARDEN_KMS__MAX_QUEUED_REQUESTS", "0"),
+        ],
+    );
+    kw.wait_ready().await;
+    let identity = guest_identity(&kw, &data, &pki, &guest(SLOW_APP)).await;
+    let slow = https_with_identity(&data, Some(&identity));
+    let url = format!("{}/prpc/KMS.GetAppKey?json", kw.api_url());
+    let body = serde_json::json!({"api_version": 1, "vm_config": "{}"});
+    let holder = tokio::spawn({
+        let (slow, url, body) = (slow.clone(), url.clone(), body.clone());
+        async move { post_json(&slow, url, body).await }
+    });
+    // Wait until the slow request holds the only slot (it is at the auth server).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while calls.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slow request never reached the auth server"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = std::time::Instant::now();
+    let (status, err) = post_json(
+        &https(&data),
+        format!("{}/prpc/KMS.GetMeta?json", kw.api_url()),
+        serde_json::json!({}),
+    )
+    .await;
+    let waited = started.elapsed();
+    assert_eq!(status, 503, "{err}");
+    assert!(
+        waited < Duration::from_millis(500),
+        "overload must be answered at once, took {waited:?}"
+    );
+    // /health stays outside the limit.
+    let health = https(&data)
+        .get(format!("{}/health", kw.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let (status, _) = holder.await.unwrap();
+    assert_eq!(status, 200);
+    let text = metrics(&kw).await;
+    assert!(text.contains("dstack_kms_queue_rejected_total 1"), "{text}");
+    assert!(text.contains("dstack_kms_concurrency_limit 1"), "{text}");
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
 }

@@ -187,10 +187,19 @@ async fn admin_api_requires_the_token_and_audits_refusals() {
     let token_file = dir.path().join("admin-token");
     std::fs::write(&token_file, "correct horse\n").unwrap();
     let token_ref = format!("file:{}", token_file.display());
+    let audit_file = dir.path().join("audit.jsonl");
     let mut kw = Keywarden::start(
         &dir.path().join("data"),
         &[],
-        &[("KEYWARDEN_ADMIN__TOKEN", &token_ref)],
+        &[
+            ("KEYWARDEN_ADMIN__TOKEN", &token_ref),
+            (
+                "KEYWARDEN_TELEMETRY__AUDIT_FILE",
+                audit_file.to_str().unwrap(),
+            ),
+            // RUST_LOG overrides the configured level: only warnings reach stdout.
+            ("RUST_LOG", "warn"),
+        ],
     );
     kw.wait_ready().await;
     let client = http();
@@ -257,6 +266,39 @@ async fn admin_api_requires_the_token_and_audits_refusals() {
         .unwrap();
     assert_eq!(bad_limit.status(), 400);
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+
+    // The audit target is routed to its own file as JSON lines.
+    let audit_lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        audit_lines.iter().all(|v| v["target"] == "audit"),
+        "{audit_lines:?}"
+    );
+    let kinds: Vec<&str> = audit_lines
+        .iter()
+        .filter_map(|v| v["fields"]["kind"].as_str())
+        .collect();
+    for kind in ["service_start", "service_stop", "kms_keys_created"] {
+        assert!(kinds.contains(&kind), "{kind}: {kinds:?}");
+    }
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "admin_auth").count(),
+        2,
+        "{kinds:?}"
+    );
+    // With RUST_LOG=warn no info line reached stdout, but the refusals (warnings) did.
+    let lines = kw.lines();
+    assert!(
+        !lines.iter().any(|l| l.contains("\"level\":\"INFO\"")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("admin request refused")),
+        "{lines:?}"
+    );
 }
 
 /// Asserts a one-line error on stderr with a fix and no panic/backtrace.

@@ -97,6 +97,8 @@ pub struct ChainMeta {
 pub struct KmsRpc(Arc<Inner>);
 
 struct Inner {
+    limiter: Limiter,
+    canaries: Vec<Vec<u8>>,
     keys: KmsKeys,
     verifier: Verifier,
     collateral: CollateralSource,
@@ -125,6 +127,58 @@ pub struct KmsRpcParts {
     pub store: Store,
     /// Chain facts for GetMeta.
     pub chain: ChainMeta,
+    /// Requests processed at once.
+    pub max_concurrent: usize,
+    /// Requests allowed to wait.
+    pub max_queued: usize,
+    /// App ids that must never receive keys (20 bytes each).
+    pub canaries: Vec<Vec<u8>>,
+}
+
+/// Bounds the work in progress: `max_concurrent` requests run, up to `max_queued` wait, the rest
+/// are refused at once (so an overload answers fast instead of piling up).
+struct Limiter {
+    slots: Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_queued: usize,
+}
+
+impl Limiter {
+    async fn enter(
+        &self,
+        metrics: &KmsMetrics,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Refused> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        use std::sync::atomic::Ordering;
+        let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _leave = scopeguard_dec(&self.waiting);
+        if queued >= self.max_queued {
+            metrics.queue_rejected();
+            return Err(Refused::new(
+                Refusal::Overloaded,
+                "KMS overloaded; retry later",
+            ));
+        }
+        let _depth = metrics.queued();
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Refused::new(Refusal::Internal, "KMS is shutting down"))
+    }
+}
+
+/// Decrements the counter when dropped.
+fn scopeguard_dec(counter: &std::sync::atomic::AtomicUsize) -> impl Drop + '_ {
+    struct Dec<'a>(&'a std::sync::atomic::AtomicUsize);
+    impl Drop for Dec<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+    Dec(counter)
 }
 
 fn now_secs() -> u64 {
@@ -136,7 +190,14 @@ fn now_secs() -> u64 {
 impl KmsRpc {
     /// Assembles the RPC state.
     pub fn new(p: KmsRpcParts) -> Self {
+        p.metrics.set_concurrency_limit(p.max_concurrent);
         Self(Arc::new(Inner {
+            limiter: Limiter {
+                slots: Arc::new(tokio::sync::Semaphore::new(p.max_concurrent)),
+                waiting: std::sync::atomic::AtomicUsize::new(0),
+                max_queued: p.max_queued,
+            },
+            canaries: p.canaries,
             keys: p.keys,
             verifier: p.verifier,
             collateral: p.collateral,
@@ -230,6 +291,20 @@ impl KmsRpc {
             )
         })?;
         let boot = verified.boot_info;
+        if self.0.canaries.contains(&boot.app_id) {
+            self.0.metrics.canary();
+            tracing::error!(
+                app_id = %hex::encode(&boot.app_id),
+                instance_id = %hex::encode(&boot.instance_id),
+                "canary app id requested keys: security incident"
+            );
+            self.audit_key_request(&boot, "security_incident", "canary app id")
+                .await;
+            return Err(Refused::new(
+                Refusal::Canary,
+                "App not allowed: Boot denied",
+            ));
+        }
         let decision = self
             .0
             .authorizer
@@ -404,7 +479,9 @@ fn encode<T: Message + Serialize>(enc: Encoding, value: &T) -> Response {
 
 fn refusal_response(enc: Encoding, r: &Refused) -> Response {
     let status = match r.reason {
-        Refusal::AuthUnavailable | Refusal::ChainStateStale => StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::AuthUnavailable | Refusal::ChainStateStale | Refusal::Overloaded => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     };
@@ -445,6 +522,7 @@ async fn prpc(
     let peer = peer.map(|axum::Extension(p)| p).unwrap_or_default();
     let span = tracing::info_span!("kms.rpc", method = method.as_str());
     let result: Result<Response, Refused> = async {
+        let _slot = rpc.0.limiter.enter(&rpc.0.metrics).await?;
         match method {
             Method::GetTempCaCert => Ok(encode(enc, &rpc.temp_ca())),
             Method::GetMeta => Ok(encode(enc, &rpc.meta()?)),

@@ -78,6 +78,10 @@ pub enum Refusal {
     AuthUnavailable,
     /// The on-chain state is too old to answer.
     ChainStateStale,
+    /// The app id is a canary: it must never receive keys.
+    Canary,
+    /// Too many requests waiting.
+    Overloaded,
     /// Malformed request.
     BadRequest,
     /// The method is not offered.
@@ -95,6 +99,8 @@ impl Refusal {
             Self::NotAuthorized => "not_authorized",
             Self::AuthUnavailable => "auth_unavailable",
             Self::ChainStateStale => "chain_state_stale",
+            Self::Canary => "canary",
+            Self::Overloaded => "overloaded",
             Self::BadRequest => "bad_request",
             Self::Unsupported => "unsupported",
             Self::Internal => "internal",
@@ -147,6 +153,10 @@ pub struct KmsMetrics {
     duration: Family<MethodLabels, Histogram>,
     handshakes: Family<HandshakeLabels, Counter>,
     active_connections: Gauge,
+    queue_rejected: Counter,
+    queue_depth: Gauge,
+    concurrency_limit: Gauge,
+    canary_requests: Counter,
 }
 
 impl KmsMetrics {
@@ -160,7 +170,31 @@ impl KmsMetrics {
             }),
             handshakes: Family::default(),
             active_connections: Gauge::default(),
+            queue_rejected: Counter::default(),
+            queue_depth: Gauge::default(),
+            concurrency_limit: Gauge::default(),
+            canary_requests: Counter::default(),
         };
+        registry.register(
+            "dstack_kms_queue_rejected",
+            "KMS requests answered 503 at once because the wait queue was full",
+            m.queue_rejected.clone(),
+        );
+        registry.register(
+            "dstack_kms_queue_depth",
+            "KMS requests waiting for a processing slot",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "dstack_kms_concurrency_limit",
+            "KMS requests processed at once (configured)",
+            m.concurrency_limit.clone(),
+        );
+        registry.register(
+            "dstack_kms_canary_requests",
+            "Requests from canary app ids (each one is a security incident)",
+            m.canary_requests.clone(),
+        );
         registry.register(
             "dstack_kms_requests",
             "KMS RPC requests by method, outcome (ok|refused) and refusal reason",
@@ -221,6 +255,28 @@ impl KmsMetrics {
             .inc();
     }
 
+    /// Counts a request refused because the queue was full.
+    pub fn queue_rejected(&self) {
+        self.queue_rejected.inc();
+    }
+
+    /// Tracks a waiting request until the guard drops.
+    pub fn queued(&self) -> ConnectionGuard {
+        self.queue_depth.inc();
+        ConnectionGuard(self.queue_depth.clone())
+    }
+
+    /// Records the configured concurrency limit.
+    pub fn set_concurrency_limit(&self, n: usize) {
+        self.concurrency_limit
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a canary request.
+    pub fn canary(&self) {
+        self.canary_requests.inc();
+    }
+
     /// Tracks an open connection until the guard drops.
     pub fn connection(&self) -> ConnectionGuard {
         self.active_connections.inc();
@@ -228,7 +284,7 @@ impl KmsMetrics {
     }
 }
 
-/// Decrements `dstack_kms_active_connections` on drop.
+/// Decrements a gauge (open connections, queue depth) on drop.
 pub struct ConnectionGuard(Gauge);
 
 impl Drop for ConnectionGuard {

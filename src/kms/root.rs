@@ -40,6 +40,13 @@ pub struct KmsConfig {
     pub domains: Vec<String>,
     /// Secret (`env:VAR` / `file:PATH`) under which key files are encrypted at rest.
     pub key_encryption_key: Option<SecretRef>,
+    /// KMS requests processed at once; more wait in the queue.
+    pub max_concurrent_requests: usize,
+    /// Requests allowed to wait for a slot; beyond it, requests are answered 503 at once.
+    pub max_queued_requests: usize,
+    /// App ids (hex, 20 bytes) that must never receive keys: a request from one is refused and
+    /// audited as a security incident.
+    pub canary_app_ids: Vec<String>,
 }
 
 impl Default for KmsConfig {
@@ -47,6 +54,9 @@ impl Default for KmsConfig {
         Self {
             domains: vec!["localhost".into()],
             key_encryption_key: None,
+            max_concurrent_requests: 32,
+            max_queued_requests: 256,
+            canary_app_ids: Vec::new(),
         }
     }
 }
