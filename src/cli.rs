@@ -35,6 +35,8 @@ pub enum Command {
     /// Verify attestation evidence.
     #[command(subcommand)]
     Attest(AttestCommand),
+    /// Drive GetAppKey at a KMS with simulated guests (test PKI) and report throughput and latency.
+    Loadgen(LoadgenArgs),
     /// KMS key material.
     #[command(subcommand)]
     Kms(KmsCommand),
@@ -56,6 +58,118 @@ pub enum KmsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Act as a dstack guest (test PKI): temp CA → own RA-TLS certificate → GetAppKey; prints
+    /// the keys received.
+    Client(ClientArgs),
+}
+
+/// Where a simulated guest connects and who it is.
+#[derive(Debug, Args)]
+pub struct GuestArgs {
+    /// KMS URL, e.g. https://localhost:8000.
+    #[arg(long, value_name = "URL")]
+    pub url: String,
+    /// Test attestation PKI directory (the KMS must trust it: `serve --insecure-test-pki DIR`).
+    #[arg(long, value_name = "DIR")]
+    pub test_pki: PathBuf,
+    /// KMS root CA certificate (PEM). Without it, the CA the KMS names is trusted on first use.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// App id (40 hex digits).
+    #[arg(
+        long,
+        value_name = "HEX",
+        default_value = "1111111111111111111111111111111111111111"
+    )]
+    pub app_id: String,
+    /// app-compose.json whose SHA-256 is the compose hash (default: an empty compose).
+    #[arg(long, value_name = "FILE")]
+    pub compose: Option<PathBuf>,
+    /// Instance id (40 hex digits; default: random).
+    #[arg(long, value_name = "HEX")]
+    pub instance_id: Option<String>,
+}
+
+/// `keywarden kms client`
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The guest.
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// vm_config JSON the host would pass (`os_image_hash`, ...).
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    pub vm_config: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `keywarden loadgen`
+#[derive(Debug, Args)]
+pub struct LoadgenArgs {
+    /// The guest.
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Concurrent workers.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Open a new TLS connection (full mutual handshake) for every request.
+    #[arg(long)]
+    pub new_connection_per_request: bool,
+    /// The KMS's /metrics URL, to report its resident memory during the run.
+    #[arg(long, value_name = "URL")]
+    pub metrics_url: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn failure(code: u8) -> impl Fn(&dyn std::fmt::Display) -> Failure {
+    move |e| Failure {
+        code,
+        message: e.to_string(),
+    }
+}
+
+/// Enrolls the simulated guest described by `args`.
+async fn enroll(args: &GuestArgs, fresh: bool) -> Result<crate::kms::client::Guest, Failure> {
+    let usage = failure(2);
+    let app_id: [u8; 20] = hex::decode(args.app_id.trim_start_matches("0x"))
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| usage(&"--app-id must be 40 hex digits"))?;
+    let compose = match &args.compose {
+        Some(p) => {
+            std::fs::read(p).map_err(|e| usage(&format!("--compose {}: {e}", p.display())))?
+        }
+        None => Vec::new(),
+    };
+    let instance_id = match &args.instance_id {
+        Some(h) => hex::decode(h.trim_start_matches("0x"))
+            .ok()
+            .filter(|v| v.len() == 20)
+            .ok_or_else(|| usage(&"--instance-id must be 40 hex digits"))?,
+        None => {
+            let mut id = vec![0u8; 20];
+            getrandom::fill(&mut id).map_err(|e| failure(1)(&e))?;
+            id
+        }
+    };
+    let ca = match &args.ca {
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|e| usage(&format!("--ca {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let pki = crate::attestation::testpki::TestPki::load(&args.test_pki)
+        .map_err(|e| usage(&format!("--test-pki {}: {e}", args.test_pki.display())))?;
+    let spec = crate::kms::client::guest_spec(app_id, &compose, instance_id);
+    crate::kms::client::Guest::enroll(&args.url, ca, &pki, &spec, fresh)
+        .await
+        .map_err(|e| failure(1)(&e))
 }
 
 /// `keywarden attest ...`
@@ -199,6 +313,46 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Kms(KmsCommand::Client(args)) => runtime()?.block_on(async {
+            let guest = enroll(&args.guest, false).await?;
+            let keys = guest
+                .get_app_key(&args.vm_config)
+                .await
+                .map_err(|e| failure(1)(&e))?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&keys).map_err(|e| failure(1)(&e))?
+                );
+            } else {
+                println!("disk_crypt_key  {}", hex::encode(&keys.disk_crypt_key));
+                println!("env_crypt_key   {}", hex::encode(&keys.env_crypt_key));
+                println!("k256_key        {}", hex::encode(&keys.k256_key));
+                println!("k256_signature  {}", hex::encode(&keys.k256_signature));
+                println!("gateway_app_id  {}", keys.gateway_app_id);
+                println!("os_image_hash   {}", hex::encode(&keys.os_image_hash));
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Loadgen(args) => runtime()?.block_on(async {
+            let guest = enroll(&args.guest, args.new_connection_per_request).await?;
+            let report = crate::kms::loadgen::run(
+                guest,
+                args.concurrency,
+                std::time::Duration::from_secs(args.duration),
+                args.metrics_url.clone(),
+            )
+            .await;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).map_err(|e| failure(1)(&e))?
+                );
+            } else {
+                print!("{report}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Attest(AttestCommand::Verify(args)) => {
             Ok(crate::attestation::cli::run_verify(&args))
         }

@@ -421,3 +421,98 @@ async fn beyond_the_queue_requests_get_a_fast_503() {
     assert!(text.contains("dstack_kms_concurrency_limit 1"), "{text}");
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_client_and_loadgen_get_keys_like_a_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut kw, _pki) = start(
+        dir.path(),
+        &[
+            ("KEYWARDEN_AUTH__BACKEND", "dev"),
+            ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
+        ],
+    );
+    kw.wait_ready().await;
+    let pki_dir = dir.path().join("pki");
+    let ca = data.join("kms/root-ca.pem");
+    let url = kw.api_url();
+    let app = hex::encode(ALLOWED_APP);
+    let instance = hex::encode([0x1d; 20]);
+    let (code, out, err) = common::run_to_end(
+        &[
+            "kms",
+            "client",
+            "--url",
+            &url,
+            "--test-pki",
+            pki_dir.to_str().unwrap(),
+            "--ca",
+            ca.to_str().unwrap(),
+            "--app-id",
+            &app,
+            "--instance-id",
+            &instance,
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let keys: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let root = keywarden::kms::root::load_existing(&data, &Default::default()).unwrap();
+    let expected = AppKeys::derive(&root.root, &ALLOWED_APP, &[0x1d; 20]).unwrap();
+    assert_eq!(keys["disk_crypt_key"], hex::encode(expected.disk_crypt_key));
+    assert_eq!(keys["k256_signature"], hex::encode(expected.k256_signature));
+
+    let metrics_url = format!("http://{}/metrics", kw.metrics);
+    let (code, out, err) = common::run_to_end(
+        &[
+            "loadgen",
+            "--url",
+            &url,
+            "--test-pki",
+            pki_dir.to_str().unwrap(),
+            "--concurrency",
+            "2",
+            "--duration",
+            "1",
+            "--new-connection-per-request",
+            "--metrics-url",
+            &metrics_url,
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(report["ok"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    assert!(report["ok_latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(
+        report["server_rss_bytes"][1].as_i64().unwrap() > 0,
+        "{report}"
+    );
+
+    // A wrong CA: the guest refuses to talk to a KMS it cannot authenticate.
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = TestPki::generate(1_700_000_000).unwrap();
+    other_pki.save(other.path()).unwrap();
+    let (code, _, err) = common::run_to_end(
+        &[
+            "kms",
+            "client",
+            "--url",
+            &url,
+            "--test-pki",
+            pki_dir.to_str().unwrap(),
+            "--ca",
+            other.path().join("root_ca.pem").to_str().unwrap(),
+            "--app-id",
+            &app,
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach the KMS"), "{err}");
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}

@@ -8,8 +8,10 @@
 //! [`keys::AppKeys::derive`] → response and boot record.
 
 pub mod authz;
+pub mod client;
 pub mod dispatch;
 pub mod keys;
+pub mod loadgen;
 pub mod metrics;
 pub mod proto;
 pub mod root;

@@ -1,0 +1,195 @@
+//! A dstack guest, simulated with the test attestation PKI: what `kms client`, `loadgen` and the
+//! demo use to talk to a KMS exactly as a CVM does.
+//!
+//! Flow: `GetTempCaCert` (no client certificate) → a fresh P-256 key and an RA-TLS certificate
+//! under the temp CA carrying a test-PKI TDX attestation that binds the key → mutual TLS →
+//! `GetAppKey`. The server certificate must chain to the KMS root CA (given, or learnt from the
+//! first answer) and carry the usage `kms:rpc`.
+
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+
+use super::proto;
+use crate::attestation::testpki::{GuestSpec, TestPki};
+
+/// Why the guest could not get its keys.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Transport failure (connect, TLS, timeout).
+    #[error("cannot reach the KMS at {url}: {reason}")]
+    Transport {
+        /// The KMS URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The KMS answered with an error.
+    #[error("KMS refused ({status}): {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The KMS's error message.
+        message: String,
+    },
+    /// The server certificate is not a KMS RPC certificate.
+    #[error("the server certificate is not a KMS RPC certificate: {0}")]
+    NotKms(String),
+    /// Local failure (test PKI, certificate building).
+    #[error("{0}")]
+    Local(String),
+}
+
+/// The identity of a simulated guest, from the command line.
+pub fn guest_spec(app_id: [u8; 20], compose: &[u8], instance_id: Vec<u8>) -> GuestSpec {
+    GuestSpec {
+        app_id,
+        compose_hash: Sha256::digest(compose).into(),
+        instance_id,
+        key_provider: br#"{"name":"kms","id":""}"#.to_vec(),
+        // Fixed, recognisable "OS image" measurements of the simulated guest.
+        mr_td: [0x7d; 48],
+        rtmr0_2: [[0x70; 48], [0x71; 48], [0x72; 48]],
+        debug: false,
+    }
+}
+
+/// A guest holding its RA-TLS identity, ready to ask for keys.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    url: String,
+    http: reqwest::Client,
+    /// Root CA the KMS's certificate chains to (PEM).
+    pub ca_pem: String,
+}
+
+fn transport(url: &str) -> impl Fn(reqwest::Error) -> ClientError + '_ {
+    move |e| ClientError::Transport {
+        url: url.to_owned(),
+        reason: flatten_error(&e),
+    }
+}
+
+fn flatten_error(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+async fn post_json<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+    method: &str,
+    body: &serde_json::Value,
+) -> Result<T, ClientError> {
+    let resp = http
+        .post(format!("{url}/prpc/KMS.{method}?json"))
+        .json(body)
+        .send()
+        .await
+        .map_err(transport(url))?;
+    decode(url, resp).await
+}
+
+/// The body of a 200 answer, or the KMS's refusal.
+async fn decode<T: serde::de::DeserializeOwned>(
+    url: &str,
+    resp: reqwest::Response,
+) -> Result<T, ClientError> {
+    let status = resp.status().as_u16();
+    if status != 200 {
+        let message = resp
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "no error message".into());
+        return Err(ClientError::Refused { status, message });
+    }
+    resp.json().await.map_err(transport(url))
+}
+
+fn client_builder(timeout: Duration, fresh_connections: bool) -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let b = reqwest::Client::builder().timeout(timeout).tls_info(true);
+    if fresh_connections {
+        b.pool_max_idle_per_host(0)
+    } else {
+        b
+    }
+}
+
+impl Guest {
+    /// Obtains the temp CA (trusting `ca_pem` if given, else the CA the KMS names — trust on
+    /// first use) and builds an RA-TLS identity for `spec` from `pki`.
+    pub async fn enroll(
+        url: &str,
+        ca_pem: Option<String>,
+        pki: &TestPki,
+        spec: &GuestSpec,
+        fresh_connections: bool,
+    ) -> Result<Self, ClientError> {
+        let url = url.trim_end_matches('/').to_owned();
+        let timeout = Duration::from_secs(30);
+        let local = |e: &dyn std::fmt::Display| ClientError::Local(e.to_string());
+        let first = match &ca_pem {
+            Some(pem) => client_builder(timeout, false).add_root_certificate(
+                reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|e| local(&e))?,
+            ),
+            // The temp CA authenticates nobody; what it returns is checked below.
+            None => client_builder(timeout, false).danger_accept_invalid_certs(true),
+        }
+        .build()
+        .map_err(|e| local(&e))?;
+        let temp: proto::GetTempCaCertResponse =
+            post_json(&first, &url, "GetTempCaCert", &serde_json::json!({})).await?;
+        let ca_pem = ca_pem.unwrap_or(temp.ca_cert);
+        let temp_ca_der = pem::parse(&temp.temp_ca_cert)
+            .map_err(|e| local(&e))?
+            .into_contents();
+        let temp_ca_key = rcgen::KeyPair::from_pem(&temp.temp_ca_key).map_err(|e| local(&e))?;
+        let cert = pki
+            .guest_cert(spec, Some((&temp_ca_der, &temp_ca_key)))
+            .map_err(|e| local(&e))?;
+        let identity =
+            reqwest::Identity::from_pem(format!("{}{}", cert.cert_pem, cert.key_pem).as_bytes())
+                .map_err(|e| local(&e))?;
+        let http = client_builder(timeout, fresh_connections)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| local(&e))?,
+            )
+            .identity(identity)
+            .build()
+            .map_err(|e| local(&e))?;
+        Ok(Self { url, http, ca_pem })
+    }
+
+    /// `GetAppKey` over mutual TLS; checks the server certificate is for `kms:rpc`.
+    pub async fn get_app_key(&self, vm_config: &str) -> Result<proto::AppKeyResponse, ClientError> {
+        let resp = self
+            .http
+            .post(format!("{}/prpc/KMS.GetAppKey?json", self.url))
+            .json(&serde_json::json!({ "api_version": 1, "vm_config": vm_config }))
+            .send()
+            .await
+            .map_err(transport(&self.url))?;
+        let server_cert = resp
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|t| t.peer_certificate())
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| ClientError::NotKms("no server certificate".into()))?;
+        let usage = crate::attestation::ratls::parse_cert(&server_cert)
+            .map_err(|e| ClientError::NotKms(e.to_string()))?
+            .usage;
+        if usage.as_deref() != Some("kms:rpc") {
+            return Err(ClientError::NotKms(format!("usage is {usage:?}")));
+        }
+        decode(&self.url, resp).await
+    }
+}
