@@ -255,6 +255,15 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
     ] {
         assert!(text.contains(needle), "missing {needle}\n{text}");
     }
+    // Latency buckets carry the trace id of a request as exemplar.
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("dstack_kms_dispatch_duration_seconds_bucket{")
+                && l.contains("method=\"get_app_key\"")
+                && l.contains(" # {trace_id=\"")
+        ),
+        "{text}"
+    );
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
     let lines = kw.lines();
     for message in [

@@ -521,6 +521,7 @@ async fn prpc(
     );
     let peer = peer.map(|axum::Extension(p)| p).unwrap_or_default();
     let span = tracing::info_span!("kms.rpc", method = method.as_str());
+    let trace_id = trace_id_of(&span);
     let result: Result<Response, Refused> = async {
         let _slot = rpc.0.limiter.enter(&rpc.0.metrics).await?;
         match method {
@@ -549,14 +550,25 @@ async fn prpc(
     let elapsed = started.elapsed().as_secs_f64();
     match result {
         Ok(resp) => {
-            rpc.0.metrics.request(method, Outcome::Ok, elapsed);
+            rpc.0
+                .metrics
+                .request(method, Outcome::Ok, elapsed, trace_id);
             resp
         }
         Err(refused) => {
             rpc.0
                 .metrics
-                .request(method, Outcome::Refused(refused.reason), elapsed);
+                .request(method, Outcome::Refused(refused.reason), elapsed, trace_id);
             refusal_response(enc, &refused)
         }
     }
+}
+
+/// The OpenTelemetry trace id of `span`, when tracing gives it one.
+fn trace_id_of(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
 }

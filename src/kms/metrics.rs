@@ -2,9 +2,10 @@
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
 /// KMS RPC methods (closed set; unknown names are `unknown`).
@@ -141,6 +142,12 @@ struct MethodLabels {
     method: Method,
 }
 
+/// Exemplar labels: the trace of a request, so a slow bucket links to its trace.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TraceLabels {
+    trace_id: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandshakeLabels {
     outcome: &'static str,
@@ -150,7 +157,7 @@ struct HandshakeLabels {
 #[derive(Clone, Debug)]
 pub struct KmsMetrics {
     requests: Family<RequestLabels, Counter>,
-    duration: Family<MethodLabels, Histogram>,
+    duration: Family<MethodLabels, HistogramWithExemplars<TraceLabels>>,
     handshakes: Family<HandshakeLabels, Counter>,
     active_connections: Gauge,
     queue_rejected: Counter,
@@ -166,7 +173,7 @@ impl KmsMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(|| {
                 // 100 µs .. ~13 s
-                Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+                HistogramWithExemplars::new(exponential_buckets(0.0001, 2.0, 18))
             }),
             handshakes: Family::default(),
             active_connections: Gauge::default(),
@@ -229,8 +236,14 @@ impl KmsMetrics {
         m
     }
 
-    /// Counts one request and its duration.
-    pub fn request(&self, method: Method, outcome: Outcome, seconds: f64) {
+    /// Counts one request and its duration; `trace_id` becomes the bucket's exemplar.
+    pub fn request(
+        &self,
+        method: Method,
+        outcome: Outcome,
+        seconds: f64,
+        trace_id: Option<String>,
+    ) {
         let (outcome, reason) = match outcome {
             Outcome::Ok => ("ok", "none"),
             Outcome::Refused(r) => ("refused", r.as_str()),
@@ -244,7 +257,11 @@ impl KmsMetrics {
             .inc();
         self.duration
             .get_or_create(&MethodLabels { method })
-            .observe(seconds);
+            .observe(
+                seconds,
+                trace_id.map(|trace_id| TraceLabels { trace_id }),
+                None,
+            );
     }
 
     /// Counts a handshake.
