@@ -148,6 +148,16 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
     assert_eq!(keys["gateway_app_id"], "gw-app");
     assert_eq!(keys["os_image_hash"], hex::encode([0x05; 32]));
     assert_eq!(keys["ca_cert"], root.root_ca_pem);
+    // BLS key (our addition): same authorization, EIP-2333 key signed by the root.
+    let (status, bls) = post_json(&client, url("KMS.GetAppBlsKey"), request.clone()).await;
+    assert_eq!(status, 200, "{bls}");
+    let expected_bls = keywarden::kms::keys::AppBlsKey::derive(&root.root, &ALLOWED_APP).unwrap();
+    assert_eq!(bls["public_key"], hex::encode(expected_bls.public_key));
+    assert_eq!(bls["secret_key"], hex::encode(expected_bls.secret_key));
+    assert_eq!(
+        bls["k256_signature"],
+        hex::encode(expected_bls.k256_signature)
+    );
     // The same method without the `KMS.` prefix.
     let (status, _) = post_json(&client, url("GetAppKey"), request.clone()).await;
     assert_eq!(status, 200);

@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument as _;
 
-use super::authz::{AuthError, Authorizer};
+use super::authz::{AuthDecision, AuthError, Authorizer};
 use super::keys::{AppKeys, BootstrapInfo, EnvEncryptPubKey};
 use super::metrics::{KmsMetrics, Method, Outcome, Refusal};
 use super::proto;
@@ -264,32 +264,30 @@ impl KmsRpc {
         })
     }
 
-    async fn app_key(
+    /// The steps every key-releasing method shares: an attested client certificate, verified;
+    /// not a canary; authorized by the backend. Refusals are logged, counted and audited.
+    async fn authorized_boot(
         &self,
         peer: &PeerCert,
-        req: proto::GetAppKeyRequest,
-    ) -> Result<proto::AppKeyResponse, Refused> {
-        if req.api_version > 1 {
-            return Err(Refused::new(
-                Refusal::Unsupported,
-                format!("Unsupported API version: {}", req.api_version),
-            ));
-        }
+        vm_config: &str,
+        audit_kind: &str,
+    ) -> Result<(crate::attestation::BootInfo, AuthDecision), Refused> {
         let Some(der) = &peer.0 else {
             return Err(Refused::new(
                 Refusal::NoAttestation,
                 "No attestation provided",
             ));
         };
-        let now = now_secs();
-        let os_image_hash = crate::attestation::identity::os_image_hash_from_config(&req.vm_config);
-        let verified = self.verify(der, now, os_image_hash.as_deref()).await;
-        let verified = verified.map_err(|e| {
-            Refused::new(
-                Refusal::AttestationRejected,
-                format!("attestation verification failed: {}", e.reason),
-            )
-        })?;
+        let os_image_hash = crate::attestation::identity::os_image_hash_from_config(vm_config);
+        let verified = self
+            .verify(der, now_secs(), os_image_hash.as_deref())
+            .await
+            .map_err(|e| {
+                Refused::new(
+                    Refusal::AttestationRejected,
+                    format!("attestation verification failed: {}", e.reason),
+                )
+            })?;
         let boot = verified.boot_info;
         if self.0.canaries.contains(&boot.app_id) {
             self.0.metrics.canary();
@@ -298,7 +296,7 @@ impl KmsRpc {
                 instance_id = %hex::encode(&boot.instance_id),
                 "canary app id requested keys: security incident"
             );
-            self.audit_key_request(&boot, "security_incident", "canary app id")
+            self.audit_boot(audit_kind, &boot, "security_incident", "canary app id")
                 .await;
             return Err(Refused::new(
                 Refusal::Canary,
@@ -326,13 +324,31 @@ impl KmsRpc {
                 mr_aggregated = %hex::encode(&boot.mr_aggregated),
                 "measurement not authorized"
             );
-            self.audit_key_request(&boot, "refused", &decision.reason)
+            self.audit_boot(audit_kind, &boot, "refused", &decision.reason)
                 .await;
             return Err(Refused::new(
                 Refusal::NotAuthorized,
                 format!("App not allowed: Boot denied: {}", decision.reason),
             ));
         }
+        Ok((boot, decision))
+    }
+
+    async fn app_key(
+        &self,
+        peer: &PeerCert,
+        req: proto::GetAppKeyRequest,
+    ) -> Result<proto::AppKeyResponse, Refused> {
+        if req.api_version > 1 {
+            return Err(Refused::new(
+                Refusal::Unsupported,
+                format!("Unsupported API version: {}", req.api_version),
+            ));
+        }
+        let (boot, decision) = self
+            .authorized_boot(peer, &req.vm_config, "key_request")
+            .await?;
+        let now = now_secs();
         let keys = AppKeys::derive(&self.0.keys.root, &boot.app_id, &boot.instance_id)
             .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
         // No record, no keys: the boot record is what governance and CVM health rely on.
@@ -367,7 +383,7 @@ impl KmsRpc {
             compose_hash = %hex::encode(&boot.compose_hash),
             "key dispatched"
         );
-        self.audit_key_request(&boot, "ok", "").await;
+        self.audit_boot("key_request", &boot, "ok", "").await;
         Ok(proto::AppKeyResponse {
             ca_cert: self.0.keys.root_ca_pem.clone(),
             disk_crypt_key: keys.disk_crypt_key.to_vec(),
@@ -409,8 +425,30 @@ impl KmsRpc {
         result
     }
 
-    async fn audit_key_request(
+    /// `GetAppBlsKey` (our addition): the app's BLS12-381 key (EIP-2333, EIP-2334 signing path)
+    /// and the root k256 signature over its public key.
+    async fn app_bls_key(
         &self,
+        peer: &PeerCert,
+        req: proto::GetAppKeyRequest,
+    ) -> Result<proto::AppBlsKeyResponse, Refused> {
+        let (boot, _) = self
+            .authorized_boot(peer, &req.vm_config, "bls_key_request")
+            .await?;
+        let key = super::keys::AppBlsKey::derive(&self.0.keys.root, &boot.app_id)
+            .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
+        tracing::info!(app_id = %hex::encode(&boot.app_id), kind = "bls", "key dispatched");
+        self.audit_boot("bls_key_request", &boot, "ok", "").await;
+        Ok(proto::AppBlsKeyResponse {
+            secret_key: key.secret_key.to_vec(),
+            public_key: key.public_key.to_vec(),
+            k256_signature: key.k256_signature.to_vec(),
+        })
+    }
+
+    async fn audit_boot(
+        &self,
+        kind: &str,
         boot: &crate::attestation::BootInfo,
         outcome: &str,
         reason: &str,
@@ -424,7 +462,7 @@ impl KmsRpc {
             "device_id": hex::encode(&boot.device_id),
             "reason": reason,
         });
-        crate::app::audit(&self.0.store, "key_request", outcome, detail).await;
+        crate::app::audit(&self.0.store, kind, outcome, detail).await;
     }
 }
 
@@ -534,6 +572,10 @@ async fn prpc(
             Method::GetAppKey => {
                 let req: proto::GetAppKeyRequest = decode(enc, &body)?;
                 Ok(encode(enc, &rpc.app_key(&peer, req).await?))
+            }
+            Method::GetAppBlsKey => {
+                let req: proto::GetAppKeyRequest = decode(enc, &body)?;
+                Ok(encode(enc, &rpc.app_bls_key(&peer, req).await?))
             }
             Method::SignCert | Method::GetKmsKey => Err(Refused::new(
                 Refusal::Unsupported,

@@ -161,6 +161,52 @@ fn app_k256(root: &RootKeys, app_id: &[u8]) -> Result<([u8; 32], [u8; 65]), KmsE
     Ok((*derived, sig))
 }
 
+/// An app's BLS12-381 key (our addition to upstream): EIP-2333 from a per-app seed
+/// `HKDF(root_k256, app_id ‖ "app-bls-seed")`, along the EIP-2334 signing path m/12381/3600/0/0/0,
+/// with the root k256 signature over the compressed public key.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct AppBlsKey {
+    /// Secret key, 32 bytes big-endian.
+    pub secret_key: [u8; 32],
+    /// Compressed G1 public key.
+    pub public_key: [u8; 48],
+    /// Recoverable root k256 signature over `"dstack-kms-issued-bls:" ‖ app_id ‖ public_key`.
+    pub k256_signature: [u8; 65],
+}
+
+/// EIP-2334 path of a validator's signing key (account 0).
+pub const BLS_SIGNING_PATH: [u32; 5] = [12381, 3600, 0, 0, 0];
+
+impl AppBlsKey {
+    /// Derives the BLS key of `app_id`.
+    pub fn derive(root: &RootKeys, app_id: &[u8]) -> Result<Self, KmsError> {
+        let root_bytes = Zeroizing::new(root.k256.to_bytes());
+        let seed = derive_32(&root_bytes, &[app_id, b"app-bls-seed"])?;
+        let sk = bls_derive_path(&*seed, &BLS_SIGNING_PATH)?;
+        let public_key = sk.sk_to_pk().compress();
+        Ok(Self {
+            secret_key: sk.to_bytes(),
+            public_key,
+            k256_signature: sign_message(
+                &root.k256,
+                b"dstack-kms-issued-bls",
+                app_id,
+                &public_key,
+            )?,
+        })
+    }
+}
+
+/// EIP-2333 `derive_master_SK(seed)` followed by `derive_child_SK` along `path`.
+pub fn bls_derive_path(seed: &[u8], path: &[u32]) -> Result<blst::min_pk::SecretKey, KmsError> {
+    let mut sk = blst::min_pk::SecretKey::derive_master_eip2333(seed)
+        .map_err(|e| KmsError::Encoding(format!("EIP-2333 master key: {e:?}")))?;
+    for index in path {
+        sk = sk.derive_child_eip2333(*index);
+    }
+    Ok(sk)
+}
+
 /// The app's env-encryption public key (X25519) with the root's signatures, as
 /// `GetAppEnvEncryptPubKey` returns them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,6 +397,94 @@ mod tests {
         assert_eq!(info.ca_pubkey.len(), 91, "P-256 SubjectPublicKeyInfo DER");
         assert_eq!(&info.report_data[32..], &[0u8; 32]);
         assert_eq!(hex::encode(&info.report_data[..32]), PINNED_BOOTSTRAP);
+    }
+
+    /// Big-endian 32-byte form of a decimal integer (EIP-2333 vectors are given in decimal).
+    fn decimal_to_be32(dec: &str) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for digit in dec.bytes() {
+            let mut carry = u32::from(digit - b'0');
+            for byte in out.iter_mut().rev() {
+                let v = u32::from(*byte) * 10 + carry;
+                *byte = (v & 0xff) as u8;
+                carry = v >> 8;
+            }
+            assert_eq!(carry, 0, "overflow");
+        }
+        out
+    }
+
+    #[test]
+    fn eip2333_test_vectors() {
+        // (seed, master_SK, child_index, child_SK) from EIP-2333.
+        let vectors = [
+            (
+                "c55257c360c07c72029aebc1b53c05ed0362ada38ead3e3e9efa3708e53495531f09a6987599d18264c1e1c92f2cf141630c7a3c4ab7c81b2f001698e7463b04",
+                "6083874454709270928345386274498605044986640685124978867557563392430687146096",
+                0,
+                "20397789859736650942317412262472558107875392172444076792671091975210932703118",
+            ),
+            (
+                "3141592653589793238462643383279502884197169399375105820974944592",
+                "29757020647961307431480504535336562678282505419141012933316116377660817309383",
+                3141592653,
+                "25457201688850691947727629385191704516744796114925897962676248250929345014287",
+            ),
+            (
+                "0099FF991111002299DD7744EE3355BBDD8844115566CC55663355668888CC00",
+                "27580842291869792442942448775674722299803720648445448686099262467207037398656",
+                4294967295,
+                "29358610794459428860402234341874281240803786294062035874021252734817515685787",
+            ),
+            (
+                "d4e56740f876aef8c010b86a40d5f56745a118d0906a34e69aec8c0db1cb8fa3",
+                "19022158461524446591288038168518313374041767046816487870552872741050760015818",
+                42,
+                "31372231650479070279774297061823572166496564838472787488249775572789064611981",
+            ),
+        ];
+        for (seed, master, index, child) in vectors {
+            let seed = hex::decode(seed).unwrap();
+            assert_eq!(
+                bls_derive_path(&seed, &[]).unwrap().to_bytes(),
+                decimal_to_be32(master)
+            );
+            assert_eq!(
+                bls_derive_path(&seed, &[index]).unwrap().to_bytes(),
+                decimal_to_be32(child)
+            );
+        }
+    }
+
+    #[test]
+    fn app_bls_key_is_per_app_signed_by_root_and_usable() {
+        let r = root();
+        let a = AppBlsKey::derive(&r, &APP).unwrap();
+        let b = AppBlsKey::derive(&r, &[0xab; 20]).unwrap();
+        assert_ne!(a.public_key, b.public_key);
+        assert_eq!(
+            a.public_key,
+            AppBlsKey::derive(&r, &APP).unwrap().public_key,
+            "deterministic"
+        );
+        let sk = blst::min_pk::SecretKey::from_bytes(&a.secret_key).unwrap();
+        let dst = b"BLS_SIG_BLS12381G2_XMD:SHA-256_SSWU_RO_POP_";
+        let sig = sk.sign(b"hello", dst, &[]);
+        let pk = blst::min_pk::PublicKey::uncompress(&a.public_key).unwrap();
+        assert_eq!(
+            sig.verify(true, b"hello", dst, &[], &pk, true),
+            blst::BLST_ERROR::BLST_SUCCESS
+        );
+        let mut msg = b"dstack-kms-issued-bls:".to_vec();
+        msg.extend_from_slice(&APP);
+        msg.extend_from_slice(&a.public_key);
+        let recovered = VerifyingKey::recover_from_digest(
+            Keccak256::new_with_prefix(&msg),
+            &Signature::from_slice(&a.k256_signature[..64]).unwrap(),
+            RecoveryId::from_byte(a.k256_signature[64]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(&recovered, r.k256.verifying_key());
     }
 
     const PINNED_DISK: &str = "896d7ed35b68a4349c4c979e0b4eb693f9fb41f69df1a722fb3294411c808f41";

@@ -13,6 +13,8 @@ use prometheus_client::registry::Registry;
 pub enum Method {
     /// GetAppKey
     GetAppKey,
+    /// GetAppBlsKey (our addition)
+    GetAppBlsKey,
     /// GetAppEnvEncryptPubKey
     GetAppEnvEncryptPubKey,
     /// GetMeta
@@ -29,8 +31,9 @@ pub enum Method {
 
 impl Method {
     /// Every method.
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 8] = [
         Self::GetAppKey,
+        Self::GetAppBlsKey,
         Self::GetAppEnvEncryptPubKey,
         Self::GetMeta,
         Self::GetTempCaCert,
@@ -43,6 +46,7 @@ impl Method {
     pub fn parse(name: &str) -> Self {
         match name.strip_prefix("KMS.").unwrap_or(name) {
             "GetAppKey" => Self::GetAppKey,
+            "GetAppBlsKey" => Self::GetAppBlsKey,
             "GetAppEnvEncryptPubKey" => Self::GetAppEnvEncryptPubKey,
             "GetMeta" => Self::GetMeta,
             "GetTempCaCert" => Self::GetTempCaCert,
@@ -56,6 +60,7 @@ impl Method {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::GetAppKey => "get_app_key",
+            Self::GetAppBlsKey => "get_app_bls_key",
             Self::GetAppEnvEncryptPubKey => "get_app_env_encrypt_pub_key",
             Self::GetMeta => "get_meta",
             Self::GetTempCaCert => "get_temp_ca_cert",

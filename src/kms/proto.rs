@@ -175,6 +175,24 @@ pub struct GetTempCaCertResponse {
     pub ca_cert: String,
 }
 
+/// `GetAppBlsKey` response (keywarden's addition; the request is a `GetAppKeyRequest`).
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AppBlsKeyResponse {
+    /// BLS12-381 secret key (32 bytes, big-endian).
+    #[prost(bytes = "vec", tag = "1")]
+    #[serde(with = "hexbytes")]
+    pub secret_key: Vec<u8>,
+    /// Compressed G1 public key (48 bytes).
+    #[prost(bytes = "vec", tag = "2")]
+    #[serde(with = "hexbytes")]
+    pub public_key: Vec<u8>,
+    /// Root k256 signature over `keccak256("dstack-kms-issued-bls:" ‖ app_id ‖ public_key)`.
+    #[prost(bytes = "vec", tag = "3")]
+    #[serde(with = "hexbytes")]
+    pub k256_signature: Vec<u8>,
+}
+
 /// Error body for protobuf callers.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ProtoError {
