@@ -246,6 +246,7 @@ fn kms_rpc(
         store,
         chain: ChainMeta::default(),
         max_concurrent: config.kms.max_concurrent_requests,
+        allow_kms_replication: config.kms.allow_kms_replication,
         max_queued: config.kms.max_queued_requests,
         canaries: config
             .kms

@@ -148,6 +148,21 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
     assert_eq!(keys["gateway_app_id"], "gw-app");
     assert_eq!(keys["os_image_hash"], hex::encode([0x05; 32]));
     assert_eq!(keys["ca_cert"], root.root_ca_pem);
+    // Root-key replication is off by default.
+    let (status, err) = post_json(
+        &client,
+        url("KMS.GetKmsKey"),
+        serde_json::json!({"vm_config": "{}"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("replication is disabled"),
+        "{err}"
+    );
     // BLS key (our addition): same authorization, EIP-2333 key signed by the root.
     let (status, bls) = post_json(&client, url("KMS.GetAppBlsKey"), request.clone()).await;
     assert_eq!(status, 200, "{bls}");
@@ -450,6 +465,7 @@ async fn kms_client_and_loadgen_get_keys_like_a_guest() {
         &[
             ("KEYWARDEN_AUTH__BACKEND", "dev"),
             ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
+            ("KEYWARDEN_KMS__ALLOW_KMS_REPLICATION", "true"),
         ],
     );
     kw.wait_ready().await;
@@ -511,6 +527,31 @@ async fn kms_client_and_loadgen_get_keys_like_a_guest() {
         report["server_rss_bytes"][1].as_i64().unwrap() > 0,
         "{report}"
     );
+
+    // With replication on, an attested and admitted replica receives the root keys.
+    let pki = TestPki::load(&pki_dir).unwrap();
+    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
+    let replica = https_with_identity(&data, Some(&identity));
+    let (status, got) = post_json(
+        &replica,
+        format!("{url}/prpc/KMS.GetKmsKey?json"),
+        serde_json::json!({"vm_config": "{}"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(
+        got["keys"][0]["k256_key"],
+        hex::encode(root.root.k256.to_bytes())
+    );
+    assert_eq!(got["keys"][0]["ca_key"], root.root_ca_key.serialize_pem());
+    // ...but never without an attestation.
+    let (status, _) = post_json(
+        &https(&data),
+        format!("{url}/prpc/KMS.GetKmsKey?json"),
+        serde_json::json!({"vm_config": "{}"}),
+    )
+    .await;
+    assert_eq!(status, 400);
 
     // A wrong CA: the guest refuses to talk to a KMS it cannot authenticate.
     let other = tempfile::tempdir().unwrap();

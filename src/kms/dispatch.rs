@@ -97,6 +97,7 @@ pub struct ChainMeta {
 pub struct KmsRpc(Arc<Inner>);
 
 struct Inner {
+    allow_kms_replication: bool,
     limiter: Limiter,
     canaries: Vec<Vec<u8>>,
     keys: KmsKeys,
@@ -133,6 +134,8 @@ pub struct KmsRpcParts {
     pub max_queued: usize,
     /// App ids that must never receive keys (20 bytes each).
     pub canaries: Vec<Vec<u8>>,
+    /// Whether GetKmsKey may hand out the root keys.
+    pub allow_kms_replication: bool,
 }
 
 /// Bounds the work in progress: `max_concurrent` requests run, up to `max_queued` wait, the rest
@@ -198,6 +201,7 @@ impl KmsRpc {
                 max_queued: p.max_queued,
             },
             canaries: p.canaries,
+            allow_kms_replication: p.allow_kms_replication,
             keys: p.keys,
             verifier: p.verifier,
             collateral: p.collateral,
@@ -271,6 +275,7 @@ impl KmsRpc {
         peer: &PeerCert,
         vm_config: &str,
         audit_kind: &str,
+        is_kms: bool,
     ) -> Result<(crate::attestation::BootInfo, AuthDecision), Refused> {
         let Some(der) = &peer.0 else {
             return Err(Refused::new(
@@ -306,7 +311,7 @@ impl KmsRpc {
         let decision = self
             .0
             .authorizer
-            .authorize(&boot, false)
+            .authorize(&boot, is_kms)
             .await
             .map_err(|e| {
                 let reason = match e {
@@ -346,7 +351,7 @@ impl KmsRpc {
             ));
         }
         let (boot, decision) = self
-            .authorized_boot(peer, &req.vm_config, "key_request")
+            .authorized_boot(peer, &req.vm_config, "key_request", false)
             .await?;
         let now = now_secs();
         let keys = AppKeys::derive(&self.0.keys.root, &boot.app_id, &boot.instance_id)
@@ -433,7 +438,7 @@ impl KmsRpc {
         req: proto::GetAppKeyRequest,
     ) -> Result<proto::AppBlsKeyResponse, Refused> {
         let (boot, _) = self
-            .authorized_boot(peer, &req.vm_config, "bls_key_request")
+            .authorized_boot(peer, &req.vm_config, "bls_key_request", false)
             .await?;
         let key = super::keys::AppBlsKey::derive(&self.0.keys.root, &boot.app_id)
             .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
@@ -443,6 +448,33 @@ impl KmsRpc {
             secret_key: key.secret_key.to_vec(),
             public_key: key.public_key.to_vec(),
             k256_signature: key.k256_signature.to_vec(),
+        })
+    }
+
+    /// `GetKmsKey`: the root keys, for a KMS replica. Off unless `kms.allow_kms_replication`;
+    /// then only for an attested caller that the KMS policy (`isKmsAllowed`) admits.
+    async fn kms_key(
+        &self,
+        peer: &PeerCert,
+        req: proto::GetKmsKeyRequest,
+    ) -> Result<proto::KmsKeyResponse, Refused> {
+        if !self.0.allow_kms_replication {
+            return Err(Refused::new(
+                Refusal::Unsupported,
+                "KMS key replication is disabled (kms.allow_kms_replication)",
+            ));
+        }
+        let (boot, _) = self
+            .authorized_boot(peer, &req.vm_config, "kms_key_request", true)
+            .await?;
+        tracing::warn!(app_id = %hex::encode(&boot.app_id), "root keys released to a KMS replica");
+        self.audit_boot("kms_key_request", &boot, "ok", "").await;
+        Ok(proto::KmsKeyResponse {
+            temp_ca_key: self.0.keys.tmp_ca_key_pem.to_string(),
+            keys: vec![proto::KmsKeys {
+                ca_key: self.0.keys.root_ca_key.serialize_pem(),
+                k256_key: self.0.keys.root.k256.to_bytes().to_vec(),
+            }],
         })
     }
 
@@ -577,7 +609,11 @@ async fn prpc(
                 let req: proto::GetAppKeyRequest = decode(enc, &body)?;
                 Ok(encode(enc, &rpc.app_bls_key(&peer, req).await?))
             }
-            Method::SignCert | Method::GetKmsKey => Err(Refused::new(
+            Method::GetKmsKey => {
+                let req: proto::GetKmsKeyRequest = decode(enc, &body)?;
+                Ok(encode(enc, &rpc.kms_key(&peer, req).await?))
+            }
+            Method::SignCert => Err(Refused::new(
                 Refusal::Unsupported,
                 format!("{method_name} is not offered by this KMS yet"),
             )),

@@ -175,6 +175,40 @@ pub struct GetTempCaCertResponse {
     pub ca_cert: String,
 }
 
+/// `GetKmsKey` request.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GetKmsKeyRequest {
+    /// The host's vm_config JSON.
+    #[prost(string, tag = "1")]
+    pub vm_config: String,
+}
+
+/// One root key set handed to a replica.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KmsKeys {
+    /// Root CA key (PKCS#8 PEM).
+    #[prost(string, tag = "1")]
+    pub ca_key: String,
+    /// Root secp256k1 key (32 bytes).
+    #[prost(bytes = "vec", tag = "2")]
+    #[serde(with = "hexbytes")]
+    pub k256_key: Vec<u8>,
+}
+
+/// `GetKmsKey` response.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KmsKeyResponse {
+    /// Temp CA key (PEM).
+    #[prost(string, tag = "1")]
+    pub temp_ca_key: String,
+    /// The root key sets.
+    #[prost(message, repeated, tag = "2")]
+    pub keys: Vec<KmsKeys>,
+}
+
 /// `GetAppBlsKey` response (keywarden's addition; the request is a `GetAppKeyRequest`).
 #[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
 #[serde(default)]

@@ -44,6 +44,8 @@ pub struct KmsConfig {
     pub max_concurrent_requests: usize,
     /// Requests allowed to wait for a slot; beyond it, requests are answered 503 at once.
     pub max_queued_requests: usize,
+    /// Hand the root keys to another attested KMS that `isKmsAllowed` admits (`GetKmsKey`).
+    pub allow_kms_replication: bool,
     /// App ids (hex, 20 bytes) that must never receive keys: a request from one is refused and
     /// audited as a security incident.
     pub canary_app_ids: Vec<String>,
@@ -57,6 +59,7 @@ impl Default for KmsConfig {
             max_concurrent_requests: 32,
             max_queued_requests: 256,
             canary_app_ids: Vec::new(),
+            allow_kms_replication: false,
         }
     }
 }
