@@ -96,9 +96,9 @@ pub struct ClientArgs {
     /// The guest.
     #[command(flatten)]
     pub guest: GuestArgs,
-    /// vm_config JSON the host would pass (`os_image_hash`, ...).
-    #[arg(long, value_name = "JSON", default_value = "{}")]
-    pub vm_config: String,
+    /// vm_config JSON the host would pass (default: the simulated OS image's hash).
+    #[arg(long, value_name = "JSON")]
+    pub vm_config: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -316,7 +316,12 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
         Command::Kms(KmsCommand::Client(args)) => runtime()?.block_on(async {
             let guest = enroll(&args.guest, false).await?;
             let keys = guest
-                .get_app_key(&args.vm_config)
+                .get_app_key(
+                    &args
+                        .vm_config
+                        .clone()
+                        .unwrap_or_else(crate::kms::client::simulated_vm_config),
+                )
                 .await
                 .map_err(|e| failure(1)(&e))?;
             if args.json {

@@ -247,6 +247,10 @@ fn kms_rpc(
         chain: ChainMeta::default(),
         max_concurrent: config.kms.max_concurrent_requests,
         allow_kms_replication: config.kms.allow_kms_replication,
+        os_images: crate::kms::osimage::OsImagePolicy::new(
+            &config.kms.os_images,
+            config.kms.insecure_skip_os_image_check,
+        )?,
         max_queued: config.kms.max_queued_requests,
         canaries: config
             .kms

@@ -68,10 +68,28 @@ fn start(dir: &Path, env: &[(&str, &str)]) -> (Keywarden, TestPki) {
     let pki = TestPki::generate(now - 60).unwrap();
     let pki_dir = dir.join("pki");
     pki.save(&pki_dir).unwrap();
+    // The two OS images guests in these tests run: the test guest's and the CLI's simulated one.
+    let sim = keywarden::kms::client::simulated_os_image();
+    let images = format!(
+        "[{{hash = \"{}\", mrtd = \"{}\", rtmr0 = \"{}\", rtmr1 = \"{}\", rtmr2 = \"{}\"}}, \
+         {{hash = \"{}\", mrtd = \"{}\", rtmr0 = \"{}\", rtmr1 = \"{}\", rtmr2 = \"{}\"}}]",
+        hex::encode([0x05; 32]),
+        hex::encode([0x11; 48]),
+        hex::encode([0x22; 48]),
+        hex::encode([0x33; 48]),
+        hex::encode([0x44; 48]),
+        sim.hash,
+        sim.mrtd,
+        sim.rtmr0,
+        sim.rtmr1,
+        sim.rtmr2,
+    );
+    let mut env = env.to_vec();
+    env.push(("KEYWARDEN_KMS__OS_IMAGES", &images));
     let kw = Keywarden::start(
         &dir.join("data"),
         &["--insecure-test-pki", pki_dir.to_str().unwrap()],
-        env,
+        &env,
     );
     (kw, pki)
 }
@@ -84,6 +102,11 @@ async fn post_json(
     let r = client.post(url).json(&body).send().await.unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap())
+}
+
+/// vm_config naming the test guest's OS image.
+fn test_vm_config() -> String {
+    serde_json::json!({"os_image_hash": hex::encode([0x05; 32])}).to_string()
 }
 
 /// The guest flow: temp CA, then an RA-TLS identity for `spec`.
@@ -148,11 +171,33 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
     assert_eq!(keys["gateway_app_id"], "gw-app");
     assert_eq!(keys["os_image_hash"], hex::encode([0x05; 32]));
     assert_eq!(keys["ca_cert"], root.root_ca_pem);
+    // The host claims another OS image than the one the quote measured: refused.
+    let lying = serde_json::json!({"api_version": 1, "vm_config": keywarden::kms::client::simulated_vm_config()});
+    let (status, err) = post_json(&client, url("KMS.GetAppKey"), lying).await;
+    assert_eq!(status, 400);
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("MRTD in the quote differs"),
+        "{err}"
+    );
+    let unknown = serde_json::json!({"api_version": 1, "vm_config": serde_json::json!({"os_image_hash": "07".repeat(32)}).to_string()});
+    let (status, err) = post_json(&client, url("KMS.GetAppKey"), unknown).await;
+    assert_eq!(status, 400);
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("not known to this KMS"),
+        "{err}"
+    );
+
     // Root-key replication is off by default.
     let (status, err) = post_json(
         &client,
         url("KMS.GetKmsKey"),
-        serde_json::json!({"vm_config": "{}"}),
+        serde_json::json!({"vm_config": test_vm_config()}),
     )
     .await;
     assert_eq!(status, 400);
@@ -277,6 +322,7 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
         "dstack_kms_attestation_verifications_total{tee=\"tdx\",result=\"rejected\",reason=\"debug_td\"} 1",
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"canary\"} 1",
         "dstack_kms_canary_requests_total 1",
+        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"os_image_rejected\"} 2",
     ] {
         assert!(text.contains(needle), "missing {needle}\n{text}");
     }
@@ -333,7 +379,7 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
         .filter(|r| r.kind == "key_request")
         .map(|r| r.outcome.as_str())
         .collect();
-    for (outcome, n) in [("ok", 2), ("refused", 1), ("security_incident", 1)] {
+    for (outcome, n) in [("ok", 2), ("refused", 3), ("security_incident", 1)] {
         assert_eq!(
             outcomes.iter().filter(|o| **o == outcome).count(),
             n,
@@ -354,7 +400,7 @@ async fn chain_backend_without_a_mirror_fails_closed() {
     let (status, err) = post_json(
         &client,
         format!("{}/prpc/KMS.GetAppKey?json", kw.api_url()),
-        serde_json::json!({"api_version": 1, "vm_config": "{}"}),
+        serde_json::json!({"api_version": 1, "vm_config": test_vm_config()}),
     )
     .await;
     assert_eq!(status, 503, "{err}");
@@ -414,7 +460,7 @@ async fn beyond_the_queue_requests_get_a_fast_503() {
     let identity = guest_identity(&kw, &data, &pki, &guest(SLOW_APP)).await;
     let slow = https_with_identity(&data, Some(&identity));
     let url = format!("{}/prpc/KMS.GetAppKey?json", kw.api_url());
-    let body = serde_json::json!({"api_version": 1, "vm_config": "{}"});
+    let body = serde_json::json!({"api_version": 1, "vm_config": test_vm_config()});
     let holder = tokio::spawn({
         let (slow, url, body) = (slow.clone(), url.clone(), body.clone());
         async move { post_json(&slow, url, body).await }
@@ -535,7 +581,7 @@ async fn kms_client_and_loadgen_get_keys_like_a_guest() {
     let (status, got) = post_json(
         &replica,
         format!("{url}/prpc/KMS.GetKmsKey?json"),
-        serde_json::json!({"vm_config": "{}"}),
+        serde_json::json!({"vm_config": test_vm_config()}),
     )
     .await;
     assert_eq!(status, 200, "{got}");
@@ -548,7 +594,7 @@ async fn kms_client_and_loadgen_get_keys_like_a_guest() {
     let (status, _) = post_json(
         &https(&data),
         format!("{url}/prpc/KMS.GetKmsKey?json"),
-        serde_json::json!({"vm_config": "{}"}),
+        serde_json::json!({"vm_config": test_vm_config()}),
     )
     .await;
     assert_eq!(status, 400);

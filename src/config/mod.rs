@@ -373,6 +373,10 @@ impl Config {
         )];
         all.extend(self.attestation.insecure_switches());
         all.push(("auth.insecure_dev_auth", self.auth.insecure_dev_auth));
+        all.push((
+            "kms.insecure_skip_os_image_check",
+            self.kms.insecure_skip_os_image_check,
+        ));
         all
     }
 
@@ -597,6 +601,13 @@ impl Config {
                 "kms.domains",
                 "must name at least one non-empty DNS name".into(),
                 "list the names clients use to reach the KMS, e.g. [\"kms.example.com\"]",
+            );
+        }
+        if let Err(e) = crate::kms::osimage::OsImagePolicy::new(&self.kms.os_images, false) {
+            push(
+                "kms.os_images",
+                e.to_string(),
+                "give hash as 64 hex digits and mrtd, rtmr0, rtmr1, rtmr2 as 96 hex digits each",
             );
         }
         if self.kms.max_concurrent_requests == 0 {

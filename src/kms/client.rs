@@ -40,6 +40,27 @@ pub enum ClientError {
     Local(String),
 }
 
+/// The OS image simulated guests claim to run.
+pub const SIMULATED_OS_IMAGE_HASH: [u8; 32] = [0x5e; 32];
+const SIMULATED_MRTD: [u8; 48] = [0x7d; 48];
+const SIMULATED_RTMR0_2: [[u8; 48]; 3] = [[0x70; 48], [0x71; 48], [0x72; 48]];
+
+/// The `kms.os_images` entry that admits simulated guests' OS image.
+pub fn simulated_os_image() -> crate::kms::osimage::OsImage {
+    crate::kms::osimage::OsImage {
+        hash: hex::encode(SIMULATED_OS_IMAGE_HASH),
+        mrtd: hex::encode(SIMULATED_MRTD),
+        rtmr0: hex::encode(SIMULATED_RTMR0_2[0]),
+        rtmr1: hex::encode(SIMULATED_RTMR0_2[1]),
+        rtmr2: hex::encode(SIMULATED_RTMR0_2[2]),
+    }
+}
+
+/// The vm_config a host passes for a simulated guest.
+pub fn simulated_vm_config() -> String {
+    serde_json::json!({ "os_image_hash": hex::encode(SIMULATED_OS_IMAGE_HASH) }).to_string()
+}
+
 /// The identity of a simulated guest, from the command line.
 pub fn guest_spec(app_id: [u8; 20], compose: &[u8], instance_id: Vec<u8>) -> GuestSpec {
     GuestSpec {
@@ -47,9 +68,8 @@ pub fn guest_spec(app_id: [u8; 20], compose: &[u8], instance_id: Vec<u8>) -> Gue
         compose_hash: Sha256::digest(compose).into(),
         instance_id,
         key_provider: br#"{"name":"kms","id":""}"#.to_vec(),
-        // Fixed, recognisable "OS image" measurements of the simulated guest.
-        mr_td: [0x7d; 48],
-        rtmr0_2: [[0x70; 48], [0x71; 48], [0x72; 48]],
+        mr_td: SIMULATED_MRTD,
+        rtmr0_2: SIMULATED_RTMR0_2,
         debug: false,
     }
 }

@@ -97,6 +97,7 @@ pub struct ChainMeta {
 pub struct KmsRpc(Arc<Inner>);
 
 struct Inner {
+    os_images: super::osimage::OsImagePolicy,
     allow_kms_replication: bool,
     limiter: Limiter,
     canaries: Vec<Vec<u8>>,
@@ -136,6 +137,8 @@ pub struct KmsRpcParts {
     pub canaries: Vec<Vec<u8>>,
     /// Whether GetKmsKey may hand out the root keys.
     pub allow_kms_replication: bool,
+    /// Expected measurements of OS images.
+    pub os_images: super::osimage::OsImagePolicy,
 }
 
 /// Bounds the work in progress: `max_concurrent` requests run, up to `max_queued` wait, the rest
@@ -202,6 +205,7 @@ impl KmsRpc {
             },
             canaries: p.canaries,
             allow_kms_replication: p.allow_kms_replication,
+            os_images: p.os_images,
             keys: p.keys,
             verifier: p.verifier,
             collateral: p.collateral,
@@ -294,6 +298,20 @@ impl KmsRpc {
                 )
             })?;
         let boot = verified.boot_info;
+        if let crate::attestation::Evidence::Tdx { td, .. } = &verified.evidence
+            && let Err(e) = self
+                .0
+                .os_images
+                .check_tdx(&boot.os_image_hash, &td.mr_td, &td.rtmr)
+        {
+            tracing::warn!(reason = "os_image_rejected", error = %e, "measurement not authorized");
+            self.audit_boot(audit_kind, &boot, "refused", &e.to_string())
+                .await;
+            return Err(Refused::new(
+                Refusal::OsImageRejected,
+                format!("App not allowed: {e}"),
+            ));
+        }
         if self.0.canaries.contains(&boot.app_id) {
             self.0.metrics.canary();
             tracing::error!(

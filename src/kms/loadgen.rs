@@ -92,13 +92,14 @@ pub async fn run(
     let workers: Vec<_> = (0..concurrency.max(1))
         .map(|_| {
             let guest = guest.clone();
+            let vm_config = super::client::simulated_vm_config();
             tokio::spawn(async move {
                 let mut ok = Vec::new();
                 let mut refused = Vec::new();
                 let mut errors: BTreeMap<String, u64> = BTreeMap::new();
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let result = guest.get_app_key("{}").await;
+                    let result = guest.get_app_key(&vm_config).await;
                     let ms = t.elapsed().as_secs_f64() * 1e3;
                     match result {
                         Ok(_) => ok.push(ms),

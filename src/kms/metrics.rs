@@ -86,6 +86,8 @@ pub enum Refusal {
     ChainStateStale,
     /// The app id is a canary: it must never receive keys.
     Canary,
+    /// The claimed OS image is unknown or does not match the measured boot.
+    OsImageRejected,
     /// Too many requests waiting.
     Overloaded,
     /// Malformed request.
@@ -106,6 +108,7 @@ impl Refusal {
             Self::AuthUnavailable => "auth_unavailable",
             Self::ChainStateStale => "chain_state_stale",
             Self::Canary => "canary",
+            Self::OsImageRejected => "os_image_rejected",
             Self::Overloaded => "overloaded",
             Self::BadRequest => "bad_request",
             Self::Unsupported => "unsupported",

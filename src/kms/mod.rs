@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod keys;
 pub mod loadgen;
 pub mod metrics;
+pub mod osimage;
 pub mod proto;
 pub mod root;
 pub mod server;

@@ -44,6 +44,10 @@ pub struct KmsConfig {
     pub max_concurrent_requests: usize,
     /// Requests allowed to wait for a slot; beyond it, requests are answered 503 at once.
     pub max_queued_requests: usize,
+    /// Known OS images: `os_image_hash` → expected MRTD and RTMR0-2 of a TDX boot.
+    pub os_images: Vec<super::osimage::OsImage>,
+    /// Accept a TDX boot whatever OS image it claims (no binding of `os_image_hash` to MRTD/RTMR0-2).
+    pub insecure_skip_os_image_check: bool,
     /// Hand the root keys to another attested KMS that `isKmsAllowed` admits (`GetKmsKey`).
     pub allow_kms_replication: bool,
     /// App ids (hex, 20 bytes) that must never receive keys: a request from one is refused and
@@ -60,6 +64,8 @@ impl Default for KmsConfig {
             max_queued_requests: 256,
             canary_app_ids: Vec::new(),
             allow_kms_replication: false,
+            os_images: Vec::new(),
+            insecure_skip_os_image_check: false,
         }
     }
 }
