@@ -35,6 +35,18 @@ pub enum Command {
     /// Development helpers (test contracts, test PKI).
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Inspect the on-chain mirror in the store (works whether or not the service runs).
+    #[command(subcommand)]
+    Chain(ChainCommand),
+}
+
+/// `keywarden chain ...`
+#[derive(Debug, Subcommand)]
+pub enum ChainCommand {
+    /// Per chain: head, processed block, lag, and the configured endpoints' health.
+    Status(crate::chain::cli::StoreArgs),
+    /// The mirror's allow-lists, apps and owners, rebuilt from the stored events.
+    State(crate::chain::cli::StoreArgs),
 }
 
 /// `keywarden dev ...`
@@ -63,6 +75,15 @@ pub struct ServeArgs {
     /// Database URL: sqlite://PATH or postgres://USER@HOST:PORT/DB.
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
+    /// JSON-RPC endpoint of the chain holding DstackKms (repeatable: primary first, then backups).
+    #[arg(long = "rpc-url", value_name = "URL")]
+    pub rpc_urls: Vec<String>,
+    /// DstackKms proxy address to mirror.
+    #[arg(long, value_name = "ADDRESS")]
+    pub kms_contract: Option<String>,
+    /// First block to sync (the KMS deployment block).
+    #[arg(long, value_name = "N")]
+    pub start_block: Option<u64>,
 }
 
 /// `keywarden config ...`
@@ -128,6 +149,19 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
         Command::Dev(DevCommand::Deploy(args)) => {
             Ok(runtime()?.block_on(crate::chain::cli::run_deploy(args)))
         }
+        Command::Chain(cmd) => {
+            let (args, what) = match cmd {
+                ChainCommand::Status(a) => (a, crate::chain::cli::Report::Status),
+                ChainCommand::State(a) => (a, crate::chain::cli::Report::State),
+            };
+            let overrides = Overrides {
+                data_dir: args.data_dir.clone(),
+                database_url: args.database_url.clone(),
+                ..Overrides::default()
+            };
+            let config = load(cli.config.as_deref(), &overrides)?;
+            Ok(runtime()?.block_on(crate::chain::cli::run_report(config, what, args.json)))
+        }
         Command::Serve(args) => {
             let overrides = Overrides {
                 api_listen: args.api_listen,
@@ -135,6 +169,9 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                 admin_listen: args.admin_listen,
                 data_dir: args.data_dir,
                 database_url: args.database_url,
+                rpc_urls: args.rpc_urls,
+                kms_contract: args.kms_contract,
+                start_block: args.start_block,
             };
             let config = load(cli.config.as_deref(), &overrides)?;
             runtime()?

@@ -1,16 +1,21 @@
 //! `keywarden serve`: start-up, supervision and shutdown of the whole service.
 //!
-//! Order: logging → insecure-switch warnings → store (migrated) → run record → metrics →
-//! listeners bound (a taken port fails start-up before anything serves) → tasks spawned →
+//! Order: logging → insecure-switch warnings → store (migrated) → run record → metrics (and the
+//! chain mirror, registered not ready, when `[chain]` is configured) → listeners bound (a taken port fails start-up before anything serves) → tasks spawned →
 //! ready. On shutdown: tasks drained within `runtime.shutdown_timeout`, the run marked clean,
 //! the store closed, pending spans exported.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tracing::Instrument as _;
 
 use crate::app::{AppState, HealthMonitor, Inner, unix_now};
+use crate::chain::Mirror;
+use crate::chain::metrics::ChainMetrics;
+use crate::chain::mirror::MirrorState;
+use crate::chain::sync::SyncEngine;
 use crate::config::Config;
 use crate::http::{self, Limits, Server};
 use crate::runtime::{ComponentState, Criticality, Outcome, Readiness, Supervisor};
@@ -81,9 +86,28 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         tracing::warn!("the previous run did not shut down cleanly");
     }
 
-    let metrics = Metrics::new();
+    let mut metrics = Metrics::new();
+    let chain_metrics = ChainMetrics::new(&mut metrics.registry, config.chain.rpc_urls.len());
     let readiness = Readiness::default();
     readiness.register("listeners");
+    // Registered (not ready) before the listeners serve, so /readyz never reports a mirror that
+    // has not caught up.
+    let chain = config.chain.resolve().map(|resolved| {
+        let mirror = Arc::new(Mirror::new(
+            MirrorState::new(resolved.kms),
+            resolved.cfg.max_staleness,
+            chain_metrics.clone(),
+        ));
+        let engine = SyncEngine::new(
+            resolved,
+            store.clone(),
+            mirror.clone(),
+            readiness.clone(),
+            chain_metrics.clone(),
+        );
+        (mirror, engine)
+    });
+    let (mirror, engine) = chain.unzip();
     let addr =
         |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let (api_addr, ops_addr) = (addr(&api), addr(&ops));
@@ -103,6 +127,7 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         node_id,
         run,
         started,
+        chain: mirror,
     });
 
     let supervisor = Supervisor::new(metrics.process.clone());
@@ -135,6 +160,9 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
             http::admin_router(state.clone()),
             Listener::Admin,
         );
+    }
+    if let Some(engine) = engine {
+        supervisor.spawn(engine, Criticality::Critical);
     }
     supervisor.spawn(
         HealthMonitor {

@@ -1,0 +1,568 @@
+//! The sync engine: follows DstackKms and every registered DstackApp into the store and the mirror.
+//!
+//! Flow, per poll: read the head (and the `safe`/`finalized` block, or subtract the confirmations)
+//! → compare the newest stored block hash with the chain; on a mismatch walk the stored hashes back
+//! to the common ancestor, delete everything above it in the transaction that rewinds the
+//! checkpoint and rebuild the mirror from the remaining events (no ancestor within the retained
+//! window → full resync from `start_block`, logged at WARN) → fetch `eth_getLogs` for the KMS and
+//! all known apps in bounded ranges (halved on "too many results", doubled back after each
+//! success) → for apps discovered in the range, fetch their logs for the whole range too and merge
+//! → commit events, the range's last block hash and the checkpoint in one transaction → apply to
+//! the mirror and publish → one `on-chain sync completed` log line per batch. A restart resumes at
+//! the checkpoint, so an interrupted batch is fetched again and never half-applied.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use alloy::eips::BlockNumberOrTag;
+use alloy::primitives::{Address, B256};
+use alloy::providers::Provider;
+use alloy::rpc::types::{Filter, Log};
+use tokio_util::sync::CancellationToken;
+
+use super::ChainError;
+use super::config::{Finality, ResolvedChain};
+use super::events::{self, Event};
+use super::metrics::{ChainMetrics, Method};
+use super::mirror::MirrorState;
+use super::rpc::RpcPool;
+use super::store::{BatchWrite, Checkpoint, StoredEvent};
+use super::view::{Mirror, SyncProgress};
+use crate::runtime::{ComponentState, Readiness, Task};
+use crate::store::Store;
+
+/// The message of the info line logged for every committed batch.
+pub const BATCH_LOG_MESSAGE: &str = "on-chain sync completed";
+
+/// Readiness component name.
+pub const READINESS_COMPONENT: &str = "chain";
+
+/// Addresses per `eth_getLogs` request (providers limit the filter's address list).
+const ADDRESSES_PER_REQUEST: usize = 500;
+
+/// Synthetic rows sort after every real log of their block.
+const SYNTHETIC_LOG_INDEX: u64 = 1 << 32;
+
+/// A block as the engine needs it.
+#[derive(Debug, Clone, Copy)]
+struct BlockRef {
+    number: u64,
+    hash: B256,
+    timestamp: u64,
+}
+
+/// The sync engine of one chain.
+pub struct SyncEngine {
+    chain: ResolvedChain,
+    store: Store,
+    rpc: Arc<RpcPool>,
+    mirror: Arc<Mirror>,
+    readiness: Readiness,
+    metrics: ChainMetrics,
+}
+
+/// Mutable state of a running engine.
+struct Cursor {
+    chain_id: u64,
+    checkpoint: Checkpoint,
+    state: Arc<MirrorState>,
+    addresses: BTreeSet<Address>,
+    batch_blocks: u64,
+    /// Timestamp of the processed block (for lag in seconds).
+    processed_timestamp: u64,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn decode_stored(kms: Address, e: &StoredEvent) -> Option<Event> {
+    if e.kind == events::CODE_OBSERVED {
+        return Some(Event::CodeObserved(e.address));
+    }
+    events::decode(kms, e.address, &e.topics, &e.data)
+}
+
+/// Rebuilds the mirror of `kms` from stored events (start-up, rewinds, `chain state`).
+pub fn rebuild(kms: Address, stored: &[StoredEvent]) -> MirrorState {
+    let mut state = MirrorState::new(kms);
+    for e in stored.iter().filter_map(|e| decode_stored(kms, e)) {
+        state.apply(&e);
+    }
+    state
+}
+
+impl SyncEngine {
+    /// An engine for `chain`, publishing into `mirror`.
+    pub fn new(
+        chain: ResolvedChain,
+        store: Store,
+        mirror: Arc<Mirror>,
+        readiness: Readiness,
+        metrics: ChainMetrics,
+    ) -> Self {
+        let rpc = Arc::new(RpcPool::new(
+            &chain.urls,
+            chain.cfg.request_timeout,
+            metrics.clone(),
+        ));
+        readiness.register(READINESS_COMPONENT);
+        Self {
+            chain,
+            store,
+            rpc,
+            mirror,
+            readiness,
+            metrics,
+        }
+    }
+
+    async fn block(&self, tag: BlockNumberOrTag) -> Result<Option<BlockRef>, ChainError> {
+        let block = self
+            .rpc
+            .call(Method::EthGetBlockByNumber, |p| async move {
+                p.get_block_by_number(tag).await
+            })
+            .await?;
+        Ok(block.map(|b| BlockRef {
+            number: b.header.number,
+            hash: b.header.hash,
+            timestamp: b.header.timestamp,
+        }))
+    }
+
+    async fn required_block(&self, tag: BlockNumberOrTag) -> Result<BlockRef, ChainError> {
+        self.block(tag)
+            .await?
+            .ok_or_else(|| ChainError::MissingBlock(tag.to_string()))
+    }
+
+    /// Opens the cursor: chain id, checkpoint (reset if new or for another KMS), mirror rebuilt.
+    async fn open(&self) -> Result<Cursor, ChainError> {
+        let chain_id = self
+            .rpc
+            .call(
+                Method::EthChainId,
+                |p| async move { p.get_chain_id().await },
+            )
+            .await?;
+        if let Some(expected) = self.chain.cfg.chain_id
+            && expected != chain_id
+        {
+            return Err(ChainError::ChainIdMismatch {
+                expected,
+                actual: chain_id,
+            });
+        }
+        let kms = self.chain.kms;
+        let start = self.chain.cfg.start_block;
+        let fresh = Checkpoint {
+            chain_id,
+            kms_contract: kms,
+            start_block: start,
+            processed_block: start.saturating_sub(1),
+            head_block: 0,
+            head_seen_at: 0,
+            updated_at: unix_now(),
+        };
+        let checkpoint = match self.store.chain_checkpoint(chain_id).await? {
+            Some(c) if c.kms_contract == kms && c.start_block == start => c,
+            other => {
+                if other.is_some() {
+                    tracing::warn!(
+                        chain_id,
+                        "chain.kms_contract or chain.start_block changed: resyncing from start_block"
+                    );
+                    self.metrics.resync();
+                }
+                self.store.chain_reset(&fresh).await?;
+                fresh
+            }
+        };
+        let stored = self.store.chain_events(chain_id).await?;
+        let state = rebuild(kms, &stored);
+        let processed_timestamp = self
+            .store
+            .chain_recent_blocks(chain_id)
+            .await?
+            .first()
+            .map_or(0, |b| u64::try_from(b.2).unwrap_or(0));
+        let cursor = Cursor {
+            chain_id,
+            addresses: addresses_of(&state),
+            state: Arc::new(state),
+            checkpoint,
+            batch_blocks: self.chain.cfg.max_batch_blocks,
+            processed_timestamp,
+        };
+        self.mirror.publish(cursor.state.clone());
+        tracing::info!(
+            chain_id,
+            processed_block = cursor.checkpoint.processed_block,
+            events = stored.len(),
+            apps = cursor.state.registered_apps.len(),
+            "chain mirror rebuilt from the store"
+        );
+        Ok(cursor)
+    }
+
+    /// The newest block the engine may apply, given the head.
+    async fn target(&self, head: &BlockRef) -> Result<u64, ChainError> {
+        let tag = match self.chain.cfg.finality {
+            Finality::Latest => {
+                return Ok(head.number.saturating_sub(self.chain.cfg.confirmations));
+            }
+            Finality::Safe => BlockNumberOrTag::Safe,
+            Finality::Finalized => BlockNumberOrTag::Finalized,
+        };
+        Ok(self.block(tag).await?.map_or(0, |b| b.number))
+    }
+
+    /// Detects a reorg below the checkpoint and undoes it. Returns whether anything was undone.
+    async fn check_reorg(&self, c: &mut Cursor) -> Result<bool, ChainError> {
+        let recent = self.store.chain_recent_blocks(c.chain_id).await?;
+        let Some(&(newest, newest_hash, _)) = recent.first() else {
+            return Ok(false);
+        };
+        let canonical = self.block(BlockNumberOrTag::Number(newest)).await?;
+        if canonical.is_some_and(|b| b.hash == newest_hash) {
+            return Ok(false);
+        }
+        let mut ancestor = None;
+        for &(number, hash, timestamp) in recent.iter().skip(1) {
+            let b = self.block(BlockNumberOrTag::Number(number)).await?;
+            if b.is_some_and(|b| b.hash == hash) {
+                ancestor = Some((number, timestamp));
+                break;
+            }
+        }
+        let processed = c.checkpoint.processed_block;
+        match ancestor {
+            Some((number, timestamp)) => {
+                let depth = processed - number;
+                tracing::warn!(
+                    chain_id = c.chain_id,
+                    depth,
+                    common_ancestor = number,
+                    "chain reorg detected: rewinding to the common ancestor"
+                );
+                self.metrics.reorg(depth);
+                c.checkpoint.processed_block = number;
+                c.checkpoint.updated_at = unix_now();
+                self.store.chain_rewind(&c.checkpoint).await?;
+                c.processed_timestamp = u64::try_from(timestamp).unwrap_or(0);
+            }
+            None => {
+                tracing::warn!(
+                    chain_id = c.chain_id,
+                    processed_block = processed,
+                    window = self.chain.cfg.reorg_window,
+                    "chain reorg deeper than the retained block hashes: resyncing from start_block"
+                );
+                self.metrics
+                    .reorg(processed.saturating_sub(c.checkpoint.start_block));
+                self.metrics.resync();
+                c.checkpoint.processed_block = c.checkpoint.start_block.saturating_sub(1);
+                c.checkpoint.updated_at = unix_now();
+                self.store.chain_reset(&c.checkpoint).await?;
+                c.processed_timestamp = 0;
+            }
+        }
+        let stored = self.store.chain_events(c.chain_id).await?;
+        let state = rebuild(self.chain.kms, &stored);
+        c.addresses = addresses_of(&state);
+        c.state = Arc::new(state);
+        self.mirror.publish(c.state.clone());
+        Ok(true)
+    }
+
+    /// `eth_getLogs` for `addresses` over `from..=to`, in address chunks.
+    async fn logs(
+        &self,
+        addresses: &[Address],
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Log>, ChainError> {
+        let mut out = Vec::new();
+        for chunk in addresses.chunks(ADDRESSES_PER_REQUEST) {
+            let filter = Filter::new()
+                .address(chunk.to_vec())
+                .from_block(from)
+                .to_block(to);
+            let filter = &filter;
+            out.extend(
+                self.rpc
+                    .call(
+                        Method::EthGetLogs,
+                        |p| async move { p.get_logs(filter).await },
+                    )
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Fetches, decodes and commits `from..=to`, then applies it. Returns the number of events.
+    async fn batch(
+        &self,
+        c: &mut Cursor,
+        head: &BlockRef,
+        from: u64,
+        to: u64,
+    ) -> Result<usize, ChainError> {
+        let last = self.required_block(BlockNumberOrTag::Number(to)).await?;
+        let known: Vec<Address> = c.addresses.iter().copied().collect();
+        let mut logs = self.logs(&known, from, to).await?;
+        let kms = self.chain.kms;
+        let decode = |l: &Log| {
+            events::decode(
+                kms,
+                l.inner.address,
+                l.inner.data.topics(),
+                &l.inner.data.data,
+            )
+        };
+        // Apps registered in this range: their logs in the range were not asked for yet.
+        let new_apps: Vec<Address> = logs
+            .iter()
+            .filter_map(|l| decode(l)?.discovered_app())
+            .filter(|a| !c.addresses.contains(a))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !new_apps.is_empty() {
+            logs.extend(self.logs(&new_apps, from, to).await?);
+        }
+        let mut rows: Vec<(StoredEvent, Event)> = Vec::with_capacity(logs.len());
+        for l in &logs {
+            let (Some(number), Some(hash), Some(index)) =
+                (l.block_number, l.block_hash, l.log_index)
+            else {
+                return Err(ChainError::InconsistentRange(
+                    "a log without block number, hash or index".into(),
+                ));
+            };
+            // A log of another fork at the range's end: the head moved under us; retry later.
+            if l.removed || (number == to && hash != last.hash) {
+                return Err(ChainError::InconsistentRange(format!(
+                    "block {number} changed while its logs were read"
+                )));
+            }
+            let Some(event) = decode(l) else { continue };
+            rows.push((
+                StoredEvent {
+                    block_number: number,
+                    log_index: index,
+                    block_hash: hash,
+                    address: l.inner.address,
+                    kind: event.kind().to_owned(),
+                    topics: l.inner.data.topics().to_vec(),
+                    data: l.inner.data.data.to_vec(),
+                },
+                event,
+            ));
+        }
+        rows.sort_by_key(|(s, _)| (s.block_number, s.log_index));
+        rows.dedup_by_key(|(s, _)| (s.block_number, s.log_index));
+
+        // An app registered with `registerApp` that emitted nothing may still have code.
+        let mut next_state = (*c.state).clone();
+        for (_, e) in &rows {
+            next_state.apply(e);
+        }
+        let mut synthetic = SYNTHETIC_LOG_INDEX;
+        for app in &new_apps {
+            if next_state.apps.get(app).is_some_and(|a| a.has_code) {
+                continue;
+            }
+            let app = *app;
+            let code = self
+                .rpc
+                .call(Method::EthGetCode, |p| async move {
+                    p.get_code_at(app).number(to).await
+                })
+                .await?;
+            if !code.is_empty() {
+                let event = Event::CodeObserved(app);
+                next_state.apply(&event);
+                rows.push((
+                    StoredEvent {
+                        block_number: to,
+                        log_index: synthetic,
+                        block_hash: last.hash,
+                        address: app,
+                        kind: event.kind().to_owned(),
+                        topics: Vec::new(),
+                        data: Vec::new(),
+                    },
+                    event,
+                ));
+                synthetic += 1;
+            }
+        }
+
+        let stored: Vec<StoredEvent> = rows.into_iter().map(|(s, _)| s).collect();
+        let mut checkpoint = c.checkpoint.clone();
+        checkpoint.processed_block = to;
+        checkpoint.head_block = head.number;
+        checkpoint.head_seen_at = unix_now();
+        checkpoint.updated_at = checkpoint.head_seen_at;
+        self.store
+            .chain_commit_batch(&BatchWrite {
+                checkpoint: &checkpoint,
+                events: &stored,
+                last_block: (
+                    to,
+                    last.hash,
+                    i64::try_from(last.timestamp).unwrap_or(i64::MAX),
+                ),
+                prune_below: to.saturating_sub(self.chain.cfg.reorg_window),
+            })
+            .await?;
+        c.checkpoint = checkpoint;
+        c.addresses.extend(new_apps);
+        c.state = Arc::new(next_state);
+        c.processed_timestamp = last.timestamp;
+        self.mirror.publish(c.state.clone());
+        Ok(stored.len())
+    }
+
+    /// Publishes progress to metrics, the admin view and the store.
+    fn report(&self, c: &Cursor, head: &BlockRef, target: u64) {
+        let span = target.saturating_sub(c.checkpoint.start_block).max(1) as f64;
+        let done = c
+            .checkpoint
+            .processed_block
+            .saturating_sub(c.checkpoint.start_block.saturating_sub(1));
+        let backfill = if c.checkpoint.processed_block >= target {
+            1.0
+        } else {
+            (done as f64 / span).min(1.0)
+        };
+        let lag_seconds = head.timestamp.saturating_sub(c.processed_timestamp) as f64;
+        self.metrics.progress(
+            head.number,
+            c.checkpoint.processed_block,
+            lag_seconds,
+            backfill,
+        );
+        self.mirror.set_progress(SyncProgress {
+            chain_id: c.chain_id,
+            head_block: head.number,
+            target_block: target,
+            processed_block: c.checkpoint.processed_block,
+            endpoints: self.rpc.status(),
+        });
+    }
+
+    /// One poll: head, reorg check, batches up to the target. Returns once caught up.
+    async fn poll(&self, c: &mut Cursor, cancel: &CancellationToken) -> Result<(), ChainError> {
+        let head = self.required_block(BlockNumberOrTag::Latest).await?;
+        let target = self.target(&head).await?;
+        self.check_reorg(c).await?;
+        self.report(c, &head, target);
+        while c.checkpoint.processed_block < target {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let from = c.checkpoint.processed_block + 1;
+            let to = target.min(from + c.batch_blocks - 1);
+            match self.batch(c, &head, from, to).await {
+                Ok(events) => {
+                    self.metrics.batch(events as u64);
+                    c.batch_blocks = (c.batch_blocks * 2).min(self.chain.cfg.max_batch_blocks);
+                    self.report(c, &head, target);
+                    tracing::info!(
+                        chain_id = c.chain_id,
+                        from_block = from,
+                        to_block = to,
+                        events,
+                        lag_blocks = head.number.saturating_sub(to),
+                        lag_seconds = head.timestamp.saturating_sub(c.processed_timestamp),
+                        "{}",
+                        BATCH_LOG_MESSAGE
+                    );
+                }
+                Err(ChainError::TooManyResults(detail)) if c.batch_blocks > 1 => {
+                    c.batch_blocks = (c.batch_blocks / 2).max(1);
+                    tracing::debug!(%detail, batch_blocks = c.batch_blocks, "eth_getLogs range refused: shrinking");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.store
+            .chain_record_head(c.chain_id, head.number, unix_now())
+            .await?;
+        self.mirror.mark_fresh(Instant::now());
+        Ok(())
+    }
+
+    fn update_readiness(&self, c: Option<&Cursor>) {
+        let state = match self.mirror.staleness() {
+            _ if self.mirror.is_fresh() => ComponentState::Ready,
+            Some(s) => ComponentState::NotReady(format!(
+                "chain_state_stale: last caught up with the chain {}s ago",
+                s.as_secs()
+            )),
+            None => ComponentState::NotReady(match c {
+                Some(c) => format!(
+                    "backfilling: processed block {}",
+                    c.checkpoint.processed_block
+                ),
+                None => "connecting to the chain".into(),
+            }),
+        };
+        self.metrics.staleness(
+            self.mirror
+                .staleness()
+                .map_or(f64::INFINITY, |s| s.as_secs_f64()),
+        );
+        self.readiness.set(READINESS_COMPONENT, state);
+    }
+}
+
+fn addresses_of(state: &MirrorState) -> BTreeSet<Address> {
+    std::iter::once(state.kms_address)
+        .chain(state.registered_apps.iter().copied())
+        .collect()
+}
+
+impl Task for SyncEngine {
+    fn name(&self) -> &'static str {
+        "chain_sync"
+    }
+
+    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let interval = self.chain.cfg.poll_interval;
+        let mut cursor: Option<Cursor> = None;
+        loop {
+            let result = match cursor.as_mut() {
+                None => match self.open().await {
+                    Ok(c) => {
+                        cursor = Some(c);
+                        Ok(())
+                    }
+                    Err(e @ ChainError::ChainIdMismatch { .. }) => return Err(e.into()),
+                    Err(e) => Err(e),
+                },
+                Some(c) => self.poll(c, &cancel).await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "chain sync step failed; retrying");
+            }
+            self.update_readiness(cursor.as_ref());
+            let wait = if cursor.is_some() {
+                interval
+            } else {
+                interval.max(std::time::Duration::from_secs(1))
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
