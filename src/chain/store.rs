@@ -2,7 +2,7 @@
 //!
 //! Flow: the sync engine reads the checkpoint and events on start-up ([`Store::chain_checkpoint`],
 //! [`Store::chain_events`]), then commits each batch with [`Store::chain_commit_batch`] (events,
-//! the batch's last block hash and the checkpoint in one transaction, so an interrupted batch
+//! the batch's block hashes and the checkpoint in one transaction, so an interrupted batch
 //! leaves nothing behind). A reorg is undone by [`Store::chain_rewind`] (events and hashes above
 //! the common ancestor deleted in the same transaction that moves the checkpoint back); a reorg
 //! deeper than the retained hashes, or another KMS address, by [`Store::chain_reset`].
@@ -59,8 +59,9 @@ pub struct BatchWrite<'a> {
     pub checkpoint: &'a Checkpoint,
     /// Events in the batch, in chain order.
     pub events: &'a [StoredEvent],
-    /// The batch's last block: number, hash, timestamp.
-    pub last_block: (u64, B256, i64),
+    /// Blocks of the batch whose hashes are kept (its last block, plus those within the reorg
+    /// window of the head): number, hash, timestamp.
+    pub blocks: &'a [(u64, B256, i64)],
     /// Block hashes below this number are pruned (outside the reorg window).
     pub prune_below: u64,
 }
@@ -214,7 +215,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
-            let (number, hash, timestamp) = b.last_block;
+            for &(number, hash, timestamp) in b.blocks {
             sqlx::query(
                 "INSERT INTO chain_blocks (chain_id, block_number, block_hash, timestamp) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (chain_id, block_number) DO UPDATE SET block_hash = excluded.block_hash, timestamp = excluded.timestamp",
@@ -225,6 +226,7 @@ impl Store {
             .bind(timestamp)
             .execute(&mut *tx)
             .await?;
+            }
             sqlx::query("DELETE FROM chain_blocks WHERE chain_id = $1 AND block_number < $2")
                 .bind(chain_id)
                 .bind(to_i64(b.prune_below))

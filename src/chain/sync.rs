@@ -49,6 +49,7 @@ const SYNTHETIC_LOG_INDEX: u64 = 1 << 32;
 struct BlockRef {
     number: u64,
     hash: B256,
+    parent_hash: B256,
     timestamp: u64,
 }
 
@@ -130,6 +131,7 @@ impl SyncEngine {
         Ok(block.map(|b| BlockRef {
             number: b.header.number,
             hash: b.header.hash,
+            parent_hash: b.header.parent_hash,
             timestamp: b.header.timestamp,
         }))
     }
@@ -313,7 +315,32 @@ impl SyncEngine {
         from: u64,
         to: u64,
     ) -> Result<usize, ChainError> {
-        let last = self.required_block(BlockNumberOrTag::Number(to)).await?;
+        // Hashes of every block within the reorg window of the head (just the last one further
+        // back), read before the logs; they must form one chain, or a reorg raced the reads.
+        let keep_from = from.max(head.number.saturating_sub(self.chain.cfg.reorg_window) + 1);
+        let mut refs: Vec<BlockRef> = Vec::new();
+        for n in keep_from.min(to)..=to {
+            let b = self.required_block(BlockNumberOrTag::Number(n)).await?;
+            if refs.last().is_some_and(|prev| prev.hash != b.parent_hash) {
+                return Err(ChainError::InconsistentRange(format!(
+                    "block {n} changed while the range was read"
+                )));
+            }
+            refs.push(b);
+        }
+        let last = *refs
+            .last()
+            .ok_or_else(|| ChainError::MissingBlock(to.to_string()))?;
+        let blocks: Vec<(u64, B256, i64)> = refs
+            .iter()
+            .map(|b| {
+                (
+                    b.number,
+                    b.hash,
+                    i64::try_from(b.timestamp).unwrap_or(i64::MAX),
+                )
+            })
+            .collect();
         let known: Vec<Address> = c.addresses.iter().copied().collect();
         let mut logs = self.logs(&known, from, to).await?;
         let kms = self.chain.kms;
@@ -414,11 +441,7 @@ impl SyncEngine {
             .chain_commit_batch(&BatchWrite {
                 checkpoint: &checkpoint,
                 events: &stored,
-                last_block: (
-                    to,
-                    last.hash,
-                    i64::try_from(last.timestamp).unwrap_or(i64::MAX),
-                ),
+                blocks: &blocks,
                 prune_below: to.saturating_sub(self.chain.cfg.reorg_window),
             })
             .await?;
