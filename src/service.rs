@@ -172,10 +172,9 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         Criticality::Optional,
     );
     readiness.set("listeners", ComponentState::Ready);
-    state
-        .health()
-        .await
-        .is_empty()
+    // Only the database must answer now; the chain mirror becomes ready once it has caught up.
+    let not_ready = state.health().await;
+    (!not_ready.iter().any(|p| p.component == "database"))
         .then_some(())
         .context("database did not answer right after start-up")?;
 

@@ -760,3 +760,123 @@ async fn endpoint_failures_fail_over_fail_closed_and_recover() {
     );
     e.stop().await;
 }
+
+#[tokio::test]
+async fn serve_follows_the_chain_and_reports_it() {
+    use common::{Keywarden, http, run_to_end};
+    let c = chain().await;
+    send!(c.kms().addOsImageHash(h(1)), c.owner);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "chain-token\n").unwrap();
+    let token_ref = format!("file:{}", token_file.display());
+    let (url, kms, start) = (
+        c.anvil.url().to_string(),
+        c.d.kms.to_string(),
+        c.d.block.to_string(),
+    );
+    let mut kw = Keywarden::start(
+        &data,
+        &[
+            "--rpc-url",
+            &url,
+            "--kms-contract",
+            &kms,
+            "--start-block",
+            &start,
+        ],
+        &[
+            ("KEYWARDEN_ADMIN__TOKEN", &token_ref),
+            ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),
+            ("KEYWARDEN_CHAIN__POLL_INTERVAL", "100ms"),
+        ],
+    );
+    // /readyz includes the mirror: ready means caught up.
+    kw.wait_ready().await;
+    let head = c.head().await;
+    let client = http();
+    let metrics = client
+        .get(format!("http://{}/metrics", kw.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix} missing"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("dstack_chain_processed_block "), head as f64);
+    assert_eq!(value("dstack_kms_mirror_entries{set=\"os_images\"}"), 1.0);
+    assert_eq!(
+        value("dstack_kms_mirror_entries{set=\"registered_apps\"}"),
+        1.0
+    );
+    assert!(
+        value(
+            "dstack_chain_rpc_requests_total{endpoint=\"0\",method=\"eth_getLogs\",outcome=\"ok\"}"
+        ) >= 1.0
+    );
+
+    let admin = |path: &str| {
+        client
+            .get(format!("http://{}{path}", kw.admin))
+            .bearer_auth("chain-token")
+            .send()
+    };
+    let status: serde_json::Value = admin("/admin/chain/status")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["live"]["fresh"], true);
+    assert_eq!(status["chains"][0]["processed_block"], head);
+    assert_eq!(status["endpoints"][0]["ok"], true);
+    let state: serde_json::Value = admin("/admin/chain/state")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(state["chains"][0]["kms"]["os_images"][0], h(1).to_string());
+
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+    let batch = kw
+        .lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "on-chain sync completed")
+        .expect("a batch log line");
+    assert_eq!(batch["level"], "INFO");
+    for field in [
+        "from_block",
+        "to_block",
+        "events",
+        "lag_blocks",
+        "lag_seconds",
+    ] {
+        assert!(batch["fields"][field].is_u64(), "{field} in {batch}");
+    }
+
+    // The commands read the store the service left behind.
+    let data_dir = data.to_str().unwrap();
+    let (code, out, err) = run_to_end(&["chain", "status", "--json", "--data-dir", data_dir], &[]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["chains"][0]["processed_block"], head);
+    assert_eq!(status["chains"][0]["kms_contract"], kms);
+    let (code, out, err) = run_to_end(&["chain", "state", "--data-dir", data_dir], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&h(1).to_string()), "{out}");
+    assert!(out.contains(&c.d.app.to_string()), "{out}");
+}

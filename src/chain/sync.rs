@@ -41,6 +41,9 @@ pub const READINESS_COMPONENT: &str = "chain";
 /// Addresses per `eth_getLogs` request (providers limit the filter's address list).
 const ADDRESSES_PER_REQUEST: usize = 500;
 
+/// How often readiness and the staleness gauge are refreshed while a step runs.
+const READINESS_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Synthetic rows sort after every real log of their block.
 const SYNTHETIC_LOG_INDEX: u64 = 1 << 32;
 
@@ -482,15 +485,12 @@ impl SyncEngine {
     }
 
     /// One poll: head, reorg check, batches up to the target. Returns once caught up.
-    async fn poll(&self, c: &mut Cursor, cancel: &CancellationToken) -> Result<(), ChainError> {
+    async fn poll(&self, c: &mut Cursor) -> Result<(), ChainError> {
         let head = self.required_block(BlockNumberOrTag::Latest).await?;
         let target = self.target(&head).await?;
         self.check_reorg(c).await?;
         self.report(c, &head, target);
         while c.checkpoint.processed_block < target {
-            if cancel.is_cancelled() {
-                return Ok(());
-            }
             let from = c.checkpoint.processed_block + 1;
             let to = target.min(from + c.batch_blocks - 1);
             match self.batch(c, &head, from, to).await {
@@ -523,26 +523,23 @@ impl SyncEngine {
         Ok(())
     }
 
-    fn update_readiness(&self, c: Option<&Cursor>) {
-        let state = match self.mirror.staleness() {
+    /// Readiness and the staleness gauge, from the published mirror (callable while a step runs).
+    fn update_readiness(&self) {
+        let staleness = self.mirror.staleness();
+        let state = match staleness {
             _ if self.mirror.is_fresh() => ComponentState::Ready,
             Some(s) => ComponentState::NotReady(format!(
                 "chain_state_stale: last caught up with the chain {}s ago",
                 s.as_secs()
             )),
-            None => ComponentState::NotReady(match c {
-                Some(c) => format!(
-                    "backfilling: processed block {}",
-                    c.checkpoint.processed_block
-                ),
-                None => "connecting to the chain".into(),
-            }),
+            None => ComponentState::NotReady(format!(
+                "backfilling: processed block {} of {}",
+                self.mirror.progress().processed_block,
+                self.mirror.progress().target_block
+            )),
         };
-        self.metrics.staleness(
-            self.mirror
-                .staleness()
-                .map_or(f64::INFINITY, |s| s.as_secs_f64()),
-        );
+        self.metrics
+            .staleness(staleness.map_or(f64::INFINITY, |s| s.as_secs_f64()));
         self.readiness.set(READINESS_COMPONENT, state);
     }
 }
@@ -560,31 +557,40 @@ impl Task for SyncEngine {
 
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let interval = self.chain.cfg.poll_interval;
+        // Readiness follows staleness even while a step waits on slow or dead endpoints.
+        let mut refresh = tokio::time::interval(READINESS_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cursor: Option<Cursor> = None;
         loop {
-            let result = match cursor.as_mut() {
-                None => match self.open().await {
-                    Ok(c) => {
-                        cursor = Some(c);
-                        Ok(())
+            let result = {
+                let step = async {
+                    match cursor.as_mut() {
+                        None => {
+                            cursor = Some(self.open().await?);
+                            Ok(())
+                        }
+                        Some(c) => self.poll(c).await,
                     }
-                    Err(e @ ChainError::ChainIdMismatch { .. }) => return Err(e.into()),
-                    Err(e) => Err(e),
-                },
-                Some(c) => self.poll(c, &cancel).await,
+                };
+                tokio::pin!(step);
+                loop {
+                    // Dropping a step mid-batch rolls its transaction back: nothing half-done.
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        r = &mut step => break r,
+                        _ = refresh.tick() => self.update_readiness(),
+                    }
+                }
             };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "chain sync step failed; retrying");
+            match result {
+                Ok(()) => {}
+                Err(e @ ChainError::ChainIdMismatch { .. }) => return Err(e.into()),
+                Err(e) => tracing::warn!(error = %e, "chain sync step failed; retrying"),
             }
-            self.update_readiness(cursor.as_ref());
-            let wait = if cursor.is_some() {
-                interval
-            } else {
-                interval.max(std::time::Duration::from_secs(1))
-            };
+            self.update_readiness();
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
-                () = tokio::time::sleep(wait) => {}
+                () = tokio::time::sleep(interval) => {}
             }
         }
     }
