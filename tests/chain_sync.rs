@@ -880,3 +880,80 @@ async fn serve_follows_the_chain_and_reports_it() {
     assert!(out.contains(&h(1).to_string()), "{out}");
     assert!(out.contains(&c.d.app.to_string()), "{out}");
 }
+
+/// A JSON-RPC relay to anvil that refuses `eth_getLogs` over more than `max_blocks` blocks the
+/// way hosted providers do.
+async fn range_limited_relay(to: url::Url, max_blocks: u64) -> url::Url {
+    use axum::extract::State;
+    use axum::routing::post;
+    async fn relay(
+        State((to, max_blocks)): State<(url::Url, u64)>,
+        body: axum::body::Bytes,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        if req["method"] == "eth_getLogs" {
+            let n = |k: &str| {
+                u64::from_str_radix(
+                    req["params"][0][k]
+                        .as_str()
+                        .unwrap()
+                        .trim_start_matches("0x"),
+                    16,
+                )
+                .unwrap()
+            };
+            if n("toBlock") - n("fromBlock") + 1 > max_blocks {
+                return axum::Json(serde_json::json!({
+                    "jsonrpc": "2.0",
+                    "id": req["id"],
+                    "error": { "code": -32005, "message": "query returned more than 10000 results" },
+                }))
+                .into_response();
+            }
+        }
+        let answer = common::http()
+            .post(to)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        ([("content-type", "application/json")], answer).into_response()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let app = axum::Router::new()
+        .route("/", post(relay))
+        .with_state((to, max_blocks));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test]
+async fn log_ranges_shrink_on_too_many_results_and_grow_back() {
+    let c = chain().await;
+    let app = c.app(c.d.app);
+    for i in 0..40u8 {
+        send!(app.addComposeHash(B256::repeat_byte(i)), c.owner);
+    }
+    let relay = range_limited_relay(c.anvil.url(), 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path()).await;
+    let e = engine(&[relay], &c.d, &store, |cfg| cfg.max_batch_blocks = 64);
+    e.caught_up_to(c.head().await).await;
+    assert_eq!(e.mirror.snapshot().apps[&c.d.app].compose_hashes.len(), 40);
+    let refused = e.metric("dstack_chain_rpc_requests_total{endpoint=\"0\",method=\"eth_getLogs\",outcome=\"too_many_results\"}");
+    assert!(refused >= 1.0);
+    // The refusals blame nobody: no failover, the endpoint stays up.
+    assert_eq!(e.metric("dstack_chain_rpc_failovers_total"), 0.0);
+    // The range went back up to the limit after shrinking: about 45 blocks in batches of <= 4.
+    let batches = e.metric("dstack_chain_batches_total");
+    assert!((11.0..=20.0).contains(&batches), "{batches} batches");
+    e.stop().await;
+}

@@ -310,6 +310,39 @@ impl SyncEngine {
         Ok(out)
     }
 
+    /// Hashes kept for the range ending at `last`: every block within the reorg window of the
+    /// head (only `last` further back), walked down from `last` by parent hash so they form one
+    /// chain; a mismatch means a reorg raced the reads and the range is retried.
+    async fn window_hashes(
+        &self,
+        head: &BlockRef,
+        from: u64,
+        last: BlockRef,
+    ) -> Result<Vec<(u64, B256, i64)>, ChainError> {
+        let keep_from = from.max(head.number.saturating_sub(self.chain.cfg.reorg_window) + 1);
+        let mut refs = vec![last];
+        for n in (keep_from..last.number).rev() {
+            let b = self.required_block(BlockNumberOrTag::Number(n)).await?;
+            if refs.last().is_some_and(|child| child.parent_hash != b.hash) {
+                return Err(ChainError::InconsistentRange(format!(
+                    "block {n} changed while the range was read"
+                )));
+            }
+            refs.push(b);
+        }
+        Ok(refs
+            .iter()
+            .rev()
+            .map(|b| {
+                (
+                    b.number,
+                    b.hash,
+                    i64::try_from(b.timestamp).unwrap_or(i64::MAX),
+                )
+            })
+            .collect())
+    }
+
     /// Fetches, decodes and commits `from..=to`, then applies it. Returns the number of events.
     async fn batch(
         &self,
@@ -318,32 +351,9 @@ impl SyncEngine {
         from: u64,
         to: u64,
     ) -> Result<usize, ChainError> {
-        // Hashes of every block within the reorg window of the head (just the last one further
-        // back), read before the logs; they must form one chain, or a reorg raced the reads.
-        let keep_from = from.max(head.number.saturating_sub(self.chain.cfg.reorg_window) + 1);
-        let mut refs: Vec<BlockRef> = Vec::new();
-        for n in keep_from.min(to)..=to {
-            let b = self.required_block(BlockNumberOrTag::Number(n)).await?;
-            if refs.last().is_some_and(|prev| prev.hash != b.parent_hash) {
-                return Err(ChainError::InconsistentRange(format!(
-                    "block {n} changed while the range was read"
-                )));
-            }
-            refs.push(b);
-        }
-        let last = *refs
-            .last()
-            .ok_or_else(|| ChainError::MissingBlock(to.to_string()))?;
-        let blocks: Vec<(u64, B256, i64)> = refs
-            .iter()
-            .map(|b| {
-                (
-                    b.number,
-                    b.hash,
-                    i64::try_from(b.timestamp).unwrap_or(i64::MAX),
-                )
-            })
-            .collect();
+        // The range's last block is read before its logs: a log of another fork at that height
+        // is caught below, a reorg afterwards by the next poll.
+        let last = self.required_block(BlockNumberOrTag::Number(to)).await?;
         let known: Vec<Address> = c.addresses.iter().copied().collect();
         let mut logs = self.logs(&known, from, to).await?;
         let kms = self.chain.kms;
@@ -397,6 +407,8 @@ impl SyncEngine {
         }
         rows.sort_by_key(|(s, _)| (s.block_number, s.log_index));
         rows.dedup_by_key(|(s, _)| (s.block_number, s.log_index));
+
+        let blocks = self.window_hashes(head, from, last).await?;
 
         // An app registered with `registerApp` that emitted nothing may still have code.
         let mut next_state = (*c.state).clone();
