@@ -875,6 +875,7 @@ async fn serve_follows_the_chain_and_reports_it() {
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["chains"][0]["processed_block"], head);
     assert_eq!(status["chains"][0]["kms_contract"], kms);
+    assert_eq!(status["chains"][0]["backfill_percent"], 100.0);
     let (code, out, err) = run_to_end(&["chain", "state", "--data-dir", data_dir], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&h(1).to_string()), "{out}");

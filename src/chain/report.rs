@@ -85,11 +85,21 @@ pub async fn status(store: &Store, chain: &ChainConfig) -> Result<Value, ChainEr
                 "processed_block": c.processed_block,
                 "head_block": c.head_block,
                 "lag_blocks": c.head_block.saturating_sub(c.processed_block),
+                "backfill_percent": backfill_percent(&c),
                 "head_seen_seconds_ago": now.saturating_sub(c.head_seen_at),
             })
         })
         .collect();
     Ok(json!({ "chains": chains, "endpoints": probe(chain).await }))
+}
+
+/// Share of `start_block..=head_block` processed, in percent (one decimal).
+fn backfill_percent(c: &super::store::Checkpoint) -> f64 {
+    let total = c.head_block.saturating_sub(c.start_block) + 1;
+    let done = (c.processed_block + 1)
+        .saturating_sub(c.start_block)
+        .min(total);
+    (done as f64 * 1000.0 / total as f64).round() / 10.0
 }
 
 /// Asks each configured endpoint for its newest block, once, with the configured timeout.

@@ -82,6 +82,9 @@ fn address(raw: &[u8]) -> Result<Address, sqlx::Error> {
     Address::try_from(raw).map_err(|_| sqlx::Error::Decode("stored address is not 20 bytes".into()))
 }
 
+/// Events per multi-row insert (8 parameters each, well under SQLite's and PostgreSQL's limits).
+const EVENTS_PER_INSERT: usize = 1000;
+
 const CHECKPOINT_COLUMNS: &str =
     "chain_id, kms_contract, start_block, processed_block, head_block, head_seen_at, updated_at";
 
@@ -198,22 +201,23 @@ impl Store {
     pub async fn chain_commit_batch(&self, b: &BatchWrite<'_>) -> Result<(), StoreError> {
         let chain_id = to_i64(b.checkpoint.chain_id);
         write_tx!(self, tx => {
-            for e in b.events {
-                let topics: Vec<u8> = e.topics.iter().flat_map(|t| t.0).collect();
-                sqlx::query(
-                    "INSERT INTO chain_events (chain_id, block_number, log_index, block_hash, address, kind, topics, data) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .bind(chain_id)
-                .bind(to_i64(e.block_number))
-                .bind(to_i64(e.log_index))
-                .bind(e.block_hash.as_slice().to_vec())
-                .bind(e.address.as_slice().to_vec())
-                .bind(&e.kind)
-                .bind(topics)
-                .bind(&e.data)
-                .execute(&mut *tx)
-                .await?;
+            // Multi-row inserts: one statement per chunk instead of one per event.
+            for chunk in b.events.chunks(EVENTS_PER_INSERT) {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO chain_events (chain_id, block_number, log_index, block_hash, address, kind, topics, data) ",
+                );
+                q.push_values(chunk, |mut row, e| {
+                    let topics: Vec<u8> = e.topics.iter().flat_map(|t| t.0).collect();
+                    row.push_bind(chain_id)
+                        .push_bind(to_i64(e.block_number))
+                        .push_bind(to_i64(e.log_index))
+                        .push_bind(e.block_hash.as_slice().to_vec())
+                        .push_bind(e.address.as_slice().to_vec())
+                        .push_bind(e.kind.clone())
+                        .push_bind(topics)
+                        .push_bind(e.data.clone());
+                });
+                q.build().execute(&mut *tx).await?;
             }
             for &(number, hash, timestamp) in b.blocks {
             sqlx::query(
