@@ -353,10 +353,23 @@ async fn every_change_is_reflected(store: Store) {
         .unwrap();
     let eoa = Address::repeat_byte(0x77);
     send!(kms.registerApp(eoa), x);
+    // An app configured (on another KMS) before it is registered here, in a later batch: its
+    // earlier events are fetched when it is discovered.
+    let elsewhere = deploy(&c.anvil.url()).await.unwrap();
+    send!(c.app(elsewhere.app).addComposeHash(h(10)), o);
+    e.caught_up_to(c.head().await).await;
+    send!(kms.registerApp(elsewhere.app), x);
     send!(kms.transferOwnership(x), o);
     send!(kms.acceptOwnership(), x);
     send!(app.upgradeToAndCall(new_impl, Bytes::new()), o);
-    let apps = [c.d.app, app2, app3, eoa, Address::repeat_byte(0x78)];
+    let apps = [
+        c.d.app,
+        app2,
+        app3,
+        eoa,
+        elsewhere.app,
+        Address::repeat_byte(0x78),
+    ];
     let values: Vec<B256> = (0..=10).map(h).collect();
 
     e.caught_up_to(c.head().await).await;
@@ -365,8 +378,8 @@ async fn every_change_is_reflected(store: Store) {
     assert!(e.metric("dstack_chain_logs_processed_total") > 20.0);
     assert_eq!(
         e.metric("dstack_kms_mirror_entries"),
-        // os 1, mr 1, kms device 1, apps 4, compose hashes 7+7+10 = 3
-        1.0 + 1.0 + 1.0 + 4.0 + 3.0
+        // os 1, mr 1, kms device 1, apps 5, compose hashes 7 + 7 + 10 + 10 = 4
+        1.0 + 1.0 + 1.0 + 5.0 + 4.0
     );
     let before = e.mirror.snapshot();
     e.stop().await;

@@ -7,7 +7,8 @@
 //! window → full resync from `start_block`, logged at WARN) → fetch `eth_getLogs` for the KMS and
 //! all known apps in bounded ranges (halved on "too many results", doubled back after each
 //! success) → for apps discovered in the range, fetch their logs for the whole range too and merge
-//! → commit events, the range's last block hash and the checkpoint in one transaction → apply to
+//! (an app registered with `registerApp` that has code also gets its earlier logs from
+//! `start_block`: it may have been configured before it was registered) → commit events, the range's last block hash and the checkpoint in one transaction → apply to
 //! the mirror and publish → one `on-chain sync completed` log line per batch. A restart resumes at
 //! the checkpoint, so an interrupted batch is fetched again and never half-applied.
 
@@ -310,6 +311,26 @@ impl SyncEngine {
         Ok(out)
     }
 
+    /// Logs of `app` in `start..from` (before the range that registered it), in ranges that
+    /// shrink on "too many results".
+    async fn history(&self, app: Address, start: u64, from: u64) -> Result<Vec<Log>, ChainError> {
+        let mut out = Vec::new();
+        let mut size = self.chain.cfg.max_batch_blocks;
+        let mut lo = start;
+        while lo < from {
+            let hi = (from - 1).min(lo + size - 1);
+            match self.logs(&[app], lo, hi).await {
+                Ok(logs) => {
+                    out.extend(logs);
+                    lo = hi + 1;
+                }
+                Err(ChainError::TooManyResults(_)) if size > 1 => size /= 2,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     /// Hashes kept for the range ending at `last`: every block within the reorg window of the
     /// head (only `last` further back), walked down from `last` by parent hash so they form one
     /// chain; a mismatch means a reorg raced the reads and the range is retried.
@@ -376,74 +397,52 @@ impl SyncEngine {
         if !new_apps.is_empty() {
             logs.extend(self.logs(&new_apps, from, to).await?);
         }
-        let mut rows: Vec<(StoredEvent, Event)> = Vec::with_capacity(logs.len());
-        for l in &logs {
-            let (Some(number), Some(hash), Some(index)) =
-                (l.block_number, l.block_hash, l.log_index)
-            else {
-                return Err(ChainError::InconsistentRange(
-                    "a log without block number, hash or index".into(),
-                ));
-            };
-            // A log of another fork at the range's end: the head moved under us; retry later.
-            if l.removed || (number == to && hash != last.hash) {
-                return Err(ChainError::InconsistentRange(format!(
-                    "block {number} changed while its logs were read"
-                )));
-            }
-            let Some(event) = decode(l) else { continue };
-            rows.push((
-                StoredEvent {
-                    block_number: number,
-                    log_index: index,
-                    block_hash: hash,
-                    address: l.inner.address,
-                    kind: event.kind().to_owned(),
-                    topics: l.inner.data.topics().to_vec(),
-                    data: l.inner.data.data.to_vec(),
-                },
-                event,
-            ));
-        }
-        rows.sort_by_key(|(s, _)| (s.block_number, s.log_index));
-        rows.dedup_by_key(|(s, _)| (s.block_number, s.log_index));
-
+        let mut rows = rows_of(kms, &logs, &last)?;
         let blocks = self.window_hashes(head, from, last).await?;
 
-        // An app registered with `registerApp` that emitted nothing may still have code.
-        let mut next_state = (*c.state).clone();
-        for (_, e) in &rows {
-            next_state.apply(e);
-        }
+        // An app deployed by the factory in this range starts here. One registered with
+        // `registerApp` may have no code (refused as such), or may have existed before its
+        // registration: its earlier events are part of its state.
+        let factory: BTreeSet<Address> = rows
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::AppDeployedViaFactory(a) => Some(*a),
+                _ => None,
+            })
+            .collect();
         let mut synthetic = SYNTHETIC_LOG_INDEX;
-        for app in &new_apps {
-            if next_state.apps.get(app).is_some_and(|a| a.has_code) {
-                continue;
-            }
-            let app = *app;
+        for app in new_apps.iter().copied().filter(|a| !factory.contains(a)) {
             let code = self
                 .rpc
                 .call(Method::EthGetCode, |p| async move {
                     p.get_code_at(app).number(to).await
                 })
                 .await?;
-            if !code.is_empty() {
-                let event = Event::CodeObserved(app);
-                next_state.apply(&event);
-                rows.push((
-                    StoredEvent {
-                        block_number: to,
-                        log_index: synthetic,
-                        block_hash: last.hash,
-                        address: app,
-                        kind: event.kind().to_owned(),
-                        topics: Vec::new(),
-                        data: Vec::new(),
-                    },
-                    event,
-                ));
-                synthetic += 1;
+            if code.is_empty() {
+                continue;
             }
+            let history = self.history(app, c.checkpoint.start_block, from).await?;
+            rows.extend(rows_of(kms, &history, &last)?);
+            let event = Event::CodeObserved(app);
+            rows.push((
+                StoredEvent {
+                    block_number: to,
+                    log_index: synthetic,
+                    block_hash: last.hash,
+                    address: app,
+                    kind: event.kind().to_owned(),
+                    topics: Vec::new(),
+                    data: Vec::new(),
+                },
+                event,
+            ));
+            synthetic += 1;
+        }
+        rows.sort_by_key(|(s, _)| (s.block_number, s.log_index));
+        rows.dedup_by_key(|(s, _)| (s.block_number, s.log_index));
+        let mut next_state = (*c.state).clone();
+        for (_, e) in &rows {
+            next_state.apply(e);
         }
 
         let stored: Vec<StoredEvent> = rows.into_iter().map(|(s, _)| s).collect();
@@ -554,6 +553,50 @@ impl SyncEngine {
             .staleness(staleness.map_or(f64::INFINITY, |s| s.as_secs_f64()));
         self.readiness.set(READINESS_COMPONENT, state);
     }
+}
+
+/// Decoded rows of `logs`; logs the mirror does not use are dropped. A removed log, or one at
+/// `last`'s height from another block, means the chain moved while the range was read.
+fn rows_of(
+    kms: Address,
+    logs: &[Log],
+    last: &BlockRef,
+) -> Result<Vec<(StoredEvent, Event)>, ChainError> {
+    let mut rows = Vec::with_capacity(logs.len());
+    for l in logs {
+        let (Some(number), Some(hash), Some(index)) = (l.block_number, l.block_hash, l.log_index)
+        else {
+            return Err(ChainError::InconsistentRange(
+                "a log without block number, hash or index".into(),
+            ));
+        };
+        if l.removed || (number == last.number && hash != last.hash) {
+            return Err(ChainError::InconsistentRange(format!(
+                "block {number} changed while its logs were read"
+            )));
+        }
+        let Some(event) = events::decode(
+            kms,
+            l.inner.address,
+            l.inner.data.topics(),
+            &l.inner.data.data,
+        ) else {
+            continue;
+        };
+        rows.push((
+            StoredEvent {
+                block_number: number,
+                log_index: index,
+                block_hash: hash,
+                address: l.inner.address,
+                kind: event.kind().to_owned(),
+                topics: l.inner.data.topics().to_vec(),
+                data: l.inner.data.data.to_vec(),
+            },
+            event,
+        ));
+    }
+    Ok(rows)
 }
 
 fn addresses_of(state: &MirrorState) -> BTreeSet<Address> {
