@@ -895,36 +895,48 @@ async fn serve_follows_the_chain_and_reports_it() {
     assert!(out.contains(&c.d.app.to_string()), "{out}");
 }
 
-/// A JSON-RPC relay to anvil that refuses `eth_getLogs` over more than `max_blocks` blocks the
-/// way hosted providers do.
-async fn range_limited_relay(to: url::Url, max_blocks: u64) -> url::Url {
+/// How a [`rpc_relay`] misbehaves.
+#[derive(Clone, Copy)]
+enum Misbehave {
+    /// Refuses `eth_getLogs` over more than this many blocks, as hosted providers do.
+    RangeLimit(u64),
+    /// Answers every request with a JSON-RPC server error.
+    Errors,
+}
+
+/// A JSON-RPC relay to anvil that misbehaves as told.
+async fn rpc_relay(to: url::Url, how: Misbehave) -> url::Url {
     use axum::extract::State;
+    use axum::response::IntoResponse;
     use axum::routing::post;
     async fn relay(
-        State((to, max_blocks)): State<(url::Url, u64)>,
+        State((to, how)): State<(url::Url, Misbehave)>,
         body: axum::body::Bytes,
     ) -> axum::response::Response {
-        use axum::response::IntoResponse;
         let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        if req["method"] == "eth_getLogs" {
-            let n = |k: &str| {
-                u64::from_str_radix(
-                    req["params"][0][k]
+        let refuse = |code: i64, message: &str| {
+            axum::Json(serde_json::json!({
+                "jsonrpc": "2.0",
+                "id": req["id"],
+                "error": { "code": code, "message": message },
+            }))
+            .into_response()
+        };
+        match how {
+            Misbehave::Errors => return refuse(-32603, "internal error"),
+            Misbehave::RangeLimit(max_blocks) if req["method"] == "eth_getLogs" => {
+                let n = |k: &str| {
+                    let hex = req["params"][0][k]
                         .as_str()
                         .unwrap()
-                        .trim_start_matches("0x"),
-                    16,
-                )
-                .unwrap()
-            };
-            if n("toBlock") - n("fromBlock") + 1 > max_blocks {
-                return axum::Json(serde_json::json!({
-                    "jsonrpc": "2.0",
-                    "id": req["id"],
-                    "error": { "code": -32005, "message": "query returned more than 10000 results" },
-                }))
-                .into_response();
+                        .trim_start_matches("0x");
+                    u64::from_str_radix(hex, 16).unwrap()
+                };
+                if n("toBlock") - n("fromBlock") + 1 > max_blocks {
+                    return refuse(-32005, "query returned more than 10000 results");
+                }
             }
+            Misbehave::RangeLimit(_) => {}
         }
         let answer = common::http()
             .post(to)
@@ -944,9 +956,36 @@ async fn range_limited_relay(to: url::Url, max_blocks: u64) -> url::Url {
         .unwrap();
     let app = axum::Router::new()
         .route("/", post(relay))
-        .with_state((to, max_blocks));
+        .with_state((to, how));
     tokio::spawn(async move { axum::serve(listener, app).await });
     url
+}
+
+#[tokio::test]
+async fn a_primary_returning_errors_fails_over_to_the_backup() {
+    let c = chain().await;
+    let primary = rpc_relay(c.anvil.url(), Misbehave::Errors).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path()).await;
+    let e = engine(&[primary, c.anvil.url()], &c.d, &store, |_| {});
+    let app = c.app(c.d.app);
+    for i in 0..5u8 {
+        send!(app.addComposeHash(B256::repeat_byte(i)), c.owner);
+    }
+    e.caught_up_to(c.head().await).await;
+    assert_eq!(e.mirror.snapshot().apps[&c.d.app].compose_hashes.len(), 5);
+    assert!(e.metric("dstack_chain_rpc_failovers_total") >= 1.0);
+    assert!(
+        e.metric("dstack_chain_rpc_requests_total{endpoint=\"0\",method=\"eth_chainId\",outcome=\"error\"}")
+            >= 1.0
+    );
+    // The backup carried the load.
+    assert!(
+        e.metric(
+            "dstack_chain_rpc_requests_total{endpoint=\"1\",method=\"eth_getLogs\",outcome=\"ok\"}"
+        ) >= 1.0
+    );
+    e.stop().await;
 }
 
 #[tokio::test]
@@ -956,7 +995,7 @@ async fn log_ranges_shrink_on_too_many_results_and_grow_back() {
     for i in 0..40u8 {
         send!(app.addComposeHash(B256::repeat_byte(i)), c.owner);
     }
-    let relay = range_limited_relay(c.anvil.url(), 4).await;
+    let relay = rpc_relay(c.anvil.url(), Misbehave::RangeLimit(4)).await;
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite_store(dir.path()).await;
     let e = engine(&[relay], &c.d, &store, |cfg| cfg.max_batch_blocks = 64);

@@ -2,8 +2,9 @@
 //!
 //! Flow: [`RpcPool::call`] runs one request on the healthiest endpoint that is not backed off
 //! (ties go to the earlier endpoint in `chain.rpc_urls`, so the primary is used whenever it is
-//! healthy), with `chain.request_timeout`. A failure lowers the endpoint's score, backs it off
-//! exponentially and moves the request to the next endpoint (a failover); when every endpoint is
+//! healthy), with `chain.request_timeout`. A failure halves the endpoint's score, backs it off
+//! exponentially and moves the request to the next endpoint (a failover); the score climbs back
+//! over a minute without failures, so a recovered primary is preferred again. When every endpoint is
 //! backed off, the one that recovers first is tried anyway, so the pool never stops trying. An
 //! `eth_getLogs` refusal for too many results is returned as [`ChainError::TooManyResults`]
 //! without blaming the endpoint: the engine shrinks its range instead. Every request is counted
@@ -24,6 +25,9 @@ use super::metrics::{ChainMetrics, Method, RpcOutcome};
 const BASE_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A failed endpoint's score climbs back to full over this long without new failures, so a
+/// recovered primary is preferred again rather than staying behind a healthy backup for good.
+const SCORE_RECOVERY: Duration = Duration::from_secs(60);
 
 /// Messages nodes use to refuse an `eth_getLogs` range (geth, erigon, anvil, hosted providers).
 const TOO_MANY_RESULTS: [&str; 8] = [
@@ -49,7 +53,26 @@ struct Health {
     score: f64,
     consecutive_failures: u32,
     retry_at: Option<Instant>,
+    last_failure: Option<Instant>,
     last_error: Option<String>,
+}
+
+impl Health {
+    /// The score, recovered linearly towards 1 since the last failure.
+    fn effective_score(&self, now: Instant) -> f64 {
+        match self.last_failure {
+            Some(t) => {
+                let healed =
+                    now.saturating_duration_since(t).as_secs_f64() / SCORE_RECOVERY.as_secs_f64();
+                self.score + (1.0 - self.score) * healed.min(1.0)
+            }
+            None => self.score,
+        }
+    }
+
+    fn backed_off(&self, now: Instant) -> bool {
+        self.retry_at.is_some_and(|t| t > now)
+    }
 }
 
 struct Endpoint {
@@ -94,6 +117,7 @@ impl RpcPool {
                     score: 1.0,
                     consecutive_failures: 0,
                     retry_at: None,
+                    last_failure: None,
                     last_error: None,
                 }),
             })
@@ -121,35 +145,36 @@ impl RpcPool {
                 let h = self.health(i);
                 EndpointHealth {
                     index: index_label(i),
-                    score: h.score,
+                    score: h.effective_score(now),
                     consecutive_failures: h.consecutive_failures,
-                    backed_off: h.retry_at.is_some_and(|t| t > now),
+                    backed_off: h.backed_off(now),
                     last_error: h.last_error,
                 }
             })
             .collect()
     }
 
-    /// Endpoint indexes in the order to try them.
+    /// Endpoint indexes in the order to try them (and the `endpoint_up` gauges refreshed).
     fn order(&self) -> Vec<usize> {
         let now = Instant::now();
-        let mut idx: Vec<(usize, Health)> = (0..self.endpoints.len())
-            .map(|i| (i, self.health(i)))
+        let mut idx: Vec<(usize, bool, i64, Option<Instant>)> = (0..self.endpoints.len())
+            .map(|i| {
+                let h = self.health(i);
+                let backed = h.backed_off(now);
+                self.metrics.endpoint_up(index_label(i), !backed);
+                // Coarse buckets, so the primary wins among similarly healthy endpoints.
+                let bucket = (h.effective_score(now) * 4.0).round() as i64;
+                (i, backed, bucket, h.retry_at)
+            })
             .collect();
-        // Usable first, by score (coarse, so the primary wins among healthy ones), then index;
-        // backed-off ones last, soonest retry first.
-        idx.sort_by(|(ia, a), (ib, b)| {
-            let backed = |h: &Health| h.retry_at.is_some_and(|t| t > now);
-            backed(a)
-                .cmp(&backed(b))
-                .then_with(|| {
-                    let bucket = |h: &Health| (h.score * 4.0).round() as i64;
-                    bucket(b).cmp(&bucket(a))
-                })
-                .then_with(|| a.retry_at.cmp(&b.retry_at))
-                .then_with(|| ia.cmp(ib))
+        // Usable first, by score bucket, then index; backed-off ones last, soonest retry first.
+        idx.sort_by(|a, b| {
+            a.1.cmp(&b.1)
+                .then_with(|| b.2.cmp(&a.2))
+                .then_with(|| a.3.cmp(&b.3))
+                .then_with(|| a.0.cmp(&b.0))
         });
-        idx.into_iter().map(|(i, _)| i).collect()
+        idx.into_iter().map(|(i, ..)| i).collect()
     }
 
     fn record(&self, i: usize, ok: Result<(), String>) {
@@ -159,15 +184,18 @@ impl RpcPool {
             .unwrap_or_else(|e| e.into_inner());
         match ok {
             Ok(()) => {
-                h.score = h.score * 0.8 + 0.2;
+                h.score = h.effective_score(Instant::now()) * 0.8 + 0.2;
+                h.last_failure = None;
                 h.consecutive_failures = 0;
                 h.retry_at = None;
             }
             Err(e) => {
-                h.score *= 0.5;
+                let now = Instant::now();
+                h.score = h.effective_score(now) * 0.5;
+                h.last_failure = Some(now);
                 h.consecutive_failures = h.consecutive_failures.saturating_add(1);
                 let factor = 1u32 << h.consecutive_failures.min(8);
-                h.retry_at = Some(Instant::now() + (BASE_BACKOFF * factor).min(MAX_BACKOFF));
+                h.retry_at = Some(now + (BASE_BACKOFF * factor).min(MAX_BACKOFF));
                 h.last_error = Some(e);
             }
         }
@@ -244,6 +272,22 @@ mod tests {
         ));
         assert!(is_too_many_results(&"Block range too large"));
         assert!(!is_too_many_results(&"connection refused"));
+    }
+
+    #[test]
+    fn a_failed_endpoint_heals_back_to_full_score() {
+        let now = Instant::now();
+        let h = Health {
+            score: 0.5,
+            consecutive_failures: 1,
+            retry_at: None,
+            last_failure: Some(now),
+            last_error: None,
+        };
+        assert!((h.effective_score(now) - 0.5).abs() < 1e-9);
+        let later = now + SCORE_RECOVERY / 2;
+        assert!((h.effective_score(later) - 0.75).abs() < 1e-9);
+        assert!((h.effective_score(now + SCORE_RECOVERY * 2) - 1.0).abs() < 1e-9);
     }
 
     #[tokio::test]
