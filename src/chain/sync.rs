@@ -6,11 +6,13 @@
 //! checkpoint and rebuild the mirror from the remaining events (no ancestor within the retained
 //! window → full resync from `start_block`, logged at WARN) → fetch `eth_getLogs` for the KMS and
 //! all known apps in bounded ranges (halved on "too many results", doubled back after each
-//! success) → for apps discovered in the range, fetch their logs for the whole range too and merge
-//! (an app registered with `registerApp` that has code also gets its earlier logs from
-//! `start_block`: it may have been configured before it was registered) → commit events, the range's last block hash and the checkpoint in one transaction → apply to
-//! the mirror and publish → one `on-chain sync completed` log line per batch. A restart resumes at
-//! the checkpoint, so an interrupted batch is fetched again and never half-applied.
+//! success; the next range is fetched while the current one is committed) → for apps discovered
+//! in the range, fetch their logs for the whole range too and merge (an app registered with
+//! `registerApp` that has code also gets its earlier logs from `start_block`: it may have been
+//! configured before it was registered) → commit events, the block hashes within the reorg window
+//! and the checkpoint in one transaction → apply to the mirror and publish → one `on-chain sync
+//! completed` log line per batch. A restart resumes at the checkpoint, so an interrupted batch is
+//! fetched again and never half-applied.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -65,6 +67,16 @@ pub struct SyncEngine {
     mirror: Arc<Mirror>,
     readiness: Readiness,
     metrics: ChainMetrics,
+}
+
+/// A range's logs as fetched, before they are completed and committed.
+struct Fetched {
+    from: u64,
+    to: u64,
+    last: BlockRef,
+    logs: Vec<Log>,
+    /// The addresses the logs were asked for.
+    covered: BTreeSet<Address>,
 }
 
 /// Mutable state of a running engine.
@@ -364,19 +376,41 @@ impl SyncEngine {
             .collect())
     }
 
-    /// Fetches, decodes and commits `from..=to`, then applies it. Returns the number of events.
+    /// Reads a range's last block and the logs of `addresses` in it.
+    async fn fetch(
+        &self,
+        addresses: BTreeSet<Address>,
+        from: u64,
+        to: u64,
+    ) -> Result<Fetched, ChainError> {
+        // The range's last block is read before its logs: a log of another fork at that height
+        // is caught when the range is processed, a reorg afterwards by the next poll.
+        let last = self.required_block(BlockNumberOrTag::Number(to)).await?;
+        let list: Vec<Address> = addresses.iter().copied().collect();
+        let logs = self.logs(&list, from, to).await?;
+        Ok(Fetched {
+            from,
+            to,
+            last,
+            logs,
+            covered: addresses,
+        })
+    }
+
+    /// Completes, commits and applies a fetched range. Returns the number of events.
     async fn batch(
         &self,
         c: &mut Cursor,
         head: &BlockRef,
-        from: u64,
-        to: u64,
+        fetched: Fetched,
     ) -> Result<usize, ChainError> {
-        // The range's last block is read before its logs: a log of another fork at that height
-        // is caught below, a reorg afterwards by the next poll.
-        let last = self.required_block(BlockNumberOrTag::Number(to)).await?;
-        let known: Vec<Address> = c.addresses.iter().copied().collect();
-        let mut logs = self.logs(&known, from, to).await?;
+        let Fetched {
+            from,
+            to,
+            last,
+            mut logs,
+            covered,
+        } = fetched;
         let kms = self.chain.kms;
         let decode = |l: &Log| {
             events::decode(
@@ -386,16 +420,22 @@ impl SyncEngine {
                 &l.inner.data.data,
             )
         };
-        // Apps registered in this range: their logs in the range were not asked for yet.
-        let new_apps: Vec<Address> = logs
+        // Apps registered in this range, and apps registered in the previous range when this
+        // one was prefetched: their logs in the range were not asked for yet.
+        let new_apps: BTreeSet<Address> = logs
             .iter()
             .filter_map(|l| decode(l)?.discovered_app())
             .filter(|a| !c.addresses.contains(a))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
             .collect();
-        if !new_apps.is_empty() {
-            logs.extend(self.logs(&new_apps, from, to).await?);
+        let missing: Vec<Address> = c
+            .addresses
+            .iter()
+            .chain(&new_apps)
+            .filter(|a| !covered.contains(*a))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            logs.extend(self.logs(&missing, from, to).await?);
         }
         let mut rows = rows_of(kms, &logs, &last)?;
         let blocks = self.window_hashes(head, from, last).await?;
@@ -501,31 +541,71 @@ impl SyncEngine {
         let target = self.target(&head).await?;
         self.check_reorg(c).await?;
         self.report(c, &head, target);
+        let max = self.chain.cfg.max_batch_blocks;
+        // The next range is fetched while the current one is stored and applied.
+        let mut prefetched: Option<Fetched> = None;
         while c.checkpoint.processed_block < target {
             let from = c.checkpoint.processed_block + 1;
-            let to = target.min(from + c.batch_blocks - 1);
-            match self.batch(c, &head, from, to).await {
-                Ok(events) => {
-                    self.metrics.batch(events as u64);
-                    c.batch_blocks = (c.batch_blocks * 2).min(self.chain.cfg.max_batch_blocks);
-                    self.report(c, &head, target);
-                    tracing::info!(
-                        chain_id = c.chain_id,
-                        from_block = from,
-                        to_block = to,
-                        events,
-                        lag_blocks = head.number.saturating_sub(to),
-                        lag_seconds = head.timestamp.saturating_sub(c.processed_timestamp),
-                        "{}",
-                        BATCH_LOG_MESSAGE
-                    );
+            let fetched = match prefetched.take() {
+                Some(f) if f.from == from => Ok(f),
+                _ => {
+                    let to = target.min(from + c.batch_blocks - 1);
+                    self.fetch(c.addresses.clone(), from, to).await
                 }
+            };
+            let fetched = match fetched {
+                Ok(f) => f,
                 Err(ChainError::TooManyResults(detail)) if c.batch_blocks > 1 => {
                     c.batch_blocks = (c.batch_blocks / 2).max(1);
                     tracing::debug!(%detail, batch_blocks = c.batch_blocks, "eth_getLogs range refused: shrinking");
+                    continue;
                 }
                 Err(e) => return Err(e),
-            }
+            };
+            let to = fetched.to;
+            let grown = (c.batch_blocks * 2).min(max);
+            let next_to = target.min(to + grown);
+            let addresses = c.addresses.clone();
+            let next = async {
+                if to < target {
+                    Some(self.fetch(addresses, to + 1, next_to).await)
+                } else {
+                    None
+                }
+            };
+            let (result, next) = tokio::join!(self.batch(c, &head, fetched), next);
+            let events = match result {
+                Ok(events) => events,
+                // A new app's range or history was refused: retry the range smaller.
+                Err(ChainError::TooManyResults(_)) if c.batch_blocks > 1 => {
+                    c.batch_blocks = (c.batch_blocks / 2).max(1);
+                    prefetched = None;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            c.batch_blocks = grown;
+            prefetched = match next {
+                Some(Ok(f)) => Some(f),
+                Some(Err(ChainError::TooManyResults(_))) => {
+                    c.batch_blocks = (c.batch_blocks / 2).max(1);
+                    None
+                }
+                // Fetched again (and its error handled) on the next iteration.
+                Some(Err(_)) | None => None,
+            };
+            self.metrics.batch(events as u64);
+            self.report(c, &head, target);
+            tracing::info!(
+                chain_id = c.chain_id,
+                from_block = from,
+                to_block = to,
+                events,
+                lag_blocks = head.number.saturating_sub(to),
+                lag_seconds = head.timestamp.saturating_sub(c.processed_timestamp),
+                "{}",
+                BATCH_LOG_MESSAGE
+            );
         }
         self.store
             .chain_record_head(c.chain_id, head.number, unix_now())
