@@ -41,6 +41,8 @@ pub struct Inner {
     pub run: RunStart,
     /// When the process started.
     pub started: Instant,
+    /// The on-chain mirror, when `[chain]` is configured.
+    pub chain: Option<Arc<crate::chain::Mirror>>,
 }
 
 impl std::ops::Deref for AppState {

@@ -43,6 +43,18 @@ pub enum Command {
     /// Development helpers (test contracts, test PKI).
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Inspect the on-chain mirror in the store (works whether or not the service runs).
+    #[command(subcommand)]
+    Chain(ChainCommand),
+}
+
+/// `keywarden chain ...`
+#[derive(Debug, Subcommand)]
+pub enum ChainCommand {
+    /// Per chain: head, processed block, lag, and the configured endpoints' health.
+    Status(crate::chain::cli::StoreArgs),
+    /// The mirror's allow-lists, apps and owners, rebuilt from the stored events.
+    State(crate::chain::cli::StoreArgs),
 }
 
 /// `keywarden kms ...`
@@ -219,6 +231,15 @@ pub struct ServeArgs {
     /// Trust the test attestation PKI in DIR (made by `dev test-pki init`). Tests and demos only.
     #[arg(long, value_name = "DIR")]
     pub insecure_test_pki: Option<PathBuf>,
+    /// JSON-RPC endpoint of the chain holding DstackKms (repeatable: primary first, then backups).
+    #[arg(long = "rpc-url", value_name = "URL")]
+    pub rpc_urls: Vec<String>,
+    /// DstackKms proxy address to mirror.
+    #[arg(long, value_name = "ADDRESS")]
+    pub kms_contract: Option<String>,
+    /// First block to sync (the KMS deployment block).
+    #[arg(long, value_name = "N")]
+    pub start_block: Option<u64>,
 }
 
 /// `keywarden config ...`
@@ -367,6 +388,19 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
         Command::Dev(DevCommand::Deploy(args)) => {
             Ok(runtime()?.block_on(crate::chain::cli::run_deploy(args)))
         }
+        Command::Chain(cmd) => {
+            let (args, what) = match cmd {
+                ChainCommand::Status(a) => (a, crate::chain::cli::Report::Status),
+                ChainCommand::State(a) => (a, crate::chain::cli::Report::State),
+            };
+            let overrides = Overrides {
+                data_dir: args.data_dir.clone(),
+                database_url: args.database_url.clone(),
+                ..Overrides::default()
+            };
+            let config = load(cli.config.as_deref(), &overrides)?;
+            Ok(runtime()?.block_on(crate::chain::cli::run_report(config, what, args.json)))
+        }
         Command::Serve(args) => {
             let overrides = Overrides {
                 api_listen: args.api_listen,
@@ -375,6 +409,9 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                 data_dir: args.data_dir,
                 database_url: args.database_url,
                 insecure_test_pki: args.insecure_test_pki,
+                rpc_urls: args.rpc_urls,
+                kms_contract: args.kms_contract,
+                start_block: args.start_block,
             };
             let config = load(cli.config.as_deref(), &overrides)?;
             runtime()?

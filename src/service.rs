@@ -1,25 +1,31 @@
 //! `keywarden serve`: start-up, supervision and shutdown of the whole service.
 //!
-//! Order: logging → insecure-switch warnings → store (migrated) → run record → metrics →
-//! listeners bound (a taken port fails start-up before anything serves) → tasks spawned →
+//! Order: logging → insecure-switch warnings → store (migrated) → run record → metrics (and the
+//! chain mirror, registered not ready, when `[chain]` is configured) → listeners bound (a taken port fails start-up before anything serves) → tasks spawned →
 //! ready. On shutdown: tasks drained within `runtime.shutdown_timeout`, the run marked clean,
 //! the store closed, pending spans exported.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tracing::Instrument as _;
 
 use crate::app::{AppState, HealthMonitor, Inner, unix_now};
+use crate::chain::Mirror;
+use crate::chain::metrics::ChainMetrics;
+use crate::chain::mirror::MirrorState;
+use crate::chain::sync::SyncEngine;
 use crate::config::Config;
 use crate::http::{self, Limits, Server};
 use crate::runtime::{ComponentState, Criticality, Outcome, Readiness, Supervisor};
-use std::sync::Arc;
 
 use crate::attestation::Verifier;
 use crate::attestation::collateral::CollateralProvider;
 use crate::attestation::testpki::TestPki;
-use crate::kms::authz::{AuthBackendKind, Authorizer, DevAuthorizer, NoMirror, WebhookAuthorizer};
+use crate::kms::authz::{
+    AuthBackendKind, Authorizer, ChainAuthorizer, DevAuthorizer, NoMirror, WebhookAuthorizer,
+};
 use crate::kms::dispatch::{ChainMeta, CollateralSource, KmsRpc, KmsRpcParts};
 use crate::kms::root::KmsKeys;
 use crate::kms::server::RpcServer;
@@ -65,7 +71,7 @@ async fn run(config: Config, started: Instant) -> anyhow::Result<u8> {
 
 async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Supervisor)> {
     // First, so a SIGTERM during start-up is handled as a shutdown request.
-    let metrics = Metrics::new();
+    let mut metrics = Metrics::new();
     let supervisor = Supervisor::new(metrics.process.clone());
     for (key, on) in config.insecure_switches() {
         if on {
@@ -98,10 +104,29 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         tracing::warn!("the previous run did not shut down cleanly");
     }
 
-    let kms_rpc = kms_rpc(&config, kms_keys, store.clone(), &metrics)?;
-    let tls = crate::kms::server::tls_config(kms_rpc.keys())?;
+    let chain_metrics = ChainMetrics::new(&mut metrics.registry, config.chain.rpc_urls.len());
     let readiness = Readiness::default();
     readiness.register("listeners");
+    // Registered (not ready) before the listeners serve, so /readyz never reports a mirror that
+    // has not caught up.
+    let chain = config.chain.resolve().map(|resolved| {
+        let mirror = Arc::new(Mirror::new(
+            MirrorState::new(resolved.kms),
+            resolved.cfg.max_staleness,
+            chain_metrics.clone(),
+        ));
+        let engine = SyncEngine::new(
+            resolved,
+            store.clone(),
+            mirror.clone(),
+            readiness.clone(),
+            chain_metrics.clone(),
+        );
+        (mirror, engine)
+    });
+    let (mirror, engine) = chain.unzip();
+    let kms_rpc = kms_rpc(&config, kms_keys, store.clone(), &metrics, mirror.clone())?;
+    let tls = crate::kms::server::tls_config(kms_rpc.keys())?;
     let addr =
         |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let (api_addr, ops_addr) = (addr(&api), addr(&ops));
@@ -121,6 +146,7 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         node_id,
         run,
         started,
+        chain: mirror,
     });
 
     let serve = |name, listener, router, kind| {
@@ -162,6 +188,9 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
             Listener::Admin,
         );
     }
+    if let Some(engine) = engine {
+        supervisor.spawn(engine, Criticality::Critical);
+    }
     supervisor.spawn(
         HealthMonitor {
             state: state.clone(),
@@ -170,10 +199,9 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         Criticality::Optional,
     );
     readiness.set("listeners", ComponentState::Ready);
-    state
-        .health()
-        .await
-        .is_empty()
+    // Only the database must answer now; the chain mirror becomes ready once it has caught up.
+    let not_ready = state.health().await;
+    (!not_ready.iter().any(|p| p.component == "database"))
         .then_some(())
         .context("database did not answer right after start-up")?;
 
@@ -217,6 +245,7 @@ fn kms_rpc(
     keys: KmsKeys,
     store: Store,
     metrics: &Metrics,
+    mirror: Option<Arc<Mirror>>,
 ) -> anyhow::Result<KmsRpc> {
     let verifier = Verifier::new(config.attestation.clone())?;
     let test_pki = match &config.attestation.insecure_test_pki {
@@ -234,7 +263,10 @@ fn kms_rpc(
             config.auth.webhook_url.as_deref().unwrap_or_default(),
             config.auth.webhook_timeout,
         )?),
-        AuthBackendKind::Chain => Arc::new(NoMirror),
+        AuthBackendKind::Chain => match mirror {
+            Some(m) => Arc::new(ChainAuthorizer::new(m)),
+            None => Arc::new(NoMirror),
+        },
     };
     Ok(KmsRpc::new(KmsRpcParts {
         keys,
@@ -244,7 +276,10 @@ fn kms_rpc(
         metrics: metrics.kms.clone(),
         attestation_metrics: metrics.attestation.clone(),
         store,
-        chain: ChainMeta::default(),
+        chain: ChainMeta {
+            kms_contract_address: config.chain.kms_contract.clone(),
+            chain_id: config.chain.chain_id,
+        },
         max_concurrent: config.kms.max_concurrent_requests,
         allow_kms_replication: config.kms.allow_kms_replication,
         os_images: crate::kms::osimage::OsImagePolicy::new(

@@ -38,3 +38,57 @@ pub async fn run_deploy(args: DeployArgs) -> ExitCode {
         }
     }
 }
+
+/// Where `chain status` / `chain state` read from, and how they print.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Data directory of the embedded database.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Database URL: sqlite://PATH or postgres://USER@HOST:PORT/DB.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which report to print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// `chain status`.
+    Status,
+    /// `chain state`.
+    State,
+}
+
+/// Runs `chain status` or `chain state` against the configured store.
+pub async fn run_report(config: crate::config::Config, what: Report, json: bool) -> ExitCode {
+    let result = async {
+        let target = config.database_target().map_err(|e| e.to_string())?;
+        let store = crate::store::Store::open(&config.storage, &target)
+            .await
+            .map_err(|e| e.to_string())?;
+        let out = match what {
+            Report::Status => super::report::status(&store, &config.chain).await,
+            Report::State => super::report::state(&store).await,
+        };
+        store.close().await;
+        out.map_err(|e| e.to_string())
+    }
+    .await;
+    match result {
+        Ok(value) => {
+            if json {
+                println!("{value}");
+            } else {
+                print!("{}", super::report::render_text(&value));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keywarden: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -53,7 +53,7 @@ impl fmt::Display for Deployment {
 
 /// Installs rustls's `ring` provider as the process default if none is installed yet: the HTTP
 /// client is built without a built-in provider.
-fn ensure_crypto_provider() {
+pub(crate) fn ensure_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Losing a race against another installer is fine: a provider is then installed.
         let _ = rustls::crypto::ring::default_provider().install_default();

@@ -8,20 +8,42 @@
 //!   our own test contracts.
 //! - [`deploy`]: deploys our test contracts (DstackKms behind an ERC-1967 proxy, a DstackApp
 //!   implementation, one registered app) to a development node such as anvil.
-//! - [`cli`]: the `dev deploy` command built on [`deploy::deploy`].
+//! - [`cli`]: the `dev deploy`, `chain status` and `chain state` commands.
+//! - [`config`]: the `[chain]` section.
+//! - [`events`]: raw logs → typed [`events::Event`]s (by topic0 and emitter).
+//! - [`mirror`]: the pure in-memory [`mirror::MirrorState`] that events are applied to.
+//! - [`authz`]: `isKmsAllowed` / `isAppAllowed` over a mirror, same order and reasons as the
+//!   contracts.
+//! - [`view`]: the published [`Mirror`] the KMS path reads, with its freshness bound.
+//! - [`rpc`]: the endpoint pool (health-scored failover, backoff, per-request timeout).
+//! - [`sync`]: the sync engine task (bounded `eth_getLogs` ranges, one transaction per batch,
+//!   reorg rewind, app discovery).
+//! - [`store`]: the chain tables of the store.
+//! - [`metrics`]: `dstack_chain_*` / `dstack_kms_*` metrics.
+//! - [`report`]: operator reports (`chain status`, `chain state`, admin API).
 //!
 //! Flow: `contracts/src/*.sol` (our own Solidity, same ABI and check order as dstack's contracts)
 //! → `node contracts/build.mjs` (offline solc) → `contracts/out/*.json` + `contracts-abi/*.json`
-//! (committed) → `sol!` bindings here → transactions and calls over JSON-RPC.
-//!
-//! The sync engine (following governance events reorg-safely into the store) will arrive later and
-//! will build on these bindings.
+//! (committed) → `sol!` bindings here. At run time: RPC pool → sync engine → store (events,
+//! block hashes, checkpoint) → mirror → authorization.
 
+pub mod authz;
 pub mod cli;
+pub mod config;
 pub mod contracts;
 pub mod deploy;
+pub mod events;
+pub mod metrics;
+pub mod mirror;
+pub mod report;
+pub mod rpc;
+pub mod store;
+pub mod sync;
+pub mod view;
 
+pub use config::ChainConfig;
 pub use deploy::{Deployment, deploy, deploy_with_timeout};
+pub use view::Mirror;
 
 /// Errors of the on-chain module.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +80,36 @@ pub enum ChainError {
         /// Transaction hash.
         tx: alloy::primitives::B256,
     },
+    /// Every RPC endpoint failed this request.
+    #[error("every RPC endpoint failed {}; last error: {last}", method.label())]
+    AllEndpointsFailed {
+        /// The method.
+        method: metrics::Method,
+        /// The last endpoint's error.
+        last: String,
+    },
+    /// `eth_getLogs` refused the range as too large.
+    #[error("eth_getLogs range refused: {0}")]
+    TooManyResults(String),
+    /// The node does not know a block it should.
+    #[error("the node returned no block for {0}")]
+    MissingBlock(String),
+    /// The node serves another chain than `chain.chain_id`.
+    #[error(
+        "the RPC endpoint serves chain {actual}, but chain.chain_id is {expected} (fix: point chain.rpc_urls at the right chain or correct chain.chain_id)"
+    )]
+    ChainIdMismatch {
+        /// Configured.
+        expected: u64,
+        /// Reported by `eth_chainId`.
+        actual: u64,
+    },
+    /// A range's logs and blocks disagree (the chain moved while it was read); it is retried.
+    #[error("inconsistent range: {0}")]
+    InconsistentRange(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A compiled artifact in `contracts/out/` is unusable.
     #[error("compiled artifact of {contract} is unusable: {detail}")]
     Artifact {

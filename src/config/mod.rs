@@ -43,6 +43,8 @@ pub struct Config {
     pub kms: crate::kms::root::KmsConfig,
     /// Who authorizes boots.
     pub auth: crate::kms::authz::AuthConfig,
+    /// The on-chain mirror of DstackKms and its apps.
+    pub chain: crate::chain::ChainConfig,
 }
 
 /// The API listener.
@@ -250,6 +252,12 @@ pub struct Overrides {
     pub database_url: Option<String>,
     /// `--insecure-test-pki`
     pub insecure_test_pki: Option<PathBuf>,
+    /// `--rpc-url` (repeatable; replaces `chain.rpc_urls` when given)
+    pub rpc_urls: Vec<String>,
+    /// `--kms-contract`
+    pub kms_contract: Option<String>,
+    /// `--start-block`
+    pub start_block: Option<u64>,
 }
 
 /// One thing wrong with the configuration, and how to fix it.
@@ -362,6 +370,15 @@ impl Config {
         }
         if let Some(d) = &o.insecure_test_pki {
             self.attestation.insecure_test_pki = Some(d.clone());
+        }
+        if !o.rpc_urls.is_empty() {
+            self.chain.rpc_urls.clone_from(&o.rpc_urls);
+        }
+        if let Some(k) = &o.kms_contract {
+            self.chain.kms_contract = Some(k.clone());
+        }
+        if let Some(b) = o.start_block {
+            self.chain.start_block = b;
         }
     }
 
@@ -649,6 +666,8 @@ impl Config {
             );
         }
 
+        problems.extend(self.chain.problems());
+
         if problems.is_empty() {
             Ok(())
         } else {
@@ -693,6 +712,8 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.storage.database_url = shown.storage.database_url.as_deref().map(redact_url);
+        // RPC URLs may carry credentials in their user-info.
+        shown.chain.rpc_urls = shown.chain.rpc_urls.iter().map(|u| redact_url(u)).collect();
         toml::to_string_pretty(&shown)
             .unwrap_or_else(|e| format!("# configuration could not be rendered: {e}\n"))
     }

@@ -20,6 +20,8 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/status", get(status))
         .route("/admin/config", get(config))
         .route("/admin/audit", get(audit))
+        .route("/admin/chain/status", get(chain_status))
+        .route("/admin/chain/state", get(chain_state))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
@@ -93,6 +95,46 @@ async fn audit(
         HttpError::Unavailable("database unavailable".into())
     })?;
     Ok(axum::Json(serde_json::json!({ "records": records })))
+}
+
+fn chain_unavailable(e: crate::chain::ChainError) -> HttpError {
+    tracing::error!(error = %e, "chain report failed");
+    HttpError::Unavailable("database unavailable".into())
+}
+
+/// The stored checkpoints and endpoint probes (as `keywarden chain status`), plus the running
+/// engine's live view.
+async fn chain_status(
+    State(state): State<AppState>,
+) -> Result<axum::Json<serde_json::Value>, HttpError> {
+    let mut report = crate::chain::report::status(&state.store, &state.config.chain)
+        .await
+        .map_err(chain_unavailable)?;
+    report["live"] = match &state.chain {
+        Some(m) => serde_json::json!({
+            "fresh": m.is_fresh(),
+            "staleness_seconds": m.staleness().map(|s| s.as_secs_f64()),
+            "progress": m.progress(),
+        }),
+        None => serde_json::Value::Null,
+    };
+    Ok(axum::Json(report))
+}
+
+/// The mirror's allow-lists, apps and owners: the live snapshot when the engine runs, else
+/// rebuilt from the store (as `keywarden chain state`).
+async fn chain_state(
+    State(state): State<AppState>,
+) -> Result<axum::Json<serde_json::Value>, HttpError> {
+    let report = match &state.chain {
+        Some(m) => serde_json::json!({
+            "chains": [crate::chain::report::state_json(&m.snapshot())],
+        }),
+        None => crate::chain::report::state(&state.store)
+            .await
+            .map_err(chain_unavailable)?,
+    };
+    Ok(axum::Json(report))
 }
 
 #[cfg(test)]

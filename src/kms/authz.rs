@@ -120,6 +120,76 @@ impl Authorizer for NoMirror {
     }
 }
 
+/// The local on-chain mirror: the same answer the contracts would give, from memory, refusing
+/// with `chain_state_stale` when the mirror is older than `max_staleness`.
+#[derive(Debug)]
+pub struct ChainAuthorizer {
+    mirror: std::sync::Arc<crate::chain::Mirror>,
+}
+
+impl ChainAuthorizer {
+    /// Authorizes from `mirror`.
+    pub fn new(mirror: std::sync::Arc<crate::chain::Mirror>) -> Self {
+        Self { mirror }
+    }
+}
+
+/// The contracts' `AppBootInfo` for a verified boot (fixed-size fields; a shorter value, such as
+/// an empty instance id, is zero-padded as the ABI encoding of `address`/`bytes32` would be).
+pub fn auth_query(boot: &BootInfo) -> crate::chain::authz::AuthQuery {
+    fn fixed<const N: usize>(v: &[u8]) -> [u8; N] {
+        let mut out = [0u8; N];
+        let n = v.len().min(N);
+        out[..n].copy_from_slice(&v[..n]);
+        out
+    }
+    crate::chain::authz::AuthQuery {
+        app_id: fixed(&boot.app_id),
+        compose_hash: fixed(&boot.compose_hash),
+        instance_id: fixed(&boot.instance_id),
+        device_id: fixed(&boot.device_id),
+        mr_aggregated: fixed(&boot.mr_aggregated),
+        mr_system: fixed(&boot.mr_system),
+        os_image_hash: fixed(&boot.os_image_hash),
+        tcb_status: boot.tcb_status.clone(),
+        advisory_ids: boot.advisory_ids.clone(),
+    }
+}
+
+impl Authorizer for ChainAuthorizer {
+    fn authorize<'a>(
+        &'a self,
+        boot: &'a BootInfo,
+        is_kms: bool,
+    ) -> BoxFuture<'a, Result<AuthDecision, AuthError>> {
+        Box::pin(async move {
+            let q = auth_query(boot);
+            let d = if is_kms {
+                self.mirror.authorize_kms(&q)
+            } else {
+                self.mirror.authorize_app(&q)
+            };
+            if d.reason == crate::chain::authz::Reason::ChainStateStale {
+                return Err(AuthError::Stale(format!(
+                    "the mirror has not caught up with the chain within max_staleness (last caught up {})",
+                    self.mirror
+                        .staleness()
+                        .map_or("never".into(), |s| format!("{} s ago", s.as_secs()))
+                )));
+            }
+            Ok(AuthDecision {
+                allowed: d.allowed,
+                reason: if d.allowed {
+                    String::new()
+                } else {
+                    d.reason_str().to_owned()
+                },
+                gateway_app_id: self.mirror.snapshot().kms.gateway_app_id.clone(),
+            })
+        })
+    }
+}
+
 /// Upstream's auth API: `POST {url}/bootAuth/app` or `/bootAuth/kms` with the boot info as
 /// camelCase JSON, answered with `{"isAllowed", "gatewayAppId", "reason"}`.
 #[derive(Debug)]

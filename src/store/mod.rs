@@ -68,9 +68,12 @@ pub enum StoreError {
     Timeout(Duration),
 }
 
+/// The pool of the selected database (visible to sibling modules' `impl Store` blocks).
 #[derive(Clone, Debug)]
-enum Backend {
+pub(crate) enum Backend {
+    /// SQLite.
     Sqlite(SqlitePool),
+    /// PostgreSQL.
     Postgres(PgPool),
 }
 
@@ -112,7 +115,7 @@ pub(crate) use {on_backend, write_tx};
 /// The persistent store. Cheap to clone (pools are shared).
 #[derive(Clone, Debug)]
 pub struct Store {
-    backend: Backend,
+    pub(crate) backend: Backend,
     target: String,
 }
 

@@ -1,0 +1,214 @@
+//! The `[chain]` configuration section: which chain to mirror and how to follow it.
+//!
+//! Flow: part of [`crate::config::Config`] (file ← environment ← `serve --rpc-url/--kms-contract/
+//! --start-block`); [`ChainConfig::problems`] joins the config validation; [`ChainConfig::resolve`]
+//! turns it into typed values for the sync engine. An empty `rpc_urls` turns the mirror off.
+
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Problem;
+
+/// Which block the engine treats as final enough to apply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finality {
+    /// The latest block minus `confirmations`.
+    #[default]
+    Latest,
+    /// The node's `safe` block.
+    Safe,
+    /// The node's `finalized` block.
+    Finalized,
+}
+
+/// `[chain]`: the DstackKms mirror.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChainConfig {
+    /// JSON-RPC endpoints (HTTP), primary first; empty turns the mirror off.
+    pub rpc_urls: Vec<String>,
+    /// The DstackKms proxy address.
+    pub kms_contract: Option<String>,
+    /// Expected chain id; checked against `eth_chainId` at start-up when set.
+    pub chain_id: Option<u64>,
+    /// First block to sync (the KMS deployment block).
+    pub start_block: u64,
+    /// Blocks behind the latest block that are applied (`finality = "latest"` only).
+    pub confirmations: u64,
+    /// `latest` (with `confirmations`), `safe` or `finalized`.
+    pub finality: Finality,
+    /// How often the head is polled once caught up.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Largest `eth_getLogs` block range (the range shrinks on "too many results" and grows back).
+    pub max_batch_blocks: u64,
+    /// Recent blocks whose hashes are kept to find the common ancestor after a reorg; a deeper
+    /// reorg triggers a full resync.
+    pub reorg_window: u64,
+    /// Authorization fails closed (`chain_state_stale`) when the engine has not seen the head and
+    /// caught up for this long.
+    #[serde(with = "humantime_serde")]
+    pub max_staleness: Duration,
+    /// Per-request timeout for each endpoint.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for ChainConfig {
+    fn default() -> Self {
+        Self {
+            rpc_urls: Vec::new(),
+            kms_contract: None,
+            chain_id: None,
+            start_block: 0,
+            confirmations: 2,
+            finality: Finality::Latest,
+            poll_interval: Duration::from_secs(1),
+            max_batch_blocks: 2000,
+            reorg_window: 64,
+            max_staleness: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The `[chain]` section, checked and typed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedChain {
+    /// Endpoints, primary first.
+    pub urls: Vec<url::Url>,
+    /// DstackKms proxy.
+    pub kms: Address,
+    /// The rest as configured.
+    pub cfg: ChainConfig,
+}
+
+impl ChainConfig {
+    /// Whether the mirror runs.
+    pub fn enabled(&self) -> bool {
+        !self.rpc_urls.is_empty()
+    }
+
+    /// Every problem of the section, each with its fix.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut push = |key: &str, problem: String, fix: &str| {
+            out.push(Problem {
+                key: format!("chain.{key}"),
+                problem,
+                fix: fix.into(),
+            })
+        };
+        for (i, raw) in self.rpc_urls.iter().enumerate() {
+            match url::Url::parse(raw) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                Ok(u) => push(
+                    "rpc_urls",
+                    format!("entry {i} has unsupported scheme {:?}", u.scheme()),
+                    "use http://HOST:PORT or https://HOST/PATH",
+                ),
+                Err(e) => push(
+                    "rpc_urls",
+                    format!("entry {i} is a malformed URL: {e}"),
+                    "use http://HOST:PORT or https://HOST/PATH",
+                ),
+            }
+        }
+        if self.enabled() {
+            match self.kms_contract.as_deref().map(str::parse::<Address>) {
+                None => push(
+                    "kms_contract",
+                    "is not set but chain.rpc_urls is".into(),
+                    "set it to the DstackKms proxy address (0x followed by 40 hex digits), or --kms-contract",
+                ),
+                Some(Err(e)) => push(
+                    "kms_contract",
+                    format!("is not an address: {e}"),
+                    "use 0x followed by 40 hex digits",
+                ),
+                Some(Ok(_)) => {}
+            }
+        }
+        let positive = [
+            ("poll_interval", self.poll_interval),
+            ("max_staleness", self.max_staleness),
+            ("request_timeout", self.request_timeout),
+        ];
+        for (key, d) in positive {
+            if d.is_zero() {
+                push(
+                    key,
+                    "must be positive".into(),
+                    "use a duration such as \"1s\"",
+                );
+            }
+        }
+        if self.max_batch_blocks == 0 {
+            push(
+                "max_batch_blocks",
+                "must be at least 1".into(),
+                "use 2000 (the default) or what your provider allows",
+            );
+        }
+        if self.reorg_window == 0 {
+            push(
+                "reorg_window",
+                "must be at least 1".into(),
+                "use 64 (the default)",
+            );
+        }
+        out
+    }
+
+    /// The section as typed values; `None` when the mirror is off. Call after validation.
+    pub fn resolve(&self) -> Option<ResolvedChain> {
+        if !self.enabled() {
+            return None;
+        }
+        let urls = self
+            .rpc_urls
+            .iter()
+            .map(|u| url::Url::parse(u).ok())
+            .collect::<Option<Vec<_>>>()?;
+        let kms = self.kms_contract.as_deref()?.parse().ok()?;
+        Some(ResolvedChain {
+            urls,
+            kms,
+            cfg: self.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_url_and_address_are_reported_with_fixes() {
+        let c = ChainConfig {
+            rpc_urls: vec!["not a url".into(), "ws://x".into()],
+            kms_contract: Some("0x123".into()),
+            ..ChainConfig::default()
+        };
+        let p = c.problems();
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p.iter().all(|p| !p.fix.is_empty()));
+        assert!(c.resolve().is_none());
+    }
+
+    #[test]
+    fn off_by_default_and_resolves_when_complete() {
+        assert!(ChainConfig::default().problems().is_empty());
+        assert!(ChainConfig::default().resolve().is_none());
+        let c = ChainConfig {
+            rpc_urls: vec!["http://127.0.0.1:8545".into()],
+            kms_contract: Some("0x00000000000000000000000000000000000000aa".into()),
+            ..ChainConfig::default()
+        };
+        assert!(c.problems().is_empty());
+        assert!(c.resolve().is_some());
+    }
+}

@@ -1,0 +1,311 @@
+//! The in-memory mirror of DstackKms and its apps: what the contracts' state is after the events
+//! seen so far.
+//!
+//! Flow: the sync engine rebuilds a [`MirrorState`] from the stored events on start-up (and after a
+//! rewind), then [`MirrorState::apply`]s each committed batch and publishes a snapshot through
+//! [`super::Mirror`]. Applying is pure (no I/O) and idempotent per event, so `PolicyChanged` can be
+//! applied next to the typed event it duplicates.
+
+use std::collections::{HashMap, HashSet};
+
+use alloy::primitives::{Address, B256, Bytes};
+use serde::Serialize;
+
+use super::contracts::{policy, policy_label};
+use super::events::Event;
+
+/// Per-app policy of a DstackApp proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AppPolicy {
+    /// Allowed compose hashes.
+    pub compose_hashes: HashSet<B256>,
+    /// Allowed device ids.
+    pub devices: HashSet<B256>,
+    /// Any device may run the app.
+    pub allow_any_device: bool,
+    /// The TCB status must be `UpToDate`.
+    pub require_tcb_up_to_date: bool,
+    /// `disableUpgrades()` was called.
+    pub upgrades_disabled: bool,
+    /// `owner()`.
+    pub owner: Option<Address>,
+    /// `pendingOwner()` during a two-step transfer.
+    pub pending_owner: Option<Address>,
+    /// The proxy's implementation (from `Upgraded`).
+    pub implementation: Option<Address>,
+    /// The address is known to hold code (it emitted a log, was deployed by the factory, or
+    /// `eth_getCode` said so).
+    pub has_code: bool,
+}
+
+/// The DstackKms's own state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KmsState {
+    /// `kmsAllowedAggregatedMrs`.
+    pub allowed_aggregated_mrs: HashSet<B256>,
+    /// `kmsAllowedDeviceIds`.
+    pub devices: HashSet<B256>,
+    /// `allowedOsImages`.
+    pub os_images: HashSet<B256>,
+    /// `kmsInfo.k256Pubkey` (the quote and event log are set without events).
+    pub k256_pubkey: Bytes,
+    /// `gatewayAppId`.
+    pub gateway_app_id: String,
+    /// `appImplementation`.
+    pub app_implementation: Option<Address>,
+    /// `owner()`.
+    pub owner: Option<Address>,
+    /// `pendingOwner()`.
+    pub pending_owner: Option<Address>,
+    /// The proxy's implementation (from `Upgraded`).
+    pub implementation: Option<Address>,
+}
+
+/// Everything the KMS path needs to answer `isKmsAllowed` / `isAppAllowed` locally.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MirrorState {
+    /// The watched DstackKms proxy.
+    pub kms_address: Address,
+    /// Its state.
+    pub kms: KmsState,
+    /// `registeredApps`.
+    pub registered_apps: HashSet<Address>,
+    /// Policy of every app that emitted an event or was registered, by address.
+    pub apps: HashMap<Address, AppPolicy>,
+}
+
+/// Sizes of the mirror's sets, for metrics and status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MirrorSizes {
+    /// Allowed aggregated MRs.
+    pub allowed_aggregated_mrs: usize,
+    /// Allowed KMS devices.
+    pub kms_devices: usize,
+    /// Allowed OS images.
+    pub os_images: usize,
+    /// Registered apps.
+    pub registered_apps: usize,
+    /// Compose hashes over all apps.
+    pub compose_hashes: usize,
+}
+
+fn set<T: std::hash::Hash + Eq>(s: &mut HashSet<T>, item: T, present: bool) {
+    if present {
+        s.insert(item);
+    } else {
+        s.remove(&item);
+    }
+}
+
+fn word_address(v: B256) -> Address {
+    Address::from_word(v)
+}
+
+fn nonzero(a: Address) -> Option<Address> {
+    (!a.is_zero()).then_some(a)
+}
+
+impl MirrorState {
+    /// An empty mirror of the DstackKms at `kms_address`.
+    pub fn new(kms_address: Address) -> Self {
+        Self {
+            kms_address,
+            ..Self::default()
+        }
+    }
+
+    fn app(&mut self, a: Address) -> &mut AppPolicy {
+        self.apps.entry(a).or_default()
+    }
+
+    fn register(&mut self, a: Address) {
+        self.registered_apps.insert(a);
+        self.app(a);
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, event: &Event) {
+        let kms = self.kms_address;
+        // Any log from an app proves it has code.
+        if let Some(emitter) = emitter(event)
+            && emitter != kms
+        {
+            self.app(emitter).has_code = true;
+        }
+        match event {
+            Event::AppRegistered(a) => self.register(*a),
+            Event::AppDeployedViaFactory(a) => {
+                self.register(*a);
+                self.app(*a).has_code = true;
+            }
+            Event::CodeObserved(a) => self.app(*a).has_code = true,
+            Event::KmsInfoSet(k) => self.kms.k256_pubkey = k.clone(),
+            Event::KmsAggregatedMr(v, on) => set(&mut self.kms.allowed_aggregated_mrs, *v, *on),
+            Event::KmsDevice(v, on) => set(&mut self.kms.devices, *v, *on),
+            Event::OsImage(v, on) => set(&mut self.kms.os_images, *v, *on),
+            Event::GatewayAppIdSet(s) => self.kms.gateway_app_id.clone_from(s),
+            Event::AppImplementationSet(a) => self.kms.app_implementation = nonzero(*a),
+            Event::ComposeHash(app, v, on) => set(&mut self.app(*app).compose_hashes, *v, *on),
+            Event::Device(app, v, on) => set(&mut self.app(*app).devices, *v, *on),
+            Event::AllowAnyDevice(app, on) => self.app(*app).allow_any_device = *on,
+            Event::RequireTcbUpToDate(app, on) => self.app(*app).require_tcb_up_to_date = *on,
+            Event::UpgradesDisabled(app) => self.app(*app).upgrades_disabled = true,
+            Event::Upgraded(e, imp) => {
+                if *e == kms {
+                    self.kms.implementation = Some(*imp);
+                } else {
+                    self.app(*e).implementation = Some(*imp);
+                }
+            }
+            Event::OwnershipTransferStarted(e, new) => {
+                if *e == kms {
+                    self.kms.pending_owner = nonzero(*new);
+                } else {
+                    self.app(*e).pending_owner = nonzero(*new);
+                }
+            }
+            Event::OwnershipTransferred(e, new) => {
+                let (owner, pending) = if *e == kms {
+                    (&mut self.kms.owner, &mut self.kms.pending_owner)
+                } else {
+                    let app = self.app(*e);
+                    (&mut app.owner, &mut app.pending_owner)
+                };
+                *owner = nonzero(*new);
+                *pending = None;
+            }
+            Event::PolicyChanged(e, id, value, enabled) => {
+                self.apply_policy(*e, *id, *value, *enabled)
+            }
+        }
+    }
+
+    /// `PolicyChanged` carries the same change as the typed event emitted next to it; applying it
+    /// too keeps the mirror right if a deployment's typed event differs. Hash-only values
+    /// (`kms-info`, `gateway-app-id`) cannot be applied and are left to the typed events.
+    fn apply_policy(&mut self, emitter: Address, id: B256, value: B256, enabled: bool) {
+        let Some(label) = policy_label(id) else {
+            return;
+        };
+        let from_kms = emitter == self.kms_address;
+        match (from_kms, label) {
+            (true, policy::REGISTERED_APP) if enabled => self.register(word_address(value)),
+            (true, policy::KMS_AGGREGATED_MR) => {
+                set(&mut self.kms.allowed_aggregated_mrs, value, enabled)
+            }
+            (true, policy::KMS_DEVICE) => set(&mut self.kms.devices, value, enabled),
+            (true, policy::OS_IMAGE) => set(&mut self.kms.os_images, value, enabled),
+            (true, policy::APP_IMPLEMENTATION) => {
+                self.kms.app_implementation = nonzero(word_address(value))
+            }
+            (true, policy::IMPLEMENTATION_UPGRADE) => {
+                self.kms.implementation = Some(word_address(value))
+            }
+            (false, policy::COMPOSE_HASH) => {
+                set(&mut self.app(emitter).compose_hashes, value, enabled)
+            }
+            (false, policy::DEVICE) => set(&mut self.app(emitter).devices, value, enabled),
+            (false, policy::ALLOW_ANY_DEVICE) => self.app(emitter).allow_any_device = enabled,
+            (false, policy::REQUIRE_TCB_UP_TO_DATE) => {
+                self.app(emitter).require_tcb_up_to_date = enabled
+            }
+            (false, policy::UPGRADES_DISABLED) => self.app(emitter).upgrades_disabled = true,
+            (false, policy::IMPLEMENTATION_UPGRADE) => {
+                self.app(emitter).implementation = Some(word_address(value))
+            }
+            _ => {}
+        }
+    }
+
+    /// Sizes of the sets, for metrics.
+    pub fn sizes(&self) -> MirrorSizes {
+        MirrorSizes {
+            allowed_aggregated_mrs: self.kms.allowed_aggregated_mrs.len(),
+            kms_devices: self.kms.devices.len(),
+            os_images: self.kms.os_images.len(),
+            registered_apps: self.registered_apps.len(),
+            compose_hashes: self.apps.values().map(|a| a.compose_hashes.len()).sum(),
+        }
+    }
+}
+
+/// The contract that emitted `event`, for events that carry it.
+fn emitter(event: &Event) -> Option<Address> {
+    match event {
+        Event::ComposeHash(e, ..)
+        | Event::Device(e, ..)
+        | Event::AllowAnyDevice(e, _)
+        | Event::RequireTcbUpToDate(e, _)
+        | Event::UpgradesDisabled(e)
+        | Event::Upgraded(e, _)
+        | Event::OwnershipTransferStarted(e, _)
+        | Event::OwnershipTransferred(e, _)
+        | Event::PolicyChanged(e, ..) => Some(*e),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use alloy::primitives::address;
+
+    use super::*;
+    use crate::chain::contracts::policy_id;
+
+    const KMS: Address = address!("00000000000000000000000000000000000000aa");
+    const APP: Address = address!("00000000000000000000000000000000000000bb");
+    const ALICE: Address = address!("00000000000000000000000000000000000000a1");
+
+    #[test]
+    fn adds_and_removes_are_reflected_and_idempotent() {
+        let mut m = MirrorState::new(KMS);
+        let h = B256::repeat_byte(1);
+        for e in [
+            Event::OsImage(h, true),
+            Event::OsImage(h, true),
+            Event::PolicyChanged(KMS, policy_id(policy::OS_IMAGE), h, true),
+        ] {
+            m.apply(&e);
+        }
+        assert_eq!(m.kms.os_images.len(), 1);
+        m.apply(&Event::OsImage(h, false));
+        assert!(m.kms.os_images.is_empty());
+    }
+
+    #[test]
+    fn app_events_before_registration_are_kept() {
+        let mut m = MirrorState::new(KMS);
+        m.apply(&Event::ComposeHash(APP, B256::repeat_byte(2), true));
+        assert!(m.registered_apps.is_empty());
+        m.apply(&Event::AppRegistered(APP));
+        assert!(m.registered_apps.contains(&APP));
+        assert!(m.apps[&APP].has_code);
+        assert_eq!(m.sizes().compose_hashes, 1);
+    }
+
+    #[test]
+    fn two_step_ownership_tracks_pending_owner() {
+        let mut m = MirrorState::new(KMS);
+        m.apply(&Event::OwnershipTransferred(APP, KMS));
+        m.apply(&Event::OwnershipTransferStarted(APP, ALICE));
+        assert_eq!(m.apps[&APP].pending_owner, Some(ALICE));
+        m.apply(&Event::OwnershipTransferred(APP, ALICE));
+        assert_eq!(m.apps[&APP].owner, Some(ALICE));
+        assert_eq!(m.apps[&APP].pending_owner, None);
+        m.apply(&Event::OwnershipTransferred(KMS, Address::ZERO));
+        assert_eq!(m.kms.owner, None);
+    }
+
+    #[test]
+    fn registered_app_policy_registers_without_code() {
+        let mut m = MirrorState::new(KMS);
+        m.apply(&Event::PolicyChanged(
+            KMS,
+            policy_id(policy::REGISTERED_APP),
+            APP.into_word(),
+            true,
+        ));
+        assert!(m.registered_apps.contains(&APP));
+        assert!(!m.apps[&APP].has_code);
+    }
+}

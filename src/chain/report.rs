@@ -1,0 +1,201 @@
+//! Operator reports on the mirror, shared by `keywarden chain status|state` and the admin API.
+//!
+//! Flow: [`status`] reads every chain's checkpoint from the store (and probes the configured
+//! endpoints, so it answers whether or not the service runs); [`state`] rebuilds each chain's
+//! mirror from the stored events. Both return JSON; [`render_text`] prints it for humans.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, B256};
+use alloy::providers::Provider;
+use serde_json::{Value, json};
+
+use super::ChainError;
+use super::config::ChainConfig;
+use super::metrics::{ChainMetrics, Method};
+use super::mirror::MirrorState;
+use super::rpc::RpcPool;
+use super::sync::rebuild;
+use crate::store::Store;
+
+fn sorted<T: ToString>(items: &HashSet<T>) -> Vec<String> {
+    let mut v: Vec<String> = items.iter().map(ToString::to_string).collect();
+    v.sort();
+    v
+}
+
+fn opt(a: Option<Address>) -> Value {
+    a.map_or(Value::Null, |a| json!(a.to_string()))
+}
+
+/// The mirror as JSON with sorted lists.
+pub fn state_json(m: &MirrorState) -> Value {
+    let mut apps: Vec<(&Address, _)> = m.apps.iter().collect();
+    apps.sort_by_key(|(a, _)| **a);
+    let apps: Vec<Value> = apps
+        .into_iter()
+        .map(|(address, p)| {
+            json!({
+                "address": address.to_string(),
+                "registered": m.registered_apps.contains(address),
+                "has_code": p.has_code,
+                "owner": opt(p.owner),
+                "pending_owner": opt(p.pending_owner),
+                "implementation": opt(p.implementation),
+                "compose_hashes": sorted(&p.compose_hashes),
+                "devices": sorted(&p.devices),
+                "allow_any_device": p.allow_any_device,
+                "require_tcb_up_to_date": p.require_tcb_up_to_date,
+                "upgrades_disabled": p.upgrades_disabled,
+            })
+        })
+        .collect();
+    let k = &m.kms;
+    json!({
+        "kms": {
+            "address": m.kms_address.to_string(),
+            "owner": opt(k.owner),
+            "pending_owner": opt(k.pending_owner),
+            "implementation": opt(k.implementation),
+            "app_implementation": opt(k.app_implementation),
+            "gateway_app_id": k.gateway_app_id,
+            "k256_pubkey": k.k256_pubkey.to_string(),
+            "allowed_aggregated_mrs": sorted::<B256>(&k.allowed_aggregated_mrs),
+            "devices": sorted::<B256>(&k.devices),
+            "os_images": sorted::<B256>(&k.os_images),
+        },
+        "sizes": m.sizes(),
+        "apps": apps,
+    })
+}
+
+/// Every chain's checkpoint with lag, and the configured endpoints' health right now.
+pub async fn status(store: &Store, chain: &ChainConfig) -> Result<Value, ChainError> {
+    let now = crate::app::unix_now();
+    let chains: Vec<Value> = store
+        .chain_checkpoints()
+        .await?
+        .into_iter()
+        .map(|c| {
+            json!({
+                "chain_id": c.chain_id,
+                "kms_contract": c.kms_contract.to_string(),
+                "start_block": c.start_block,
+                "processed_block": c.processed_block,
+                "head_block": c.head_block,
+                "lag_blocks": c.head_block.saturating_sub(c.processed_block),
+                "backfill_percent": backfill_percent(&c),
+                "head_seen_seconds_ago": now.saturating_sub(c.head_seen_at),
+            })
+        })
+        .collect();
+    Ok(json!({ "chains": chains, "endpoints": probe(chain).await }))
+}
+
+/// Share of `start_block..=head_block` processed, in percent (one decimal).
+fn backfill_percent(c: &super::store::Checkpoint) -> f64 {
+    let total = c.head_block.saturating_sub(c.start_block) + 1;
+    let done = (c.processed_block + 1)
+        .saturating_sub(c.start_block)
+        .min(total);
+    (done as f64 * 1000.0 / total as f64).round() / 10.0
+}
+
+/// Asks each configured endpoint for its newest block, once, with the configured timeout.
+async fn probe(chain: &ChainConfig) -> Vec<Value> {
+    let Some(resolved) = chain.resolve() else {
+        return Vec::new();
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = ChainMetrics::new(&mut registry, 1);
+    let mut out = Vec::new();
+    for (index, url) in resolved.urls.iter().enumerate() {
+        let pool = RpcPool::new(
+            std::slice::from_ref(url),
+            chain.request_timeout,
+            metrics.clone(),
+        );
+        let started = Instant::now();
+        let answer = pool
+            .call(Method::EthGetBlockByNumber, |p| async move {
+                p.get_block_number().await
+            })
+            .await;
+        let ms = Duration::as_millis(&started.elapsed());
+        out.push(match answer {
+            Ok(block) => json!({ "index": index, "ok": true, "block": block, "latency_ms": ms }),
+            Err(e) => {
+                json!({ "index": index, "ok": false, "error": e.to_string(), "latency_ms": ms })
+            }
+        });
+    }
+    out
+}
+
+/// Every chain's mirror, rebuilt from the stored events.
+pub async fn state(store: &Store) -> Result<Value, ChainError> {
+    let mut chains = Vec::new();
+    for c in store.chain_checkpoints().await? {
+        let events = store.chain_events(c.chain_id).await?;
+        let mirror = rebuild(c.kms_contract, &events);
+        let mut v = state_json(&mirror);
+        v["chain_id"] = json!(c.chain_id);
+        v["processed_block"] = json!(c.processed_block);
+        chains.push(v);
+    }
+    Ok(json!({ "chains": chains }))
+}
+
+/// JSON as indented `key: value` lines.
+pub fn render_text(v: &Value) -> String {
+    let mut out = String::new();
+    render(v, 0, &mut out);
+    out
+}
+
+fn render(v: &Value, depth: usize, out: &mut String) {
+    let pad = "  ".repeat(depth);
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    Value::Object(_) | Value::Array(_) if !is_empty(v) => {
+                        out.push_str(&format!("{pad}{k}:\n"));
+                        render(v, depth + 1, out);
+                    }
+                    _ => out.push_str(&format!("{pad}{k}: {}\n", scalar(v))),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                match item {
+                    Value::Object(_) | Value::Array(_) => {
+                        out.push_str(&format!("{pad}-\n"));
+                        render(item, depth + 1, out);
+                    }
+                    _ => out.push_str(&format!("{pad}- {}\n", scalar(item))),
+                }
+            }
+        }
+        _ => out.push_str(&format!("{pad}{}\n", scalar(v))),
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(_) => "[]".into(),
+        Value::Object(_) => "{}".into(),
+        other => other.to_string(),
+    }
+}

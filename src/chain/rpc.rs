@@ -1,0 +1,317 @@
+//! The RPC endpoint pool: health-scored failover with backoff over a chain's HTTP endpoints.
+//!
+//! Flow: [`RpcPool::call`] runs one request on the healthiest endpoint that is not backed off
+//! (ties go to the earlier endpoint in `chain.rpc_urls`, so the primary is used whenever it is
+//! healthy), with `chain.request_timeout`. A failure halves the endpoint's score, backs it off
+//! exponentially and moves the request to the next endpoint (a failover); the score climbs back
+//! over a minute without failures, so a recovered primary is preferred again. When every endpoint is
+//! backed off, the one that recovers first is tried anyway, so the pool never stops trying. An
+//! `eth_getLogs` refusal for too many results is returned as [`ChainError::TooManyResults`]
+//! without blaming the endpoint: the engine shrinks its range instead. Every request is counted
+//! and timed by endpoint index, method and outcome.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::transports::TransportResult;
+use serde::Serialize;
+
+use super::ChainError;
+use super::metrics::{ChainMetrics, Method, RpcOutcome};
+
+/// First backoff after a failure; doubles per consecutive failure up to [`MAX_BACKOFF`].
+const BASE_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest backoff.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A failed endpoint's score climbs back to full over this long without new failures, so a
+/// recovered primary is preferred again rather than staying behind a healthy backup for good.
+const SCORE_RECOVERY: Duration = Duration::from_secs(60);
+
+/// Messages nodes use to refuse an `eth_getLogs` range (geth, erigon, anvil, hosted providers).
+const TOO_MANY_RESULTS: [&str; 8] = [
+    "query returned more than",
+    "too many results",
+    "too many logs",
+    "block range too large",
+    "block range is too large",
+    "exceed maximum block range",
+    "limit exceeded",
+    "response size exceeded",
+];
+
+/// Whether `err` is a node refusing an `eth_getLogs` range as too large.
+pub fn is_too_many_results(err: &dyn std::fmt::Display) -> bool {
+    let text = err.to_string().to_ascii_lowercase();
+    TOO_MANY_RESULTS.iter().any(|p| text.contains(p))
+}
+
+#[derive(Debug, Clone)]
+struct Health {
+    /// Exponentially weighted success rate, 0..=1.
+    score: f64,
+    consecutive_failures: u32,
+    retry_at: Option<Instant>,
+    last_failure: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl Health {
+    /// The score, recovered linearly towards 1 since the last failure.
+    fn effective_score(&self, now: Instant) -> f64 {
+        match self.last_failure {
+            Some(t) => {
+                let healed =
+                    now.saturating_duration_since(t).as_secs_f64() / SCORE_RECOVERY.as_secs_f64();
+                self.score + (1.0 - self.score) * healed.min(1.0)
+            }
+            None => self.score,
+        }
+    }
+
+    fn backed_off(&self, now: Instant) -> bool {
+        self.retry_at.is_some_and(|t| t > now)
+    }
+}
+
+struct Endpoint {
+    provider: DynProvider,
+    health: Mutex<Health>,
+}
+
+/// One endpoint's health, for `chain status`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EndpointHealth {
+    /// Position in `chain.rpc_urls`.
+    pub index: u16,
+    /// Success score (1 = every recent request succeeded).
+    pub score: f64,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// Backed off right now.
+    pub backed_off: bool,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// The endpoints of one chain.
+pub struct RpcPool {
+    endpoints: Vec<Endpoint>,
+    timeout: Duration,
+    metrics: ChainMetrics,
+}
+
+impl RpcPool {
+    /// A pool over `urls` (HTTP), each request bounded by `timeout`.
+    pub fn new(urls: &[url::Url], timeout: Duration, metrics: ChainMetrics) -> Self {
+        super::deploy::ensure_crypto_provider();
+        let endpoints = urls
+            .iter()
+            .map(|u| Endpoint {
+                provider: ProviderBuilder::new()
+                    .disable_recommended_fillers()
+                    .connect_http(u.clone())
+                    .erased(),
+                health: Mutex::new(Health {
+                    score: 1.0,
+                    consecutive_failures: 0,
+                    retry_at: None,
+                    last_failure: None,
+                    last_error: None,
+                }),
+            })
+            .collect();
+        Self {
+            endpoints,
+            timeout,
+            metrics,
+        }
+    }
+
+    fn health(&self, i: usize) -> Health {
+        self.endpoints[i]
+            .health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Endpoint health snapshots, in configuration order.
+    pub fn status(&self) -> Vec<EndpointHealth> {
+        let now = Instant::now();
+        (0..self.endpoints.len())
+            .map(|i| {
+                let h = self.health(i);
+                EndpointHealth {
+                    index: index_label(i),
+                    score: h.effective_score(now),
+                    consecutive_failures: h.consecutive_failures,
+                    backed_off: h.backed_off(now),
+                    last_error: h.last_error,
+                }
+            })
+            .collect()
+    }
+
+    /// Endpoint indexes in the order to try them (and the `endpoint_up` gauges refreshed).
+    fn order(&self) -> Vec<usize> {
+        let now = Instant::now();
+        let mut idx: Vec<(usize, bool, i64, Option<Instant>)> = (0..self.endpoints.len())
+            .map(|i| {
+                let h = self.health(i);
+                let backed = h.backed_off(now);
+                self.metrics.endpoint_up(index_label(i), !backed);
+                // Coarse buckets, so the primary wins among similarly healthy endpoints.
+                let bucket = (h.effective_score(now) * 4.0).round() as i64;
+                (i, backed, bucket, h.retry_at)
+            })
+            .collect();
+        // Usable first, by score bucket, then index; backed-off ones last, soonest retry first.
+        idx.sort_by(|a, b| {
+            a.1.cmp(&b.1)
+                .then_with(|| b.2.cmp(&a.2))
+                .then_with(|| a.3.cmp(&b.3))
+                .then_with(|| a.0.cmp(&b.0))
+        });
+        idx.into_iter().map(|(i, ..)| i).collect()
+    }
+
+    fn record(&self, i: usize, ok: Result<(), String>) {
+        let mut h = self.endpoints[i]
+            .health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match ok {
+            Ok(()) => {
+                h.score = h.effective_score(Instant::now()) * 0.8 + 0.2;
+                h.last_failure = None;
+                h.consecutive_failures = 0;
+                h.retry_at = None;
+            }
+            Err(e) => {
+                let now = Instant::now();
+                h.score = h.effective_score(now) * 0.5;
+                h.last_failure = Some(now);
+                h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+                let factor = 1u32 << h.consecutive_failures.min(8);
+                h.retry_at = Some(now + (BASE_BACKOFF * factor).min(MAX_BACKOFF));
+                h.last_error = Some(e);
+            }
+        }
+        self.metrics
+            .endpoint_up(index_label(i), h.retry_at.is_none());
+    }
+
+    /// Runs `request` on the best endpoint, failing over to the others on error or timeout.
+    pub async fn call<T, F, Fut>(&self, method: Method, request: F) -> Result<T, ChainError>
+    where
+        F: Fn(DynProvider) -> Fut,
+        Fut: Future<Output = TransportResult<T>>,
+    {
+        let mut last = String::from("no RPC endpoint configured");
+        for (attempt, i) in self.order().into_iter().enumerate() {
+            if attempt > 0 {
+                self.metrics.failover();
+            }
+            let started = Instant::now();
+            let result =
+                tokio::time::timeout(self.timeout, request(self.endpoints[i].provider.clone()))
+                    .await;
+            let seconds = started.elapsed().as_secs_f64();
+            let label = index_label(i);
+            match result {
+                Ok(Ok(v)) => {
+                    self.metrics.rpc(label, method, RpcOutcome::Ok, seconds);
+                    self.record(i, Ok(()));
+                    return Ok(v);
+                }
+                Ok(Err(e)) if method == Method::EthGetLogs && is_too_many_results(&e) => {
+                    self.metrics
+                        .rpc(label, method, RpcOutcome::TooManyResults, seconds);
+                    return Err(ChainError::TooManyResults(one_line(&e)));
+                }
+                Ok(Err(e)) => {
+                    self.metrics.rpc(label, method, RpcOutcome::Error, seconds);
+                    last = format!("endpoint {i}: {}", one_line(&e));
+                    self.record(i, Err(one_line(&e)));
+                }
+                Err(_) => {
+                    self.metrics
+                        .rpc(label, method, RpcOutcome::Timeout, seconds);
+                    last = format!("endpoint {i}: no answer within {:?}", self.timeout);
+                    self.record(i, Err(last.clone()));
+                }
+            }
+        }
+        Err(ChainError::AllEndpointsFailed { method, last })
+    }
+}
+
+fn index_label(i: usize) -> u16 {
+    u16::try_from(i).unwrap_or(u16::MAX)
+}
+
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    let s: String = e
+        .to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    s.chars().take(300).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_range_refusals() {
+        assert!(is_too_many_results(
+            &"server returned an error response: error code -32005: query returned more than 10000 results"
+        ));
+        assert!(is_too_many_results(&"Block range too large"));
+        assert!(!is_too_many_results(&"connection refused"));
+    }
+
+    #[test]
+    fn a_failed_endpoint_heals_back_to_full_score() {
+        let now = Instant::now();
+        let h = Health {
+            score: 0.5,
+            consecutive_failures: 1,
+            retry_at: None,
+            last_failure: Some(now),
+            last_error: None,
+        };
+        assert!((h.effective_score(now) - 0.5).abs() < 1e-9);
+        let later = now + SCORE_RECOVERY / 2;
+        assert!((h.effective_score(later) - 0.75).abs() < 1e-9);
+        assert!((h.effective_score(now + SCORE_RECOVERY * 2) - 1.0).abs() < 1e-9);
+    }
+
+    #[tokio::test]
+    async fn failing_primary_fails_over_and_is_backed_off() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = ChainMetrics::new(&mut registry, 2);
+        // Nothing listens on port 9 of loopback: connection refused at once.
+        let urls: Vec<url::Url> = ["http://127.0.0.1:9", "http://127.0.0.1:9"]
+            .iter()
+            .map(|u| u.parse().unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        let pool = RpcPool::new(&urls, Duration::from_secs(2), metrics);
+        let err = pool
+            .call(
+                Method::EthChainId,
+                |p| async move { p.get_chain_id().await },
+            )
+            .await;
+        assert!(matches!(err, Err(ChainError::AllEndpointsFailed { .. })));
+        let status = pool.status();
+        assert!(
+            status
+                .iter()
+                .all(|s| s.backed_off && s.consecutive_failures == 1)
+        );
+    }
+}

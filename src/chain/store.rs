@@ -1,0 +1,296 @@
+//! The chain tables of the store: stored events, recent block hashes, checkpoints.
+//!
+//! Flow: the sync engine reads the checkpoint and events on start-up ([`Store::chain_checkpoint`],
+//! [`Store::chain_events`]), then commits each batch with [`Store::chain_commit_batch`] (events,
+//! the batch's block hashes and the checkpoint in one transaction, so an interrupted batch
+//! leaves nothing behind). A reorg is undone by [`Store::chain_rewind`] (events and hashes above
+//! the common ancestor deleted in the same transaction that moves the checkpoint back); a reorg
+//! deeper than the retained hashes, or another KMS address, by [`Store::chain_reset`].
+
+use alloy::primitives::{Address, B256};
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::store::{Backend, Store, StoreError, on_backend, write_tx};
+
+/// Progress of one chain's sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Checkpoint {
+    /// Chain id.
+    pub chain_id: u64,
+    /// The watched DstackKms.
+    pub kms_contract: Address,
+    /// First block synced.
+    pub start_block: u64,
+    /// Every block up to and including this one is in the store (`start_block - 1` before the
+    /// first batch).
+    pub processed_block: u64,
+    /// Newest head the engine saw.
+    pub head_block: u64,
+    /// When it saw it (Unix seconds).
+    pub head_seen_at: i64,
+    /// When the checkpoint last changed (Unix seconds).
+    pub updated_at: i64,
+}
+
+/// One stored log (or synthetic row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Block number.
+    pub block_number: u64,
+    /// Position in the block (synthetic rows sort after every log).
+    pub log_index: u64,
+    /// Block hash.
+    pub block_hash: B256,
+    /// Emitting contract (or the app a synthetic row is about).
+    pub address: Address,
+    /// [`super::events::Event::kind`].
+    pub kind: String,
+    /// Raw topics (empty for synthetic rows).
+    pub topics: Vec<B256>,
+    /// Raw data.
+    pub data: Vec<u8>,
+}
+
+/// What one batch commits.
+#[derive(Debug, Clone)]
+pub struct BatchWrite<'a> {
+    /// The new checkpoint.
+    pub checkpoint: &'a Checkpoint,
+    /// Events in the batch, in chain order.
+    pub events: &'a [StoredEvent],
+    /// Blocks of the batch whose hashes are kept (its last block, plus those within the reorg
+    /// window of the head): number, hash, timestamp.
+    pub blocks: &'a [(u64, B256, i64)],
+    /// Block hashes below this number are pruned (outside the reorg window).
+    pub prune_below: u64,
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn b256(raw: &[u8]) -> Result<B256, sqlx::Error> {
+    B256::try_from(raw).map_err(|_| sqlx::Error::Decode("stored hash is not 32 bytes".into()))
+}
+
+fn address(raw: &[u8]) -> Result<Address, sqlx::Error> {
+    Address::try_from(raw).map_err(|_| sqlx::Error::Decode("stored address is not 20 bytes".into()))
+}
+
+/// Events per multi-row insert (8 parameters each, well under SQLite's and PostgreSQL's limits).
+const EVENTS_PER_INSERT: usize = 1000;
+
+const CHECKPOINT_COLUMNS: &str =
+    "chain_id, kms_contract, start_block, processed_block, head_block, head_seen_at, updated_at";
+
+/// Reads a [`Checkpoint`] from a row of either backend.
+macro_rules! checkpoint_row {
+    ($r:expr) => {
+        Checkpoint {
+            chain_id: to_u64($r.try_get("chain_id")?),
+            kms_contract: address(&$r.try_get::<Vec<u8>, _>("kms_contract")?)?,
+            start_block: to_u64($r.try_get("start_block")?),
+            processed_block: to_u64($r.try_get("processed_block")?),
+            head_block: to_u64($r.try_get("head_block")?),
+            head_seen_at: $r.try_get("head_seen_at")?,
+            updated_at: $r.try_get("updated_at")?,
+        }
+    };
+}
+
+/// Binds the checkpoint upsert's parameters in column order.
+macro_rules! upsert_checkpoint {
+    ($tx:expr, $c:expr) => {
+        sqlx::query(
+            "INSERT INTO chain_checkpoints (chain_id, kms_contract, start_block, processed_block, head_block, head_seen_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (chain_id) DO UPDATE SET \
+             kms_contract = excluded.kms_contract, start_block = excluded.start_block, \
+             processed_block = excluded.processed_block, head_block = excluded.head_block, \
+             head_seen_at = excluded.head_seen_at, updated_at = excluded.updated_at",
+        )
+        .bind(to_i64($c.chain_id))
+        .bind($c.kms_contract.as_slice().to_vec())
+        .bind(to_i64($c.start_block))
+        .bind(to_i64($c.processed_block))
+        .bind(to_i64($c.head_block))
+        .bind($c.head_seen_at)
+        .bind($c.updated_at)
+        .execute(&mut *$tx)
+        .await?
+    };
+}
+
+impl Store {
+    /// Every chain's checkpoint, by chain id.
+    pub async fn chain_checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
+        let sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM chain_checkpoints ORDER BY chain_id");
+        Ok(on_backend!(self, pool => {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| Ok(checkpoint_row!(r)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?
+        }))
+    }
+
+    /// The checkpoint of `chain_id`, if it was ever synced.
+    pub async fn chain_checkpoint(&self, chain_id: u64) -> Result<Option<Checkpoint>, StoreError> {
+        let all = self.chain_checkpoints().await?;
+        Ok(all.into_iter().find(|c| c.chain_id == chain_id))
+    }
+
+    /// Every stored event of `chain_id`, in chain order.
+    pub async fn chain_events(&self, chain_id: u64) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(on_backend!(self, pool => {
+            sqlx::query(
+                "SELECT block_number, log_index, block_hash, address, kind, topics, data FROM chain_events \
+                 WHERE chain_id = $1 ORDER BY block_number, log_index",
+            )
+            .bind(to_i64(chain_id))
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| {
+                let topics: Vec<u8> = r.try_get("topics")?;
+                Ok(StoredEvent {
+                    block_number: to_u64(r.try_get("block_number")?),
+                    log_index: to_u64(r.try_get("log_index")?),
+                    block_hash: b256(&r.try_get::<Vec<u8>, _>("block_hash")?)?,
+                    address: address(&r.try_get::<Vec<u8>, _>("address")?)?,
+                    kind: r.try_get("kind")?,
+                    topics: topics.chunks(32).map(b256).collect::<Result<_, _>>()?,
+                    data: r.try_get("data")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?
+        }))
+    }
+
+    /// Stored block hashes of `chain_id`, newest first: (number, hash, timestamp).
+    pub async fn chain_recent_blocks(
+        &self,
+        chain_id: u64,
+    ) -> Result<Vec<(u64, B256, i64)>, StoreError> {
+        Ok(on_backend!(self, pool => {
+            sqlx::query(
+                "SELECT block_number, block_hash, timestamp FROM chain_blocks WHERE chain_id = $1 \
+                 ORDER BY block_number DESC",
+            )
+            .bind(to_i64(chain_id))
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    to_u64(r.try_get("block_number")?),
+                    b256(&r.try_get::<Vec<u8>, _>("block_hash")?)?,
+                    r.try_get("timestamp")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?
+        }))
+    }
+
+    /// Commits one batch: its events, its last block's hash and the checkpoint, atomically.
+    pub async fn chain_commit_batch(&self, b: &BatchWrite<'_>) -> Result<(), StoreError> {
+        let chain_id = to_i64(b.checkpoint.chain_id);
+        write_tx!(self, tx => {
+            // Multi-row inserts: one statement per chunk instead of one per event.
+            for chunk in b.events.chunks(EVENTS_PER_INSERT) {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO chain_events (chain_id, block_number, log_index, block_hash, address, kind, topics, data) ",
+                );
+                q.push_values(chunk, |mut row, e| {
+                    let topics: Vec<u8> = e.topics.iter().flat_map(|t| t.0).collect();
+                    row.push_bind(chain_id)
+                        .push_bind(to_i64(e.block_number))
+                        .push_bind(to_i64(e.log_index))
+                        .push_bind(e.block_hash.as_slice().to_vec())
+                        .push_bind(e.address.as_slice().to_vec())
+                        .push_bind(e.kind.clone())
+                        .push_bind(topics)
+                        .push_bind(e.data.clone());
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            for &(number, hash, timestamp) in b.blocks {
+            sqlx::query(
+                "INSERT INTO chain_blocks (chain_id, block_number, block_hash, timestamp) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (chain_id, block_number) DO UPDATE SET block_hash = excluded.block_hash, timestamp = excluded.timestamp",
+            )
+            .bind(chain_id)
+            .bind(to_i64(number))
+            .bind(hash.as_slice().to_vec())
+            .bind(timestamp)
+            .execute(&mut *tx)
+            .await?;
+            }
+            sqlx::query("DELETE FROM chain_blocks WHERE chain_id = $1 AND block_number < $2")
+                .bind(chain_id)
+                .bind(to_i64(b.prune_below))
+                .execute(&mut *tx)
+                .await?;
+            upsert_checkpoint!(tx, b.checkpoint);
+        });
+        Ok(())
+    }
+
+    /// Undoes everything above `checkpoint.processed_block` (the common ancestor) and moves the
+    /// checkpoint there, atomically.
+    pub async fn chain_rewind(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        let chain_id = to_i64(checkpoint.chain_id);
+        let above = to_i64(checkpoint.processed_block);
+        write_tx!(self, tx => {
+            for table in ["chain_events", "chain_blocks"] {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE chain_id = $1 AND block_number > $2"
+                )))
+                .bind(chain_id)
+                .bind(above)
+                .execute(&mut *tx)
+                .await?;
+            }
+            upsert_checkpoint!(tx, checkpoint);
+        });
+        Ok(())
+    }
+
+    /// Forgets everything synced for `checkpoint.chain_id` and starts over at `checkpoint`.
+    pub async fn chain_reset(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        let chain_id = to_i64(checkpoint.chain_id);
+        write_tx!(self, tx => {
+            for table in ["chain_events", "chain_blocks"] {
+                sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE chain_id = $1")))
+                    .bind(chain_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            upsert_checkpoint!(tx, checkpoint);
+        });
+        Ok(())
+    }
+
+    /// Records the newest head seen (for `chain status` while nothing new is committed).
+    pub async fn chain_record_head(
+        &self,
+        chain_id: u64,
+        head_block: u64,
+        seen_at: i64,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, pool => {
+            sqlx::query("UPDATE chain_checkpoints SET head_block = $1, head_seen_at = $2 WHERE chain_id = $3")
+                .bind(to_i64(head_block))
+                .bind(seen_at)
+                .bind(to_i64(chain_id))
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+}

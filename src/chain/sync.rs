@@ -1,0 +1,732 @@
+//! The sync engine: follows DstackKms and every registered DstackApp into the store and the mirror.
+//!
+//! Flow, per poll: read the head (and the `safe`/`finalized` block, or subtract the confirmations)
+//! → compare the newest stored block hash with the chain; on a mismatch walk the stored hashes back
+//! to the common ancestor, delete everything above it in the transaction that rewinds the
+//! checkpoint and rebuild the mirror from the remaining events (no ancestor within the retained
+//! window → full resync from `start_block`, logged at WARN) → fetch `eth_getLogs` for the KMS and
+//! all known apps in bounded ranges (halved on "too many results", doubled back after each
+//! success; the next range is fetched while the current one is committed) → for apps discovered
+//! in the range, fetch their logs for the whole range too and merge (an app registered with
+//! `registerApp` that has code also gets its earlier logs from `start_block`: it may have been
+//! configured before it was registered) → commit events, the block hashes within the reorg window
+//! and the checkpoint in one transaction → apply to the mirror and publish → one `on-chain sync
+//! completed` log line per batch. A restart resumes at the checkpoint, so an interrupted batch is
+//! fetched again and never half-applied.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use alloy::eips::BlockNumberOrTag;
+use alloy::primitives::{Address, B256};
+use alloy::providers::Provider;
+use alloy::rpc::types::{Filter, Log};
+use tokio_util::sync::CancellationToken;
+
+use super::ChainError;
+use super::config::{Finality, ResolvedChain};
+use super::events::{self, Event};
+use super::metrics::{ChainMetrics, Method};
+use super::mirror::MirrorState;
+use super::rpc::RpcPool;
+use super::store::{BatchWrite, Checkpoint, StoredEvent};
+use super::view::{Mirror, SyncProgress};
+use crate::runtime::{ComponentState, Readiness, Task};
+use crate::store::Store;
+
+/// The message of the info line logged for every committed batch.
+pub const BATCH_LOG_MESSAGE: &str = "on-chain sync completed";
+
+/// Readiness component name.
+pub const READINESS_COMPONENT: &str = "chain";
+
+/// Addresses per `eth_getLogs` request (providers limit the filter's address list).
+const ADDRESSES_PER_REQUEST: usize = 500;
+
+/// How often readiness and the staleness gauge are refreshed while a step runs.
+const READINESS_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Synthetic rows sort after every real log of their block.
+const SYNTHETIC_LOG_INDEX: u64 = 1 << 32;
+
+/// A block as the engine needs it.
+#[derive(Debug, Clone, Copy)]
+struct BlockRef {
+    number: u64,
+    hash: B256,
+    parent_hash: B256,
+    timestamp: u64,
+}
+
+/// The sync engine of one chain.
+pub struct SyncEngine {
+    chain: ResolvedChain,
+    store: Store,
+    rpc: Arc<RpcPool>,
+    mirror: Arc<Mirror>,
+    readiness: Readiness,
+    metrics: ChainMetrics,
+}
+
+/// A range's logs as fetched, before they are completed and committed.
+struct Fetched {
+    from: u64,
+    to: u64,
+    last: BlockRef,
+    logs: Vec<Log>,
+    /// The addresses the logs were asked for.
+    covered: BTreeSet<Address>,
+}
+
+/// Mutable state of a running engine.
+struct Cursor {
+    chain_id: u64,
+    checkpoint: Checkpoint,
+    state: Arc<MirrorState>,
+    addresses: BTreeSet<Address>,
+    batch_blocks: u64,
+    /// Timestamp of the processed block (for lag in seconds).
+    processed_timestamp: u64,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn decode_stored(kms: Address, e: &StoredEvent) -> Option<Event> {
+    if e.kind == events::CODE_OBSERVED {
+        return Some(Event::CodeObserved(e.address));
+    }
+    events::decode(kms, e.address, &e.topics, &e.data)
+}
+
+/// Rebuilds the mirror of `kms` from stored events (start-up, rewinds, `chain state`).
+pub fn rebuild(kms: Address, stored: &[StoredEvent]) -> MirrorState {
+    let mut state = MirrorState::new(kms);
+    for e in stored.iter().filter_map(|e| decode_stored(kms, e)) {
+        state.apply(&e);
+    }
+    state
+}
+
+impl SyncEngine {
+    /// An engine for `chain`, publishing into `mirror`.
+    pub fn new(
+        chain: ResolvedChain,
+        store: Store,
+        mirror: Arc<Mirror>,
+        readiness: Readiness,
+        metrics: ChainMetrics,
+    ) -> Self {
+        let rpc = Arc::new(RpcPool::new(
+            &chain.urls,
+            chain.cfg.request_timeout,
+            metrics.clone(),
+        ));
+        readiness.register(READINESS_COMPONENT);
+        Self {
+            chain,
+            store,
+            rpc,
+            mirror,
+            readiness,
+            metrics,
+        }
+    }
+
+    async fn block(&self, tag: BlockNumberOrTag) -> Result<Option<BlockRef>, ChainError> {
+        let block = self
+            .rpc
+            .call(Method::EthGetBlockByNumber, |p| async move {
+                p.get_block_by_number(tag).await
+            })
+            .await?;
+        Ok(block.map(|b| BlockRef {
+            number: b.header.number,
+            hash: b.header.hash,
+            parent_hash: b.header.parent_hash,
+            timestamp: b.header.timestamp,
+        }))
+    }
+
+    async fn required_block(&self, tag: BlockNumberOrTag) -> Result<BlockRef, ChainError> {
+        self.block(tag)
+            .await?
+            .ok_or_else(|| ChainError::MissingBlock(tag.to_string()))
+    }
+
+    /// Opens the cursor: chain id, checkpoint (reset if new or for another KMS), mirror rebuilt.
+    async fn open(&self) -> Result<Cursor, ChainError> {
+        let chain_id = self
+            .rpc
+            .call(
+                Method::EthChainId,
+                |p| async move { p.get_chain_id().await },
+            )
+            .await?;
+        if let Some(expected) = self.chain.cfg.chain_id
+            && expected != chain_id
+        {
+            return Err(ChainError::ChainIdMismatch {
+                expected,
+                actual: chain_id,
+            });
+        }
+        let kms = self.chain.kms;
+        let start = self.chain.cfg.start_block;
+        let fresh = Checkpoint {
+            chain_id,
+            kms_contract: kms,
+            start_block: start,
+            processed_block: start.saturating_sub(1),
+            head_block: 0,
+            head_seen_at: 0,
+            updated_at: unix_now(),
+        };
+        let checkpoint = match self.store.chain_checkpoint(chain_id).await? {
+            Some(c) if c.kms_contract == kms && c.start_block == start => c,
+            other => {
+                if other.is_some() {
+                    tracing::warn!(
+                        chain_id,
+                        "chain.kms_contract or chain.start_block changed: resyncing from start_block"
+                    );
+                    self.metrics.resync();
+                }
+                self.store.chain_reset(&fresh).await?;
+                fresh
+            }
+        };
+        let stored = self.store.chain_events(chain_id).await?;
+        let state = rebuild(kms, &stored);
+        let processed_timestamp = self
+            .store
+            .chain_recent_blocks(chain_id)
+            .await?
+            .first()
+            .map_or(0, |b| u64::try_from(b.2).unwrap_or(0));
+        let cursor = Cursor {
+            chain_id,
+            addresses: addresses_of(&state),
+            state: Arc::new(state),
+            checkpoint,
+            batch_blocks: self.chain.cfg.max_batch_blocks,
+            processed_timestamp,
+        };
+        self.mirror.publish(cursor.state.clone());
+        tracing::info!(
+            chain_id,
+            processed_block = cursor.checkpoint.processed_block,
+            events = stored.len(),
+            apps = cursor.state.registered_apps.len(),
+            "chain mirror rebuilt from the store"
+        );
+        Ok(cursor)
+    }
+
+    /// The newest block the engine may apply, given the head.
+    async fn target(&self, head: &BlockRef) -> Result<u64, ChainError> {
+        let tag = match self.chain.cfg.finality {
+            Finality::Latest => {
+                return Ok(head.number.saturating_sub(self.chain.cfg.confirmations));
+            }
+            Finality::Safe => BlockNumberOrTag::Safe,
+            Finality::Finalized => BlockNumberOrTag::Finalized,
+        };
+        Ok(self.block(tag).await?.map_or(0, |b| b.number))
+    }
+
+    /// Detects a reorg below the checkpoint and undoes it. Returns whether anything was undone.
+    async fn check_reorg(&self, c: &mut Cursor) -> Result<bool, ChainError> {
+        let recent = self.store.chain_recent_blocks(c.chain_id).await?;
+        let Some(&(newest, newest_hash, _)) = recent.first() else {
+            return Ok(false);
+        };
+        let canonical = self.block(BlockNumberOrTag::Number(newest)).await?;
+        if canonical.is_some_and(|b| b.hash == newest_hash) {
+            return Ok(false);
+        }
+        let mut ancestor = None;
+        for &(number, hash, timestamp) in recent.iter().skip(1) {
+            let b = self.block(BlockNumberOrTag::Number(number)).await?;
+            if b.is_some_and(|b| b.hash == hash) {
+                ancestor = Some((number, timestamp));
+                break;
+            }
+        }
+        let processed = c.checkpoint.processed_block;
+        match ancestor {
+            Some((number, timestamp)) => {
+                let depth = processed - number;
+                tracing::warn!(
+                    chain_id = c.chain_id,
+                    depth,
+                    common_ancestor = number,
+                    "chain reorg detected: rewinding to the common ancestor"
+                );
+                self.metrics.reorg(depth);
+                c.checkpoint.processed_block = number;
+                c.checkpoint.updated_at = unix_now();
+                self.store.chain_rewind(&c.checkpoint).await?;
+                c.processed_timestamp = u64::try_from(timestamp).unwrap_or(0);
+            }
+            None => {
+                tracing::warn!(
+                    chain_id = c.chain_id,
+                    processed_block = processed,
+                    window = self.chain.cfg.reorg_window,
+                    "chain reorg deeper than the retained block hashes: resyncing from start_block"
+                );
+                self.metrics
+                    .reorg(processed.saturating_sub(c.checkpoint.start_block));
+                self.metrics.resync();
+                c.checkpoint.processed_block = c.checkpoint.start_block.saturating_sub(1);
+                c.checkpoint.updated_at = unix_now();
+                self.store.chain_reset(&c.checkpoint).await?;
+                c.processed_timestamp = 0;
+            }
+        }
+        let stored = self.store.chain_events(c.chain_id).await?;
+        let state = rebuild(self.chain.kms, &stored);
+        c.addresses = addresses_of(&state);
+        c.state = Arc::new(state);
+        self.mirror.publish(c.state.clone());
+        Ok(true)
+    }
+
+    /// `eth_getLogs` for `addresses` over `from..=to`, in address chunks.
+    async fn logs(
+        &self,
+        addresses: &[Address],
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Log>, ChainError> {
+        let mut out = Vec::new();
+        for chunk in addresses.chunks(ADDRESSES_PER_REQUEST) {
+            let filter = Filter::new()
+                .address(chunk.to_vec())
+                .from_block(from)
+                .to_block(to);
+            let filter = &filter;
+            out.extend(
+                self.rpc
+                    .call(
+                        Method::EthGetLogs,
+                        |p| async move { p.get_logs(filter).await },
+                    )
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Logs of `app` in `start..from` (before the range that registered it), in ranges that
+    /// shrink on "too many results".
+    async fn history(&self, app: Address, start: u64, from: u64) -> Result<Vec<Log>, ChainError> {
+        let mut out = Vec::new();
+        let mut size = self.chain.cfg.max_batch_blocks;
+        let mut lo = start;
+        while lo < from {
+            let hi = (from - 1).min(lo + size - 1);
+            match self.logs(&[app], lo, hi).await {
+                Ok(logs) => {
+                    out.extend(logs);
+                    lo = hi + 1;
+                }
+                Err(ChainError::TooManyResults(_)) if size > 1 => size /= 2,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Hashes kept for the range ending at `last`: every block within the reorg window of the
+    /// head (only `last` further back), walked down from `last` by parent hash so they form one
+    /// chain; a mismatch means a reorg raced the reads and the range is retried.
+    async fn window_hashes(
+        &self,
+        head: &BlockRef,
+        from: u64,
+        last: BlockRef,
+    ) -> Result<Vec<(u64, B256, i64)>, ChainError> {
+        let keep_from = from.max(head.number.saturating_sub(self.chain.cfg.reorg_window) + 1);
+        let mut refs = vec![last];
+        for n in (keep_from..last.number).rev() {
+            let b = self.required_block(BlockNumberOrTag::Number(n)).await?;
+            if refs.last().is_some_and(|child| child.parent_hash != b.hash) {
+                return Err(ChainError::InconsistentRange(format!(
+                    "block {n} changed while the range was read"
+                )));
+            }
+            refs.push(b);
+        }
+        Ok(refs
+            .iter()
+            .rev()
+            .map(|b| {
+                (
+                    b.number,
+                    b.hash,
+                    i64::try_from(b.timestamp).unwrap_or(i64::MAX),
+                )
+            })
+            .collect())
+    }
+
+    /// Reads a range's last block and the logs of `addresses` in it.
+    async fn fetch(
+        &self,
+        addresses: BTreeSet<Address>,
+        from: u64,
+        to: u64,
+    ) -> Result<Fetched, ChainError> {
+        // The range's last block is read before its logs: a log of another fork at that height
+        // is caught when the range is processed, a reorg afterwards by the next poll.
+        let last = self.required_block(BlockNumberOrTag::Number(to)).await?;
+        let list: Vec<Address> = addresses.iter().copied().collect();
+        let logs = self.logs(&list, from, to).await?;
+        Ok(Fetched {
+            from,
+            to,
+            last,
+            logs,
+            covered: addresses,
+        })
+    }
+
+    /// Completes, commits and applies a fetched range. Returns the number of events.
+    async fn batch(
+        &self,
+        c: &mut Cursor,
+        head: &BlockRef,
+        fetched: Fetched,
+    ) -> Result<usize, ChainError> {
+        let Fetched {
+            from,
+            to,
+            last,
+            mut logs,
+            covered,
+        } = fetched;
+        let kms = self.chain.kms;
+        let decode = |l: &Log| {
+            events::decode(
+                kms,
+                l.inner.address,
+                l.inner.data.topics(),
+                &l.inner.data.data,
+            )
+        };
+        // Apps registered in this range, and apps registered in the previous range when this
+        // one was prefetched: their logs in the range were not asked for yet.
+        let new_apps: BTreeSet<Address> = logs
+            .iter()
+            .filter_map(|l| decode(l)?.discovered_app())
+            .filter(|a| !c.addresses.contains(a))
+            .collect();
+        let missing: Vec<Address> = c
+            .addresses
+            .iter()
+            .chain(&new_apps)
+            .filter(|a| !covered.contains(*a))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            logs.extend(self.logs(&missing, from, to).await?);
+        }
+        let mut rows = rows_of(kms, &logs, &last)?;
+        let blocks = self.window_hashes(head, from, last).await?;
+
+        // An app deployed by the factory in this range starts here. One registered with
+        // `registerApp` may have no code (refused as such), or may have existed before its
+        // registration: its earlier events are part of its state.
+        let factory: BTreeSet<Address> = rows
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::AppDeployedViaFactory(a) => Some(*a),
+                _ => None,
+            })
+            .collect();
+        let mut synthetic = SYNTHETIC_LOG_INDEX;
+        for app in new_apps.iter().copied().filter(|a| !factory.contains(a)) {
+            let code = self
+                .rpc
+                .call(Method::EthGetCode, |p| async move {
+                    p.get_code_at(app).number(to).await
+                })
+                .await?;
+            if code.is_empty() {
+                continue;
+            }
+            let history = self.history(app, c.checkpoint.start_block, from).await?;
+            rows.extend(rows_of(kms, &history, &last)?);
+            let event = Event::CodeObserved(app);
+            rows.push((
+                StoredEvent {
+                    block_number: to,
+                    log_index: synthetic,
+                    block_hash: last.hash,
+                    address: app,
+                    kind: event.kind().to_owned(),
+                    topics: Vec::new(),
+                    data: Vec::new(),
+                },
+                event,
+            ));
+            synthetic += 1;
+        }
+        rows.sort_by_key(|(s, _)| (s.block_number, s.log_index));
+        rows.dedup_by_key(|(s, _)| (s.block_number, s.log_index));
+        let mut next_state = (*c.state).clone();
+        for (_, e) in &rows {
+            next_state.apply(e);
+        }
+
+        let stored: Vec<StoredEvent> = rows.into_iter().map(|(s, _)| s).collect();
+        let mut checkpoint = c.checkpoint.clone();
+        checkpoint.processed_block = to;
+        checkpoint.head_block = head.number;
+        checkpoint.head_seen_at = unix_now();
+        checkpoint.updated_at = checkpoint.head_seen_at;
+        self.store
+            .chain_commit_batch(&BatchWrite {
+                checkpoint: &checkpoint,
+                events: &stored,
+                blocks: &blocks,
+                prune_below: to.saturating_sub(self.chain.cfg.reorg_window),
+            })
+            .await?;
+        c.checkpoint = checkpoint;
+        c.addresses.extend(new_apps);
+        c.state = Arc::new(next_state);
+        c.processed_timestamp = last.timestamp;
+        self.mirror.publish(c.state.clone());
+        Ok(stored.len())
+    }
+
+    /// Publishes progress to metrics, the admin view and the store.
+    fn report(&self, c: &Cursor, head: &BlockRef, target: u64) {
+        let span = target.saturating_sub(c.checkpoint.start_block).max(1) as f64;
+        let done = c
+            .checkpoint
+            .processed_block
+            .saturating_sub(c.checkpoint.start_block.saturating_sub(1));
+        let backfill = if c.checkpoint.processed_block >= target {
+            1.0
+        } else {
+            (done as f64 / span).min(1.0)
+        };
+        let lag_seconds = head.timestamp.saturating_sub(c.processed_timestamp) as f64;
+        self.metrics.progress(
+            head.number,
+            c.checkpoint.processed_block,
+            lag_seconds,
+            backfill,
+        );
+        self.mirror.set_progress(SyncProgress {
+            chain_id: c.chain_id,
+            head_block: head.number,
+            target_block: target,
+            processed_block: c.checkpoint.processed_block,
+            endpoints: self.rpc.status(),
+        });
+    }
+
+    /// One poll: head, reorg check, batches up to the target. Returns once caught up.
+    async fn poll(&self, c: &mut Cursor) -> Result<(), ChainError> {
+        let head = self.required_block(BlockNumberOrTag::Latest).await?;
+        let target = self.target(&head).await?;
+        self.check_reorg(c).await?;
+        self.report(c, &head, target);
+        let max = self.chain.cfg.max_batch_blocks;
+        // The next range is fetched while the current one is stored and applied.
+        let mut prefetched: Option<Fetched> = None;
+        while c.checkpoint.processed_block < target {
+            let from = c.checkpoint.processed_block + 1;
+            let fetched = match prefetched.take() {
+                Some(f) if f.from == from => Ok(f),
+                _ => {
+                    let to = target.min(from + c.batch_blocks - 1);
+                    self.fetch(c.addresses.clone(), from, to).await
+                }
+            };
+            let fetched = match fetched {
+                Ok(f) => f,
+                Err(ChainError::TooManyResults(detail)) if c.batch_blocks > 1 => {
+                    c.batch_blocks = (c.batch_blocks / 2).max(1);
+                    tracing::debug!(%detail, batch_blocks = c.batch_blocks, "eth_getLogs range refused: shrinking");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let to = fetched.to;
+            let grown = (c.batch_blocks * 2).min(max);
+            let next_to = target.min(to + grown);
+            let addresses = c.addresses.clone();
+            let next = async {
+                if to < target {
+                    Some(self.fetch(addresses, to + 1, next_to).await)
+                } else {
+                    None
+                }
+            };
+            let (result, next) = tokio::join!(self.batch(c, &head, fetched), next);
+            let events = match result {
+                Ok(events) => events,
+                // A new app's range or history was refused: retry the range smaller.
+                Err(ChainError::TooManyResults(_)) if c.batch_blocks > 1 => {
+                    c.batch_blocks = (c.batch_blocks / 2).max(1);
+                    prefetched = None;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            c.batch_blocks = grown;
+            prefetched = match next {
+                Some(Ok(f)) => Some(f),
+                Some(Err(ChainError::TooManyResults(_))) => {
+                    c.batch_blocks = (c.batch_blocks / 2).max(1);
+                    None
+                }
+                // Fetched again (and its error handled) on the next iteration.
+                Some(Err(_)) | None => None,
+            };
+            self.metrics.batch(events as u64);
+            self.report(c, &head, target);
+            tracing::info!(
+                chain_id = c.chain_id,
+                from_block = from,
+                to_block = to,
+                events,
+                lag_blocks = head.number.saturating_sub(to),
+                lag_seconds = head.timestamp.saturating_sub(c.processed_timestamp),
+                "{}",
+                BATCH_LOG_MESSAGE
+            );
+        }
+        self.store
+            .chain_record_head(c.chain_id, head.number, unix_now())
+            .await?;
+        self.mirror.mark_fresh(Instant::now());
+        Ok(())
+    }
+
+    /// Readiness and the staleness gauge, from the published mirror (callable while a step runs).
+    fn update_readiness(&self) {
+        let staleness = self.mirror.staleness();
+        let state = match staleness {
+            _ if self.mirror.is_fresh() => ComponentState::Ready,
+            Some(s) => ComponentState::NotReady(format!(
+                "chain_state_stale: last caught up with the chain {}s ago",
+                s.as_secs()
+            )),
+            None => ComponentState::NotReady(format!(
+                "backfilling: processed block {} of {}",
+                self.mirror.progress().processed_block,
+                self.mirror.progress().target_block
+            )),
+        };
+        self.metrics
+            .staleness(staleness.map_or(f64::INFINITY, |s| s.as_secs_f64()));
+        self.readiness.set(READINESS_COMPONENT, state);
+    }
+}
+
+/// Decoded rows of `logs`; logs the mirror does not use are dropped. A removed log, or one at
+/// `last`'s height from another block, means the chain moved while the range was read.
+fn rows_of(
+    kms: Address,
+    logs: &[Log],
+    last: &BlockRef,
+) -> Result<Vec<(StoredEvent, Event)>, ChainError> {
+    let mut rows = Vec::with_capacity(logs.len());
+    for l in logs {
+        let (Some(number), Some(hash), Some(index)) = (l.block_number, l.block_hash, l.log_index)
+        else {
+            return Err(ChainError::InconsistentRange(
+                "a log without block number, hash or index".into(),
+            ));
+        };
+        if l.removed || (number == last.number && hash != last.hash) {
+            return Err(ChainError::InconsistentRange(format!(
+                "block {number} changed while its logs were read"
+            )));
+        }
+        let Some(event) = events::decode(
+            kms,
+            l.inner.address,
+            l.inner.data.topics(),
+            &l.inner.data.data,
+        ) else {
+            continue;
+        };
+        rows.push((
+            StoredEvent {
+                block_number: number,
+                log_index: index,
+                block_hash: hash,
+                address: l.inner.address,
+                kind: event.kind().to_owned(),
+                topics: l.inner.data.topics().to_vec(),
+                data: l.inner.data.data.to_vec(),
+            },
+            event,
+        ));
+    }
+    Ok(rows)
+}
+
+fn addresses_of(state: &MirrorState) -> BTreeSet<Address> {
+    std::iter::once(state.kms_address)
+        .chain(state.registered_apps.iter().copied())
+        .collect()
+}
+
+impl Task for SyncEngine {
+    fn name(&self) -> &'static str {
+        "chain_sync"
+    }
+
+    async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let interval = self.chain.cfg.poll_interval;
+        // Readiness follows staleness even while a step waits on slow or dead endpoints.
+        let mut refresh = tokio::time::interval(READINESS_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cursor: Option<Cursor> = None;
+        loop {
+            let result = {
+                let step = async {
+                    match cursor.as_mut() {
+                        None => {
+                            cursor = Some(self.open().await?);
+                            Ok(())
+                        }
+                        Some(c) => self.poll(c).await,
+                    }
+                };
+                tokio::pin!(step);
+                loop {
+                    // Dropping a step mid-batch rolls its transaction back: nothing half-done.
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        r = &mut step => break r,
+                        _ = refresh.tick() => self.update_readiness(),
+                    }
+                }
+            };
+            match result {
+                Ok(()) => {}
+                Err(e @ ChainError::ChainIdMismatch { .. }) => return Err(e.into()),
+                Err(e) => tracing::warn!(error = %e, "chain sync step failed; retrying"),
+            }
+            self.update_readiness();
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
