@@ -29,6 +29,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the service.
     Serve(ServeArgs),
+    /// The whole story on this machine: anvil, our contracts, keywarden with a TEST attestation
+    /// PKI, simulated CVMs getting keys, an on-chain revocation refusing the next boot.
+    Demo(crate::demo::DemoArgs),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -360,6 +363,10 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }),
+        Command::Demo(args) => runtime()?
+            .block_on(crate::demo::run(args))
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| failure(1)(&format!("demo failed: {e:#}"))),
         Command::Loadgen(args) => runtime()?.block_on(async {
             let guest = enroll(&args.guest, args.new_connection_per_request).await?;
             let report = crate::kms::loadgen::run(

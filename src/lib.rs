@@ -8,6 +8,7 @@ pub mod attestation;
 pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod kms;
 pub mod runtime;

@@ -1,0 +1,40 @@
+//! The README's first command: the whole demo (anvil, contracts, keywarden with the test PKI,
+//! simulated CVMs, on-chain revocation) runs to its end and cleans up after itself.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+#[test]
+fn demo_serves_keys_then_refuses_after_on_chain_revocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let (code, out, err) = common::run_to_end(
+        &[
+            "demo",
+            "--duration",
+            "0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(out.matches("got its keys over RA-TLS").count(), 3, "{out}");
+    assert!(out.contains("Compose hash not allowed"), "{out}");
+    assert!(
+        out.contains("TEST attestation PKI"),
+        "the test PKI is labelled: {out}"
+    );
+    assert!(out.contains("stopped keywarden and anvil"), "{out}");
+    let log = std::fs::read_to_string(data.join("keywarden.log")).unwrap();
+    for message in [
+        "\"key dispatched\"",
+        "\"measurement not authorized\"",
+        "\"on-chain sync completed\"",
+    ] {
+        assert!(
+            log.contains(message),
+            "{message} missing from the keywarden log"
+        );
+    }
+}
