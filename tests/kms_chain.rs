@@ -1,0 +1,228 @@
+//! Key dispatch authorized by the on-chain mirror, end to end: anvil with our contracts,
+//! `keywarden serve --rpc-url --kms-contract`, simulated guests over RA-TLS. Each on-chain refusal
+//! reason reaches the guest, a removal on-chain refuses the next request, and a dead chain fails
+//! closed with `chain_state_stale` — on SQLite and on PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, FixedBytes};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use common::Keywarden;
+use keywarden::attestation::testpki::TestPki;
+use keywarden::chain::contracts::{DstackApp, DstackKms};
+use keywarden::kms::client::{self, ClientError, Guest};
+use sha2::{Digest as _, Sha256};
+use support::anvil::Anvil;
+
+const COMPOSE: &[u8] = b"{\"name\":\"kms-chain-test\"}";
+/// An OS image this KMS knows (same measurements as the simulated one) but the chain never allowed.
+const UNLISTED_IMAGE: [u8; 32] = [0x0e; 32];
+
+struct Setup {
+    anvil: Option<Anvil>,
+    provider: DynProvider,
+    owner: Address,
+    kms: Address,
+    app: Address,
+    kw: Keywarden,
+    ca: String,
+    pki: TestPki,
+    _dir: tempfile::TempDir,
+}
+
+/// Sends a contract call from the owner and requires it to succeed.
+macro_rules! send {
+    ($call:expr) => {{
+        let receipt = $call.send().await.unwrap().get_receipt().await.unwrap();
+        assert!(receipt.status());
+    }};
+}
+
+async fn setup(database_url: Option<&str>) -> Setup {
+    let anvil = Anvil::spawn();
+    let deployment = keywarden::chain::deploy(&anvil.url()).await.unwrap();
+    let provider = ProviderBuilder::new().connect_http(anvil.url()).erased();
+    let owner = provider.get_accounts().await.unwrap()[0];
+    let kms = DstackKms::new(deployment.kms, &provider);
+    let app = DstackApp::new(deployment.app, &provider);
+    send!(
+        kms.addOsImageHash(FixedBytes(client::SIMULATED_OS_IMAGE_HASH))
+            .from(owner)
+    );
+    send!(
+        app.addComposeHash(FixedBytes(Sha256::digest(COMPOSE).into()))
+            .from(owner)
+    );
+    send!(app.setAllowAnyDevice(true).from(owner));
+
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let pki = TestPki::generate(now - 60).unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki.save(&pki_dir).unwrap();
+    let sim = client::simulated_os_image();
+    let images = format!(
+        "[{{hash = \"{}\", mrtd = \"{m}\", rtmr0 = \"{r0}\", rtmr1 = \"{r1}\", rtmr2 = \"{r2}\"}}, \
+         {{hash = \"{}\", mrtd = \"{m}\", rtmr0 = \"{r0}\", rtmr1 = \"{r1}\", rtmr2 = \"{r2}\"}}]",
+        sim.hash,
+        hex::encode(UNLISTED_IMAGE),
+        m = sim.mrtd,
+        r0 = sim.rtmr0,
+        r1 = sim.rtmr1,
+        r2 = sim.rtmr2,
+    );
+    let rpc = anvil.url().to_string();
+    let (kms_addr, start) = (deployment.kms.to_string(), deployment.block.to_string());
+    let mut args = vec![
+        "--insecure-test-pki",
+        pki_dir.to_str().unwrap(),
+        "--rpc-url",
+        &rpc,
+        "--kms-contract",
+        &kms_addr,
+        "--start-block",
+        &start,
+    ];
+    if let Some(url) = database_url {
+        args.extend(["--database-url", url]);
+    }
+    let mut kw = Keywarden::start(
+        &dir.path().join("data"),
+        &args,
+        &[
+            ("KEYWARDEN_KMS__OS_IMAGES", &images),
+            // anvil mines only on transactions: follow the latest block, poll fast.
+            ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),
+            ("KEYWARDEN_CHAIN__POLL_INTERVAL", "100ms"),
+            ("KEYWARDEN_CHAIN__MAX_STALENESS", "2s"),
+        ],
+    );
+    kw.wait_ready().await;
+    let ca = std::fs::read_to_string(dir.path().join("data/kms/root-ca.pem")).unwrap();
+    Setup {
+        anvil: Some(anvil),
+        provider,
+        owner,
+        kms: deployment.kms,
+        app: deployment.app,
+        kw,
+        ca,
+        pki,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    async fn boot(&self, app: Address, compose: &[u8], vm_config: &str) -> Result<(), ClientError> {
+        let spec = client::guest_spec(app.into_array(), compose, vec![0x1d; 20]);
+        let guest = Guest::enroll(
+            &self.kw.api_url(),
+            Some(self.ca.clone()),
+            &self.pki,
+            &spec,
+            false,
+        )
+        .await?;
+        guest.get_app_key(vm_config).await.map(|_| ())
+    }
+
+    /// Boots until the refusal carries `expected` (the mirror follows the chain within a poll).
+    async fn refused_with(
+        &self,
+        app: Address,
+        compose: &[u8],
+        vm_config: &str,
+        expected: &str,
+    ) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.boot(app, compose, vm_config).await {
+                Err(ClientError::Refused { status, message }) if message.contains(expected) => {
+                    return status;
+                }
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "expected a refusal with {expected:?}, got {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn scenario(database_url: Option<&str>) {
+    let mut s = setup(database_url).await;
+    let vm = client::simulated_vm_config();
+    s.boot(s.app, COMPOSE, &vm).await.unwrap();
+
+    // Each of the contracts' reasons reaches the guest, in the contracts' order.
+    let stranger = Address::repeat_byte(0x77);
+    assert_eq!(
+        s.refused_with(stranger, COMPOSE, &vm, "App not registered")
+            .await,
+        400
+    );
+    let unlisted = serde_json::json!({"os_image_hash": hex::encode(UNLISTED_IMAGE)}).to_string();
+    s.refused_with(s.app, COMPOSE, &unlisted, "OS image is not allowed")
+        .await;
+    s.refused_with(s.app, b"another compose", &vm, "Compose hash not allowed")
+        .await;
+    let app = DstackApp::new(s.app, &s.provider);
+    send!(app.setAllowAnyDevice(false).from(s.owner));
+    s.refused_with(s.app, COMPOSE, &vm, "Device ID not allowed")
+        .await;
+    send!(app.setAllowAnyDevice(true).from(s.owner));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while s.boot(s.app, COMPOSE, &vm).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "allowing any device again did not reach the mirror"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Revocation: removing the compose hash refuses the next request.
+    send!(
+        app.removeComposeHash(FixedBytes(Sha256::digest(COMPOSE).into()))
+            .from(s.owner)
+    );
+    s.refused_with(s.app, COMPOSE, &vm, "Compose hash not allowed")
+        .await;
+    // Removing the OS image on the KMS refuses every app on it.
+    send!(
+        app.addComposeHash(FixedBytes(Sha256::digest(COMPOSE).into()))
+            .from(s.owner)
+    );
+    let kms = DstackKms::new(s.kms, &s.provider);
+    send!(
+        kms.removeOsImageHash(FixedBytes(client::SIMULATED_OS_IMAGE_HASH))
+            .from(s.owner)
+    );
+    s.refused_with(s.app, COMPOSE, &vm, "OS image is not allowed")
+        .await;
+
+    // The chain goes away: after max_staleness the KMS fails closed with 503.
+    drop(s.anvil.take());
+    assert_eq!(s.refused_with(s.app, COMPOSE, &vm, "stale").await, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_mirror_authorizes_key_requests_on_sqlite() {
+    scenario(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_mirror_authorizes_key_requests_on_postgres() {
+    let db = common::PgDb::create().await;
+    scenario(Some(&db.url)).await;
+    db.drop_now().await;
+}
