@@ -1,9 +1,10 @@
 //! `keywarden serve`: start-up, supervision and shutdown of the whole service.
 //!
 //! Order: logging → insecure-switch warnings → store (migrated) → run record → metrics (and the
-//! chain mirror, registered not ready, when `[chain]` is configured) → listeners bound (a taken port fails start-up before anything serves) → tasks spawned →
-//! ready. On shutdown: tasks drained within `runtime.shutdown_timeout`, the run marked clean,
-//! the store closed, pending spans exported.
+//! chain mirror, registered not ready, when `[chain]` is configured) → listeners bound (a taken
+//! port fails start-up before anything serves) → tasks spawned → ready. On shutdown: tasks
+//! drained within `runtime.shutdown_timeout`, the run marked clean, the store closed, pending
+//! spans exported.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -629,14 +629,15 @@ async fn reorg_deeper_than_the_window_resyncs() {
 async fn killed_engines_resume_without_duplicates_or_gaps() {
     let c = chain().await;
     let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path()).await;
     let app = c.app(c.d.app);
     for i in 0..60u8 {
         send!(app.addComposeHash(B256::repeat_byte(i)), c.owner);
     }
     let head = c.head().await;
-    // Small batches, aborted at once (no clean shutdown) three times at different points.
+    // Small batches, aborted at once (no clean shutdown, possibly mid-transaction) three times at
+    // different points; each "process" has its own connections, closed when it dies.
     for kill_after in [3u64, 20, 41] {
+        let store = sqlite_store(dir.path()).await;
         let e = engine(&[c.anvil.url()], &c.d, &store, |cfg| {
             cfg.max_batch_blocks = 2
         });
@@ -647,7 +648,9 @@ async fn killed_engines_resume_without_duplicates_or_gaps() {
         }
         e.handle.abort();
         let _ = e.handle.await;
+        store.close().await;
     }
+    let store = sqlite_store(dir.path()).await;
     let e = engine(&[c.anvil.url()], &c.d, &store, |cfg| {
         cfg.max_batch_blocks = 2
     });
@@ -1009,4 +1012,41 @@ async fn log_ranges_shrink_on_too_many_results_and_grow_back() {
     let batches = e.metric("dstack_chain_batches_total");
     assert!((11.0..=20.0).contains(&batches), "{batches} batches");
     e.stop().await;
+}
+
+#[tokio::test]
+async fn safe_finality_applies_only_blocks_the_node_calls_safe() {
+    // anvil's `safe` block is 32 blocks behind its latest.
+    let c = chain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path()).await;
+    let e = engine(&[c.anvil.url()], &c.d, &store, |cfg| {
+        cfg.finality = keywarden::chain::config::Finality::Safe;
+    });
+    c.provider.anvil_mine(Some(40), None).await.unwrap();
+    send!(c.kms().addOsImageHash(h(1)), c.owner);
+    let added = c.head().await;
+    c.provider.anvil_mine(Some(31), None).await.unwrap();
+    e.caught_up_to(added - 1).await;
+    assert_eq!(e.mirror.progress().target_block, added - 1);
+    assert!(e.mirror.snapshot().kms.os_images.is_empty());
+    c.provider.anvil_mine(Some(1), None).await.unwrap();
+    e.caught_up_to(added).await;
+    assert!(e.mirror.snapshot().kms.os_images.contains(&h(1)));
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn another_chain_than_configured_stops_the_engine() {
+    let c = chain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path()).await;
+    let e = engine(&[c.anvil.url()], &c.d, &store, |cfg| cfg.chain_id = Some(1));
+    let err = tokio::time::timeout(WAIT, e.handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("serves chain 31337"), "{err}");
+    assert!(!e.mirror.is_fresh());
 }
