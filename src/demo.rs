@@ -233,11 +233,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let data = dir.join("data");
     let log_path = dir.join("keywarden.log");
     let log = std::fs::File::create(&log_path)?;
-    let image = client::simulated_os_image();
-    let images = format!(
-        "[{{hash = \"{}\", mrtd = \"{}\", rtmr0 = \"{}\", rtmr1 = \"{}\", rtmr2 = \"{}\"}}]",
-        image.hash, image.mrtd, image.rtmr0, image.rtmr1, image.rtmr2
-    );
+    let images = crate::kms::osimage::env_value(&[client::simulated_os_image()]);
     let child = Command::new(std::env::current_exe()?)
         .args(["serve", "--api-listen", &api.to_string()])
         .args(["--metrics-listen", &metrics.to_string()])

@@ -67,17 +67,10 @@ async fn setup(database_url: Option<&str>) -> Setup {
     let pki = TestPki::generate(now - 60).unwrap();
     let pki_dir = dir.path().join("pki");
     pki.save(&pki_dir).unwrap();
-    let sim = client::simulated_os_image();
-    let images = format!(
-        "[{{hash = \"{}\", mrtd = \"{m}\", rtmr0 = \"{r0}\", rtmr1 = \"{r1}\", rtmr2 = \"{r2}\"}}, \
-         {{hash = \"{}\", mrtd = \"{m}\", rtmr0 = \"{r0}\", rtmr1 = \"{r1}\", rtmr2 = \"{r2}\"}}]",
-        sim.hash,
-        hex::encode(UNLISTED_IMAGE),
-        m = sim.mrtd,
-        r0 = sim.rtmr0,
-        r1 = sim.rtmr1,
-        r2 = sim.rtmr2,
-    );
+    let images = keywarden::kms::osimage::env_value(&[
+        client::simulated_os_image(),
+        client::simulated_os_image_as(&UNLISTED_IMAGE),
+    ]);
     let rpc = anvil.url().to_string();
     let (kms_addr, start) = (deployment.kms.to_string(), deployment.block.to_string());
     let mut args = vec![

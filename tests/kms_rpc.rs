@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::{Keywarden, free_addr, http, https, https_with_identity};
 use keywarden::attestation::testpki::{GuestSpec, TestPki};
 use keywarden::kms::keys::AppKeys;
+use keywarden::kms::osimage::OsImage;
 use keywarden::kms::proto;
 use prost::Message as _;
 
@@ -69,21 +70,14 @@ fn start(dir: &Path, env: &[(&str, &str)]) -> (Keywarden, TestPki) {
     let pki_dir = dir.join("pki");
     pki.save(&pki_dir).unwrap();
     // The two OS images guests in these tests run: the test guest's and the CLI's simulated one.
-    let sim = keywarden::kms::client::simulated_os_image();
-    let images = format!(
-        "[{{hash = \"{}\", mrtd = \"{}\", rtmr0 = \"{}\", rtmr1 = \"{}\", rtmr2 = \"{}\"}}, \
-         {{hash = \"{}\", mrtd = \"{}\", rtmr0 = \"{}\", rtmr1 = \"{}\", rtmr2 = \"{}\"}}]",
-        hex::encode([0x05; 32]),
-        hex::encode([0x11; 48]),
-        hex::encode([0x22; 48]),
-        hex::encode([0x33; 48]),
-        hex::encode([0x44; 48]),
-        sim.hash,
-        sim.mrtd,
-        sim.rtmr0,
-        sim.rtmr1,
-        sim.rtmr2,
-    );
+    let images = keywarden::kms::osimage::env_value(&[
+        OsImage::new(
+            &[0x05; 32],
+            &[0x11; 48],
+            &[[0x22; 48], [0x33; 48], [0x44; 48]],
+        ),
+        keywarden::kms::client::simulated_os_image(),
+    ]);
     let mut env = env.to_vec();
     env.push(("KEYWARDEN_KMS__OS_IMAGES", &images));
     let kw = Keywarden::start(

@@ -45,15 +45,15 @@ pub const SIMULATED_OS_IMAGE_HASH: [u8; 32] = [0x5e; 32];
 const SIMULATED_MRTD: [u8; 48] = [0x7d; 48];
 const SIMULATED_RTMR0_2: [[u8; 48]; 3] = [[0x70; 48], [0x71; 48], [0x72; 48]];
 
+/// The `kms.os_images` entry that admits simulated guests' OS image (or, under another `hash`, an
+/// image with the same measurements).
+pub fn simulated_os_image_as(hash: &[u8; 32]) -> crate::kms::osimage::OsImage {
+    crate::kms::osimage::OsImage::new(hash, &SIMULATED_MRTD, &SIMULATED_RTMR0_2)
+}
+
 /// The `kms.os_images` entry that admits simulated guests' OS image.
 pub fn simulated_os_image() -> crate::kms::osimage::OsImage {
-    crate::kms::osimage::OsImage {
-        hash: hex::encode(SIMULATED_OS_IMAGE_HASH),
-        mrtd: hex::encode(SIMULATED_MRTD),
-        rtmr0: hex::encode(SIMULATED_RTMR0_2[0]),
-        rtmr1: hex::encode(SIMULATED_RTMR0_2[1]),
-        rtmr2: hex::encode(SIMULATED_RTMR0_2[2]),
-    }
+    simulated_os_image_as(&SIMULATED_OS_IMAGE_HASH)
 }
 
 /// The vm_config a host passes for a simulated guest.

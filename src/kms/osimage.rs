@@ -23,6 +23,33 @@ pub struct OsImage {
     pub rtmr2: String,
 }
 
+impl OsImage {
+    /// An entry for image `hash` with the given MRTD and RTMR0-2.
+    pub fn new(hash: &[u8; 32], mrtd: &[u8; 48], rtmr0_2: &[[u8; 48]; 3]) -> Self {
+        Self {
+            hash: hex::encode(hash),
+            mrtd: hex::encode(mrtd),
+            rtmr0: hex::encode(rtmr0_2[0]),
+            rtmr1: hex::encode(rtmr0_2[1]),
+            rtmr2: hex::encode(rtmr0_2[2]),
+        }
+    }
+}
+
+/// `images` as the value of `KEYWARDEN_KMS__OS_IMAGES` (a TOML inline array of tables).
+pub fn env_value(images: &[OsImage]) -> String {
+    let entries: Vec<String> = images
+        .iter()
+        .map(|i| {
+            format!(
+                "{{hash = \"{}\", mrtd = \"{}\", rtmr0 = \"{}\", rtmr1 = \"{}\", rtmr2 = \"{}\"}}",
+                i.hash, i.mrtd, i.rtmr0, i.rtmr1, i.rtmr2
+            )
+        })
+        .collect();
+    format!("[{}]", entries.join(", "))
+}
+
 /// Why a boot's OS image claim is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OsImageError {
@@ -153,6 +180,21 @@ mod tests {
             p.check_tdx(&[], &[0x11; 48], &rtmr),
             Err(OsImageError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn env_value_round_trips_through_the_config_loader() {
+        let images = vec![
+            image(),
+            OsImage::new(&[7; 32], &[1; 48], &[[2; 48], [3; 48], [4; 48]]),
+        ];
+        let cfg = crate::config::Config::load(
+            None,
+            [("KEYWARDEN_KMS__OS_IMAGES".to_owned(), env_value(&images))],
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.kms.os_images, images);
     }
 
     #[test]
