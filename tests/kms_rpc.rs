@@ -238,6 +238,35 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
         "refused before authorization"
     );
 
+    // A valid attestation that binds some other key than the certificate's: refused.
+    let (status, temp) = post_json(
+        &https(&data),
+        url("KMS.GetTempCaCert"),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let ca_der = pem::parse(temp["temp_ca_cert"].as_str().unwrap())
+        .unwrap()
+        .into_contents();
+    let ca_key = rcgen::KeyPair::from_pem(temp["temp_ca_key"].as_str().unwrap()).unwrap();
+    let other_binding = pki
+        .dstack_attestation(&guest(ALLOWED_APP), &[0x42; 64])
+        .unwrap();
+    let key = keywarden::attestation::ratls::CertBuilder::new_key().unwrap();
+    let cert = keywarden::attestation::ratls::CertBuilder::new("dstack guest")
+        .app_id(&ALLOWED_APP)
+        .attestation(&other_binding)
+        .signed_by(&key, &ca_der, &ca_key)
+        .unwrap();
+    let unbound = https_with_identity(&data, Some(&format!("{}{}", cert.cert_pem, cert.key_pem)));
+    let (status, err) = post_json(&unbound, url("KMS.GetAppKey"), request.clone()).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        err["error"],
+        "attestation verification failed: report_data_mismatch"
+    );
+
     // No client certificate.
     let (status, err) = post_json(&https(&data), url("KMS.GetAppKey"), request.clone()).await;
     assert_eq!(status, 400);
@@ -311,9 +340,10 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"ok\",reason=\"none\"} 2",
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"not_authorized\"} 1",
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"no_attestation\"} 1",
-        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"attestation_rejected\"} 1",
+        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"attestation_rejected\"} 2",
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"bad_request\"} 1",
         "dstack_kms_attestation_verifications_total{tee=\"tdx\",result=\"rejected\",reason=\"debug_td\"} 1",
+        "dstack_kms_attestation_verifications_total{tee=\"tdx\",result=\"rejected\",reason=\"report_data_mismatch\"} 1",
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"canary\"} 1",
         "dstack_kms_canary_requests_total 1",
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"os_image_rejected\"} 2",
