@@ -154,14 +154,12 @@ async fn wait_processed(metrics: SocketAddr, block: u64) -> anyhow::Result<()> {
         .build()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        let processed = match http.get(format!("http://{metrics}/metrics")).send().await {
+        let text = match http.get(format!("http://{metrics}/metrics")).send().await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
-        }
-        .lines()
-        .find_map(|l| l.strip_prefix("dstack_chain_processed_block "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
+        };
+        let processed =
+            crate::telemetry::sample_value(&text, "dstack_chain_processed_block").unwrap_or(0.0);
         if processed >= block as f64 {
             return Ok(());
         }

@@ -288,11 +288,8 @@ fn kms_rpc(
             config.kms.insecure_skip_os_image_check,
         )?,
         max_queued: config.kms.max_queued_requests,
-        canaries: config
-            .kms
-            .canary_app_ids
-            .iter()
-            .filter_map(|id| hex::decode(id.strip_prefix("0x").unwrap_or(id)).ok())
-            .collect(),
+        canaries: config.kms.canary_ids().map_err(|id| {
+            anyhow::anyhow!("kms.canary_app_ids: {id:?} is not a 20-byte hex app id")
+        })?,
     }))
 }

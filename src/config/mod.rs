@@ -634,15 +634,12 @@ impl Config {
                 "set it to the number of requests to process at once (32 is the default)",
             );
         }
-        for id in &self.kms.canary_app_ids {
-            let hex_part = id.strip_prefix("0x").unwrap_or(id);
-            if hex_part.len() != 40 || hex::decode(hex_part).is_err() {
-                push(
-                    "kms.canary_app_ids",
-                    format!("{id:?} is not a 20-byte hex app id"),
-                    "list app ids as 40 hex digits (0x optional)",
-                );
-            }
+        if let Err(id) = self.kms.canary_ids() {
+            push(
+                "kms.canary_app_ids",
+                format!("{id:?} is not a 20-byte hex app id"),
+                "list app ids as 40 hex digits (0x optional)",
+            );
         }
         if let Some(r) = &self.kms.key_encryption_key
             && let Err(e) = r.resolve()

@@ -156,9 +156,7 @@ pub async fn run(
 
 async fn sample_rss(http: &reqwest::Client, url: &str) -> Option<i64> {
     let text = http.get(url).send().await.ok()?.text().await.ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("keywarden_process_resident_memory_bytes "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
+    crate::telemetry::sample_value(&text, "keywarden_process_resident_memory_bytes")
         .map(|v| v as i64)
 }
 

@@ -70,6 +70,22 @@ impl Default for KmsConfig {
     }
 }
 
+impl KmsConfig {
+    /// `canary_app_ids` as 20-byte ids; `Err` names the first entry that is not 40 hex digits
+    /// (`0x` optional). Validation and the KMS both read the list through this.
+    pub fn canary_ids(&self) -> Result<Vec<Vec<u8>>, String> {
+        self.canary_app_ids
+            .iter()
+            .map(|id| {
+                hex::decode(id.strip_prefix("0x").unwrap_or(id))
+                    .ok()
+                    .filter(|b| b.len() == 20)
+                    .ok_or_else(|| id.clone())
+            })
+            .collect()
+    }
+}
+
 /// Why root key material could not be created or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum RootKeyError {
@@ -491,6 +507,20 @@ mod tests {
             err.contains("encrypted but no kms.key_encryption_key"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn canary_ids_accept_20_byte_hex_and_name_the_first_bad_entry() {
+        let mut cfg = KmsConfig {
+            canary_app_ids: vec!["ab".repeat(20), format!("0x{}", "cd".repeat(20))],
+            ..Default::default()
+        };
+        assert_eq!(
+            cfg.canary_ids().unwrap(),
+            vec![vec![0xab; 20], vec![0xcd; 20]]
+        );
+        cfg.canary_app_ids.push("abcd".into());
+        assert_eq!(cfg.canary_ids(), Err("abcd".to_owned()));
     }
 
     #[test]

@@ -62,9 +62,35 @@ impl Default for Metrics {
     }
 }
 
+/// The value of the unlabelled sample `name` in an OpenMetrics/Prometheus exposition.
+pub fn sample_value(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
 /// Encodes the registry in the OpenMetrics text format.
 pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
     let mut out = String::with_capacity(8 * 1024);
     prometheus_client::encoding::text::encode(&mut out, registry)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_value_reads_unlabelled_samples_only() {
+        let text = "# TYPE a gauge\na 1.5\na_total 7\nb{x=\"y\"} 3\n";
+        assert_eq!(sample_value(text, "a"), Some(1.5));
+        assert_eq!(sample_value(text, "a_total"), Some(7.0));
+        assert_eq!(sample_value(text, "b"), None);
+        assert_eq!(sample_value(text, "c"), None);
+    }
 }
