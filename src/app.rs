@@ -81,15 +81,20 @@ impl AppState {
 /// Writes an audit record to the `audit` log target and the store. A store failure is logged,
 /// never silently dropped.
 pub async fn audit(store: &Store, kind: &str, outcome: &str, detail: serde_json::Value) {
+    let rec = audit_record(kind, outcome, &detail);
+    if let Err(e) = store.append_audit(&rec).await {
+        tracing::error!(error = %e, kind, "audit record could not be stored");
+    }
+}
+
+/// Writes the audit line to the `audit` log target and returns the record to store.
+pub fn audit_record(kind: &str, outcome: &str, detail: &serde_json::Value) -> AuditRecord {
     tracing::info!(target: AUDIT_TARGET, kind, outcome, detail = %detail, "audit");
-    let rec = AuditRecord {
+    AuditRecord {
         at: unix_now(),
         kind: kind.to_owned(),
         outcome: outcome.to_owned(),
         detail: detail.to_string(),
-    };
-    if let Err(e) = store.append_audit(&rec).await {
-        tracing::error!(error = %e, kind, "audit record could not be stored");
     }
 }
 

@@ -28,6 +28,7 @@ use crate::kms::authz::{
     AuthBackendKind, Authorizer, ChainAuthorizer, DevAuthorizer, NoMirror, WebhookAuthorizer,
 };
 use crate::kms::dispatch::{ChainMeta, CollateralSource, KmsRpc, KmsRpcParts};
+use crate::kms::ledger::Ledger;
 use crate::kms::root::KmsKeys;
 use crate::kms::server::RpcServer;
 use crate::store::Store;
@@ -126,7 +127,8 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         (mirror, engine)
     });
     let (mirror, engine) = chain.unzip();
-    let kms_rpc = kms_rpc(&config, kms_keys, store.clone(), &metrics, mirror.clone())?;
+    let (ledger, ledger_writer) = Ledger::new(store.clone(), metrics.kms.clone());
+    let kms_rpc = kms_rpc(&config, kms_keys, &store, ledger, &metrics, mirror.clone())?;
     let tls = crate::kms::server::tls_config(kms_rpc.keys())?;
     let addr =
         |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -192,6 +194,8 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
     if let Some(engine) = engine {
         supervisor.spawn(engine, Criticality::Critical);
     }
+    // Critical: without it no key can be released.
+    supervisor.spawn(ledger_writer, Criticality::Critical);
     supervisor.spawn(
         HealthMonitor {
             state: state.clone(),
@@ -244,7 +248,8 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
 fn kms_rpc(
     config: &Config,
     keys: KmsKeys,
-    store: Store,
+    store: &Store,
+    ledger: Ledger,
     metrics: &Metrics,
     mirror: Option<Arc<Mirror>>,
 ) -> anyhow::Result<KmsRpc> {
@@ -276,7 +281,7 @@ fn kms_rpc(
         authorizer,
         metrics: metrics.kms.clone(),
         attestation_metrics: metrics.attestation.clone(),
-        store,
+        ledger,
         chain: ChainMeta {
             kms_contract_address: config.chain.kms_contract.clone(),
             chain_id: config.chain.chain_id,

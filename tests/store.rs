@@ -173,45 +173,70 @@ on_both_backends!(collateral_cache_round_trips_and_replaces, |open| {
     s.close().await;
 });
 
-on_both_backends!(boot_records_count_boots_and_measurement_sets, |open| {
-    use keywarden::store::BootObservation;
-    let s = open().await.unwrap();
-    let obs = |at: i64, compose: &str| BootObservation {
-        app_id: "aa".repeat(20),
-        instance_id: "bb".repeat(20),
-        at,
-        mr_aggregated: "cc".repeat(32),
-        compose_hash: compose.to_owned(),
-        os_image_hash: "dd".repeat(32),
-        device_id: "ee".repeat(32),
-    };
-    assert!(
-        s.boot_record(&"aa".repeat(20), &"bb".repeat(20))
+on_both_backends!(
+    ledger_batches_count_boots_and_store_their_audit_rows,
+    |open| {
+        use keywarden::store::{BootObservation, LedgerEntry};
+        let s = open().await.unwrap();
+        let entry = |at: i64, compose: &str| LedgerEntry {
+            boot: Some(BootObservation {
+                app_id: "aa".repeat(20),
+                instance_id: "bb".repeat(20),
+                at,
+                mr_aggregated: "cc".repeat(32),
+                compose_hash: compose.to_owned(),
+                os_image_hash: "dd".repeat(32),
+                device_id: "ee".repeat(32),
+            }),
+            audit: AuditRecord {
+                at,
+                kind: "key_request".into(),
+                outcome: "ok".into(),
+                detail: format!("{{\"at\":{at}}}"),
+            },
+        };
+        assert!(
+            s.boot_record(&"aa".repeat(20), &"bb".repeat(20))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let first = s.record_ledger(&[entry(100, "01")]).await.unwrap();
+        let first = first[0].clone().unwrap();
+        assert_eq!(
+            (first.first_boot, first.last_boot, first.boot_count),
+            (100, 100, 1)
+        );
+        // One batch: each boot sees the count as of its place in the batch; a refusal's entry has no
+        // boot record.
+        let refusal = LedgerEntry {
+            boot: None,
+            ..entry(250, "02")
+        };
+        let batch = s
+            .record_ledger(&[entry(200, "02"), refusal, entry(300, "02")])
+            .await
+            .unwrap();
+        let counts: Vec<Option<i64>> = batch
+            .iter()
+            .map(|r| r.as_ref().map(|r| r.boot_count))
+            .collect();
+        assert_eq!(counts, vec![Some(2), None, Some(3)]);
+        // Concurrent batches are all counted.
+        let (e4, e5) = ([entry(400, "02")], [entry(401, "02")]);
+        let (a, b) = tokio::join!(s.record_ledger(&e4), s.record_ledger(&e5));
+        a.unwrap();
+        b.unwrap();
+        let rec = s
+            .boot_record(&"aa".repeat(20), &"bb".repeat(20))
             .await
             .unwrap()
-            .is_none()
-    );
-    let first = s.record_boot(&obs(100, "01")).await.unwrap();
-    assert_eq!(
-        (first.first_boot, first.last_boot, first.boot_count),
-        (100, 100, 1)
-    );
-    let second = s.record_boot(&obs(200, "02")).await.unwrap();
-    assert_eq!(
-        (second.first_boot, second.last_boot, second.boot_count),
-        (100, 200, 2)
-    );
-    // Concurrent boots of the same instance are all counted.
-    let (o3, o4) = (obs(300, "02"), obs(301, "02"));
-    let (a, b) = tokio::join!(s.record_boot(&o3), s.record_boot(&o4));
-    a.unwrap();
-    b.unwrap();
-    let rec = s
-        .boot_record(&"aa".repeat(20), &"bb".repeat(20))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(rec.boot_count, 4);
-    assert_eq!(rec.first_boot, 100);
-    s.close().await;
-});
+            .unwrap();
+        assert_eq!(rec.boot_count, 5);
+        assert_eq!(rec.first_boot, 100);
+        let audits = s.recent_audit(10).await.unwrap();
+        assert_eq!(audits.len(), 6, "{audits:?}");
+        assert_eq!(audits.iter().filter(|a| a.at == 250).count(), 1);
+        s.close().await;
+    }
+);

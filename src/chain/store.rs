@@ -11,7 +11,7 @@ use alloy::primitives::{Address, B256};
 use serde::Serialize;
 use sqlx::Row;
 
-use crate::store::{Backend, Store, StoreError, on_backend, write_tx};
+use crate::store::{Backend, Store, StoreError, on_backend, on_writer, write_tx};
 
 /// Progress of one chain's sync.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -283,7 +283,7 @@ impl Store {
         head_block: u64,
         seen_at: i64,
     ) -> Result<(), StoreError> {
-        on_backend!(self, pool => {
+        on_writer!(self, pool => {
             sqlx::query("UPDATE chain_checkpoints SET head_block = $1, head_seen_at = $2 WHERE chain_id = $3")
                 .bind(to_i64(head_block))
                 .bind(seen_at)

@@ -22,13 +22,14 @@ use tracing::Instrument as _;
 
 use super::authz::{AuthDecision, AuthError, Authorizer};
 use super::keys::{AppKeys, BootstrapInfo, EnvEncryptPubKey};
+use super::ledger::Ledger;
 use super::metrics::{KmsMetrics, Method, Outcome, Refusal};
 use super::proto;
 use super::root::KmsKeys;
 use crate::attestation::collateral::CollateralProvider;
 use crate::attestation::testpki::{TEST_FMSPC, TestPki};
 use crate::attestation::{AttestationError, AttestationMetrics, Platform, Verifier, tdx};
-use crate::store::{BootObservation, Store};
+use crate::store::BootObservation;
 
 /// The peer's client certificate (DER), attached to each request of a TLS connection.
 #[derive(Debug, Clone, Default)]
@@ -107,7 +108,7 @@ struct Inner {
     authorizer: Arc<dyn Authorizer>,
     metrics: KmsMetrics,
     attestation_metrics: AttestationMetrics,
-    store: Store,
+    ledger: Ledger,
     chain: ChainMeta,
 }
 
@@ -125,8 +126,8 @@ pub struct KmsRpcParts {
     pub metrics: KmsMetrics,
     /// Attestation metrics.
     pub attestation_metrics: AttestationMetrics,
-    /// Store (audit records).
-    pub store: Store,
+    /// Boot and audit records.
+    pub ledger: Ledger,
     /// Chain facts for GetMeta.
     pub chain: ChainMeta,
     /// Requests processed at once.
@@ -212,7 +213,7 @@ impl KmsRpc {
             authorizer: p.authorizer,
             metrics: p.metrics,
             attestation_metrics: p.attestation_metrics,
-            store: p.store,
+            ledger: p.ledger,
             chain: p.chain,
         }))
     }
@@ -374,19 +375,22 @@ impl KmsRpc {
         let now = now_secs();
         let keys = AppKeys::derive(&self.0.keys.root, &boot.app_id, &boot.instance_id)
             .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
-        // No record, no keys: the boot record is what governance and CVM health rely on.
+        // No record, no keys: the boot record is what governance and CVM health rely on. It is
+        // committed together with the request's audit record.
+        let observation = BootObservation {
+            app_id: hex::encode(&boot.app_id),
+            instance_id: hex::encode(&boot.instance_id),
+            at: i64::try_from(now).unwrap_or(i64::MAX),
+            mr_aggregated: hex::encode(&boot.mr_aggregated),
+            compose_hash: hex::encode(&boot.compose_hash),
+            os_image_hash: hex::encode(&boot.os_image_hash),
+            device_id: hex::encode(&boot.device_id),
+        };
+        let audit = audit_record("key_request", &boot, "ok", "");
         let record = self
             .0
-            .store
-            .record_boot(&BootObservation {
-                app_id: hex::encode(&boot.app_id),
-                instance_id: hex::encode(&boot.instance_id),
-                at: i64::try_from(now).unwrap_or(i64::MAX),
-                mr_aggregated: hex::encode(&boot.mr_aggregated),
-                compose_hash: hex::encode(&boot.compose_hash),
-                os_image_hash: hex::encode(&boot.os_image_hash),
-                device_id: hex::encode(&boot.device_id),
-            })
+            .ledger
+            .release(observation, audit)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "boot record could not be written; keys withheld");
@@ -406,7 +410,6 @@ impl KmsRpc {
             compose_hash = %hex::encode(&boot.compose_hash),
             "key dispatched"
         );
-        self.audit_boot("key_request", &boot, "ok", "").await;
         Ok(proto::AppKeyResponse {
             ca_cert: self.0.keys.root_ca_pem.clone(),
             disk_crypt_key: keys.disk_crypt_key.to_vec(),
@@ -503,17 +506,30 @@ impl KmsRpc {
         outcome: &str,
         reason: &str,
     ) {
-        let detail = serde_json::json!({
-            "app_id": hex::encode(&boot.app_id),
-            "instance_id": hex::encode(&boot.instance_id),
-            "compose_hash": hex::encode(&boot.compose_hash),
-            "mr_aggregated": hex::encode(&boot.mr_aggregated),
-            "os_image_hash": hex::encode(&boot.os_image_hash),
-            "device_id": hex::encode(&boot.device_id),
-            "reason": reason,
-        });
-        crate::app::audit(&self.0.store, kind, outcome, detail).await;
+        self.0
+            .ledger
+            .audit(audit_record(kind, boot, outcome, reason))
+            .await;
     }
+}
+
+/// The audit record of a request about `boot` (also written to the audit log target).
+fn audit_record(
+    kind: &str,
+    boot: &crate::attestation::BootInfo,
+    outcome: &str,
+    reason: &str,
+) -> crate::store::AuditRecord {
+    let detail = serde_json::json!({
+        "app_id": hex::encode(&boot.app_id),
+        "instance_id": hex::encode(&boot.instance_id),
+        "compose_hash": hex::encode(&boot.compose_hash),
+        "mr_aggregated": hex::encode(&boot.mr_aggregated),
+        "os_image_hash": hex::encode(&boot.os_image_hash),
+        "device_id": hex::encode(&boot.device_id),
+        "reason": reason,
+    });
+    crate::app::audit_record(kind, outcome, &detail)
 }
 
 /// How the caller wants its body encoded.

@@ -5,7 +5,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::exponential_buckets;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// KMS RPC methods (closed set; unknown names are `unknown`).
@@ -172,6 +172,9 @@ pub struct KmsMetrics {
     queue_depth: Gauge,
     concurrency_limit: Gauge,
     canary_requests: Counter,
+    ledger_batch: Histogram,
+    ledger_commit: Histogram,
+    ledger_failures: Counter,
 }
 
 impl KmsMetrics {
@@ -189,7 +192,27 @@ impl KmsMetrics {
             queue_depth: Gauge::default(),
             concurrency_limit: Gauge::default(),
             canary_requests: Counter::default(),
+            // 1 .. 256 entries
+            ledger_batch: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
+            // 100 µs .. ~1.6 s
+            ledger_commit: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+            ledger_failures: Counter::default(),
         };
+        registry.register(
+            "dstack_kms_ledger_batch_size",
+            "Ledger entries (boot and audit records) written per transaction",
+            m.ledger_batch.clone(),
+        );
+        registry.register(
+            "dstack_kms_ledger_commit_duration_seconds",
+            "Time to write and commit one ledger batch",
+            m.ledger_commit.clone(),
+        );
+        registry.register(
+            "dstack_kms_ledger_commit_failures",
+            "Ledger batches whose transaction failed (their keys were withheld)",
+            m.ledger_failures.clone(),
+        );
         registry.register(
             "dstack_kms_queue_rejected",
             "KMS requests answered 503 at once because the wait queue was full",
@@ -295,6 +318,15 @@ impl KmsMetrics {
     pub fn set_concurrency_limit(&self, n: usize) {
         self.concurrency_limit
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Records one ledger commit of `entries` entries.
+    pub fn ledger_commit(&self, entries: usize, seconds: f64, ok: bool) {
+        self.ledger_batch.observe(entries as f64);
+        self.ledger_commit.observe(seconds);
+        if !ok {
+            self.ledger_failures.inc();
+        }
     }
 
     /// Counts a canary request.

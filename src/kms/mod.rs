@@ -5,12 +5,13 @@
 //! secp256k1 app keys with recoverable signatures by the root k256 key, the env-encryption X25519
 //! key, and the bootstrap report data). Flow of a key request, as it lands piece by piece:
 //! RA-TLS client certificate → attestation verified → boot info → mirror authorization →
-//! [`keys::AppKeys::derive`] → response and boot record.
+//! [`keys::AppKeys::derive`] → boot record committed by the [`ledger`] → response.
 
 pub mod authz;
 pub mod client;
 pub mod dispatch;
 pub mod keys;
+pub mod ledger;
 pub mod loadgen;
 pub mod metrics;
 pub mod osimage;

@@ -1,10 +1,11 @@
-//! Boot records: what the KMS learns from every key release (spec/07 §1), written in the same
-//! transaction for the instance row and the served-measurement row.
+//! Boot records: what the KMS learns from every key release (spec/07 §1). The KMS's ledger
+//! writes them, with the audit record of each request, in batches: one transaction covers the
+//! instance rows, the served-measurement rows and the audit rows of the batch.
 
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Backend, Store, StoreError, on_backend, write_tx};
+use super::{AuditRecord, Backend, Store, StoreError, on_backend, write_tx};
 
 /// One key release to record. Byte fields are lowercase hex.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,51 +37,84 @@ pub struct BootRecord {
     pub boot_count: i64,
 }
 
+/// One entry of the KMS's ledger: an audit record, and the boot it records when keys are
+/// being released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    /// The boot, for a key release; `None` for a refusal.
+    pub boot: Option<BootObservation>,
+    /// The audit record of the request.
+    pub audit: AuditRecord,
+}
+
 impl Store {
-    /// Records a key release: bumps the instance's record and the served measurement set, in one
-    /// transaction. Returns the instance's record (boot_count 1 means a newly deployed CVM).
-    pub async fn record_boot(&self, b: &BootObservation) -> Result<BootRecord, StoreError> {
+    /// Writes a batch of ledger entries in one transaction: for each boot, bumps the instance's
+    /// record and the served measurement set; for each entry, appends its audit record. Returns,
+    /// per entry, the instance's record after its boot (boot_count 1 means a newly deployed
+    /// CVM). All or nothing: on error no entry is written.
+    pub async fn record_ledger(
+        &self,
+        entries: &[LedgerEntry],
+    ) -> Result<Vec<Option<BootRecord>>, StoreError> {
         Ok(write_tx!(self, tx => {
-            sqlx::query(
-                "INSERT INTO boot_records (app_id, instance_id, first_boot, last_boot, boot_count, mr_aggregated, compose_hash, os_image_hash, device_id) \
-                 VALUES ($1, $2, $3, $3, 1, $4, $5, $6, $7) \
-                 ON CONFLICT (app_id, instance_id) DO UPDATE SET last_boot = excluded.last_boot, boot_count = boot_records.boot_count + 1, \
-                 mr_aggregated = excluded.mr_aggregated, compose_hash = excluded.compose_hash, os_image_hash = excluded.os_image_hash, device_id = excluded.device_id",
-            )
-            .bind(&b.app_id)
-            .bind(&b.instance_id)
-            .bind(b.at)
-            .bind(&b.mr_aggregated)
-            .bind(&b.compose_hash)
-            .bind(&b.os_image_hash)
-            .bind(&b.device_id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO served_measurements (app_id, instance_id, mr_aggregated, compose_hash, os_image_hash, device_id, first_served, last_served, times_served) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, 1) \
-                 ON CONFLICT (app_id, instance_id, mr_aggregated, compose_hash, os_image_hash, device_id) \
-                 DO UPDATE SET last_served = excluded.last_served, times_served = served_measurements.times_served + 1",
-            )
-            .bind(&b.app_id)
-            .bind(&b.instance_id)
-            .bind(&b.mr_aggregated)
-            .bind(&b.compose_hash)
-            .bind(&b.os_image_hash)
-            .bind(&b.device_id)
-            .bind(b.at)
-            .execute(&mut *tx)
-            .await?;
-            let row = sqlx::query("SELECT first_boot, last_boot, boot_count FROM boot_records WHERE app_id = $1 AND instance_id = $2")
-                .bind(&b.app_id)
-                .bind(&b.instance_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            BootRecord {
-                first_boot: row.try_get("first_boot")?,
-                last_boot: row.try_get("last_boot")?,
-                boot_count: row.try_get("boot_count")?,
+            let mut records = Vec::with_capacity(entries.len());
+            for entry in entries {
+                let record = match &entry.boot {
+                    None => None,
+                    Some(b) => {
+                        sqlx::query(
+                            "INSERT INTO boot_records (app_id, instance_id, first_boot, last_boot, boot_count, mr_aggregated, compose_hash, os_image_hash, device_id) \
+                             VALUES ($1, $2, $3, $3, 1, $4, $5, $6, $7) \
+                             ON CONFLICT (app_id, instance_id) DO UPDATE SET last_boot = excluded.last_boot, boot_count = boot_records.boot_count + 1, \
+                             mr_aggregated = excluded.mr_aggregated, compose_hash = excluded.compose_hash, os_image_hash = excluded.os_image_hash, device_id = excluded.device_id",
+                        )
+                        .bind(&b.app_id)
+                        .bind(&b.instance_id)
+                        .bind(b.at)
+                        .bind(&b.mr_aggregated)
+                        .bind(&b.compose_hash)
+                        .bind(&b.os_image_hash)
+                        .bind(&b.device_id)
+                        .execute(&mut *tx)
+                        .await?;
+                        sqlx::query(
+                            "INSERT INTO served_measurements (app_id, instance_id, mr_aggregated, compose_hash, os_image_hash, device_id, first_served, last_served, times_served) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, 1) \
+                             ON CONFLICT (app_id, instance_id, mr_aggregated, compose_hash, os_image_hash, device_id) \
+                             DO UPDATE SET last_served = excluded.last_served, times_served = served_measurements.times_served + 1",
+                        )
+                        .bind(&b.app_id)
+                        .bind(&b.instance_id)
+                        .bind(&b.mr_aggregated)
+                        .bind(&b.compose_hash)
+                        .bind(&b.os_image_hash)
+                        .bind(&b.device_id)
+                        .bind(b.at)
+                        .execute(&mut *tx)
+                        .await?;
+                        let row = sqlx::query("SELECT first_boot, last_boot, boot_count FROM boot_records WHERE app_id = $1 AND instance_id = $2")
+                            .bind(&b.app_id)
+                            .bind(&b.instance_id)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        Some(BootRecord {
+                            first_boot: row.try_get("first_boot")?,
+                            last_boot: row.try_get("last_boot")?,
+                            boot_count: row.try_get("boot_count")?,
+                        })
+                    }
+                };
+                let a = &entry.audit;
+                sqlx::query(super::INSERT_AUDIT)
+                    .bind(a.at)
+                    .bind(&a.kind)
+                    .bind(&a.outcome)
+                    .bind(&a.detail)
+                    .execute(&mut *tx)
+                    .await?;
+                records.push(record);
             }
+            records
         }))
     }
 

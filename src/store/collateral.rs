@@ -3,7 +3,7 @@
 use futures::future::BoxFuture;
 use sqlx::Row;
 
-use super::{Backend, Store, on_backend};
+use super::{Backend, Store, on_backend, on_writer};
 use crate::attestation::collateral::{CachedCollateral, CollateralCache};
 use crate::attestation::{AttestationError, RejectReason};
 
@@ -50,7 +50,7 @@ impl CollateralCache for Store {
             let body = serde_json::to_string(value).map_err(unavailable)?;
             let next_update = i64::try_from(value.next_update).unwrap_or(i64::MAX);
             let fetched_at = i64::try_from(value.fetched_at).unwrap_or(i64::MAX);
-            on_backend!(self, pool => {
+            on_writer!(self, pool => {
                 sqlx::query(
                     "INSERT INTO collateral_cache (fmspc, ca, body, next_update, fetched_at) VALUES ($1, $2, $3, $4, $5) \
                      ON CONFLICT (fmspc, ca) DO UPDATE SET body = excluded.body, next_update = excluded.next_update, fetched_at = excluded.fetched_at",

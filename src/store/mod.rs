@@ -3,8 +3,11 @@
 //! Flow: [`Store::open`] creates the data directory (mode 0700), connects, and runs the
 //! backend's migrations (`migrations/sqlite`, `migrations/postgres`) before anything else uses
 //! it. Every method is written once: the `on_backend!`/`write_tx!` macros expand the same query
-//! code for each pool type. Check-then-write steps run inside one write transaction (`BEGIN
-//! IMMEDIATE` on SQLite so concurrent writers serialize instead of failing on upgrade).
+//! code for each pool type (`on_backend!` reads, `on_writer!`/`write_tx!` write). Check-then-write
+//! steps run inside one write transaction. SQLite allows one writer at a time, so its writes go
+//! through a pool of exactly one connection: writers queue in-process, in order, instead of
+//! meeting `SQLITE_BUSY` and sleeping in SQLite's busy handler (which put 100 ms stalls into
+//! the key path's tail under load); reads use the other pool concurrently (WAL).
 //! Other modules' tables are served from child modules here (`collateral`: the TDX collateral
 //! cache behind `attestation::collateral::CollateralCache`; `boots`: the KMS's boot records), so
 //! the backend stays private.
@@ -19,7 +22,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::Row;
 
-pub use boots::{BootObservation, BootRecord};
+pub use boots::{BootObservation, BootRecord, LedgerEntry};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -68,20 +71,36 @@ pub enum StoreError {
     Timeout(Duration),
 }
 
-/// The pool of the selected database (visible to sibling modules' `impl Store` blocks).
+/// The pools of the selected database (visible to sibling modules' `impl Store` blocks).
 #[derive(Clone, Debug)]
 pub(crate) enum Backend {
-    /// SQLite.
-    Sqlite(SqlitePool),
-    /// PostgreSQL.
+    /// SQLite: readers, and the single writer connection.
+    Sqlite {
+        /// Read-only work.
+        read: SqlitePool,
+        /// Every write (one connection).
+        write: SqlitePool,
+    },
+    /// PostgreSQL (one pool; the server arbitrates writers).
     Postgres(PgPool),
 }
 
-/// Expands `$body` once per backend with `$pool` bound to that backend's pool.
+/// Expands `$body` once per backend with `$pool` bound to that backend's pool for reads.
 macro_rules! on_backend {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.backend {
-            Backend::Sqlite($pool) => $body,
+            Backend::Sqlite { read: $pool, .. } => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Like `on_backend!`, with `$pool` bound to the pool that writes (a single statement that needs
+/// no transaction).
+macro_rules! on_writer {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite { write: $pool, .. } => $body,
             Backend::Postgres($pool) => $body,
         }
     };
@@ -92,8 +111,10 @@ macro_rules! on_backend {
 macro_rules! write_tx {
     ($store:expr, $tx:ident => $body:expr) => {
         match &$store.backend {
-            Backend::Sqlite(pool) => {
-                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+            Backend::Sqlite { write, .. } => {
+                // IMMEDIATE: take the write lock up front, so another process (a CLI) meets
+                // the busy timeout at BEGIN rather than a failed lock upgrade mid-transaction.
+                let mut $tx = write.begin_with("BEGIN IMMEDIATE").await?;
                 let out = $body;
                 $tx.commit().await?;
                 out
@@ -110,7 +131,11 @@ macro_rules! write_tx {
 
 // Sibling modules extend `Store` with these macros.
 #[allow(unused_imports)]
-pub(crate) use {on_backend, write_tx};
+pub(crate) use {on_backend, on_writer, write_tx};
+
+/// Appends one audit row (shared by single appends and ledger batches).
+const INSERT_AUDIT: &str =
+    "INSERT INTO audit_log (at, kind, outcome, detail) VALUES ($1, $2, $3, $4)";
 
 /// The persistent store. Cheap to clone (pools are shared).
 #[derive(Clone, Debug)]
@@ -169,18 +194,24 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(cfg.connect_timeout)
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(cfg.max_connections)
-            .acquire_timeout(cfg.connect_timeout)
-            .connect_with(opts)
+        let connect = |max: u32, opts: SqliteConnectOptions| {
+            SqlitePoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(cfg.connect_timeout)
+                .connect_with(opts)
+        };
+        let connect_error = |e: sqlx::Error| StoreError::Connect {
+            target: target.clone(),
+            reason: one_line(&e),
+            fix: "check that the file's directory is writable and the file is an SQLite database",
+        };
+        // The writer first: it creates the file and switches it to WAL before readers open it.
+        let write = connect(1, opts.clone()).await.map_err(connect_error)?;
+        let read = connect(cfg.max_connections, opts)
             .await
-            .map_err(|e| StoreError::Connect {
-                target: target.clone(),
-                reason: one_line(&e),
-                fix: "check that the file's directory is writable and the file is an SQLite database",
-            })?;
+            .map_err(connect_error)?;
         Ok(Self {
-            backend: Backend::Sqlite(pool),
+            backend: Backend::Sqlite { read, write },
             target,
         })
     }
@@ -211,7 +242,7 @@ impl Store {
 
     async fn migrate(&self) -> Result<(), StoreError> {
         let result = match &self.backend {
-            Backend::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await,
+            Backend::Sqlite { write, .. } => sqlx::migrate!("migrations/sqlite").run(write).await,
             Backend::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await,
         };
         result.map_err(|e| StoreError::Migrate {
@@ -223,7 +254,7 @@ impl Store {
     /// `sqlite` or `postgres`.
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
-            Backend::Sqlite(_) => "sqlite",
+            Backend::Sqlite { .. } => "sqlite",
             Backend::Postgres(_) => "postgres",
         }
     }
@@ -246,7 +277,13 @@ impl Store {
 
     /// Closes every pooled connection (waits for checked-out ones to come back).
     pub async fn close(&self) {
-        on_backend!(self, pool => pool.close().await)
+        match &self.backend {
+            Backend::Sqlite { read, write } => {
+                read.close().await;
+                write.close().await;
+            }
+            Backend::Postgres(pool) => pool.close().await,
+        }
     }
 
     /// This node's stable identity, created on first use. Check-then-write in one transaction,
@@ -301,7 +338,7 @@ impl Store {
 
     /// Marks a run as cleanly stopped.
     pub async fn end_run(&self, run_id: i64, now: i64) -> Result<(), StoreError> {
-        on_backend!(self, pool => {
+        on_writer!(self, pool => {
             sqlx::query("UPDATE service_runs SET stopped_at = $1 WHERE id = $2")
                 .bind(now)
                 .bind(run_id)
@@ -313,8 +350,8 @@ impl Store {
 
     /// Appends one audit record.
     pub async fn append_audit(&self, rec: &AuditRecord) -> Result<(), StoreError> {
-        on_backend!(self, pool => {
-            sqlx::query("INSERT INTO audit_log (at, kind, outcome, detail) VALUES ($1, $2, $3, $4)")
+        on_writer!(self, pool => {
+            sqlx::query(INSERT_AUDIT)
                 .bind(rec.at)
                 .bind(&rec.kind)
                 .bind(&rec.outcome)
