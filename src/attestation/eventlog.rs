@@ -187,6 +187,19 @@ fn gunzip_capped(gz: &[u8], cap: usize) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The runtime event that ends the boot-time measurement: dstack extends it once the identity
+/// events are in, before the key provider and anything the app adds later.
+pub const BOOT_MR_DONE: &str = "boot-mr-done";
+
+/// The events up to and including the first that `is_boot_mr_done` matches; all of them when
+/// none does (a guest without the marker is measured in full, as upstream does).
+pub fn boot_prefix<T>(events: &[T], is_boot_mr_done: impl Fn(&T) -> bool) -> &[T] {
+    match events.iter().position(is_boot_mr_done) {
+        Some(i) => &events[..=i],
+        None => events,
+    }
+}
+
 /// Replays the event log: for each register, `mr = sha384(mr ‖ digest)` from zero.
 /// Also returns which registers had at least one event.
 pub fn replay(events: &[TdxEvent]) -> Result<([[u8; 48]; 4], [bool; 4])> {

@@ -109,6 +109,15 @@ impl DstackEvents {
         out
     }
 
+    /// The boot-time view, without the key provider: dstack extends `key-provider` after
+    /// `boot-mr-done`, so the boot-time measurement does not cover it.
+    pub fn at_boot_time(self) -> Self {
+        Self {
+            key_provider: None,
+            ..self
+        }
+    }
+
     /// From a TDX event log (runtime events only; their digests must have been checked).
     pub fn from_tdx_log(events: &[TdxEvent]) -> Self {
         Self::collect(

@@ -15,7 +15,8 @@
 //!    `sha512("ratls-cert:" ‖ SPKI)`, see [`ratls`]).
 //! 3. TDX: the event log is replayed and compared with the quoted RTMR3 (and RTMR0-2 for a
 //!    complete boot log), runtime-event digests checked ([`eventlog`]).
-//! 4. The boot identity is derived ([`identity`]).
+//! 4. The boot identity is derived ([`identity`]), twice: from the quoted registers, and at
+//!    boot time (RTMR3 replayed only up to `boot-mr-done`, key provider ignored).
 //!
 //! Every refusal is an [`AttestationError`] with a closed [`RejectReason`], used as the metric
 //! label ([`metrics`]) and the `reason` field of the `attestation verification failed` log line.
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod nitro;
 pub mod ratls;
 pub mod reason;
+pub(crate) mod scale;
 pub mod tdx;
 pub mod testpki;
 pub mod versioned;
@@ -76,8 +78,12 @@ impl Evidence {
 pub struct Verified {
     /// The verified evidence.
     pub evidence: Evidence,
-    /// The boot identity for authorization.
+    /// The boot identity for authorization, from the quoted measurements.
     pub boot_info: BootInfo,
+    /// The identity at the end of boot: RTMR3 replayed only up to `boot-mr-done`, identity
+    /// events from that prefix, the key provider ignored. What a request made after boot
+    /// (SignCert) is authorized with, since the app may extend RTMR3 later.
+    pub boot_time: BootInfo,
 }
 
 /// The inputs of one verification besides the attestation.
@@ -200,13 +206,25 @@ impl Verifier {
                     ));
                 }
                 eventlog::verify_replay(event_log, &td.rtmr)?;
-                let boot_info = identity::tdx_boot_info(
-                    &td,
-                    &DstackEvents::from_tdx_log(event_log),
-                    &verified.ppid,
-                    &verified.tcb_status,
-                    &verified.advisory_ids,
-                    &os_image_hash,
+                let identity_at = |td: &TdMeasurements, events: DstackEvents| {
+                    identity::tdx_boot_info(
+                        td,
+                        &events,
+                        &verified.ppid,
+                        &verified.tcb_status,
+                        &verified.advisory_ids,
+                        &os_image_hash,
+                    )
+                };
+                let boot_info = identity_at(&td, DstackEvents::from_tdx_log(event_log))?;
+                let boot_log = eventlog::boot_prefix(event_log, |e| {
+                    e.is_runtime() && e.event == eventlog::BOOT_MR_DONE
+                });
+                let mut boot_td = td.clone();
+                boot_td.rtmr[3] = eventlog::replay(boot_log)?.0[3];
+                let boot_time = identity_at(
+                    &boot_td,
+                    DstackEvents::from_tdx_log(boot_log).at_boot_time(),
                 )?;
                 Ok(Verified {
                     evidence: Evidence::Tdx {
@@ -214,6 +232,7 @@ impl Verifier {
                         td: Box::new(td),
                     },
                     boot_info,
+                    boot_time,
                 })
             }
             Platform::NitroEnclave { document } => {
@@ -221,14 +240,20 @@ impl Verifier {
                 let expected = req.expected_report_data.unwrap_or(&att.report_data);
                 let report = self.nitro.verify(document, req.now, Some(expected))?;
                 let (p0, p1, p2) = (report.pcr(0), report.pcr(1), report.pcr(2));
-                let boot_info = identity::nitro_boot_info(
-                    [&p0, &p1, &p2],
-                    &DstackEvents::from_runtime(&att.runtime_events),
-                    &os_image_hash,
-                )?;
+                let identity_of = |events: DstackEvents| {
+                    identity::nitro_boot_info([&p0, &p1, &p2], &events, &os_image_hash)
+                };
+                let boot_info = identity_of(DstackEvents::from_runtime(&att.runtime_events))?;
+                let boot_events = eventlog::boot_prefix(&att.runtime_events, |e| {
+                    e.event == eventlog::BOOT_MR_DONE
+                });
+                // the PCRs are fixed at launch: only the identity events differ at boot time
+                let boot_time =
+                    identity_of(DstackEvents::from_runtime(boot_events).at_boot_time())?;
                 Ok(Verified {
                     evidence: Evidence::Nitro(Box::new(report)),
                     boot_info,
+                    boot_time,
                 })
             }
         }

@@ -2,14 +2,15 @@
 //! checking the report-data binding to the certificate key, and producing such certificates.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    PublicKeyData,
 };
 use sha2::{Digest, Sha512};
 
 use super::eventlog::parse_json_event_log;
 use super::reason::{Result, check_size, reject};
-use super::versioned::{self, Attestation, Platform};
+use super::versioned::{self, Attestation};
 
 /// OID arc of dstack's RA-TLS extensions.
 pub const OID_ARC: [u64; 9] = [1, 3, 6, 1, 4, 1, 62397, 1, 0];
@@ -73,13 +74,7 @@ impl RaTlsCert {
             Some(raw) => parse_json_event_log(raw)?,
             None => Vec::new(),
         };
-        Ok(Attestation {
-            platform: Platform::Tdx { quote, event_log },
-            runtime_events: Vec::new(),
-            // the legacy form has no separate field: the quote's own report data is what binds
-            report_data: [0; 64],
-            config: String::new(),
-        })
+        Ok(Attestation::legacy_tdx(quote, event_log))
     }
 
     /// The report data this certificate's key requires.
@@ -204,13 +199,16 @@ pub struct GeneratedCert {
 #[derive(Debug, Clone, Default)]
 pub struct CertBuilder {
     subject: String,
+    org: Option<String>,
     alt_names: Vec<String>,
     usage: Option<String>,
     app_id: Option<Vec<u8>>,
+    app_info: Option<Vec<u8>>,
     attestation: Option<Vec<u8>>,
     legacy_quote: Option<Vec<u8>>,
     legacy_event_log: Option<Vec<u8>>,
-    ca: bool,
+    ca_path_len: Option<u8>,
+    tls_usages: Option<(bool, bool)>,
     validity: Option<(i64, i64)>,
 }
 
@@ -226,6 +224,25 @@ impl CertBuilder {
     /// DNS subject alternative names.
     pub fn alt_names(mut self, names: &[&str]) -> Self {
         self.alt_names = names.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    /// The subject's organization name (O, before the CN).
+    pub fn org(mut self, org: &str) -> Self {
+        self.org = Some(org.to_owned());
+        self
+    }
+
+    /// A leaf for TLS: key usage digitalSignature, extended key usages serverAuth and/or
+    /// clientAuth as asked.
+    pub fn tls_usages(mut self, server_auth: bool, client_auth: bool) -> Self {
+        self.tls_usages = Some((server_auth, client_auth));
+        self
+    }
+
+    /// The `.9` app info (msgpack).
+    pub fn app_info(mut self, app_info: &[u8]) -> Self {
+        self.app_info = Some(app_info.to_vec());
         self
     }
 
@@ -259,9 +276,14 @@ impl CertBuilder {
         self
     }
 
-    /// Makes a CA certificate.
-    pub fn ca(mut self) -> Self {
-        self.ca = true;
+    /// Makes a CA certificate that may have one CA below it (path length 1).
+    pub fn ca(self) -> Self {
+        self.ca_with_path_len(1)
+    }
+
+    /// Makes a CA certificate with path length `path_len` (0: it signs only leaves).
+    pub fn ca_with_path_len(mut self, path_len: u8) -> Self {
+        self.ca_path_len = Some(path_len);
         self
     }
 
@@ -281,11 +303,25 @@ impl CertBuilder {
         let err = |e: rcgen::Error| reject!(ConfigInvalid, "certificate parameters: {e}");
         let mut p = CertificateParams::new(self.alt_names.clone()).map_err(err)?;
         let mut dn = DistinguishedName::new();
+        if let Some(org) = &self.org {
+            dn.push(DnType::OrganizationName, org.clone());
+        }
         dn.push(DnType::CommonName, self.subject.clone());
         p.distinguished_name = dn;
-        if self.ca {
-            p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        if let Some(path_len) = self.ca_path_len {
+            p.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
             p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        }
+        if let Some((server, client)) = self.tls_usages {
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            if server {
+                p.extended_key_usages
+                    .push(ExtendedKeyUsagePurpose::ServerAuth);
+            }
+            if client {
+                p.extended_key_usages
+                    .push(ExtendedKeyUsagePurpose::ClientAuth);
+            }
         }
         if let Some((nb, na)) = self.validity {
             let ts = |t: i64| {
@@ -317,6 +353,9 @@ impl CertBuilder {
         if let Some(v) = &self.attestation {
             push(EXT_ATTESTATION, v);
         }
+        if let Some(v) = &self.app_info {
+            push(EXT_APP_INFO, v);
+        }
         Ok(p)
     }
 
@@ -336,13 +375,35 @@ impl CertBuilder {
         ca_cert_der: &[u8],
         ca_key: &KeyPair,
     ) -> Result<GeneratedCert> {
+        let cert = self.sign_public(key, ca_cert_der, ca_key)?;
+        Ok(finish(cert, key))
+    }
+
+    /// Signs a certificate for a public key only (SubjectPublicKeyInfo DER), whose private key
+    /// stays with its owner; returns the certificate (DER, PEM).
+    pub fn signed_for_spki(
+        &self,
+        spki_der: &[u8],
+        ca_cert_der: &[u8],
+        ca_key: &KeyPair,
+    ) -> Result<(Vec<u8>, String)> {
+        let spki = rcgen::SubjectPublicKeyInfo::from_der(spki_der)
+            .map_err(|e| reject!(ConfigInvalid, "public key: {e}"))?;
+        let cert = self.sign_public(&spki, ca_cert_der, ca_key)?;
+        Ok((cert.der().to_vec(), cert.pem()))
+    }
+
+    fn sign_public(
+        &self,
+        key: &impl PublicKeyData,
+        ca_cert_der: &[u8],
+        ca_key: &KeyPair,
+    ) -> Result<rcgen::Certificate> {
         let issuer = Issuer::from_ca_cert_der(&ca_cert_der.into(), ca_key)
             .map_err(|e| reject!(ConfigInvalid, "CA certificate: {e}"))?;
-        let cert = self
-            .params()?
+        self.params()?
             .signed_by(key, &issuer)
-            .map_err(|e| reject!(ConfigInvalid, "signing: {e}"))?;
-        Ok(finish(cert, key))
+            .map_err(|e| reject!(ConfigInvalid, "signing: {e}"))
     }
 }
 
@@ -373,7 +434,6 @@ mod tests {
         assert_eq!(parsed.usage.as_deref(), Some("kms:rpc"));
         assert_eq!(parsed.app_id, Some(vec![7; 20]));
         assert_eq!(parsed.attestation, Some(big));
-        use rcgen::PublicKeyData;
         assert_eq!(parsed.spki_der, key.subject_public_key_info());
         let pem_parsed =
             parse_cert(&cert_der_from_input(cert.cert_pem.as_bytes()).unwrap()).unwrap();

@@ -7,7 +7,14 @@
 use serde::Deserialize;
 
 use super::eventlog::{EventVersion, MAX_FULL_EVENT_LOG_LEN, RuntimeEvent, TdxEvent, flex_bytes};
-use super::reason::{Result, check_size, reject};
+use super::reason::{AttestationError, Result, check_size, reject};
+use super::scale::{ScaleError, ScaleReader, ScaleWriter};
+
+impl From<ScaleError> for AttestationError {
+    fn from(e: ScaleError) -> Self {
+        reject!(AttestationMalformed, "{e}")
+    }
+}
 
 /// Largest `VersionedAttestation` accepted (a full one carries the boot event log).
 pub const MAX_ATTESTATION_LEN: usize = 64 * 1024 + MAX_FULL_EVENT_LOG_LEN;
@@ -40,6 +47,29 @@ pub struct Attestation {
     pub report_data: [u8; 64],
     /// The guest's config JSON (`os_image_hash`, `vm_config`...); a claim, not verified.
     pub config: String,
+}
+
+impl Attestation {
+    /// The attestation of older guests: a bare TDX quote and its event log. The quote's own
+    /// report data is what binds; the separate field stays zero.
+    pub fn legacy_tdx(quote: Vec<u8>, event_log: Vec<TdxEvent>) -> Self {
+        Self {
+            platform: Platform::Tdx { quote, event_log },
+            runtime_events: Vec::new(),
+            report_data: [0; 64],
+            config: String::new(),
+        }
+    }
+
+    /// The copy placed in certificates: a TDX event log keeps only its RTMR3 events (the quoted
+    /// RTMR0-2 stand for the boot events, see [`super::eventlog::verify_replay`]).
+    pub fn stripped(&self) -> Self {
+        let mut out = self.clone();
+        if let Platform::Tdx { event_log, .. } = &mut out.platform {
+            event_log.retain(|e| e.imr == 3);
+        }
+        out
+    }
 }
 
 /// Parses V0 or V1 bytes.
@@ -201,93 +231,6 @@ fn parse_v1(raw: &[u8]) -> Result<Attestation> {
         report_data,
         config: v1.stack.data.config,
     })
-}
-
-/// A bounds-checked SCALE reader.
-struct ScaleReader<'a>(&'a [u8]);
-
-impl ScaleReader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8]> {
-        if n > self.0.len() {
-            return Err(reject!(AttestationMalformed, "truncated SCALE data"));
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.array::<1>()?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-
-    /// A compact-encoded length, which can never exceed the bytes left.
-    fn len(&mut self) -> Result<usize> {
-        let b0 = self.u8()?;
-        let v: u64 = match b0 & 3 {
-            0 => u64::from(b0 >> 2),
-            1 => u64::from(u16::from_le_bytes([b0, self.u8()?]) >> 2),
-            2 => {
-                let rest = self.array::<3>()?;
-                u64::from(u32::from_le_bytes([b0, rest[0], rest[1], rest[2]]) >> 2)
-            }
-            _ => {
-                let n = usize::from(b0 >> 2) + 4;
-                if n > 8 {
-                    return Err(reject!(AttestationMalformed, "compact integer too large"));
-                }
-                let mut buf = [0u8; 8];
-                buf[..n].copy_from_slice(self.take(n)?);
-                u64::from_le_bytes(buf)
-            }
-        };
-        usize::try_from(v)
-            .ok()
-            .filter(|v| *v <= self.0.len())
-            .ok_or_else(|| reject!(AttestationMalformed, "SCALE length {v} exceeds input"))
-    }
-
-    fn bytes(&mut self) -> Result<Vec<u8>> {
-        let n = self.len()?;
-        Ok(self.take(n)?.to_vec())
-    }
-
-    fn string(&mut self) -> Result<String> {
-        String::from_utf8(self.bytes()?)
-            .map_err(|_| reject!(AttestationMalformed, "SCALE string is not UTF-8"))
-    }
-}
-
-struct ScaleWriter(Vec<u8>);
-
-impl ScaleWriter {
-    fn compact(&mut self, n: usize) {
-        // lengths here are far below 2^30, so the 4-byte form is the largest needed
-        let n = n as u64;
-        if n < 1 << 6 {
-            self.0.push((n as u8) << 2);
-        } else if n < 1 << 14 {
-            self.0
-                .extend_from_slice(&(((n as u16) << 2) | 1).to_le_bytes());
-        } else {
-            self.0
-                .extend_from_slice(&(((n as u32) << 2) | 2).to_le_bytes());
-        }
-    }
-
-    fn bytes(&mut self, b: &[u8]) {
-        self.compact(b.len());
-        self.0.extend_from_slice(b);
-    }
 }
 
 #[cfg(test)]

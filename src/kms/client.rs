@@ -4,14 +4,20 @@
 //! Flow: `GetTempCaCert` (no client certificate) → a fresh P-256 key and an RA-TLS certificate
 //! under the temp CA carrying a test-PKI TDX attestation that binds the key → mutual TLS →
 //! `GetAppKey`. The server certificate must chain to the KMS root CA (given, or learnt from the
-//! first answer) and carry the usage `kms:rpc`.
+//! first answer) and carry the usage `kms:rpc`. `SignCert` needs no client certificate: the
+//! guest signs a CSR for a fresh key whose attestation binds that key ([`guest_csr`]).
 
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
+use p256::pkcs8::DecodePrivateKey as _;
+
 use super::proto;
+use super::signcert::{CONFIRM, CertConfig, Csr, CsrEvidence, CsrVersion};
+use crate::attestation::ratls::{CertBuilder, report_data_for_spki};
 use crate::attestation::testpki::{GuestSpec, TestPki};
+use crate::attestation::versioned::{self, Platform};
 
 /// Why the guest could not get its keys.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +87,46 @@ pub struct Guest {
     http: reqwest::Client,
     /// Root CA the KMS's certificate chains to (PEM).
     pub ca_pem: String,
+}
+
+/// A CSR of format `version` for a fresh P-256 key, carrying a test-PKI attestation for `spec`
+/// that binds the key; returns it with the key.
+pub fn guest_csr(
+    pki: &TestPki,
+    spec: &GuestSpec,
+    config: CertConfig,
+    version: CsrVersion,
+) -> Result<(Csr, p256::ecdsa::SigningKey), ClientError> {
+    let local = |e: &dyn std::fmt::Display| ClientError::Local(e.to_string());
+    let key = CertBuilder::new_key().map_err(|e| local(&e))?;
+    let signing =
+        p256::ecdsa::SigningKey::from_pkcs8_der(&key.serialize_der()).map_err(|e| local(&e))?;
+    let pubkey = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let attestation = pki
+        .dstack_attestation(spec, &report_data_for_spki(&pubkey))
+        .map_err(|e| local(&e))?;
+    let evidence = match version {
+        CsrVersion::V2 => CsrEvidence::Attestation(attestation),
+        CsrVersion::V1 => match versioned::parse(&attestation)
+            .map_err(|e| local(&e))?
+            .platform
+        {
+            Platform::Tdx { quote, event_log } => CsrEvidence::Quote {
+                quote,
+                event_log: serde_json::to_vec(&event_log).map_err(|e| local(&e))?,
+            },
+            Platform::NitroEnclave { .. } => {
+                return Err(ClientError::Local("the test PKI issues TDX quotes".into()));
+            }
+        },
+    };
+    let csr = Csr {
+        confirm: CONFIRM.into(),
+        pubkey,
+        config,
+        evidence,
+    };
+    Ok((csr, signing))
 }
 
 fn transport(url: &str) -> impl Fn(reqwest::Error) -> ClientError + '_ {
@@ -187,6 +233,30 @@ impl Guest {
             .build()
             .map_err(|e| local(&e))?;
         Ok(Self { url, http, ca_pem })
+    }
+
+    /// `SignCert` for a fresh key attested for `spec` (CSR format `version`); returns the
+    /// certificate chain (PEM): leaf, app CA, root CA.
+    pub async fn sign_cert(
+        &self,
+        pki: &TestPki,
+        spec: &GuestSpec,
+        config: CertConfig,
+        version: CsrVersion,
+        vm_config: &str,
+    ) -> Result<Vec<String>, ClientError> {
+        let (csr, key) = guest_csr(pki, spec, config, version)?;
+        let (csr, signature) = csr.signed_by(&key);
+        let request = proto::SignCertRequest {
+            api_version: version.api(),
+            csr,
+            signature,
+            vm_config: vm_config.to_owned(),
+        };
+        let body = serde_json::to_value(&request).map_err(|e| ClientError::Local(e.to_string()))?;
+        let resp: proto::SignCertResponse =
+            post_json(&self.http, &self.url, "SignCert", &body).await?;
+        Ok(resp.certificate_chain)
     }
 
     /// `GetAppKey` over mutual TLS; checks the server certificate is for `kms:rpc`.

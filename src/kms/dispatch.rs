@@ -4,6 +4,10 @@
 //! [`crate::attestation::Verifier::verify_ratls_cert`] with collateral for its quote → `BootInfo`
 //! → [`Authorizer`] → [`AppKeys::derive`] → response; each step's refusal has a [`Refusal`]
 //! reason used in the error body, the `dstack_kms_requests_total` label and the log line.
+//!
+//! `SignCert` ([`super::signcert`]) differs only in where the attestation comes from: the CSR
+//! carries it, bound to the CSR key, and the boot-time identity is authorized. Both sources go
+//! through the same gates (OS image binding, canary, authorizer).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -26,7 +30,9 @@ use super::ledger::Ledger;
 use super::metrics::{KmsMetrics, Method, Outcome, Refusal};
 use super::proto;
 use super::root::KmsKeys;
+use super::signcert::{self, SignCertError};
 use crate::attestation::collateral::CollateralProvider;
+use crate::attestation::ratls::report_data_for_spki;
 use crate::attestation::testpki::{TEST_FMSPC, TestPki};
 use crate::attestation::{AttestationError, AttestationMetrics, Platform, Verifier, tdx};
 use crate::store::BootObservation;
@@ -273,8 +279,8 @@ impl KmsRpc {
         })
     }
 
-    /// The steps every key-releasing method shares: an attested client certificate, verified;
-    /// not a canary; authorized by the backend. Refusals are logged, counted and audited.
+    /// The key methods' path: the attested client certificate of the connection, verified,
+    /// then [`KmsRpc::gates`] on the identity its quote measures.
     async fn authorized_boot(
         &self,
         peer: &PeerCert,
@@ -288,18 +294,36 @@ impl KmsRpc {
                 "No attestation provided",
             ));
         };
-        let os_image_hash = crate::attestation::identity::os_image_hash_from_config(vm_config);
         let verified = self
-            .verify(der, now_secs(), os_image_hash.as_deref())
+            .verified(AttestationSource::ClientCert(der), vm_config)
+            .await?;
+        self.gates(&verified.evidence, verified.boot_info, audit_kind, is_kms)
             .await
-            .map_err(|e| {
-                Refused::new(
-                    Refusal::AttestationRejected,
-                    format!("attestation verification failed: {}", e.reason),
-                )
-            })?;
-        let boot = verified.boot_info;
-        if let crate::attestation::Evidence::Tdx { td, .. } = &verified.evidence
+    }
+
+    /// Verifies the attestation from `source` against the OS image `vm_config` claims.
+    async fn verified(
+        &self,
+        source: AttestationSource<'_>,
+        vm_config: &str,
+    ) -> Result<crate::attestation::Verified, Refused> {
+        let os_image_hash = crate::attestation::identity::os_image_hash_from_config(vm_config);
+        self.verify(source, now_secs(), os_image_hash.as_deref())
+            .await
+            .map_err(|e| attestation_refused(&e))
+    }
+
+    /// The gates every key-releasing method shares, whatever carried the attestation: the OS
+    /// image binding, not a canary, authorized by the backend. Refusals are logged, counted
+    /// and audited.
+    async fn gates(
+        &self,
+        evidence: &crate::attestation::Evidence,
+        boot: crate::attestation::BootInfo,
+        audit_kind: &str,
+        is_kms: bool,
+    ) -> Result<(crate::attestation::BootInfo, AuthDecision), Refused> {
+        if let crate::attestation::Evidence::Tdx { td, .. } = evidence
             && let Err(e) = self
                 .0
                 .os_images
@@ -422,15 +446,20 @@ impl KmsRpc {
         })
     }
 
-    /// Verifies the client's RA-TLS certificate, recording the attestation metrics and the
+    /// Verifies an attestation from `source`, recording the attestation metrics and the
     /// `attestation verification failed` line on refusal.
     async fn verify(
         &self,
-        der: &[u8],
+        source: AttestationSource<'_>,
         now: u64,
         os_image_hash: Option<&[u8]>,
     ) -> Result<crate::attestation::Verified, AttestationError> {
-        let parsed = crate::attestation::ratls::parse_cert(der).and_then(|c| c.attestation());
+        let parsed = match &source {
+            AttestationSource::ClientCert(der) => {
+                crate::attestation::ratls::parse_cert(der).and_then(|c| c.attestation())
+            }
+            AttestationSource::Bound { attestation, .. } => (*attestation).clone(),
+        };
         let tee = parsed.as_ref().map_or(
             crate::attestation::TeeLabel::tdx,
             crate::attestation::tee_of,
@@ -441,10 +470,22 @@ impl KmsRpc {
                 Platform::Tdx { quote, .. } => Some(self.0.collateral.for_quote(quote, now).await?),
                 Platform::NitroEnclave { .. } => None,
             };
-            self.0
-                .verifier
-                .verify_ratls_cert(der, now, collateral.as_ref(), os_image_hash)
-                .map(|(_, v)| v)
+            match source {
+                AttestationSource::ClientCert(der) => self
+                    .0
+                    .verifier
+                    .verify_ratls_cert(der, now, collateral.as_ref(), os_image_hash)
+                    .map(|(_, v)| v),
+                AttestationSource::Bound { spki, .. } => self.0.verifier.verify_attestation(
+                    &att,
+                    &crate::attestation::VerifyRequest {
+                        now,
+                        expected_report_data: Some(&report_data_for_spki(spki)),
+                        collateral: collateral.as_ref(),
+                        os_image_hash,
+                    },
+                ),
+            }
         }
         .await;
         self.0.attestation_metrics.observe(tee, &result);
@@ -499,6 +540,60 @@ impl KmsRpc {
         })
     }
 
+    /// `SignCert`: the CSR checked (encoding, signature by its key, confirm word), its
+    /// attestation verified with report data bound to the CSR key, the boot-time identity
+    /// through [`KmsRpc::gates`], then a leaf under the app CA: `[leaf, app CA, root CA]`.
+    async fn sign_cert(
+        &self,
+        req: proto::SignCertRequest,
+    ) -> Result<proto::SignCertResponse, Refused> {
+        let csr = signcert::check_request(req.api_version, &req.csr, &req.signature)
+            .map_err(|e| csr_refused(&e))?;
+        let attestation = csr.attestation();
+        let verified = self
+            .verified(
+                AttestationSource::Bound {
+                    attestation: &attestation,
+                    spki: &csr.pubkey,
+                },
+                &req.vm_config,
+            )
+            .await?;
+        // After boot the app may extend RTMR3: authorize what was measured at boot.
+        let (boot, _) = self
+            .gates(
+                &verified.evidence,
+                verified.boot_time.clone(),
+                "cert_request",
+                false,
+            )
+            .await?;
+        // Verification succeeded, so the attestation parsed.
+        let attestation = attestation.map_err(|e| attestation_refused(&e))?;
+        let issued = signcert::AppCa::derive(&self.0.keys, &boot.app_id).and_then(|ca| {
+            let leaf = ca.sign_leaf(
+                &csr,
+                &attestation,
+                &verified.boot_info,
+                &boot.app_id,
+                now_secs(),
+            )?;
+            Ok((leaf, ca.cert_pem))
+        });
+        let (leaf, app_ca) = issued.map_err(|e| csr_refused(&e))?;
+        tracing::info!(
+            app_id = %hex::encode(&boot.app_id),
+            instance_id = %hex::encode(&boot.instance_id),
+            subject = %csr.config.subject,
+            csr_version = csr.version().api(),
+            "certificate signed"
+        );
+        self.audit_boot("cert_request", &boot, "ok", "").await;
+        Ok(proto::SignCertResponse {
+            certificate_chain: vec![leaf, app_ca, self.0.keys.root_ca_pem.clone()],
+        })
+    }
+
     async fn audit_boot(
         &self,
         kind: &str,
@@ -530,6 +625,37 @@ fn audit_record(
         "reason": reason,
     });
     crate::app::audit_record(kind, outcome, &detail)
+}
+
+/// Where a request's attestation comes from; the gates after it are the same.
+enum AttestationSource<'a> {
+    /// The connection's RA-TLS client certificate (DER): its attestation must bind its key.
+    ClientCert(&'a [u8]),
+    /// An attestation carried in the request (SignCert's CSR), which must bind `spki`.
+    Bound {
+        /// The attestation, or why it does not parse.
+        attestation: &'a Result<crate::attestation::Attestation, AttestationError>,
+        /// SubjectPublicKeyInfo DER of the key it must bind.
+        spki: &'a [u8],
+    },
+}
+
+fn attestation_refused(e: &AttestationError) -> Refused {
+    Refused::new(
+        Refusal::AttestationRejected,
+        format!("attestation verification failed: {}", e.reason),
+    )
+}
+
+/// The refusal of a CSR that cannot be served.
+fn csr_refused(e: &SignCertError) -> Refused {
+    let reason = match e {
+        SignCertError::UnsupportedVersion(_) => Refusal::Unsupported,
+        SignCertError::BadSignature => Refusal::CsrSignatureInvalid,
+        SignCertError::AppCa(_) => Refusal::Internal,
+        _ => Refusal::BadCsr,
+    };
+    Refused::new(reason, e.to_string())
 }
 
 /// How the caller wants its body encoded.
@@ -647,10 +773,10 @@ async fn prpc(
                 let req: proto::GetKmsKeyRequest = decode(enc, &body)?;
                 Ok(encode(enc, &rpc.kms_key(&peer, req).await?))
             }
-            Method::SignCert => Err(Refused::new(
-                Refusal::Unsupported,
-                format!("{method_name} is not offered by this KMS yet"),
-            )),
+            Method::SignCert => {
+                let req: proto::SignCertRequest = decode(enc, &body)?;
+                Ok(encode(enc, &rpc.sign_cert(req).await?))
+            }
             Method::Unknown => Err(Refused::new(
                 Refusal::Unsupported,
                 format!("Method not found: {method_name}"),

@@ -4,6 +4,7 @@
 //! - `derive_p256(root, ctx)`: HKDF over the root P-256 secret scalar → the new scalar.
 //! - `derive_dh_secret(root, ctx)`: SHA-256 of the derived P-256 key's PKCS#8 DER, as the
 //!   RustCrypto `p256` crate encodes it (138 bytes) — the encoding is part of the format.
+//! - App CA key (SignCert): `derive_p256(root_ca, app_id ‖ "app-ca")`.
 //! - App k256 key: `HKDF(root_k256, app_id ‖ "app-key")`, signed by the root k256 key as a
 //!   recoverable ECDSA signature over `keccak256("dstack-kms-issued:" ‖ app_id ‖ compressed pubkey)`.
 //!
@@ -48,6 +49,11 @@ pub fn derive_p256(root: &p256::SecretKey, context: &[&[u8]]) -> Result<p256::Se
     let derived = derive_32(&root_bytes, context)?;
     p256::SecretKey::from_slice(&*derived)
         .map_err(|_| KmsError::DerivedKeyInvalid { curve: "P-256" })
+}
+
+/// The key of an app's CA (SignCert): `derive_p256(root_ca, app_id ‖ "app-ca")`.
+pub fn app_ca_key(root: &RootKeys, app_id: &[u8]) -> Result<p256::SecretKey, KmsError> {
+    derive_p256(&root.ca, &[app_id, b"app-ca"])
 }
 
 /// SHA-256 of the PKCS#8 DER of the P-256 key derived from `root` under `context`.
@@ -399,6 +405,19 @@ mod tests {
         assert_eq!(hex::encode(&info.report_data[..32]), PINNED_BOOTSTRAP);
     }
 
+    #[test]
+    fn app_ca_key_matches_pinned_vector_and_is_per_app() {
+        let r = root();
+        let key = app_ca_key(&r, &APP).unwrap();
+        let public =
+            p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&key.public_key(), true);
+        assert_eq!(hex::encode(public.as_bytes()), PINNED_APP_CA_PUB);
+        assert_ne!(
+            app_ca_key(&r, &[0xab; 20]).unwrap().to_bytes(),
+            key.to_bytes()
+        );
+    }
+
     /// Big-endian 32-byte form of a decimal integer (EIP-2333 vectors are given in decimal).
     fn decimal_to_be32(dec: &str) -> [u8; 32] {
         let mut out = [0u8; 32];
@@ -494,6 +513,9 @@ mod tests {
     const PINNED_ENV_PUB: &str = "77efd8f13007c4d3915ea1b39fc4dbb1f6ccfd2fffd9fc478581f0d0a6d2fc40";
     const PINNED_ENV_SIG: &str = "80804a164ec8d72ea4119a64fa0c2024f1f7fa49e606235b39d01a7e545c9ff203c12701dbc9048037899b3615629846c7499bf2a33c2d93b11e0b7bce2a3f8800";
     const PINNED_ENV_SIG_V1: &str = "6eb7c9bf4b926b44e16f9f8fbbda6530ee169de1dc4c58c8047dcd61e00ee1626e160ede45bf0e1bc7f16d5764e7879f60943f3291cced605d670c6e13ff996501";
+    // Computed independently (HKDF-SHA256 and P-256 from another library), then pinned.
+    const PINNED_APP_CA_PUB: &str =
+        "03c14223a2e584712b14b7c74dbd99eb9b03e3f31a8157006356a2e3636fbb1270";
     const PINNED_BOOTSTRAP: &str =
         "5d6c9293596499bb5df6256f5800ca0912b49e482b909427dd9f9c2920ac57cf";
 }

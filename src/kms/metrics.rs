@@ -92,6 +92,11 @@ pub enum Refusal {
     Overloaded,
     /// Malformed request.
     BadRequest,
+    /// A SignCert CSR that does not decode, lacks the confirm word or asks for an impossible
+    /// certificate.
+    BadCsr,
+    /// A SignCert CSR whose signature is not by its own key.
+    CsrSignatureInvalid,
     /// The method is not offered.
     Unsupported,
     /// Something failed on our side.
@@ -111,6 +116,8 @@ impl Refusal {
             Self::OsImageRejected => "os_image_rejected",
             Self::Overloaded => "overloaded",
             Self::BadRequest => "bad_request",
+            Self::BadCsr => "bad_csr",
+            Self::CsrSignatureInvalid => "csr_signature_invalid",
             Self::Unsupported => "unsupported",
             Self::Internal => "internal",
         }

@@ -6,6 +6,8 @@
 //! key, and the bootstrap report data). Flow of a key request, as it lands piece by piece:
 //! RA-TLS client certificate → attestation verified → boot info → mirror authorization →
 //! [`keys::AppKeys::derive`] → boot record committed by the [`ledger`] → response.
+//! [`signcert`] serves `SignCert`: a CSR whose attestation binds its key, authorized with the
+//! boot-time identity, answered with a leaf under the app's CA.
 
 pub mod authz;
 pub mod client;
@@ -18,6 +20,7 @@ pub mod osimage;
 pub mod proto;
 pub mod root;
 pub mod server;
+pub mod signcert;
 
 /// Errors of the KMS module.
 #[derive(Debug, thiserror::Error)]

@@ -227,6 +227,35 @@ pub struct AppBlsKeyResponse {
     pub k256_signature: Vec<u8>,
 }
 
+/// `SignCert` request.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SignCertRequest {
+    /// CSR format: 1 (`CertSigningRequestV1`) or 2 (`CertSigningRequestV2`).
+    #[prost(uint32, tag = "1")]
+    pub api_version: u32,
+    /// The SCALE-encoded CSR.
+    #[prost(bytes = "vec", tag = "2")]
+    #[serde(with = "hexbytes")]
+    pub csr: Vec<u8>,
+    /// DER ECDSA-P256-SHA256 signature of `csr` by the CSR's key.
+    #[prost(bytes = "vec", tag = "3")]
+    #[serde(with = "hexbytes")]
+    pub signature: Vec<u8>,
+    /// The host's vm_config JSON.
+    #[prost(string, tag = "4")]
+    pub vm_config: String,
+}
+
+/// `SignCert` response.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SignCertResponse {
+    /// PEM certificates: leaf, app CA, root CA.
+    #[prost(string, repeated, tag = "1")]
+    pub certificate_chain: Vec<String>,
+}
+
 /// Error body for protobuf callers.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ProtoError {
@@ -271,5 +300,23 @@ mod tests {
         }
         .encode_to_vec();
         assert_eq!(meta, vec![0x40, 0x05], "chain_id is field 8, optional");
+        let sign = SignCertRequest {
+            api_version: 2,
+            csr: vec![0xc5],
+            signature: vec![0x5e],
+            vm_config: "{}".into(),
+        }
+        .encode_to_vec();
+        assert_eq!(
+            sign,
+            vec![
+                0x08, 0x02, 0x12, 0x01, 0xc5, 0x1a, 0x01, 0x5e, 0x22, 0x02, b'{', b'}'
+            ]
+        );
+        let chain = SignCertResponse {
+            certificate_chain: vec!["a".into(), "b".into()],
+        }
+        .encode_to_vec();
+        assert_eq!(chain, vec![0x0a, 0x01, b'a', 0x0a, 0x01, b'b']);
     }
 }

@@ -235,3 +235,28 @@ impl PgDb {
         .unwrap();
     }
 }
+
+/// Starts keywarden trusting a fresh test attestation PKI (saved under `dir/pki`, data under
+/// `dir/data`) with the simulated guests' OS image known; returns (process, pki).
+pub fn start_with_test_pki(
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (Keywarden, keywarden::attestation::testpki::TestPki) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let pki = keywarden::attestation::testpki::TestPki::generate(now - 60).unwrap();
+    let pki_dir = dir.join("pki");
+    pki.save(&pki_dir).unwrap();
+    let images =
+        keywarden::kms::osimage::env_value(&[keywarden::kms::client::simulated_os_image()]);
+    let mut env = env.to_vec();
+    env.push(("KEYWARDEN_KMS__OS_IMAGES", &images));
+    let kw = Keywarden::start(
+        &dir.join("data"),
+        &["--insecure-test-pki", pki_dir.to_str().unwrap()],
+        &env,
+    );
+    (kw, pki)
+}
