@@ -14,11 +14,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[allow(dead_code)]
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[allow(dead_code)]
 #[path = "../tests/support/anvil.rs"]
 mod anvil;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::path::Path;
 use std::time::Duration;
@@ -182,15 +181,9 @@ async fn load(
     server.kw.wait_ready().await;
     let ca = std::fs::read_to_string(server.dir.path().join("data/kms/root-ca.pem")).unwrap();
     let spec = client::guest_spec(chain.app.into_array(), COMPOSE, vec![0x42; 20]);
-    let guest = Guest::enroll(
-        &server.kw.api_url(),
-        Some(ca),
-        pki,
-        &spec,
-        true,
-    )
-    .await
-    .unwrap();
+    let guest = Guest::enroll(&server.kw.api_url(), Some(ca), pki, &spec, true)
+        .await
+        .unwrap();
     // Warm-up: the first request also proves the policy is in place.
     guest
         .get_app_key(&client::simulated_vm_config())
@@ -206,11 +199,9 @@ async fn load(
 }
 
 fn line(label: &str, r: &Report) {
-    let rss = r
-        .server_rss_bytes
-        .map_or("-".into(), |(first, peak)| {
-            format!("{:.1} -> {:.1} MB", first as f64 / 1e6, peak as f64 / 1e6)
-        });
+    let rss = r.server_rss_bytes.map_or("-".into(), |(first, peak)| {
+        format!("{:.1} -> {:.1} MB", first as f64 / 1e6, peak as f64 / 1e6)
+    });
     println!(
         "{label:<34} {:>7.0} keys/s  ok p50 {:>6.2} p90 {:>6.2} p99 {:>7.2} ms  503s {:>6}  refused p50 {:>5.2} p99 {:>6.2} ms  errors {:?}  rss {rss}",
         r.throughput_rps,
@@ -253,7 +244,10 @@ async fn main() {
     }
     drop(mirror);
     let saturating = best.0;
-    println!("saturation: {:.0} keys/s at concurrency {saturating}", best.1);
+    println!(
+        "saturation: {:.0} keys/s at concurrency {saturating}",
+        best.1
+    );
 
     let admitted = 2 * saturating;
     let offered = 2 * admitted;
