@@ -12,13 +12,21 @@ use std::time::{Duration, Instant};
 use alloy::primitives::{Address, FixedBytes};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use common::Keywarden;
-use keywarden::attestation::testpki::TestPki;
+use keywarden::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 use keywarden::chain::contracts::{DstackApp, DstackKms};
 use keywarden::kms::client::{self, ClientError, Guest};
 use sha2::{Digest as _, Sha256};
 use support::anvil::Anvil;
 
 const COMPOSE: &[u8] = b"{\"name\":\"kms-chain-test\"}";
+
+/// A simulated guest of `app` with `compose`, on a platform at `tcb`.
+fn spec(app: Address, compose: &[u8], tcb: TestTcb) -> GuestSpec {
+    GuestSpec {
+        tcb,
+        ..client::guest_spec(app.into_array(), compose, vec![0x1d; 20])
+    }
+}
 /// An OS image this KMS knows (same measurements as the simulated one) but the chain never allowed.
 const UNLISTED_IMAGE: [u8; 32] = [0x0e; 32];
 
@@ -43,6 +51,11 @@ macro_rules! send {
 }
 
 async fn setup(database_url: Option<&str>) -> Setup {
+    setup_with(database_url, &[]).await
+}
+
+/// Like [`setup`], with further environment overrides for keywarden.
+async fn setup_with(database_url: Option<&str>, extra_env: &[(&str, &str)]) -> Setup {
     let anvil = Anvil::spawn();
     let deployment = keywarden::chain::deploy(&anvil.url()).await.unwrap();
     let provider = ProviderBuilder::new().connect_http(anvil.url()).erased();
@@ -86,17 +99,15 @@ async fn setup(database_url: Option<&str>) -> Setup {
     if let Some(url) = database_url {
         args.extend(["--database-url", url]);
     }
-    let mut kw = Keywarden::start(
-        &dir.path().join("data"),
-        &args,
-        &[
-            ("KEYWARDEN_KMS__OS_IMAGES", &images),
-            // anvil mines only on transactions: follow the latest block, poll fast.
-            ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),
-            ("KEYWARDEN_CHAIN__POLL_INTERVAL", "100ms"),
-            ("KEYWARDEN_CHAIN__MAX_STALENESS", "2s"),
-        ],
-    );
+    let mut env = vec![
+        ("KEYWARDEN_KMS__OS_IMAGES", images.as_str()),
+        // anvil mines only on transactions: follow the latest block, poll fast.
+        ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),
+        ("KEYWARDEN_CHAIN__POLL_INTERVAL", "100ms"),
+        ("KEYWARDEN_CHAIN__MAX_STALENESS", "2s"),
+    ];
+    env.extend_from_slice(extra_env);
+    let mut kw = Keywarden::start(&dir.path().join("data"), &args, &env);
     kw.wait_ready().await;
     let ca = std::fs::read_to_string(dir.path().join("data/kms/root-ca.pem")).unwrap();
     Setup {
@@ -114,12 +125,16 @@ async fn setup(database_url: Option<&str>) -> Setup {
 
 impl Setup {
     async fn boot(&self, app: Address, compose: &[u8], vm_config: &str) -> Result<(), ClientError> {
-        let spec = client::guest_spec(app.into_array(), compose, vec![0x1d; 20]);
+        self.boot_as(&spec(app, compose, TestTcb::UpToDate), vm_config)
+            .await
+    }
+
+    async fn boot_as(&self, spec: &GuestSpec, vm_config: &str) -> Result<(), ClientError> {
         let guest = Guest::enroll(
             &self.kw.api_url(),
             Some(self.ca.clone()),
             &self.pki,
-            &spec,
+            spec,
             false,
         )
         .await?;
@@ -218,4 +233,68 @@ async fn chain_mirror_authorizes_key_requests_on_postgres() {
     let db = common::PgDb::create().await;
     scenario(Some(&db.url)).await;
     db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_out_of_date_boot_is_refused_only_by_apps_requiring_an_up_to_date_tcb() {
+    let s = setup_with(
+        None,
+        &[(
+            "KEYWARDEN_ATTESTATION__TCB__ACCEPTED_STATUSES",
+            r#"["UpToDate", "OutOfDate"]"#,
+        )],
+    )
+    .await;
+    let vm = client::simulated_vm_config();
+    let compose = FixedBytes(Sha256::digest(COMPOSE).into());
+    let kms = DstackKms::new(s.kms, &s.provider);
+    // requireTcbUpToDate = true, any device.
+    let receipt = kms
+        .deployAndRegisterApp_1(s.owner, false, true, true, FixedBytes::ZERO, compose)
+        .from(s.owner)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(receipt.status());
+    let strict = receipt
+        .inner
+        .logs()
+        .iter()
+        .find_map(|log| log.log_decode::<DstackKms::AppDeployedViaFactory>().ok())
+        .unwrap()
+        .inner
+        .data
+        .appId;
+
+    let out_of_date = spec(strict, COMPOSE, TestTcb::OutOfDate);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let refusal = loop {
+        match s.boot_as(&out_of_date, &vm).await {
+            Err(ClientError::Refused { message, .. }) if !message.contains("not registered") => {
+                break message;
+            }
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the strict app never reached the mirror: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(
+        refusal,
+        "App not allowed: Boot denied: TCB status is not up to date"
+    );
+    // The same platform may boot an app that does not require an up-to-date TCB...
+    s.boot_as(&spec(s.app, COMPOSE, TestTcb::OutOfDate), &vm)
+        .await
+        .unwrap();
+    // ...and an up-to-date platform may boot the strict app.
+    s.boot_as(&spec(strict, COMPOSE, TestTcb::UpToDate), &vm)
+        .await
+        .unwrap();
 }

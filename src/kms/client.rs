@@ -11,7 +11,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 
 use super::proto;
-use crate::attestation::testpki::{GuestSpec, TestPki};
+use crate::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 
 /// Why the guest could not get its keys.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,7 @@ pub fn guest_spec(app_id: [u8; 20], compose: &[u8], instance_id: Vec<u8>) -> Gue
         mr_td: SIMULATED_MRTD,
         rtmr0_2: SIMULATED_RTMR0_2,
         debug: false,
+        tcb: TestTcb::UpToDate,
     }
 }
 

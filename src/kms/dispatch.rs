@@ -294,7 +294,7 @@ impl KmsRpc {
             .map_err(|e| {
                 Refused::new(
                     Refusal::AttestationRejected,
-                    format!("attestation verification failed: {}", e.reason),
+                    format!("attestation verification failed: {}", e.caller_message()),
                 )
             })?;
         let boot = verified.boot_info;
