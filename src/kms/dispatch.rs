@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument as _;
 
-use super::authz::{AuthDecision, AuthError, Authorizer};
+use super::authz::{AuthDecision, Authorizer};
 use super::keys::{AppKeys, BootstrapInfo, EnvEncryptPubKey};
 use super::metrics::{KmsMetrics, Method, Outcome, Refusal};
 use super::proto;
@@ -68,7 +68,8 @@ impl CollateralSource {
         }
     }
 
-    async fn for_quote(
+    /// The collateral to verify `quote` with at `now`.
+    pub async fn for_quote(
         &self,
         quote: &[u8],
         now: u64,
@@ -109,6 +110,7 @@ struct Inner {
     attestation_metrics: AttestationMetrics,
     store: Store,
     chain: ChainMeta,
+    self_check: Option<super::selfcheck::SelfCheck>,
 }
 
 /// Everything the KMS RPC needs.
@@ -139,6 +141,8 @@ pub struct KmsRpcParts {
     pub allow_kms_replication: bool,
     /// Expected measurements of OS images.
     pub os_images: super::osimage::OsImagePolicy,
+    /// The KMS's own admission, when it runs attested.
+    pub self_check: Option<super::selfcheck::SelfCheck>,
 }
 
 /// Bounds the work in progress: `max_concurrent` requests run, up to `max_queued` wait, the rest
@@ -214,6 +218,7 @@ impl KmsRpc {
             attestation_metrics: p.attestation_metrics,
             store: p.store,
             chain: p.chain,
+            self_check: p.self_check,
         }))
     }
 
@@ -248,7 +253,12 @@ impl KmsRpc {
             bootstrap_info: Some(proto::BootstrapResponse {
                 ca_pubkey: info.ca_pubkey,
                 k256_pubkey: info.k256_pubkey,
-                attestation: Vec::new(),
+                attestation: self
+                    .0
+                    .self_check
+                    .as_ref()
+                    .map(|c| c.bootstrap_attestation().to_vec())
+                    .unwrap_or_default(),
             }),
             is_dev: false,
             gateway_app_id: None,
@@ -281,6 +291,9 @@ impl KmsRpc {
         audit_kind: &str,
         is_kms: bool,
     ) -> Result<(crate::attestation::BootInfo, AuthDecision), Refused> {
+        if let Some(check) = &self.0.self_check {
+            check.gate().await?;
+        }
         let Some(der) = &peer.0 else {
             return Err(Refused::new(
                 Refusal::NoAttestation,
@@ -332,10 +345,7 @@ impl KmsRpc {
             .authorize(&boot, is_kms)
             .await
             .map_err(|e| {
-                let reason = match e {
-                    AuthError::Stale(_) => Refusal::ChainStateStale,
-                    AuthError::Unavailable(_) => Refusal::AuthUnavailable,
-                };
+                let reason = e.refusal();
                 tracing::warn!(reason = reason.as_str(), error = %e, "measurement not authorized");
                 Refused::new(reason, format!("App not allowed: {e}"))
             })?;
@@ -567,9 +577,10 @@ fn encode<T: Message + Serialize>(enc: Encoding, value: &T) -> Response {
 
 fn refusal_response(enc: Encoding, r: &Refused) -> Response {
     let status = match r.reason {
-        Refusal::AuthUnavailable | Refusal::ChainStateStale | Refusal::Overloaded => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        Refusal::AuthUnavailable
+        | Refusal::ChainStateStale
+        | Refusal::Overloaded
+        | Refusal::KmsNotAllowed => StatusCode::SERVICE_UNAVAILABLE,
         Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     };

@@ -82,6 +82,8 @@ pub enum Refusal {
     NotAuthorized,
     /// The authorization backend could not answer.
     AuthUnavailable,
+    /// The KMS itself is not allowed (`isKmsAllowed` on its own boot): no key is released.
+    KmsNotAllowed,
     /// The on-chain state is too old to answer.
     ChainStateStale,
     /// The app id is a canary: it must never receive keys.
@@ -106,6 +108,7 @@ impl Refusal {
             Self::AttestationRejected => "attestation_rejected",
             Self::NotAuthorized => "not_authorized",
             Self::AuthUnavailable => "auth_unavailable",
+            Self::KmsNotAllowed => "kms_not_allowed",
             Self::ChainStateStale => "chain_state_stale",
             Self::Canary => "canary",
             Self::OsImageRejected => "os_image_rejected",
@@ -172,6 +175,7 @@ pub struct KmsMetrics {
     queue_depth: Gauge,
     concurrency_limit: Gauge,
     canary_requests: Counter,
+    self_check_allowed: Gauge,
 }
 
 impl KmsMetrics {
@@ -189,7 +193,15 @@ impl KmsMetrics {
             queue_depth: Gauge::default(),
             concurrency_limit: Gauge::default(),
             canary_requests: Counter::default(),
+            self_check_allowed: Gauge::default(),
         };
+        // -1 until a self-check has answered (and for good when the KMS is not attested)
+        m.self_check_allowed.set(-1);
+        registry.register(
+            "dstack_kms_self_check_allowed",
+            "The KMS's own isKmsAllowed at its last key request: 1 allowed, 0 refused, -1 not evaluated",
+            m.self_check_allowed.clone(),
+        );
         registry.register(
             "dstack_kms_queue_rejected",
             "KMS requests answered 503 at once because the wait queue was full",
@@ -295,6 +307,11 @@ impl KmsMetrics {
     pub fn set_concurrency_limit(&self, n: usize) {
         self.concurrency_limit
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Records the answer of the KMS's own self-check.
+    pub fn set_self_check(&self, allowed: bool) {
+        self.self_check_allowed.set(i64::from(allowed));
     }
 
     /// Counts a canary request.

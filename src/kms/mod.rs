@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod osimage;
 pub mod proto;
 pub mod root;
+pub mod selfcheck;
 pub mod server;
 
 /// Errors of the KMS module.
