@@ -30,6 +30,7 @@ use crate::kms::authz::{
 use crate::kms::dispatch::{ChainMeta, CollateralSource, KmsRpc, KmsRpcParts};
 use crate::kms::ledger::Ledger;
 use crate::kms::root::KmsKeys;
+use crate::kms::selfcheck::{AttestationSource, SelfCheck, attest_self};
 use crate::kms::server::RpcServer;
 use crate::store::Store;
 use crate::telemetry::{self, Listener, Metrics};
@@ -95,8 +96,6 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
     let kms_keys = crate::kms::root::load_or_create(&config.storage.data_dir, &config.kms)?;
     let kms_bootstrap = crate::kms::keys::BootstrapInfo::of(&kms_keys.root)?;
     let kms_created = kms_keys.created;
-    // No TEE here: the RPC certificate is issued by our root CA without an attestation of our own.
-    tracing::warn!("KMS is not running attested; its RPC certificate carries no attestation");
     let now = unix_now();
     let node_id = store.node_id(now).await?;
     let run = store
@@ -128,7 +127,7 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
     });
     let (mirror, engine) = chain.unzip();
     let (ledger, ledger_writer) = Ledger::new(store.clone(), metrics.kms.clone());
-    let kms_rpc = kms_rpc(&config, kms_keys, &store, ledger, &metrics, mirror.clone())?;
+    let kms_rpc = kms_rpc(&config, kms_keys, &store, ledger, &metrics, mirror.clone()).await?;
     let tls = crate::kms::server::tls_config(kms_rpc.keys())?;
     let addr =
         |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -244,10 +243,11 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
 }
 
 /// Assembles the KMS RPC: verifier (with the test PKI when configured), collateral from PCCS via
-/// the store's cache, and the configured authorization backend.
-fn kms_rpc(
+/// the store's cache, the configured authorization backend, and the KMS's own attestation and
+/// self-check when it runs attested.
+async fn kms_rpc(
     config: &Config,
-    keys: KmsKeys,
+    mut keys: KmsKeys,
     store: &Store,
     ledger: Ledger,
     metrics: &Metrics,
@@ -274,11 +274,52 @@ fn kms_rpc(
             None => Arc::new(NoMirror),
         },
     };
+    let collateral = CollateralSource::new(pccs, test_pki.as_ref());
+    let self_check = match test_pki.filter(|_| config.kms.insecure_self_attest_with_test_pki) {
+        Some(pki) => {
+            let identity = attest_self(
+                &AttestationSource::simulated(pki),
+                &mut keys,
+                &config.kms.domains,
+                &verifier,
+                &collateral,
+                u64::try_from(unix_now()).unwrap_or_default(),
+            )
+            .await?;
+            let boot = &identity.boot;
+            tracing::info!(
+                mr_aggregated = %hex::encode(&boot.mr_aggregated),
+                os_image_hash = %hex::encode(&boot.os_image_hash),
+                device_id = %hex::encode(&boot.device_id),
+                tcb_status = %boot.tcb_status,
+                "KMS attested itself (simulated, test PKI); it serves keys only while DstackKms allows these"
+            );
+            // A chain answer is a lookup in the current mirror: asked on every request.
+            let cache_ttl = match config.auth.backend {
+                AuthBackendKind::Webhook => config.auth.kms_self_check_cache_ttl,
+                AuthBackendKind::Chain | AuthBackendKind::Dev => Duration::ZERO,
+            };
+            Some(SelfCheck::new(
+                identity,
+                authorizer.clone(),
+                cache_ttl,
+                metrics.kms.clone(),
+            ))
+        }
+        None => {
+            // No TEE here: the RPC certificate is issued by our root CA without an attestation.
+            tracing::warn!(
+                "KMS is not running attested; its RPC certificate carries no attestation"
+            );
+            None
+        }
+    };
     Ok(KmsRpc::new(KmsRpcParts {
         keys,
         verifier,
-        collateral: CollateralSource::new(pccs, test_pki.as_ref()),
+        collateral,
         authorizer,
+        self_check,
         metrics: metrics.kms.clone(),
         attestation_metrics: metrics.attestation.clone(),
         ledger,

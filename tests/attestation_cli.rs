@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use keywarden::attestation::cli::{
     TestPkiInitArgs, VerifyArgs, VerifyOutput, evaluate, run_test_pki_init, run_verify,
 };
-use keywarden::attestation::testpki::{GuestSpec, TestPki};
+use keywarden::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 
 fn fixtures() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
@@ -167,6 +167,7 @@ fn test_pki_init_then_verify_a_guest_certificate() {
         mr_td: [1; 48],
         rtmr0_2: [[2; 48], [3; 48], [4; 48]],
         debug: false,
+        tcb: TestTcb::UpToDate,
     };
     let cert = pki.guest_cert(&guest, None).unwrap();
     let pem_path = dir.path().join("guest.pem");

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use keywarden::attestation::nitro::NitroVerifier;
-use keywarden::attestation::testpki::{GuestSpec, TestPki};
+use keywarden::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 use keywarden::attestation::{cli, eventlog, nitro, ratls, tdx, versioned};
 use proptest::prelude::*;
 
@@ -20,6 +20,7 @@ fn sample_cert() -> Vec<u8> {
             mr_td: [0; 48],
             rtmr0_2: [[0; 48]; 3],
             debug: false,
+            tcb: TestTcb::UpToDate,
         };
         pki.guest_cert(&guest, None).unwrap().cert_der
     })

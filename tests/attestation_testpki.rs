@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use keywarden::attestation::ratls;
-use keywarden::attestation::testpki::{GuestSpec, QuoteMeasurements, TestPki};
+use keywarden::attestation::testpki::{GuestSpec, QuoteMeasurements, TestPki, TestTcb};
 use keywarden::attestation::{AttestationConfig, RejectReason, Verifier, VerifyRequest, versioned};
 
 const NOW: u64 = 1_800_000_000;
@@ -25,6 +25,7 @@ fn guest() -> GuestSpec {
         mr_td: [0x11; 48],
         rtmr0_2: [[0x22; 48], [0x33; 48], [0x44; 48]],
         debug: false,
+        tcb: TestTcb::UpToDate,
     }
 }
 

@@ -12,13 +12,29 @@ use std::time::{Duration, Instant};
 use alloy::primitives::{Address, FixedBytes};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use common::Keywarden;
-use keywarden::attestation::testpki::TestPki;
+use keywarden::attestation::testpki::{GuestSpec, TestPki, TestTcb};
+use keywarden::attestation::{AttestationConfig, BootInfo, Verifier};
 use keywarden::chain::contracts::{DstackApp, DstackKms};
 use keywarden::kms::client::{self, ClientError, Guest};
 use sha2::{Digest as _, Sha256};
 use support::anvil::Anvil;
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 const COMPOSE: &[u8] = b"{\"name\":\"kms-chain-test\"}";
+
+/// A simulated guest of `app` with `compose`, on a platform at `tcb`.
+fn spec(app: Address, compose: &[u8], tcb: TestTcb) -> GuestSpec {
+    GuestSpec {
+        tcb,
+        ..client::guest_spec(app.into_array(), compose, vec![0x1d; 20])
+    }
+}
 /// An OS image this KMS knows (same measurements as the simulated one) but the chain never allowed.
 const UNLISTED_IMAGE: [u8; 32] = [0x0e; 32];
 
@@ -43,6 +59,11 @@ macro_rules! send {
 }
 
 async fn setup(database_url: Option<&str>) -> Setup {
+    setup_with(database_url, &[]).await
+}
+
+/// Like [`setup`], with further environment overrides for keywarden.
+async fn setup_with(database_url: Option<&str>, extra_env: &[(&str, &str)]) -> Setup {
     let anvil = Anvil::spawn();
     let deployment = keywarden::chain::deploy(&anvil.url()).await.unwrap();
     let provider = ProviderBuilder::new().connect_http(anvil.url()).erased();
@@ -86,17 +107,15 @@ async fn setup(database_url: Option<&str>) -> Setup {
     if let Some(url) = database_url {
         args.extend(["--database-url", url]);
     }
-    let mut kw = Keywarden::start(
-        &dir.path().join("data"),
-        &args,
-        &[
-            ("KEYWARDEN_KMS__OS_IMAGES", &images),
-            // anvil mines only on transactions: follow the latest block, poll fast.
-            ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),
-            ("KEYWARDEN_CHAIN__POLL_INTERVAL", "100ms"),
-            ("KEYWARDEN_CHAIN__MAX_STALENESS", "2s"),
-        ],
-    );
+    let mut env = vec![
+        ("KEYWARDEN_KMS__OS_IMAGES", images.as_str()),
+        // anvil mines only on transactions: follow the latest block, poll fast.
+        ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),
+        ("KEYWARDEN_CHAIN__POLL_INTERVAL", "100ms"),
+        ("KEYWARDEN_CHAIN__MAX_STALENESS", "2s"),
+    ];
+    env.extend_from_slice(extra_env);
+    let mut kw = Keywarden::start(&dir.path().join("data"), &args, &env);
     kw.wait_ready().await;
     let ca = std::fs::read_to_string(dir.path().join("data/kms/root-ca.pem")).unwrap();
     Setup {
@@ -114,16 +133,79 @@ async fn setup(database_url: Option<&str>) -> Setup {
 
 impl Setup {
     async fn boot(&self, app: Address, compose: &[u8], vm_config: &str) -> Result<(), ClientError> {
-        let spec = client::guest_spec(app.into_array(), compose, vec![0x1d; 20]);
+        self.boot_as(&spec(app, compose, TestTcb::UpToDate), vm_config)
+            .await
+    }
+
+    async fn boot_as(&self, spec: &GuestSpec, vm_config: &str) -> Result<(), ClientError> {
         let guest = Guest::enroll(
             &self.kw.api_url(),
             Some(self.ca.clone()),
             &self.pki,
-            &spec,
+            spec,
             false,
         )
         .await?;
         guest.get_app_key(vm_config).await.map(|_| ())
+    }
+
+    /// Boots until the keys are served (the mirror follows the chain within a poll).
+    async fn served(&self, app: Address, compose: &[u8], vm_config: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.boot(app, compose, vm_config).await {
+                Ok(()) => return,
+                Err(e) => assert!(Instant::now() < deadline, "keys still refused: {e:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        common::http()
+            .get(format!("http://{}/metrics", self.kw.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The KMS's own boot info, from the attestation its RPC server certificate carries.
+    async fn kms_own_boot(&self) -> BootInfo {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let resp = reqwest::Client::builder()
+            .tls_info(true)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca.as_bytes()).unwrap())
+            .build()
+            .unwrap()
+            .get(format!("{}/health", self.kw.api_url()))
+            .send()
+            .await
+            .unwrap();
+        let der = resp
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|t| t.peer_certificate())
+            .unwrap()
+            .to_vec();
+        let cert = keywarden::attestation::ratls::parse_cert(&der).unwrap();
+        assert_eq!(cert.usage.as_deref(), Some("kms:rpc"));
+        let verifier = Verifier::with_test_root(
+            AttestationConfig::default(),
+            Some(self.pki.root_der().to_vec()),
+        )
+        .unwrap();
+        let (_, verified) = verifier
+            .verify_ratls_cert(
+                &der,
+                unix_now(),
+                Some(self.pki.collateral()),
+                Some(&client::SIMULATED_OS_IMAGE_HASH),
+            )
+            .unwrap();
+        verified.boot_info
     }
 
     /// Boots until the refusal carries `expected` (the mirror follows the chain within a poll).
@@ -174,14 +256,7 @@ async fn scenario(database_url: Option<&str>) {
     s.refused_with(s.app, COMPOSE, &vm, "Device ID not allowed")
         .await;
     send!(app.setAllowAnyDevice(true).from(s.owner));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while s.boot(s.app, COMPOSE, &vm).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "allowing any device again did not reach the mirror"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.served(s.app, COMPOSE, &vm).await;
 
     // Revocation: removing the compose hash refuses the next request.
     send!(
@@ -218,4 +293,148 @@ async fn chain_mirror_authorizes_key_requests_on_postgres() {
     let db = common::PgDb::create().await;
     scenario(Some(&db.url)).await;
     db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_out_of_date_boot_is_refused_only_by_apps_requiring_an_up_to_date_tcb() {
+    let s = setup_with(
+        None,
+        &[(
+            "KEYWARDEN_ATTESTATION__TCB__ACCEPTED_STATUSES",
+            r#"["UpToDate", "OutOfDate"]"#,
+        )],
+    )
+    .await;
+    let vm = client::simulated_vm_config();
+    let compose = FixedBytes(Sha256::digest(COMPOSE).into());
+    let kms = DstackKms::new(s.kms, &s.provider);
+    // requireTcbUpToDate = true, any device.
+    let receipt = kms
+        .deployAndRegisterApp_1(s.owner, false, true, true, FixedBytes::ZERO, compose)
+        .from(s.owner)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(receipt.status());
+    let strict = receipt
+        .inner
+        .logs()
+        .iter()
+        .find_map(|log| log.log_decode::<DstackKms::AppDeployedViaFactory>().ok())
+        .unwrap()
+        .inner
+        .data
+        .appId;
+
+    let out_of_date = spec(strict, COMPOSE, TestTcb::OutOfDate);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let refusal = loop {
+        match s.boot_as(&out_of_date, &vm).await {
+            Err(ClientError::Refused { message, .. }) if !message.contains("not registered") => {
+                break message;
+            }
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the strict app never reached the mirror: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(
+        refusal,
+        "App not allowed: Boot denied: TCB status is not up to date"
+    );
+    // The same platform may boot an app that does not require an up-to-date TCB...
+    s.boot_as(&spec(s.app, COMPOSE, TestTcb::OutOfDate), &vm)
+        .await
+        .unwrap();
+    // ...and an up-to-date platform may boot the strict app.
+    s.boot_as(&spec(strict, COMPOSE, TestTcb::UpToDate), &vm)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attested_kms_serves_keys_only_while_its_own_measurement_is_allowed_on_chain() {
+    let s = setup_with(
+        None,
+        &[("KEYWARDEN_KMS__INSECURE_SELF_ATTEST_WITH_TEST_PKI", "true")],
+    )
+    .await;
+    let vm = client::simulated_vm_config();
+    let own = s.kms_own_boot().await;
+    assert_eq!(own.tcb_status, "UpToDate");
+    assert_eq!(own.os_image_hash, client::SIMULATED_OS_IMAGE_HASH);
+
+    // The KMS's OS image is allowed (setup), its aggregated MR and device are not: no key leaves.
+    let not_allowed = "KMS is not allowed: Aggregated MR not allowed";
+    assert_eq!(s.refused_with(s.app, COMPOSE, &vm, not_allowed).await, 503);
+    let kms = DstackKms::new(s.kms, &s.provider);
+    let mr = FixedBytes::<32>::from_slice(&own.mr_aggregated);
+    send!(kms.addKmsAggregatedMr(mr).from(s.owner));
+    s.refused_with(
+        s.app,
+        COMPOSE,
+        &vm,
+        "KMS is not allowed: KMS device ID not allowed",
+    )
+    .await;
+    send!(
+        kms.addKmsDevice(FixedBytes::<32>::from_slice(&own.device_id))
+            .from(s.owner)
+    );
+    s.served(s.app, COMPOSE, &vm).await;
+    assert!(
+        s.metrics()
+            .await
+            .contains("dstack_kms_self_check_allowed 1")
+    );
+
+    // GetMeta carries the bootstrap attestation over the root keys' report data.
+    let meta: serde_json::Value = common::https(&s._dir.path().join("data"))
+        .post(format!("{}/prpc/KMS.GetMeta?json", s.kw.api_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let raw = hex::decode(meta["bootstrap_info"]["attestation"].as_str().unwrap()).unwrap();
+    let root =
+        keywarden::kms::root::load_existing(&s._dir.path().join("data"), &Default::default())
+            .unwrap();
+    assert_eq!(
+        keywarden::attestation::versioned::parse(&raw)
+            .unwrap()
+            .report_data,
+        keywarden::kms::keys::BootstrapInfo::of(&root.root)
+            .unwrap()
+            .report_data
+    );
+
+    // Governance removes the KMS's aggregated MR: the next requests are refused; re-adding it
+    // restores service.
+    send!(kms.removeKmsAggregatedMr(mr).from(s.owner));
+    assert_eq!(s.refused_with(s.app, COMPOSE, &vm, not_allowed).await, 503);
+    let text = s.metrics().await;
+    assert!(text.contains("dstack_kms_self_check_allowed 0"), "{text}");
+    assert!(
+        text.contains(
+            "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"kms_not_allowed\"}"
+        ),
+        "{text}"
+    );
+    send!(kms.addKmsAggregatedMr(mr).from(s.owner));
+    s.served(s.app, COMPOSE, &vm).await;
+
+    // One log line per transition, however many requests were refused in between.
+    let lines = s.kw.lines();
+    let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("this KMS is not allowed"), 2, "{lines:#?}");
+    assert_eq!(count("this KMS is allowed"), 2, "{lines:#?}");
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Keywarden, free_addr, http, https, https_with_identity};
-use keywarden::attestation::testpki::{GuestSpec, TestPki};
+use keywarden::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 use keywarden::kms::keys::AppKeys;
 use keywarden::kms::osimage::OsImage;
 use keywarden::kms::proto;
@@ -30,6 +30,7 @@ fn guest(app_id: [u8; 20]) -> GuestSpec {
         mr_td: [0x11; 48],
         rtmr0_2: [[0x22; 48], [0x33; 48], [0x44; 48]],
         debug: false,
+        tcb: TestTcb::UpToDate,
     }
 }
 
@@ -55,6 +56,33 @@ async fn auth_server(calls: Arc<std::sync::atomic::AtomicUsize>) -> std::net::So
                 }))
             }
         }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// What a recording auth server was asked: (path, boot info JSON).
+type Asked = Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// An auth server allowing every boot (`/bootAuth/app` and `/bootAuth/kms`) and recording what
+/// it was asked.
+async fn recording_auth_server(asked: Asked) -> std::net::SocketAddr {
+    let addr = free_addr();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let app = axum::Router::new().route(
+        "/bootAuth/{kind}",
+        axum::routing::post(
+            move |axum::extract::Path(kind): axum::extract::Path<String>,
+                  axum::Json(boot): axum::Json<serde_json::Value>| {
+                let asked = asked.clone();
+                async move {
+                    asked.lock().unwrap().push((kind, boot));
+                    axum::Json(
+                        serde_json::json!({"isAllowed": true, "gatewayAppId": "", "reason": ""}),
+                    )
+                }
+            },
+        ),
     );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
@@ -644,5 +672,87 @@ async fn kms_client_and_loadgen_get_keys_like_a_guest() {
     );
     assert_eq!(code, 1);
     assert!(err.contains("cannot reach the KMS"), "{err}");
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}
+
+/// One GetAppKey from an out-of-date guest of `ALLOWED_APP`: (status, body).
+async fn out_of_date_get_app_key(
+    kw: &Keywarden,
+    data: &Path,
+    pki: &TestPki,
+) -> (u16, serde_json::Value) {
+    let spec = GuestSpec {
+        tcb: TestTcb::OutOfDate,
+        ..guest(ALLOWED_APP)
+    };
+    let identity = guest_identity(kw, data, pki, &spec).await;
+    post_json(
+        &https_with_identity(data, Some(&identity)),
+        format!("{}/prpc/KMS.GetAppKey?json", kw.api_url()),
+        serde_json::json!({"api_version": 1, "vm_config": test_vm_config()}),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_date_guest_is_refused_by_the_default_tcb_policy() {
+    let asked = Asked::default();
+    let auth = format!("http://{}", recording_auth_server(asked.clone()).await);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut kw, pki) = start(
+        dir.path(),
+        &[
+            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
+            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth),
+        ],
+    );
+    kw.wait_ready().await;
+    let (status, err) = out_of_date_get_app_key(&kw, &data, &pki).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(
+        err["error"],
+        "attestation verification failed: tcb_status_rejected: TCB status OutOfDate"
+    );
+    assert!(asked.lock().unwrap().is_empty(), "the authorizer was asked");
+    let text = metrics(&kw).await;
+    for needle in [
+        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"attestation_rejected\"} 1",
+        "dstack_kms_attestation_verifications_total{tee=\"tdx\",result=\"rejected\",reason=\"tcb_status_rejected\"} 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle}\n{text}");
+    }
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_out_of_date_boot_reaches_the_webhook_with_its_tcb_status_and_advisories() {
+    let asked = Asked::default();
+    let auth = format!("http://{}", recording_auth_server(asked.clone()).await);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut kw, pki) = start(
+        dir.path(),
+        &[
+            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
+            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth),
+            (
+                "KEYWARDEN_ATTESTATION__TCB__ACCEPTED_STATUSES",
+                r#"["UpToDate", "SWHardeningNeeded", "OutOfDate"]"#,
+            ),
+        ],
+    );
+    kw.wait_ready().await;
+    let (status, keys) = out_of_date_get_app_key(&kw, &data, &pki).await;
+    assert_eq!(status, 200, "{keys}");
+    let asked = asked.lock().unwrap().clone();
+    let (kind, boot) = asked.last().expect("the webhook was asked");
+    assert_eq!(kind, "app");
+    assert_eq!(boot["appId"], hex::encode(ALLOWED_APP));
+    assert_eq!(boot["tcbStatus"], "OutOfDate");
+    assert_eq!(
+        boot["advisoryIds"],
+        serde_json::json!([keywarden::attestation::testpki::OUT_OF_DATE_ADVISORY])
+    );
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
 }

@@ -230,6 +230,17 @@ impl AttestationError {
             detail: detail.into(),
         }
     }
+
+    /// What a refused caller is told: the reason, plus the detail for the TCB policy refusals,
+    /// whose detail (the status or advisory) is what the platform operator has to fix.
+    pub fn caller_message(&self) -> String {
+        match self.reason {
+            RejectReason::TcbStatusRejected | RejectReason::AdvisoryRejected => {
+                format!("{}: {}", self.reason, self.detail)
+            }
+            _ => self.reason.to_string(),
+        }
+    }
 }
 
 /// Shorthand result type of this module.

@@ -6,6 +6,12 @@
 //! PPID, TCB, PCE-ID, FMSPC, SGX type, platform flags), root → TCB signing certificate (signs TCB
 //! info and QE identity), a root CA CRL and a PCK CRL. A quote is signed by an attestation key
 //! whose hash the QE report carries, and the QE report is signed by the PCK leaf key.
+//!
+//! The TCB info has one level per [`TestTcb`] (`UpToDate` at the current TDX module SVN,
+//! `OutOfDate` with an advisory one below), and a quote claims its level through its TEE TCB SVN,
+//! so dcap-qvl's own matching decides the status. A PKI saved before these levels existed still
+//! loads: its single `UpToDate` level admits current quotes, and re-running `dev test-pki init`
+//! gives it the out-of-date level.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -58,7 +64,54 @@ const INTEL_QE_VENDOR_ID: [u8; 16] = [
 /// TD attributes of a production TD (SEPT_VE_DISABLE set, DEBUG clear).
 const TD_ATTRIBUTES: [u8; 8] = [0, 0, 0, 0x10, 0, 0, 0, 0];
 
-/// The TD measurements a generated quote carries (zero by default).
+/// The TCB a generated quote claims. The collateral carries one TCB level per variant, told apart
+/// by the quote's TEE TCB SVN (the TDX module SVN, component 0), so dcap-qvl's own level matching
+/// yields the status and advisories.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TestTcb {
+    /// The current SVNs: `UpToDate`, no advisories.
+    #[default]
+    UpToDate,
+    /// One SVN below current: `OutOfDate`, with [`OUT_OF_DATE_ADVISORY`].
+    OutOfDate,
+}
+
+/// The advisory id the out-of-date test TCB level carries.
+pub const OUT_OF_DATE_ADVISORY: &str = "INTEL-SA-00999";
+
+impl TestTcb {
+    /// Every level, highest SVN first (the order of the generated TCB info).
+    pub const ALL: [TestTcb; 2] = [Self::UpToDate, Self::OutOfDate];
+
+    /// The TEE TCB SVN a quote of this level carries. Component 1 (the module major version)
+    /// stays 0, so the TCB info needs no TDX module identities.
+    pub fn tee_tcb_svn(self) -> [u8; 16] {
+        let mut svn = [0; 16];
+        svn[0] = match self {
+            Self::UpToDate => 2,
+            Self::OutOfDate => 1,
+        };
+        svn
+    }
+
+    /// The status the TCB info assigns to this level.
+    pub fn status(self) -> TcbStatus {
+        match self {
+            Self::UpToDate => TcbStatus::UpToDate,
+            Self::OutOfDate => TcbStatus::OutOfDate,
+        }
+    }
+
+    /// The advisory ids of this level.
+    pub fn advisory_ids(self) -> Vec<String> {
+        match self {
+            Self::UpToDate => Vec::new(),
+            Self::OutOfDate => vec![OUT_OF_DATE_ADVISORY.to_owned()],
+        }
+    }
+}
+
+/// The TD measurements (zero by default) and the TCB a generated quote carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuoteMeasurements {
     /// MRTD.
@@ -71,6 +124,8 @@ pub struct QuoteMeasurements {
     pub mr_owner: [u8; 48],
     /// MROWNERCONFIG.
     pub mr_owner_config: [u8; 48],
+    /// The platform TCB the quote claims.
+    pub tcb: TestTcb,
 }
 
 impl Default for QuoteMeasurements {
@@ -81,6 +136,7 @@ impl Default for QuoteMeasurements {
             mr_config_id: [0; 48],
             mr_owner: [0; 48],
             mr_owner_config: [0; 48],
+            tcb: TestTcb::UpToDate,
         }
     }
 }
@@ -102,6 +158,8 @@ pub struct GuestSpec {
     pub rtmr0_2: [[u8; 48]; 3],
     /// Boot a debug TD.
     pub debug: bool,
+    /// The platform TCB the guest's quote claims.
+    pub tcb: TestTcb,
 }
 
 /// A generated (or loaded) test PKI.
@@ -345,7 +403,24 @@ impl TestPki {
 
     /// Signs fresh collateral (TCB info, QE identity, both CRLs) valid in `[issued, next_update]`.
     pub fn collateral_for(&self, issued: u64, next_update: u64) -> Result<QuoteCollateralV3> {
-        let zero_components = vec![TcbComponents { svn: 0 }; 16];
+        let sgx_components = vec![TcbComponents { svn: 0 }; 16];
+        let tcb_levels = TestTcb::ALL
+            .into_iter()
+            .map(|level| TcbLevel {
+                tcb: Tcb {
+                    sgx_components: sgx_components.clone(),
+                    tdx_components: level
+                        .tee_tcb_svn()
+                        .into_iter()
+                        .map(|svn| TcbComponents { svn })
+                        .collect(),
+                    pce_svn: 0,
+                },
+                tcb_date: rfc3339(issued),
+                tcb_status: level.status(),
+                advisory_ids: level.advisory_ids(),
+            })
+            .collect();
         let tcb_info = TcbInfo {
             id: "TDX".into(),
             version: 3,
@@ -355,16 +430,7 @@ impl TestPki {
             pce_id: "0000".into(),
             tcb_type: 0,
             tcb_evaluation_data_number: 1,
-            tcb_levels: vec![TcbLevel {
-                tcb: Tcb {
-                    sgx_components: zero_components.clone(),
-                    tdx_components: zero_components,
-                    pce_svn: 0,
-                },
-                tcb_date: rfc3339(issued),
-                tcb_status: TcbStatus::UpToDate,
-                advisory_ids: Vec::new(),
-            }],
+            tcb_levels,
             tdx_module: Some(dcap_qvl::tcb_info::TdxModule {
                 mrsigner: "00".repeat(48),
                 attributes: "0000000000000000".into(),
@@ -447,7 +513,7 @@ impl TestPki {
             td_attributes[0] |= 0x01;
         }
         let mut body = Vec::with_capacity(584);
-        body.extend_from_slice(&[0; 16]); // tee_tcb_svn
+        body.extend_from_slice(&m.tcb.tee_tcb_svn());
         body.extend_from_slice(&[0; 48]); // mr_seam
         body.extend_from_slice(&[0; 48]); // mr_signer_seam (Intel)
         body.extend_from_slice(&[0; 8]); // seam_attributes
@@ -525,6 +591,7 @@ impl TestPki {
             mr_td: guest.mr_td,
             rtmr: [r0, r1, r2, mrs[3]],
             mr_config_id,
+            tcb: guest.tcb,
             ..QuoteMeasurements::default()
         };
         let quote = self.quote(report_data, &m, guest.debug)?;
@@ -670,4 +737,129 @@ fn write_file(path: &Path, data: &[u8], secret: bool) -> std::io::Result<()> {
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| reject!(ConfigInvalid, "collateral JSON: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use dcap_qvl::verify::QuoteVerifier;
+
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn quote_at(pki: &TestPki, tcb: TestTcb) -> Vec<u8> {
+        let m = QuoteMeasurements {
+            tcb,
+            ..QuoteMeasurements::default()
+        };
+        pki.quote(&[3; 64], &m, false).unwrap()
+    }
+
+    /// dcap-qvl's own evaluation: (status, advisory ids).
+    fn evaluate(pki: &TestPki, quote: &[u8]) -> (String, Vec<String>) {
+        let report = QuoteVerifier::new(pki.root_der().to_vec())
+            .verify(quote, pki.collateral(), NOW)
+            .unwrap();
+        (report.status, report.advisory_ids)
+    }
+
+    #[test]
+    fn tcb_info_has_an_up_to_date_level_above_an_out_of_date_one() {
+        let pki = TestPki::generate(NOW).unwrap();
+        let info: TcbInfo = serde_json::from_str(&pki.collateral().tcb_info).unwrap();
+        let levels: Vec<_> = info
+            .tcb_levels
+            .iter()
+            .map(|l| {
+                (
+                    l.tcb_status,
+                    l.tcb.tdx_components[0].svn,
+                    l.advisory_ids.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            levels,
+            vec![
+                (TcbStatus::UpToDate, 2, vec![]),
+                (
+                    TcbStatus::OutOfDate,
+                    1,
+                    vec![OUT_OF_DATE_ADVISORY.to_owned()]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn dcap_qvl_evaluates_each_test_tcb_to_its_level() {
+        let pki = TestPki::generate(NOW).unwrap();
+        assert_eq!(
+            evaluate(&pki, &quote_at(&pki, TestTcb::UpToDate)),
+            ("UpToDate".to_owned(), vec![])
+        );
+        assert_eq!(
+            evaluate(&pki, &quote_at(&pki, TestTcb::OutOfDate)),
+            (
+                "OutOfDate".to_owned(),
+                vec![OUT_OF_DATE_ADVISORY.to_owned()]
+            )
+        );
+    }
+
+    #[test]
+    fn out_of_date_guest_attestation_carries_the_lower_svn() {
+        let pki = TestPki::generate(NOW).unwrap();
+        let guest = GuestSpec {
+            app_id: [1; 20],
+            compose_hash: [2; 32],
+            instance_id: Vec::new(),
+            key_provider: Vec::new(),
+            mr_td: [3; 48],
+            rtmr0_2: [[4; 48]; 3],
+            debug: false,
+            tcb: TestTcb::OutOfDate,
+        };
+        let raw = pki.dstack_attestation(&guest, &[5; 64]).unwrap();
+        let Platform::Tdx { quote, .. } = versioned::parse(&raw).unwrap().platform else {
+            panic!("not a TDX attestation");
+        };
+        let parsed = dcap_qvl::quote::Quote::parse(&quote).unwrap();
+        let td = parsed.report.as_td10().unwrap();
+        assert_eq!(td.tee_tcb_svn, TestTcb::OutOfDate.tee_tcb_svn());
+        assert_eq!(evaluate(&pki, &quote).0, "OutOfDate");
+    }
+
+    #[test]
+    fn saved_and_loaded_pki_keeps_both_tcb_levels() {
+        let dir = tempfile::tempdir().unwrap();
+        TestPki::generate(NOW).unwrap().save(dir.path()).unwrap();
+        let pki = TestPki::load(dir.path()).unwrap();
+        assert_eq!(
+            evaluate(&pki, &quote_at(&pki, TestTcb::UpToDate)).0,
+            "UpToDate"
+        );
+        assert_eq!(
+            evaluate(&pki, &quote_at(&pki, TestTcb::OutOfDate)).0,
+            "OutOfDate"
+        );
+    }
+
+    #[test]
+    fn a_single_level_collateral_of_an_older_save_still_admits_current_quotes() {
+        // PKIs saved before the TCB levels existed carry one UpToDate level at SVN 0.
+        let pki = TestPki::generate(NOW).unwrap();
+        let mut info: TcbInfo = serde_json::from_str(&pki.collateral().tcb_info).unwrap();
+        info.tcb_levels.truncate(1);
+        for c in &mut info.tcb_levels[0].tcb.tdx_components {
+            c.svn = 0;
+        }
+        let mut old = pki.collateral().clone();
+        old.tcb_info = to_json(&info).unwrap();
+        old.tcb_info_signature = sign_raw(&pki.tcb_key, old.tcb_info.as_bytes()).unwrap();
+        let report = QuoteVerifier::new(pki.root_der().to_vec())
+            .verify(&quote_at(&pki, TestTcb::UpToDate), &old, NOW)
+            .unwrap();
+        assert_eq!(report.status, "UpToDate");
+    }
 }

@@ -391,6 +391,10 @@ impl Config {
         all.extend(self.attestation.insecure_switches());
         all.push(("auth.insecure_dev_auth", self.auth.insecure_dev_auth));
         all.push((
+            "kms.insecure_self_attest_with_test_pki",
+            self.kms.insecure_self_attest_with_test_pki,
+        ));
+        all.push((
             "kms.insecure_skip_os_image_check",
             self.kms.insecure_skip_os_image_check,
         ));
@@ -581,6 +585,15 @@ impl Config {
                     "set a service name such as \"keywarden\"",
                 );
             }
+        }
+        if self.kms.insecure_self_attest_with_test_pki
+            && self.attestation.insecure_test_pki.is_none()
+        {
+            push(
+                "kms.insecure_self_attest_with_test_pki",
+                "needs a test PKI to attest with, and none is configured".into(),
+                "set attestation.insecure_test_pki (serve --insecure-test-pki DIR), or turn this off",
+            );
         }
         match self.auth.backend {
             crate::kms::authz::AuthBackendKind::Dev if !self.auth.insecure_dev_auth => push(
@@ -865,6 +878,20 @@ mod tests {
         assert!(c.admin.listen.ip().is_loopback());
         assert!(c.metrics.listen.ip().is_loopback());
         assert!(!c.telemetry.otlp.enabled);
+        assert!(!c.kms.insecure_self_attest_with_test_pki);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn self_attestation_needs_a_test_pki() {
+        let mut c = Config::default();
+        c.kms.insecure_self_attest_with_test_pki = true;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("kms.insecure_self_attest_with_test_pki"),
+            "{err}"
+        );
+        c.attestation.insecure_test_pki = Some("pki".into());
         c.validate().unwrap();
     }
 

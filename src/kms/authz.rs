@@ -25,6 +25,10 @@ pub struct AuthConfig {
     pub webhook_timeout: Duration,
     /// Allow `backend = "dev"`, which authorizes every attested boot.
     pub insecure_dev_auth: bool,
+    /// How long a webhook answer about the KMS itself (`bootAuth/kms`, the self-check of an
+    /// attested KMS) is reused; the chain backend is asked on every request.
+    #[serde(with = "humantime_serde")]
+    pub kms_self_check_cache_ttl: Duration,
 }
 
 impl Default for AuthConfig {
@@ -34,6 +38,7 @@ impl Default for AuthConfig {
             webhook_url: None,
             webhook_timeout: Duration::from_secs(5),
             insecure_dev_auth: false,
+            kms_self_check_cache_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -70,6 +75,16 @@ pub enum AuthError {
     /// The backend's state is too old to answer (the chain mirror beyond `max_staleness`).
     #[error("on-chain state is stale: {0}")]
     Stale(String),
+}
+
+impl AuthError {
+    /// The refusal a request gets when no decision could be had.
+    pub fn refusal(&self) -> super::metrics::Refusal {
+        match self {
+            Self::Stale(_) => super::metrics::Refusal::ChainStateStale,
+            Self::Unavailable(_) => super::metrics::Refusal::AuthUnavailable,
+        }
+    }
 }
 
 /// Decides on boots. Object-safe so the backend is chosen at start-up.

@@ -16,7 +16,7 @@ use p256::pkcs8::DecodePrivateKey as _;
 use super::proto;
 use super::signcert::{CONFIRM, CertConfig, Csr, CsrEvidence, CsrVersion};
 use crate::attestation::ratls::{CertBuilder, report_data_for_spki};
-use crate::attestation::testpki::{GuestSpec, TestPki};
+use crate::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 use crate::attestation::versioned::{self, Platform};
 
 /// Why the guest could not get its keys.
@@ -77,6 +77,7 @@ pub fn guest_spec(app_id: [u8; 20], compose: &[u8], instance_id: Vec<u8>) -> Gue
         mr_td: SIMULATED_MRTD,
         rtmr0_2: SIMULATED_RTMR0_2,
         debug: false,
+        tcb: TestTcb::UpToDate,
     }
 }
 

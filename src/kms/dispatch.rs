@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument as _;
 
-use super::authz::{AuthDecision, AuthError, Authorizer};
+use super::authz::{AuthDecision, Authorizer};
 use super::keys::{AppKeys, BootstrapInfo, EnvEncryptPubKey};
 use super::ledger::Ledger;
 use super::metrics::{KmsMetrics, Method, Outcome, Refusal};
@@ -75,7 +75,8 @@ impl CollateralSource {
         }
     }
 
-    async fn for_quote(
+    /// The collateral to verify `quote` with at `now`.
+    pub async fn for_quote(
         &self,
         quote: &[u8],
         now: u64,
@@ -116,6 +117,7 @@ struct Inner {
     attestation_metrics: AttestationMetrics,
     ledger: Ledger,
     chain: ChainMeta,
+    self_check: Option<super::selfcheck::SelfCheck>,
 }
 
 /// Everything the KMS RPC needs.
@@ -146,6 +148,8 @@ pub struct KmsRpcParts {
     pub allow_kms_replication: bool,
     /// Expected measurements of OS images.
     pub os_images: super::osimage::OsImagePolicy,
+    /// The KMS's own admission, when it runs attested.
+    pub self_check: Option<super::selfcheck::SelfCheck>,
 }
 
 /// Bounds the work in progress: `max_concurrent` requests run, up to `max_queued` wait, the rest
@@ -221,6 +225,7 @@ impl KmsRpc {
             attestation_metrics: p.attestation_metrics,
             ledger: p.ledger,
             chain: p.chain,
+            self_check: p.self_check,
         }))
     }
 
@@ -255,7 +260,12 @@ impl KmsRpc {
             bootstrap_info: Some(proto::BootstrapResponse {
                 ca_pubkey: info.ca_pubkey,
                 k256_pubkey: info.k256_pubkey,
-                attestation: Vec::new(),
+                attestation: self
+                    .0
+                    .self_check
+                    .as_ref()
+                    .map(|c| c.bootstrap_attestation().to_vec())
+                    .unwrap_or_default(),
             }),
             is_dev: false,
             gateway_app_id: None,
@@ -323,6 +333,9 @@ impl KmsRpc {
         audit_kind: &str,
         is_kms: bool,
     ) -> Result<(crate::attestation::BootInfo, AuthDecision), Refused> {
+        if let Some(check) = &self.0.self_check {
+            check.gate().await?;
+        }
         if let crate::attestation::Evidence::Tdx { td, .. } = evidence
             && let Err(e) = self
                 .0
@@ -357,10 +370,7 @@ impl KmsRpc {
             .authorize(&boot, is_kms)
             .await
             .map_err(|e| {
-                let reason = match e {
-                    AuthError::Stale(_) => Refusal::ChainStateStale,
-                    AuthError::Unavailable(_) => Refusal::AuthUnavailable,
-                };
+                let reason = e.refusal();
                 tracing::warn!(reason = reason.as_str(), error = %e, "measurement not authorized");
                 Refused::new(reason, format!("App not allowed: {e}"))
             })?;
@@ -643,7 +653,7 @@ enum AttestationSource<'a> {
 fn attestation_refused(e: &AttestationError) -> Refused {
     Refused::new(
         Refusal::AttestationRejected,
-        format!("attestation verification failed: {}", e.reason),
+        format!("attestation verification failed: {}", e.caller_message()),
     )
 }
 
@@ -709,9 +719,10 @@ fn encode<T: Message + Serialize>(enc: Encoding, value: &T) -> Response {
 
 fn refusal_response(enc: Encoding, r: &Refused) -> Response {
     let status = match r.reason {
-        Refusal::AuthUnavailable | Refusal::ChainStateStale | Refusal::Overloaded => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        Refusal::AuthUnavailable
+        | Refusal::ChainStateStale
+        | Refusal::Overloaded
+        | Refusal::KmsNotAllowed => StatusCode::SERVICE_UNAVAILABLE,
         Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     };

@@ -82,6 +82,8 @@ pub enum Refusal {
     NotAuthorized,
     /// The authorization backend could not answer.
     AuthUnavailable,
+    /// The KMS itself is not allowed (`isKmsAllowed` on its own boot): no key is released.
+    KmsNotAllowed,
     /// The on-chain state is too old to answer.
     ChainStateStale,
     /// The app id is a canary: it must never receive keys.
@@ -111,6 +113,7 @@ impl Refusal {
             Self::AttestationRejected => "attestation_rejected",
             Self::NotAuthorized => "not_authorized",
             Self::AuthUnavailable => "auth_unavailable",
+            Self::KmsNotAllowed => "kms_not_allowed",
             Self::ChainStateStale => "chain_state_stale",
             Self::Canary => "canary",
             Self::OsImageRejected => "os_image_rejected",
@@ -182,6 +185,7 @@ pub struct KmsMetrics {
     ledger_batch: Histogram,
     ledger_commit: Histogram,
     ledger_failures: Counter,
+    self_check_allowed: Gauge,
 }
 
 impl KmsMetrics {
@@ -204,7 +208,15 @@ impl KmsMetrics {
             // 100 µs .. ~1.6 s
             ledger_commit: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
             ledger_failures: Counter::default(),
+            self_check_allowed: Gauge::default(),
         };
+        // -1 until a self-check has answered (and for good when the KMS is not attested)
+        m.self_check_allowed.set(-1);
+        registry.register(
+            "dstack_kms_self_check_allowed",
+            "The KMS's own isKmsAllowed at its last key request: 1 allowed, 0 refused, -1 not evaluated",
+            m.self_check_allowed.clone(),
+        );
         registry.register(
             "dstack_kms_ledger_batch_size",
             "Ledger entries (boot and audit records) written per transaction",
@@ -334,6 +346,11 @@ impl KmsMetrics {
         if !ok {
             self.ledger_failures.inc();
         }
+    }
+
+    /// Records the answer of the KMS's own self-check.
+    pub fn set_self_check(&self, allowed: bool) {
+        self.self_check_allowed.set(i64::from(allowed));
     }
 
     /// Counts a canary request.

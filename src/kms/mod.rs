@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod osimage;
 pub mod proto;
 pub mod root;
+pub mod selfcheck;
 pub mod server;
 pub mod signcert;
 

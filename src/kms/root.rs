@@ -53,6 +53,9 @@ pub struct KmsConfig {
     /// App ids (hex, 20 bytes) that must never receive keys: a request from one is refused and
     /// audited as a security incident.
     pub canary_app_ids: Vec<String>,
+    /// Attest the KMS itself as a simulated guest of the test PKI (`attestation.insecure_test_pki`)
+    /// running the simulated OS image, and gate every key release on its own `isKmsAllowed`.
+    pub insecure_self_attest_with_test_pki: bool,
 }
 
 impl Default for KmsConfig {
@@ -66,6 +69,7 @@ impl Default for KmsConfig {
             allow_kms_replication: false,
             os_images: Vec::new(),
             insecure_skip_os_image_check: false,
+            insecure_self_attest_with_test_pki: false,
         }
     }
 }
@@ -144,6 +148,62 @@ pub struct KmsKeys {
     pub created: bool,
 }
 
+impl KmsKeys {
+    fn rpc_key(&self) -> Result<KeyPair, RootKeyError> {
+        KeyPair::from_pem(&self.rpc_key_pem)
+            .map_err(|e| RootKeyError::Generate(format!("RPC key: {e}")))
+    }
+
+    /// SubjectPublicKeyInfo DER of the RPC key (what the KMS's own attestation binds).
+    pub fn rpc_spki(&self) -> Result<Vec<u8>, RootKeyError> {
+        Ok(rcgen::PublicKeyData::subject_public_key_info(
+            &self.rpc_key()?,
+        ))
+    }
+
+    /// Re-issues the RPC certificate for the same key, for `domains`, carrying `attestation`;
+    /// kept in memory only, since an attestation belongs to one boot. Returns the new DER.
+    pub fn reissue_rpc_cert(
+        &mut self,
+        domains: &[String],
+        attestation: &[u8],
+    ) -> Result<Vec<u8>, RootKeyError> {
+        let root_der = pem::parse(&self.root_ca_pem)
+            .map_err(|e| RootKeyError::Generate(format!("root CA certificate: {e}")))?
+            .into_contents();
+        let cert = rpc_cert(
+            domains,
+            &self.rpc_key()?,
+            &root_der,
+            &self.root_ca_key,
+            Some(attestation),
+        )?;
+        self.rpc_cert_pem = cert.cert_pem;
+        Ok(cert.cert_der)
+    }
+}
+
+/// The RPC server certificate of `rpc_key` (usage `kms:rpc`, for `domains`), signed by the root
+/// CA, carrying the KMS's own attestation when it has one.
+fn rpc_cert(
+    domains: &[String],
+    rpc_key: &KeyPair,
+    root_der: &[u8],
+    root_key: &KeyPair,
+    attestation: Option<&[u8]>,
+) -> Result<crate::attestation::ratls::GeneratedCert, RootKeyError> {
+    let names: Vec<&str> = domains.iter().map(String::as_str).collect();
+    let mut builder = CertBuilder::new(names.first().copied().unwrap_or("localhost"))
+        .alt_names(&names)
+        .usage("kms:rpc");
+    if let Some(attestation) = attestation {
+        builder = builder.attestation(attestation);
+    }
+    builder
+        .signed_by(rpc_key, root_der, root_key)
+        .map_err(|e| RootKeyError::Generate(e.to_string()))
+}
+
 impl std::fmt::Debug for KmsKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KmsKeys")
@@ -216,12 +276,13 @@ fn generate(cfg: &KmsConfig) -> Result<KeyFiles, RootKeyError> {
         .map_err(|e| gen_err(&e))?;
 
     let rpc_kp = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| gen_err(&e))?;
-    let domains: Vec<&str> = cfg.domains.iter().map(String::as_str).collect();
-    let rpc_cert = CertBuilder::new(domains.first().copied().unwrap_or("localhost"))
-        .alt_names(&domains)
-        .usage("kms:rpc")
-        .signed_by(&rpc_kp, &root_cert.cert_der, &root_ca_kp)
-        .map_err(|e| gen_err(&e))?;
+    let rpc_cert = rpc_cert(
+        &cfg.domains,
+        &rpc_kp,
+        &root_cert.cert_der,
+        &root_ca_kp,
+        None,
+    )?;
 
     let pem = |s: String| Zeroizing::new(s.into_bytes());
     Ok(vec![

@@ -1,0 +1,374 @@
+//! The KMS's own admission: when it runs attested, it releases keys only while it passes
+//! `isKmsAllowed` itself, as upstream asks `bootAuth/kms` about its own boot before every trusted
+//! RPC.
+//!
+//! Start-up ([`attest_self`]): an [`AttestationSource`] attests the RPC key, so the RPC server
+//! certificate (usage `kms:rpc`) carries the attestation, and the bootstrap report data, which
+//! `GetMeta` returns as `bootstrap_info.attestation`; our own verifier turns the RPC certificate
+//! into our [`BootInfo`], exactly as a peer's would be. Requests ([`SelfCheck::gate`]): before any
+//! key is released, the configured [`Authorizer`] is asked about that boot info as a KMS. On the
+//! chain backend that is a lookup in the current mirror snapshot, evaluated on every request, so
+//! a governance change applies to the next request once the mirror has it; a webhook answer is
+//! reused for `auth.kms_self_check_cache_ttl`. Every failure refuses (fail closed); each change
+//! between admitted and refused is logged once and shown by `dstack_kms_self_check_allowed`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::authz::{AuthDecision, Authorizer};
+use super::dispatch::{CollateralSource, Refused};
+use super::metrics::{KmsMetrics, Refusal};
+use super::root::{KmsKeys, RootKeyError};
+use crate::attestation::testpki::{GuestSpec, TestPki};
+use crate::attestation::{AttestationError, BootInfo, Platform, Verifier};
+
+/// Why the KMS could not attest itself at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum SelfCheckError {
+    /// The attestation source failed.
+    #[error("cannot obtain the KMS's own attestation: {0}")]
+    Source(AttestationError),
+    /// Our own attestation does not verify with our own verifier.
+    #[error("the KMS's own attestation does not verify: {0}")]
+    Verify(AttestationError),
+    /// The RPC certificate could not be re-issued.
+    #[error(transparent)]
+    Keys(#[from] RootKeyError),
+    /// The bootstrap report data could not be computed.
+    #[error("bootstrap report data: {0}")]
+    Bootstrap(#[from] super::KmsError),
+}
+
+/// Where the KMS's own attestation comes from. Only the simulated source exists; a real one (the
+/// dstack guest agent of the CVM the KMS runs in) would be another variant.
+pub enum AttestationSource {
+    /// A simulated KMS guest of the test PKI, running the simulated OS image
+    /// (`kms.insecure_self_attest_with_test_pki`).
+    TestPki {
+        /// The test PKI that issues the quotes.
+        pki: TestPki,
+        /// The simulated guest the KMS claims to be.
+        guest: GuestSpec,
+    },
+}
+
+/// The compose file of the simulated KMS guest (its compose hash is the sha256 of this).
+const SIMULATED_KMS_COMPOSE: &[u8] = br#"{"name":"keywarden-kms"}"#;
+
+impl AttestationSource {
+    /// The simulated KMS guest of `pki`: app id zero, no instance id, the simulated OS image.
+    pub fn simulated(pki: TestPki) -> Self {
+        Self::TestPki {
+            pki,
+            guest: super::client::guest_spec([0; 20], SIMULATED_KMS_COMPOSE, Vec::new()),
+        }
+    }
+
+    /// A dstack attestation over `report_data`.
+    fn attest(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, SelfCheckError> {
+        match self {
+            Self::TestPki { pki, guest } => pki
+                .dstack_attestation(guest, report_data)
+                .map_err(SelfCheckError::Source),
+        }
+    }
+
+    /// The OS image hash our host claims for us (what a guest's vm_config carries).
+    fn os_image_hash(&self) -> Vec<u8> {
+        match self {
+            Self::TestPki { .. } => super::client::SIMULATED_OS_IMAGE_HASH.to_vec(),
+        }
+    }
+}
+
+/// What the KMS learnt about itself at start-up.
+#[derive(Debug)]
+pub struct OwnIdentity {
+    /// Our boot info, as our verifier derived it from our RPC certificate.
+    pub boot: BootInfo,
+    /// The attestation over the bootstrap report data (`GetMeta`).
+    pub bootstrap_attestation: Vec<u8>,
+}
+
+/// Attests the KMS at `now`: re-issues `keys`' RPC certificate with an attestation bound to its
+/// key (in memory only: an attestation belongs to one boot), verifies it and attests the
+/// bootstrap report data.
+pub async fn attest_self(
+    source: &AttestationSource,
+    keys: &mut KmsKeys,
+    domains: &[String],
+    verifier: &Verifier,
+    collateral: &CollateralSource,
+    now: u64,
+) -> Result<OwnIdentity, SelfCheckError> {
+    let report_data = crate::attestation::ratls::report_data_for_spki(&keys.rpc_spki()?);
+    let attestation = source.attest(&report_data)?;
+    let cert_der = keys.reissue_rpc_cert(domains, &attestation)?;
+    let collateral = match crate::attestation::versioned::parse(&attestation)
+        .map_err(SelfCheckError::Verify)?
+        .platform
+    {
+        Platform::Tdx { quote, .. } => Some(
+            collateral
+                .for_quote(&quote, now)
+                .await
+                .map_err(SelfCheckError::Verify)?,
+        ),
+        Platform::NitroEnclave { .. } => None,
+    };
+    let (_, verified) = verifier
+        .verify_ratls_cert(
+            &cert_der,
+            now,
+            collateral.as_ref(),
+            Some(&source.os_image_hash()),
+        )
+        .map_err(SelfCheckError::Verify)?;
+    let bootstrap = super::keys::BootstrapInfo::of(&keys.root)?;
+    Ok(OwnIdentity {
+        boot: verified.boot_info,
+        bootstrap_attestation: source.attest(&bootstrap.report_data)?,
+    })
+}
+
+/// The per-request gate on the KMS's own admission.
+pub struct SelfCheck {
+    boot: BootInfo,
+    bootstrap_attestation: Vec<u8>,
+    authorizer: Arc<dyn Authorizer>,
+    cache_ttl: Duration,
+    cached: Mutex<Option<(Instant, AuthDecision)>>,
+    last_allowed: Mutex<Option<bool>>,
+    metrics: KmsMetrics,
+}
+
+impl std::fmt::Debug for SelfCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SelfCheck")
+            .field("boot", &self.boot)
+            .field("cache_ttl", &self.cache_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SelfCheck {
+    /// Gates on `identity` as `authorizer` judges it; an answer is reused for `cache_ttl` (zero:
+    /// asked on every request).
+    pub fn new(
+        identity: OwnIdentity,
+        authorizer: Arc<dyn Authorizer>,
+        cache_ttl: Duration,
+        metrics: KmsMetrics,
+    ) -> Self {
+        Self {
+            boot: identity.boot,
+            bootstrap_attestation: identity.bootstrap_attestation,
+            authorizer,
+            cache_ttl,
+            cached: Mutex::new(None),
+            last_allowed: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    /// The attestation over the bootstrap report data.
+    pub fn bootstrap_attestation(&self) -> &[u8] {
+        &self.bootstrap_attestation
+    }
+
+    /// `Ok` while the KMS itself is allowed; otherwise the refusal every key request gets
+    /// (`kms_not_allowed`, or the backend's unavailability/staleness reason).
+    pub async fn gate(&self) -> Result<(), Refused> {
+        let decision = match self.fresh_cached() {
+            Some(d) => Ok(d),
+            None => self.authorizer.authorize(&self.boot, true).await,
+        };
+        match decision {
+            Ok(d) => {
+                if !self.cache_ttl.is_zero() {
+                    *self.cached.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((Instant::now(), d.clone()));
+                }
+                self.observe(d.allowed, &d.reason);
+                if d.allowed {
+                    Ok(())
+                } else {
+                    Err(Refused {
+                        reason: Refusal::KmsNotAllowed,
+                        message: format!("KMS is not allowed: {}", d.reason),
+                    })
+                }
+            }
+            Err(e) => {
+                let message = format!("KMS is not allowed: {e}");
+                self.observe(false, &e.to_string());
+                Err(Refused {
+                    reason: e.refusal(),
+                    message,
+                })
+            }
+        }
+    }
+
+    fn fresh_cached(&self) -> Option<AuthDecision> {
+        self.cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < self.cache_ttl)
+            .map(|(_, d)| d.clone())
+    }
+
+    /// Sets the gauge; logs only when the answer changes.
+    fn observe(&self, allowed: bool, reason: &str) {
+        self.metrics.set_self_check(allowed);
+        let previous = self
+            .last_allowed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(allowed);
+        if previous == Some(allowed) {
+            return;
+        }
+        let mr_aggregated = hex::encode(&self.boot.mr_aggregated);
+        if allowed {
+            tracing::info!(%mr_aggregated, "KMS self-check: this KMS is allowed; keys are served");
+        } else {
+            tracing::warn!(
+                %mr_aggregated,
+                reason,
+                "KMS self-check: this KMS is not allowed; every key request is refused"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::kms::authz::AuthError;
+
+    /// An authorizer whose KMS answer the test flips; counts the KMS questions.
+    #[derive(Default)]
+    struct Flip {
+        allowed: AtomicBool,
+        unavailable: AtomicBool,
+        kms_calls: AtomicUsize,
+    }
+
+    impl Authorizer for Flip {
+        fn authorize<'a>(
+            &'a self,
+            _boot: &'a BootInfo,
+            is_kms: bool,
+        ) -> BoxFuture<'a, Result<AuthDecision, AuthError>> {
+            assert!(is_kms, "the self-check asks as a KMS");
+            self.kms_calls.fetch_add(1, Ordering::SeqCst);
+            let allowed = self.allowed.load(Ordering::SeqCst);
+            let unavailable = self.unavailable.load(Ordering::SeqCst);
+            Box::pin(async move {
+                if unavailable {
+                    return Err(AuthError::Unavailable("down".into()));
+                }
+                Ok(AuthDecision {
+                    allowed,
+                    reason: if allowed {
+                        String::new()
+                    } else {
+                        "Aggregated MR not allowed".into()
+                    },
+                    gateway_app_id: String::new(),
+                })
+            })
+        }
+    }
+
+    fn self_check(
+        auth: Arc<Flip>,
+        ttl: Duration,
+    ) -> (SelfCheck, prometheus_client::registry::Registry) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = KmsMetrics::new(&mut registry);
+        let boot = BootInfo {
+            tee_variant: crate::attestation::TeeVariant::DstackTdx,
+            mr_aggregated: vec![1; 32],
+            os_image_hash: vec![2; 32],
+            mr_system: vec![3; 32],
+            app_id: vec![0; 20],
+            compose_hash: vec![4; 32],
+            instance_id: Vec::new(),
+            device_id: vec![5; 32],
+            key_provider_info: Vec::new(),
+            tcb_status: "UpToDate".into(),
+            advisory_ids: Vec::new(),
+        };
+        let identity = OwnIdentity {
+            boot,
+            bootstrap_attestation: vec![9],
+        };
+        (SelfCheck::new(identity, auth, ttl, metrics), registry)
+    }
+
+    fn gauge(registry: &prometheus_client::registry::Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text.lines()
+            .find(|l| l.starts_with("dstack_kms_self_check_allowed "))
+            .unwrap()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn refusal_follows_every_change_of_the_answer_without_a_cache() {
+        let auth = Arc::new(Flip::default());
+        let (check, registry) = self_check(auth.clone(), Duration::ZERO);
+        assert_eq!(gauge(&registry), "dstack_kms_self_check_allowed -1");
+        let refused = check.gate().await.unwrap_err();
+        assert_eq!(refused.reason, Refusal::KmsNotAllowed);
+        assert_eq!(
+            refused.message,
+            "KMS is not allowed: Aggregated MR not allowed"
+        );
+        assert_eq!(gauge(&registry), "dstack_kms_self_check_allowed 0");
+        auth.allowed.store(true, Ordering::SeqCst);
+        check.gate().await.unwrap();
+        assert_eq!(gauge(&registry), "dstack_kms_self_check_allowed 1");
+        auth.allowed.store(false, Ordering::SeqCst);
+        assert!(check.gate().await.is_err());
+        assert_eq!(auth.kms_calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_reused_within_the_cache_ttl() {
+        let auth = Arc::new(Flip::default());
+        auth.allowed.store(true, Ordering::SeqCst);
+        let (check, _registry) = self_check(auth.clone(), Duration::from_secs(60));
+        check.gate().await.unwrap();
+        auth.allowed.store(false, Ordering::SeqCst);
+        check.gate().await.unwrap();
+        assert_eq!(auth.kms_calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_backend_refuses_and_is_not_cached() {
+        let auth = Arc::new(Flip::default());
+        auth.unavailable.store(true, Ordering::SeqCst);
+        let (check, registry) = self_check(auth.clone(), Duration::from_secs(60));
+        let refused = check.gate().await.unwrap_err();
+        assert_eq!(refused.reason, Refusal::AuthUnavailable);
+        assert!(
+            refused.message.starts_with("KMS is not allowed: "),
+            "{}",
+            refused.message
+        );
+        assert_eq!(gauge(&registry), "dstack_kms_self_check_allowed 0");
+        auth.unavailable.store(false, Ordering::SeqCst);
+        auth.allowed.store(true, Ordering::SeqCst);
+        check.gate().await.unwrap();
+        assert_eq!(auth.kms_calls.load(Ordering::SeqCst), 2);
+    }
+}
