@@ -125,9 +125,13 @@ pub struct LoadgenArgs {
     /// The guest.
     #[command(flatten)]
     pub guest: GuestArgs,
-    /// Concurrent workers.
+    /// Concurrent workers; with `--rate`, the most requests outstanding at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Offer this many requests per second whatever the answers (open loop), instead of
+    /// `--concurrency` clients each waiting for its answer.
+    #[arg(long, value_name = "PER_SECOND")]
+    pub rate: Option<f64>,
     /// Seconds to run.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -369,9 +373,23 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
             .map_err(|e| failure(1)(&format!("demo failed: {e:#}"))),
         Command::Loadgen(args) => runtime()?.block_on(async {
             let guest = enroll(&args.guest, args.new_connection_per_request).await?;
+            let load = match args.rate {
+                Some(rate) if !(rate.is_finite() && rate > 0.0) => {
+                    return Err(failure(2)(&format!(
+                        "--rate {rate}: must be a positive number of requests per second"
+                    )));
+                }
+                Some(rate) => crate::kms::loadgen::Load::Open {
+                    rate,
+                    max_in_flight: args.concurrency,
+                },
+                None => crate::kms::loadgen::Load::Closed {
+                    concurrency: args.concurrency,
+                },
+            };
             let report = crate::kms::loadgen::run(
                 guest,
-                args.concurrency,
+                load,
                 std::time::Duration::from_secs(args.duration),
                 args.metrics_url.clone(),
             )

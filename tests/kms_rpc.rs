@@ -626,6 +626,43 @@ async fn kms_client_and_loadgen_get_keys_like_a_guest() {
         "{report}"
     );
 
+    // Open loop: requests arrive at the given rate whatever the answers.
+    let (code, out, err) = common::run_to_end(
+        &[
+            "loadgen",
+            "--url",
+            &url,
+            "--test-pki",
+            pki_dir.to_str().unwrap(),
+            "--rate",
+            "40",
+            "--duration",
+            "1",
+            "--new-connection-per-request",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let sent = report["requests"].as_u64().unwrap();
+    assert!((35..=45).contains(&sent), "{report}");
+    assert_eq!(report["ok"].as_u64().unwrap(), sent, "{report}");
+    let (code, _, err) = common::run_to_end(
+        &[
+            "loadgen",
+            "--url",
+            &url,
+            "--test-pki",
+            pki_dir.to_str().unwrap(),
+            "--rate",
+            "0",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--rate 0: must be a positive number"), "{err}");
+
     // With replication on, an attested and admitted replica receives the root keys.
     let pki = TestPki::load(&pki_dir).unwrap();
     let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;

@@ -318,9 +318,7 @@ impl KmsRpc {
         vm_config: &str,
     ) -> Result<crate::attestation::Verified, Refused> {
         let os_image_hash = crate::attestation::identity::os_image_hash_from_config(vm_config);
-        self.verify(source, now_secs(), os_image_hash.as_deref())
-            .await
-            .map_err(|e| attestation_refused(&e))
+        self.verify(source, now_secs(), os_image_hash).await
     }
 
     /// The gates every key-releasing method shares, whatever carried the attestation: the OS
@@ -407,8 +405,11 @@ impl KmsRpc {
             .authorized_boot(peer, &req.vm_config, "key_request", false)
             .await?;
         let now = now_secs();
-        let keys = AppKeys::derive(&self.0.keys.root, &boot.app_id, &boot.instance_id)
-            .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
+        let keys = self
+            .derive(&boot, |root, boot| {
+                AppKeys::derive(root, &boot.app_id, &boot.instance_id)
+            })
+            .await?;
         // No record, no keys: the boot record is what governance and CVM health rely on. It is
         // committed together with the request's audit record.
         let observation = BootObservation {
@@ -457,13 +458,14 @@ impl KmsRpc {
     }
 
     /// Verifies an attestation from `source`, recording the attestation metrics and the
-    /// `attestation verification failed` line on refusal.
+    /// `attestation verification failed` line on refusal. The signature checks run on the
+    /// blocking pool (see [`offload`]).
     async fn verify(
         &self,
         source: AttestationSource<'_>,
         now: u64,
-        os_image_hash: Option<&[u8]>,
-    ) -> Result<crate::attestation::Verified, AttestationError> {
+        os_image_hash: Option<Vec<u8>>,
+    ) -> Result<crate::attestation::Verified, Refused> {
         let parsed = match &source {
             AttestationSource::ClientCert(der) => {
                 crate::attestation::ratls::parse_cert(der).and_then(|c| c.attestation())
@@ -474,32 +476,75 @@ impl KmsRpc {
             crate::attestation::TeeLabel::tdx,
             crate::attestation::tee_of,
         );
-        let result = async {
-            let att = parsed?;
-            let collateral = match &att.platform {
-                Platform::Tdx { quote, .. } => Some(self.0.collateral.for_quote(quote, now).await?),
-                Platform::NitroEnclave { .. } => None,
-            };
+        let att = match parsed {
+            Ok(att) => att,
+            Err(e) => return Err(self.attestation_failed(tee, e)),
+        };
+        let collateral = match &att.platform {
+            Platform::Tdx { quote, .. } => match self.0.collateral.for_quote(quote, now).await {
+                Ok(c) => Some(c),
+                Err(e) => return Err(self.attestation_failed(tee, e)),
+            },
+            Platform::NitroEnclave { .. } => None,
+        };
+        // Owned copies: the work moves to another thread.
+        let source = match source {
+            AttestationSource::ClientCert(der) => Ok(der.to_vec()),
+            AttestationSource::Bound { spki, .. } => Err(report_data_for_spki(spki)),
+        };
+        let rpc = self.clone();
+        let result = offload(move || {
+            let verifier = &rpc.0.verifier;
             match source {
-                AttestationSource::ClientCert(der) => self
-                    .0
-                    .verifier
-                    .verify_ratls_cert(der, now, collateral.as_ref(), os_image_hash)
+                Ok(der) => verifier
+                    .verify_ratls_cert(&der, now, collateral.as_ref(), os_image_hash.as_deref())
                     .map(|(_, v)| v),
-                AttestationSource::Bound { spki, .. } => self.0.verifier.verify_attestation(
+                Err(report_data) => verifier.verify_attestation(
                     &att,
                     &crate::attestation::VerifyRequest {
                         now,
-                        expected_report_data: Some(&report_data_for_spki(spki)),
+                        expected_report_data: Some(&report_data),
                         collateral: collateral.as_ref(),
-                        os_image_hash,
+                        os_image_hash: os_image_hash.as_deref(),
                     },
                 ),
             }
+        })
+        .await?;
+        match result {
+            Ok(v) => {
+                self.0.attestation_metrics.record_verification(tee, Ok(()));
+                Ok(v)
+            }
+            Err(e) => Err(self.attestation_failed(tee, e)),
         }
-        .await;
-        self.0.attestation_metrics.observe(tee, &result);
-        result
+    }
+
+    /// Runs a key derivation for `boot` on the blocking pool.
+    async fn derive<K: Send + 'static>(
+        &self,
+        boot: &crate::attestation::BootInfo,
+        derivation: fn(
+            &super::keys::RootKeys,
+            &crate::attestation::BootInfo,
+        ) -> Result<K, super::KmsError>,
+    ) -> Result<K, Refused> {
+        let (rpc, boot) = (self.clone(), boot.clone());
+        offload(move || derivation(&rpc.0.keys.root, &boot))
+            .await?
+            .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))
+    }
+
+    /// Counts a failed verification and turns it into the caller's refusal.
+    fn attestation_failed(
+        &self,
+        tee: crate::attestation::TeeLabel,
+        e: AttestationError,
+    ) -> Refused {
+        self.0
+            .attestation_metrics
+            .record_verification(tee, Err(e.reason));
+        attestation_refused(&e)
     }
 
     /// `GetAppBlsKey` (our addition): the app's BLS12-381 key (EIP-2333, EIP-2334 signing path)
@@ -512,8 +557,11 @@ impl KmsRpc {
         let (boot, _) = self
             .authorized_boot(peer, &req.vm_config, "bls_key_request", false)
             .await?;
-        let key = super::keys::AppBlsKey::derive(&self.0.keys.root, &boot.app_id)
-            .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
+        let key = self
+            .derive(&boot, |root, boot| {
+                super::keys::AppBlsKey::derive(root, &boot.app_id)
+            })
+            .await?;
         tracing::info!(app_id = %hex::encode(&boot.app_id), kind = "bls", "key dispatched");
         self.audit_boot("bls_key_request", &boot, "ok", "").await;
         Ok(proto::AppBlsKeyResponse {
@@ -648,6 +696,17 @@ enum AttestationSource<'a> {
         /// SubjectPublicKeyInfo DER of the key it must bind.
         spki: &'a [u8],
     },
+}
+
+/// Runs CPU-heavy work (quote verification, key derivation) on the blocking pool, so the
+/// runtime's workers stay free for TLS handshakes and fast refusals meanwhile; the key path's
+/// concurrency limit bounds how much of it runs at once.
+async fn offload<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Refused> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Refused::new(Refusal::Internal, format!("KMS worker failed: {e}")))
 }
 
 fn attestation_refused(e: &AttestationError) -> Refused {

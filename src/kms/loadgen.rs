@@ -64,10 +64,68 @@ impl Percentiles {
     }
 }
 
-/// Runs `concurrency` workers against `guest` for `duration`.
+/// How load is offered.
+#[derive(Debug, Clone, Copy)]
+pub enum Load {
+    /// `concurrency` clients, each sending its next request when the previous one is answered.
+    Closed {
+        /// Clients.
+        concurrency: usize,
+    },
+    /// Requests arrive at `rate` per second whatever the answers (how overload is offered in
+    /// production); at most `max_in_flight` are outstanding, beyond it an arrival is counted as
+    /// `client_backlog` and not sent.
+    Open {
+        /// Arrivals per second.
+        rate: f64,
+        /// Outstanding requests allowed.
+        max_in_flight: usize,
+    },
+}
+
+/// Results collected by the clients.
+#[derive(Default)]
+struct Tally {
+    ok: Vec<f64>,
+    refused: Vec<f64>,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn error(&mut self, kind: &str) {
+        *self.errors.entry(kind.to_owned()).or_default() += 1;
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.ok.extend(other.ok);
+        self.refused.extend(other.refused);
+        for (k, n) in other.errors {
+            *self.errors.entry(k).or_default() += n;
+        }
+    }
+}
+
+/// Sends one GetAppKey and records its outcome and latency.
+async fn one_request(guest: &Guest, vm_config: &str, tally: &mut Tally) {
+    let t = Instant::now();
+    let result = guest.get_app_key(vm_config).await;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    match result {
+        Ok(_) => tally.ok.push(ms),
+        Err(ClientError::Refused { status, .. }) => {
+            tally.refused.push(ms);
+            tally.error(&format!("http_{status}"));
+        }
+        Err(ClientError::Transport { .. }) => tally.error("transport"),
+        Err(ClientError::NotKms(_)) => tally.error("not_kms"),
+        Err(ClientError::Local(_)) => tally.error("local"),
+    }
+}
+
+/// Offers `load` to the KMS through `guest` for `duration`.
 pub async fn run(
     guest: Guest,
-    concurrency: usize,
+    load: Load,
     duration: Duration,
     metrics_url: Option<String>,
 ) -> Report {
@@ -89,46 +147,59 @@ pub async fn run(
             first
         })
     });
-    let workers: Vec<_> = (0..concurrency.max(1))
-        .map(|_| {
-            let guest = guest.clone();
-            let vm_config = super::client::simulated_vm_config();
-            tokio::spawn(async move {
-                let mut ok = Vec::new();
-                let mut refused = Vec::new();
-                let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    let result = guest.get_app_key(&vm_config).await;
-                    let ms = t.elapsed().as_secs_f64() * 1e3;
-                    match result {
-                        Ok(_) => ok.push(ms),
-                        Err(e) => {
-                            let kind = match e {
-                                ClientError::Refused { status, .. } => {
-                                    refused.push(ms);
-                                    format!("http_{status}")
-                                }
-                                ClientError::Transport { .. } => "transport".into(),
-                                ClientError::NotKms(_) => "not_kms".into(),
-                                ClientError::Local(_) => "local".into(),
-                            };
-                            *errors.entry(kind).or_default() += 1;
+    let vm_config: Arc<str> = super::client::simulated_vm_config().into();
+    let mut tally = Tally::default();
+    match load {
+        Load::Closed { concurrency } => {
+            let workers: Vec<_> = (0..concurrency.max(1))
+                .map(|_| {
+                    let (guest, vm_config) = (guest.clone(), vm_config.clone());
+                    tokio::spawn(async move {
+                        let mut tally = Tally::default();
+                        while Instant::now() < deadline {
+                            one_request(&guest, &vm_config, &mut tally).await;
                         }
-                    }
+                        tally
+                    })
+                })
+                .collect();
+            for w in workers {
+                if let Ok(t) = w.await {
+                    tally.merge(t);
                 }
-                (ok, refused, errors)
-            })
-        })
-        .collect();
-    let (mut ok, mut refused, mut errors) =
-        (Vec::new(), Vec::new(), BTreeMap::<String, u64>::new());
-    for w in workers {
-        if let Ok((o, r, e)) = w.await {
-            ok.extend(o);
-            refused.extend(r);
-            for (k, n) in e {
-                *errors.entry(k).or_default() += n;
+            }
+        }
+        Load::Open {
+            rate,
+            max_in_flight,
+        } => {
+            let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
+            let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1e-3)));
+            // Late ticks are sent at once: the offered rate holds even when the client lags.
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut requests = tokio::task::JoinSet::new();
+            while Instant::now() < deadline {
+                ticks.tick().await;
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tally.error("client_backlog");
+                    continue;
+                };
+                let (guest, vm_config) = (guest.clone(), vm_config.clone());
+                requests.spawn(async move {
+                    let mut tally = Tally::default();
+                    one_request(&guest, &vm_config, &mut tally).await;
+                    drop(slot);
+                    tally
+                });
+                // Collect finished requests as we go so memory stays bounded.
+                while let Some(Ok(t)) = requests.try_join_next() {
+                    tally.merge(t);
+                }
+            }
+            while let Some(done) = requests.join_next().await {
+                if let Ok(t) = done {
+                    tally.merge(t);
+                }
             }
         }
     }
@@ -141,15 +212,15 @@ pub async fn run(
             .map(|first| (first, peak.load(Ordering::Relaxed))),
         None => None,
     };
-    let ok_count = ok.len() as u64;
+    let ok_count = tally.ok.len() as u64;
     Report {
-        requests: ok_count + errors.values().sum::<u64>(),
+        requests: ok_count + tally.errors.values().sum::<u64>(),
         ok: ok_count,
-        errors,
+        errors: tally.errors,
         duration_seconds: elapsed,
         throughput_rps: ok_count as f64 / elapsed.max(1e-9),
-        ok_latency_ms: Percentiles::of(ok),
-        refused_latency_ms: Percentiles::of(refused),
+        ok_latency_ms: Percentiles::of(tally.ok),
+        refused_latency_ms: Percentiles::of(tally.refused),
         server_rss_bytes,
     }
 }
