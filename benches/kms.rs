@@ -46,6 +46,14 @@ struct Chain {
     app: Address,
 }
 
+/// Sends a contract call and requires it to succeed.
+macro_rules! send {
+    ($call:expr) => {{
+        let receipt = $call.send().await.unwrap().get_receipt().await.unwrap();
+        assert!(receipt.status());
+    }};
+}
+
 async fn chain() -> Chain {
     let anvil = Anvil::spawn();
     let url = anvil.url();
@@ -54,34 +62,15 @@ async fn chain() -> Chain {
     let owner = provider.get_accounts().await.unwrap()[0];
     let kms = DstackKms::new(d.kms, &provider);
     let app = DstackApp::new(d.app, &provider);
-    for receipt in [
+    send!(
         kms.addOsImageHash(FixedBytes(client::SIMULATED_OS_IMAGE_HASH))
             .from(owner)
-            .send()
-            .await
-            .unwrap()
-            .get_receipt()
-            .await
-            .unwrap(),
+    );
+    send!(
         app.addComposeHash(FixedBytes(Sha256::digest(COMPOSE).into()))
             .from(owner)
-            .send()
-            .await
-            .unwrap()
-            .get_receipt()
-            .await
-            .unwrap(),
-        app.setAllowAnyDevice(true)
-            .from(owner)
-            .send()
-            .await
-            .unwrap()
-            .get_receipt()
-            .await
-            .unwrap(),
-    ] {
-        assert!(receipt.status());
-    }
+    );
+    send!(app.setAllowAnyDevice(true).from(owner));
     Chain {
         _anvil: anvil,
         url,

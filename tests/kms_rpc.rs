@@ -731,20 +731,28 @@ async fn out_of_date_get_app_key(
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn out_of_date_guest_is_refused_by_the_default_tcb_policy() {
+/// A KMS asking a recording webhook, with `env` on top; ready.
+async fn start_with_recording_webhook(
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (Keywarden, TestPki, Asked) {
     let asked = Asked::default();
     let auth = format!("http://{}", recording_auth_server(asked.clone()).await);
+    let mut all = vec![
+        ("KEYWARDEN_AUTH__BACKEND", "webhook"),
+        ("KEYWARDEN_AUTH__WEBHOOK_URL", auth.as_str()),
+    ];
+    all.extend_from_slice(env);
+    let (mut kw, pki) = start(dir, &all);
+    kw.wait_ready().await;
+    (kw, pki, asked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_date_guest_is_refused_by_the_default_tcb_policy() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (mut kw, pki) = start(
-        dir.path(),
-        &[
-            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
-            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth),
-        ],
-    );
-    kw.wait_ready().await;
+    let (mut kw, pki, asked) = start_with_recording_webhook(dir.path(), &[]).await;
     let (status, err) = out_of_date_get_app_key(&kw, &data, &pki).await;
     assert_eq!(status, 400, "{err}");
     assert_eq!(
@@ -764,22 +772,16 @@ async fn out_of_date_guest_is_refused_by_the_default_tcb_policy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_out_of_date_boot_reaches_the_webhook_with_its_tcb_status_and_advisories() {
-    let asked = Asked::default();
-    let auth = format!("http://{}", recording_auth_server(asked.clone()).await);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (mut kw, pki) = start(
+    let (mut kw, pki, asked) = start_with_recording_webhook(
         dir.path(),
-        &[
-            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
-            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth),
-            (
-                "KEYWARDEN_ATTESTATION__TCB__ACCEPTED_STATUSES",
-                r#"["UpToDate", "SWHardeningNeeded", "OutOfDate"]"#,
-            ),
-        ],
-    );
-    kw.wait_ready().await;
+        &[(
+            "KEYWARDEN_ATTESTATION__TCB__ACCEPTED_STATUSES",
+            r#"["UpToDate", "SWHardeningNeeded", "OutOfDate"]"#,
+        )],
+    )
+    .await;
     let (status, keys) = out_of_date_get_app_key(&kw, &data, &pki).await;
     assert_eq!(status, 200, "{keys}");
     let asked = asked.lock().unwrap().clone();

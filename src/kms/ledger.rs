@@ -146,19 +146,11 @@ impl Task for LedgerWriter {
         "kms_ledger"
     }
 
-    async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
-        loop {
-            let first = tokio::select! {
-                biased;
-                p = self.queue.recv() => p,
-                () = cancel.cancelled() => None,
-            };
-            let Some(first) = first else { break };
-            let batch = self.batch_after(first);
-            self.commit(batch).await;
-        }
-        // Shutdown: what is already queued is still written, so no caller waits in vain.
-        self.queue.close();
+    /// Stops when the last [`Ledger`] handle is gone (the KMS listener has drained its
+    /// connections), not when `cancel` fires: a request still in flight at shutdown must be able
+    /// to record its release, or it would fail after its caller was verified. The supervisor's
+    /// drain deadline bounds the wait.
+    async fn run(mut self, _cancel: CancellationToken) -> anyhow::Result<()> {
         while let Some(first) = self.queue.recv().await {
             let batch = self.batch_after(first);
             self.commit(batch).await;
@@ -227,19 +219,21 @@ mod tests {
         let audits = store.recent_audit(100).await.unwrap();
         assert_eq!(audits.iter().filter(|a| a.outcome == "ok").count(), 50);
         assert_eq!(audits.iter().filter(|a| a.outcome == "refused").count(), 1);
+        // Shutdown: cancelling alone does not stop it; the last handle going away does.
         cancel.cancel();
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished());
+        drop(ledger);
         task.await.unwrap().unwrap();
     }
 
     #[tokio::test]
-    async fn a_stopped_writer_withholds_the_release() {
+    async fn without_a_writer_the_release_is_withheld() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path()).await;
         let mut registry = prometheus_client::registry::Registry::default();
         let (ledger, writer) = Ledger::new(store.clone(), KmsMetrics::new(&mut registry));
-        let cancel = CancellationToken::new();
-        cancel.cancel();
-        writer.run(cancel).await.unwrap();
+        drop(writer);
         let err = ledger.release(boot(1), audit("ok")).await.unwrap_err();
         assert!(matches!(err, LedgerError::Stopped), "{err}");
         assert!(
@@ -259,11 +253,10 @@ mod tests {
         let (ledger, writer) = Ledger::new(store.clone(), KmsMetrics::new(&mut registry));
         // A closed store makes every commit fail, as a full disk or a lost database would.
         store.close().await;
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(writer.run(cancel.clone()));
+        let task = tokio::spawn(writer.run(CancellationToken::new()));
         let err = ledger.release(boot(1), audit("ok")).await.unwrap_err();
         assert!(matches!(err, LedgerError::Commit(_)), "{err}");
-        cancel.cancel();
+        drop(ledger);
         task.await.unwrap().unwrap();
     }
 }
