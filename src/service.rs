@@ -32,6 +32,7 @@ use crate::kms::ledger::Ledger;
 use crate::kms::root::KmsKeys;
 use crate::kms::selfcheck::{AttestationSource, SelfCheck, attest_self};
 use crate::kms::server::RpcServer;
+use crate::kms::workers::Workers;
 use crate::store::Store;
 use crate::telemetry::{self, Listener, Metrics};
 
@@ -323,6 +324,9 @@ async fn kms_rpc(
         metrics: metrics.kms.clone(),
         attestation_metrics: metrics.attestation.clone(),
         ledger,
+        // One per core: the work is CPU-bound.
+        workers: Workers::start(std::thread::available_parallelism().map_or(2, usize::from))
+            .context("cannot start the KMS crypto workers")?,
         chain: ChainMeta {
             kms_contract_address: config.chain.kms_contract.clone(),
             chain_id: config.chain.chain_id,

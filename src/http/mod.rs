@@ -21,7 +21,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 pub use admin::router as admin_router;
 pub use ops::router as ops_router;
@@ -143,14 +143,19 @@ pub fn harden(
         ))
         .layer(CatchPanicLayer::custom(on_panic))
         .layer(
-            TraceLayer::new_for_http().make_span_with(move |req: &Request<_>| {
-                tracing::info_span!(
-                    "http.request",
-                    listener = listener.as_str(),
-                    method = %req.method(),
-                    path = %req.uri().path(),
-                )
-            }),
+            TraceLayer::new_for_http()
+                .make_span_with(move |req: &Request<_>| {
+                    tracing::info_span!(
+                        "http.request",
+                        listener = listener.as_str(),
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                    )
+                })
+                // Handlers log their own refusals once, with a typed reason; an ERROR line per
+                // 5xx would repeat them, and turn every overload 503 (counted in a metric) into
+                // log noise exactly when the service is busiest.
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         .layer(SetResponseHeaderLayer::overriding(
             HeaderName::from_static("x-app-version"),

@@ -31,6 +31,7 @@ use super::metrics::{KmsMetrics, Method, Outcome, Refusal};
 use super::proto;
 use super::root::KmsKeys;
 use super::signcert::{self, SignCertError};
+use super::workers::Workers;
 use crate::attestation::collateral::CollateralProvider;
 use crate::attestation::ratls::report_data_for_spki;
 use crate::attestation::testpki::{TEST_FMSPC, TestPki};
@@ -116,6 +117,7 @@ struct Inner {
     metrics: KmsMetrics,
     attestation_metrics: AttestationMetrics,
     ledger: Ledger,
+    workers: Workers,
     chain: ChainMeta,
     self_check: Option<super::selfcheck::SelfCheck>,
 }
@@ -136,6 +138,8 @@ pub struct KmsRpcParts {
     pub attestation_metrics: AttestationMetrics,
     /// Boot and audit records.
     pub ledger: Ledger,
+    /// Where verification and derivation run.
+    pub workers: Workers,
     /// Chain facts for GetMeta.
     pub chain: ChainMeta,
     /// Requests processed at once.
@@ -224,6 +228,7 @@ impl KmsRpc {
             metrics: p.metrics,
             attestation_metrics: p.attestation_metrics,
             ledger: p.ledger,
+            workers: p.workers,
             chain: p.chain,
             self_check: p.self_check,
         }))
@@ -459,7 +464,7 @@ impl KmsRpc {
 
     /// Verifies an attestation from `source`, recording the attestation metrics and the
     /// `attestation verification failed` line on refusal. The signature checks run on the
-    /// blocking pool (see [`offload`]).
+    /// crypto workers ([`Workers`]).
     async fn verify(
         &self,
         source: AttestationSource<'_>,
@@ -493,24 +498,25 @@ impl KmsRpc {
             AttestationSource::Bound { spki, .. } => Err(report_data_for_spki(spki)),
         };
         let rpc = self.clone();
-        let result = offload(move || {
-            let verifier = &rpc.0.verifier;
-            match source {
-                Ok(der) => verifier
-                    .verify_ratls_cert(&der, now, collateral.as_ref(), os_image_hash.as_deref())
-                    .map(|(_, v)| v),
-                Err(report_data) => verifier.verify_attestation(
-                    &att,
-                    &crate::attestation::VerifyRequest {
-                        now,
-                        expected_report_data: Some(&report_data),
-                        collateral: collateral.as_ref(),
-                        os_image_hash: os_image_hash.as_deref(),
-                    },
-                ),
-            }
-        })
-        .await?;
+        let result = self
+            .offload(move || {
+                let verifier = &rpc.0.verifier;
+                match source {
+                    Ok(der) => verifier
+                        .verify_ratls_cert(&der, now, collateral.as_ref(), os_image_hash.as_deref())
+                        .map(|(_, v)| v),
+                    Err(report_data) => verifier.verify_attestation(
+                        &att,
+                        &crate::attestation::VerifyRequest {
+                            now,
+                            expected_report_data: Some(&report_data),
+                            collateral: collateral.as_ref(),
+                            os_image_hash: os_image_hash.as_deref(),
+                        },
+                    ),
+                }
+            })
+            .await?;
         match result {
             Ok(v) => {
                 self.0.attestation_metrics.record_verification(tee, Ok(()));
@@ -520,7 +526,20 @@ impl KmsRpc {
         }
     }
 
-    /// Runs a key derivation for `boot` on the blocking pool.
+    /// Runs CPU-heavy work on the crypto workers, so the runtime's threads stay free for TLS
+    /// handshakes and fast refusals meanwhile.
+    async fn offload<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Refused> {
+        self.0
+            .workers
+            .run(work)
+            .await
+            .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))
+    }
+
+    /// Runs a key derivation for `boot` on the crypto workers.
     async fn derive<K: Send + 'static>(
         &self,
         boot: &crate::attestation::BootInfo,
@@ -530,7 +549,7 @@ impl KmsRpc {
         ) -> Result<K, super::KmsError>,
     ) -> Result<K, Refused> {
         let (rpc, boot) = (self.clone(), boot.clone());
-        offload(move || derivation(&rpc.0.keys.root, &boot))
+        self.offload(move || derivation(&rpc.0.keys.root, &boot))
             .await?
             .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))
     }
@@ -696,17 +715,6 @@ enum AttestationSource<'a> {
         /// SubjectPublicKeyInfo DER of the key it must bind.
         spki: &'a [u8],
     },
-}
-
-/// Runs CPU-heavy work (quote verification, key derivation) on the blocking pool, so the
-/// runtime's workers stay free for TLS handshakes and fast refusals meanwhile; the key path's
-/// concurrency limit bounds how much of it runs at once.
-async fn offload<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Refused> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| Refused::new(Refusal::Internal, format!("KMS worker failed: {e}")))
 }
 
 fn attestation_refused(e: &AttestationError) -> Refused {

@@ -22,6 +22,7 @@ pub mod root;
 pub mod selfcheck;
 pub mod server;
 pub mod signcert;
+pub mod workers;
 
 /// Errors of the KMS module.
 #[derive(Debug, thiserror::Error)]
