@@ -17,24 +17,27 @@
 #[allow(dead_code)]
 #[path = "../tests/support/anvil.rs"]
 mod anvil;
+// The benchmark does not use the owner account.
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[allow(dead_code)]
+#[path = "../tests/support/guest_chain.rs"]
+mod guest_chain;
 
 use std::path::Path;
 use std::time::Duration;
 
 use alloy::primitives::{Address, FixedBytes};
-use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::providers::DynProvider;
 use anvil::Anvil;
 use axum::Json;
 use axum::extract::State;
 use axum::routing::post;
 use common::Keywarden;
 use keywarden::attestation::testpki::TestPki;
-use keywarden::chain::contracts::{DstackApp, DstackKms};
+use keywarden::chain::contracts::DstackKms;
 use keywarden::kms::client::{self, Guest};
 use keywarden::kms::loadgen::{self, Load, Report};
-use sha2::{Digest as _, Sha256};
 
 const COMPOSE: &[u8] = b"{\"name\":\"kms-bench\"}";
 
@@ -46,37 +49,16 @@ struct Chain {
     app: Address,
 }
 
-/// Sends a contract call and requires it to succeed.
-macro_rules! send {
-    ($call:expr) => {{
-        let receipt = $call.send().await.unwrap().get_receipt().await.unwrap();
-        assert!(receipt.status());
-    }};
-}
-
 async fn chain() -> Chain {
     let anvil = Anvil::spawn();
     let url = anvil.url();
-    let d = keywarden::chain::deploy(&url).await.unwrap();
-    let provider = ProviderBuilder::new().connect_http(url.clone()).erased();
-    let owner = provider.get_accounts().await.unwrap()[0];
-    let kms = DstackKms::new(d.kms, &provider);
-    let app = DstackApp::new(d.app, &provider);
-    send!(
-        kms.addOsImageHash(FixedBytes(client::SIMULATED_OS_IMAGE_HASH))
-            .from(owner)
-    );
-    send!(
-        app.addComposeHash(FixedBytes(Sha256::digest(COMPOSE).into()))
-            .from(owner)
-    );
-    send!(app.setAllowAnyDevice(true).from(owner));
+    let c = guest_chain::allow_simulated_guest(&url, COMPOSE).await;
     Chain {
         _anvil: anvil,
         url,
-        provider,
-        kms: d.kms,
-        app: d.app,
+        provider: c.provider,
+        kms: c.deployment.kms,
+        app: c.deployment.app,
     }
 }
 

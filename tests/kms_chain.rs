@@ -5,13 +5,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "support/guest_chain.rs"]
+mod guest_chain;
 mod support;
 
 use std::time::{Duration, Instant};
 
 use alloy::primitives::{Address, FixedBytes};
-use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::providers::DynProvider;
 use common::Keywarden;
+use guest_chain::{GuestChain, allow_simulated_guest};
 use keywarden::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 use keywarden::attestation::{AttestationConfig, BootInfo, Verifier};
 use keywarden::chain::contracts::{DstackApp, DstackKms};
@@ -50,14 +53,6 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-/// Sends a contract call from the owner and requires it to succeed.
-macro_rules! send {
-    ($call:expr) => {{
-        let receipt = $call.send().await.unwrap().get_receipt().await.unwrap();
-        assert!(receipt.status());
-    }};
-}
-
 async fn setup(database_url: Option<&str>) -> Setup {
     setup_with(database_url, &[]).await
 }
@@ -65,20 +60,11 @@ async fn setup(database_url: Option<&str>) -> Setup {
 /// Like [`setup`], with further environment overrides for keywarden.
 async fn setup_with(database_url: Option<&str>, extra_env: &[(&str, &str)]) -> Setup {
     let anvil = Anvil::spawn();
-    let deployment = keywarden::chain::deploy(&anvil.url()).await.unwrap();
-    let provider = ProviderBuilder::new().connect_http(anvil.url()).erased();
-    let owner = provider.get_accounts().await.unwrap()[0];
-    let kms = DstackKms::new(deployment.kms, &provider);
-    let app = DstackApp::new(deployment.app, &provider);
-    send!(
-        kms.addOsImageHash(FixedBytes(client::SIMULATED_OS_IMAGE_HASH))
-            .from(owner)
-    );
-    send!(
-        app.addComposeHash(FixedBytes(Sha256::digest(COMPOSE).into()))
-            .from(owner)
-    );
-    send!(app.setAllowAnyDevice(true).from(owner));
+    let GuestChain {
+        deployment,
+        provider,
+        owner,
+    } = allow_simulated_guest(&anvil.url(), COMPOSE).await;
 
     let dir = tempfile::tempdir().unwrap();
     let now = std::time::SystemTime::now()

@@ -90,30 +90,16 @@ async fn recording_auth_server(asked: Asked) -> std::net::SocketAddr {
 
 /// Starts keywarden trusting a fresh test PKI; returns (process, pki).
 fn start(dir: &Path, env: &[(&str, &str)]) -> (Keywarden, TestPki) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let pki = TestPki::generate(now - 60).unwrap();
-    let pki_dir = dir.join("pki");
-    pki.save(&pki_dir).unwrap();
     // The two OS images guests in these tests run: the test guest's and the CLI's simulated one.
-    let images = keywarden::kms::osimage::env_value(&[
+    let images = [
         OsImage::new(
             &[0x05; 32],
             &[0x11; 48],
             &[[0x22; 48], [0x33; 48], [0x44; 48]],
         ),
         keywarden::kms::client::simulated_os_image(),
-    ]);
-    let mut env = env.to_vec();
-    env.push(("KEYWARDEN_KMS__OS_IMAGES", &images));
-    let kw = Keywarden::start(
-        &dir.join("data"),
-        &["--insecure-test-pki", pki_dir.to_str().unwrap()],
-        &env,
-    );
-    (kw, pki)
+    ];
+    common::start_with_test_pki_and_images(dir, &images, env)
 }
 
 async fn post_json(
@@ -636,6 +622,9 @@ async fn kms_client_and_loadgen_get_keys_like_a_guest() {
             pki_dir.to_str().unwrap(),
             "--rate",
             "40",
+            // Room for every arrival even on a loaded machine.
+            "--concurrency",
+            "200",
             "--duration",
             "1",
             "--new-connection-per-request",

@@ -242,6 +242,15 @@ pub fn start_with_test_pki(
     dir: &Path,
     env: &[(&str, &str)],
 ) -> (Keywarden, keywarden::attestation::testpki::TestPki) {
+    start_with_test_pki_and_images(dir, &[keywarden::kms::client::simulated_os_image()], env)
+}
+
+/// Like [`start_with_test_pki`], knowing the OS images `images`.
+pub fn start_with_test_pki_and_images(
+    dir: &Path,
+    images: &[keywarden::kms::osimage::OsImage],
+    env: &[(&str, &str)],
+) -> (Keywarden, keywarden::attestation::testpki::TestPki) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -249,8 +258,7 @@ pub fn start_with_test_pki(
     let pki = keywarden::attestation::testpki::TestPki::generate(now - 60).unwrap();
     let pki_dir = dir.join("pki");
     pki.save(&pki_dir).unwrap();
-    let images =
-        keywarden::kms::osimage::env_value(&[keywarden::kms::client::simulated_os_image()]);
+    let images = keywarden::kms::osimage::env_value(images);
     let mut env = env.to_vec();
     env.push(("KEYWARDEN_KMS__OS_IMAGES", &images));
     let kw = Keywarden::start(
