@@ -269,10 +269,7 @@ impl Verifier {
         os_image_hash: Option<&[u8]>,
     ) -> Result<(ratls::RaTlsCert, Verified)> {
         let cert = ratls::parse_cert(der)?;
-        let t = i64::try_from(now).unwrap_or(i64::MAX);
-        if t < cert.not_before || t > cert.not_after {
-            return Err(reject!(CertExpired, "certificate not valid at {now}"));
-        }
+        cert.check_valid_at(now)?;
         let att = cert.attestation()?;
         let expected = cert.expected_report_data();
         let verified = self.verify_attestation(

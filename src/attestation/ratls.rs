@@ -81,6 +81,15 @@ impl RaTlsCert {
     pub fn expected_report_data(&self) -> [u8; 64] {
         report_data_for_spki(&self.spki_der)
     }
+
+    /// Refuses the certificate outside its validity window at `now` (unix seconds).
+    pub fn check_valid_at(&self, now: u64) -> Result<()> {
+        let t = i64::try_from(now).unwrap_or(i64::MAX);
+        if t < self.not_before || t > self.not_after {
+            return Err(reject!(CertExpired, "certificate not valid at {now}"));
+        }
+        Ok(())
+    }
 }
 
 /// Decodes a PEM or DER certificate into DER.

@@ -1,8 +1,10 @@
 //! The KMS RPC methods and their pRPC transport (`/prpc/KMS.<Method>`, JSON or protobuf).
 //!
-//! Flow of `GetAppKey`: the client certificate of the TLS connection (an RA-TLS certificate) →
-//! [`crate::attestation::Verifier::verify_ratls_cert`] with collateral for its quote → `BootInfo`
-//! → [`Authorizer`] → [`AppKeys::derive`] → response; each step's refusal has a [`Refusal`]
+//! Flow of `GetAppKey`: the client certificate of the TLS connection (an RA-TLS certificate),
+//! parsed and checked for its validity window → its attestation verified against the report data
+//! the certificate key requires ([`crate::attestation::Verifier::verify_attestation`], on the
+//! crypto workers) with collateral for its quote → `BootInfo` → [`Authorizer`] →
+//! [`AppKeys::derive`] → boot record in the [`Ledger`] → response; each step's refusal has a [`Refusal`]
 //! reason used in the error body, the `dstack_kms_requests_total` label and the log line.
 //!
 //! `SignCert` ([`super::signcert`]) differs only in where the attestation comes from: the CSR
@@ -471,20 +473,27 @@ impl KmsRpc {
         now: u64,
         os_image_hash: Option<Vec<u8>>,
     ) -> Result<crate::attestation::Verified, Refused> {
+        // Parsed once here; the worker only verifies. A certificate's attestation must bind the
+        // certificate's key, a carried one the key it names.
         let parsed = match &source {
-            AttestationSource::ClientCert(der) => {
-                crate::attestation::ratls::parse_cert(der).and_then(|c| c.attestation())
-            }
-            AttestationSource::Bound { attestation, .. } => (*attestation).clone(),
+            AttestationSource::ClientCert(der) => crate::attestation::ratls::parse_cert(der)
+                .and_then(|cert| {
+                    Ok((cert.attestation()?, cert.expected_report_data(), Some(cert)))
+                }),
+            AttestationSource::Bound { attestation, spki } => (*attestation)
+                .clone()
+                .map(|att| (att, report_data_for_spki(spki), None)),
         };
-        let tee = parsed.as_ref().map_or(
-            crate::attestation::TeeLabel::tdx,
-            crate::attestation::tee_of,
-        );
-        let att = match parsed {
-            Ok(att) => att,
-            Err(e) => return Err(self.attestation_failed(tee, e)),
-        };
+        let tee = parsed
+            .as_ref()
+            .map_or(crate::attestation::TeeLabel::tdx, |(att, ..)| {
+                crate::attestation::tee_of(att)
+            });
+        let (att, report_data, cert) = parsed.map_err(|e| self.attestation_failed(tee, e))?;
+        if let Some(cert) = cert {
+            cert.check_valid_at(now)
+                .map_err(|e| self.attestation_failed(tee, e))?;
+        }
         let collateral = match &att.platform {
             Platform::Tdx { quote, .. } => match self.0.collateral.for_quote(quote, now).await {
                 Ok(c) => Some(c),
@@ -492,29 +501,18 @@ impl KmsRpc {
             },
             Platform::NitroEnclave { .. } => None,
         };
-        // Owned copies: the work moves to another thread.
-        let source = match source {
-            AttestationSource::ClientCert(der) => Ok(der.to_vec()),
-            AttestationSource::Bound { spki, .. } => Err(report_data_for_spki(spki)),
-        };
         let rpc = self.clone();
         let result = self
             .offload(move || {
-                let verifier = &rpc.0.verifier;
-                match source {
-                    Ok(der) => verifier
-                        .verify_ratls_cert(&der, now, collateral.as_ref(), os_image_hash.as_deref())
-                        .map(|(_, v)| v),
-                    Err(report_data) => verifier.verify_attestation(
-                        &att,
-                        &crate::attestation::VerifyRequest {
-                            now,
-                            expected_report_data: Some(&report_data),
-                            collateral: collateral.as_ref(),
-                            os_image_hash: os_image_hash.as_deref(),
-                        },
-                    ),
-                }
+                rpc.0.verifier.verify_attestation(
+                    &att,
+                    &crate::attestation::VerifyRequest {
+                        now,
+                        expected_report_data: Some(&report_data),
+                        collateral: collateral.as_ref(),
+                        os_image_hash: os_image_hash.as_deref(),
+                    },
+                )
             })
             .await?;
         match result {
