@@ -104,7 +104,8 @@ impl Ledger {
 impl LedgerWriter {
     async fn commit(&self, batch: Vec<Pending>) {
         let started = Instant::now();
-        let entries: Vec<LedgerEntry> = batch.iter().map(|p| p.entry.clone()).collect();
+        let (entries, replies): (Vec<LedgerEntry>, Vec<_>) =
+            batch.into_iter().map(|p| (p.entry, p.reply)).unzip();
         let result = self.store.record_ledger(&entries).await;
         self.metrics.ledger_commit(
             entries.len(),
@@ -113,16 +114,16 @@ impl LedgerWriter {
         );
         match result {
             Ok(records) => {
-                for (pending, record) in batch.into_iter().zip(records) {
+                for (reply, record) in replies.into_iter().zip(records) {
                     // A caller that went away (timeout) no longer needs the answer.
-                    let _ = pending.reply.send(Ok(record));
+                    let _ = reply.send(Ok(record));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, entries = entries.len(), "ledger commit failed; keys withheld");
                 let e = LedgerError::Commit(e.to_string());
-                for pending in batch {
-                    let _ = pending.reply.send(Err(e.clone()));
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }

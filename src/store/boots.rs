@@ -62,11 +62,12 @@ impl Store {
                 let record = match &entry.boot {
                     None => None,
                     Some(b) => {
-                        sqlx::query(
+                        let row = sqlx::query(
                             "INSERT INTO boot_records (app_id, instance_id, first_boot, last_boot, boot_count, mr_aggregated, compose_hash, os_image_hash, device_id) \
                              VALUES ($1, $2, $3, $3, 1, $4, $5, $6, $7) \
                              ON CONFLICT (app_id, instance_id) DO UPDATE SET last_boot = excluded.last_boot, boot_count = boot_records.boot_count + 1, \
-                             mr_aggregated = excluded.mr_aggregated, compose_hash = excluded.compose_hash, os_image_hash = excluded.os_image_hash, device_id = excluded.device_id",
+                             mr_aggregated = excluded.mr_aggregated, compose_hash = excluded.compose_hash, os_image_hash = excluded.os_image_hash, device_id = excluded.device_id \
+                             RETURNING first_boot, last_boot, boot_count",
                         )
                         .bind(&b.app_id)
                         .bind(&b.instance_id)
@@ -75,7 +76,7 @@ impl Store {
                         .bind(&b.compose_hash)
                         .bind(&b.os_image_hash)
                         .bind(&b.device_id)
-                        .execute(&mut *tx)
+                        .fetch_one(&mut *tx)
                         .await?;
                         sqlx::query(
                             "INSERT INTO served_measurements (app_id, instance_id, mr_aggregated, compose_hash, os_image_hash, device_id, first_served, last_served, times_served) \
@@ -92,11 +93,6 @@ impl Store {
                         .bind(b.at)
                         .execute(&mut *tx)
                         .await?;
-                        let row = sqlx::query("SELECT first_boot, last_boot, boot_count FROM boot_records WHERE app_id = $1 AND instance_id = $2")
-                            .bind(&b.app_id)
-                            .bind(&b.instance_id)
-                            .fetch_one(&mut *tx)
-                            .await?;
                         Some(BootRecord {
                             first_boot: row.try_get("first_boot")?,
                             last_boot: row.try_get("last_boot")?,
