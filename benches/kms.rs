@@ -102,10 +102,7 @@ async fn auth_server(chain: &Chain) -> String {
     let router = axum::Router::new()
         .route("/bootAuth/app", post(boot_auth_app))
         .with_state((chain.provider.clone(), chain.kms));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    format!("http://{addr}")
+    format!("http://{}", common::serve_router(router).await)
 }
 
 struct Server {

@@ -812,14 +812,7 @@ async fn serve_follows_the_chain_and_reports_it() {
     kw.wait_ready().await;
     let head = c.head().await;
     let client = http();
-    let metrics = client
-        .get(format!("http://{}/metrics", kw.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = kw.metrics_text().await;
     let value = |prefix: &str| -> f64 {
         metrics
             .lines()
@@ -953,15 +946,12 @@ async fn rpc_relay(to: url::Url, how: Misbehave) -> url::Url {
             .unwrap();
         ([("content-type", "application/json")], answer).into_response()
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap())
-        .parse()
-        .unwrap();
     let app = axum::Router::new()
         .route("/", post(relay))
         .with_state((to, how));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
+    format!("http://{}", common::serve_router(app).await)
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test]

@@ -147,17 +147,6 @@ impl Setup {
         }
     }
 
-    async fn metrics(&self) -> String {
-        common::http()
-            .get(format!("http://{}/metrics", self.kw.metrics))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
     /// The KMS's own boot info, from the attestation its RPC server certificate carries.
     async fn kms_own_boot(&self) -> BootInfo {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -376,7 +365,7 @@ async fn attested_kms_serves_keys_only_while_its_own_measurement_is_allowed_on_c
     );
     s.served(s.app, COMPOSE, &vm).await;
     assert!(
-        s.metrics()
+        s.kw.metrics_text()
             .await
             .contains("dstack_kms_self_check_allowed 1")
     );
@@ -407,7 +396,7 @@ async fn attested_kms_serves_keys_only_while_its_own_measurement_is_allowed_on_c
     // restores service.
     send!(kms.removeKmsAggregatedMr(mr).from(s.owner));
     assert_eq!(s.refused_with(s.app, COMPOSE, &vm, not_allowed).await, 503);
-    let text = s.metrics().await;
+    let text = s.kw.metrics_text().await;
     assert!(text.contains("dstack_kms_self_check_allowed 0"), "{text}");
     assert!(
         text.contains(

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Keywarden, free_addr, http, https, https_with_identity};
+use common::{Keywarden, http, https, https_with_identity};
 use keywarden::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 use keywarden::kms::keys::AppKeys;
 use keywarden::kms::osimage::OsImage;
@@ -36,8 +36,6 @@ fn guest(app_id: [u8; 20]) -> GuestSpec {
 
 /// An auth server allowing only `ALLOWED_APP`; counts calls.
 async fn auth_server(calls: Arc<std::sync::atomic::AtomicUsize>) -> std::net::SocketAddr {
-    let addr = free_addr();
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let app = axum::Router::new().route(
         "/bootAuth/app",
         axum::routing::post(move |axum::Json(boot): axum::Json<serde_json::Value>| {
@@ -57,8 +55,7 @@ async fn auth_server(calls: Arc<std::sync::atomic::AtomicUsize>) -> std::net::So
             }
         }),
     );
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+    common::serve_router(app).await
 }
 
 /// What a recording auth server was asked: (path, boot info JSON).
@@ -67,8 +64,6 @@ type Asked = Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
 /// An auth server allowing every boot (`/bootAuth/app` and `/bootAuth/kms`) and recording what
 /// it was asked.
 async fn recording_auth_server(asked: Asked) -> std::net::SocketAddr {
-    let addr = free_addr();
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let app = axum::Router::new().route(
         "/bootAuth/{kind}",
         axum::routing::post(
@@ -84,8 +79,7 @@ async fn recording_auth_server(asked: Asked) -> std::net::SocketAddr {
             },
         ),
     );
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+    common::serve_router(app).await
 }
 
 /// Starts keywarden trusting a fresh test PKI; returns (process, pki).
@@ -131,17 +125,6 @@ async fn guest_identity(kw: &Keywarden, data: &Path, pki: &TestPki, spec: &Guest
     let ca_key = rcgen::KeyPair::from_pem(temp["temp_ca_key"].as_str().unwrap()).unwrap();
     let cert = pki.guest_cert(spec, Some((&ca_der, &ca_key))).unwrap();
     format!("{}{}", cert.cert_pem, cert.key_pem)
-}
-
-async fn metrics(kw: &Keywarden) -> String {
-    http()
-        .get(format!("http://{}/metrics", kw.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,7 +332,7 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
     assert_eq!(meta.ca_cert, root.root_ca_pem);
     assert_eq!(meta.k256_pubkey.len(), 33);
 
-    let text = metrics(&kw).await;
+    let text = kw.metrics_text().await;
     for needle in [
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"ok\",reason=\"none\"} 2",
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"not_authorized\"} 1",
@@ -463,7 +446,7 @@ async fn plain_http_on_the_kms_port_is_a_counted_handshake_failure() {
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let text = metrics(&kw).await;
+        let text = kw.metrics_text().await;
         if text.contains("dstack_kms_ratls_handshakes_total{outcome=\"failed\"} 1") {
             break;
         }
@@ -534,7 +517,7 @@ async fn beyond_the_queue_requests_get_a_fast_503() {
     assert_eq!(health.status(), 200);
     let (status, _) = holder.await.unwrap();
     assert_eq!(status, 200);
-    let text = metrics(&kw).await;
+    let text = kw.metrics_text().await;
     assert!(text.contains("dstack_kms_queue_rejected_total 1"), "{text}");
     assert!(text.contains("dstack_kms_concurrency_limit 1"), "{text}");
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
@@ -584,24 +567,27 @@ async fn kms_client_and_loadgen_get_keys_like_a_guest() {
     assert_eq!(keys["k256_signature"], hex::encode(expected.k256_signature));
 
     let metrics_url = format!("http://{}/metrics", kw.metrics);
-    let (code, out, err) = common::run_to_end(
-        &[
+    let loadgen = |args: &[&str]| {
+        let mut all = vec![
             "loadgen",
             "--url",
             &url,
             "--test-pki",
             pki_dir.to_str().unwrap(),
-            "--concurrency",
-            "2",
-            "--duration",
-            "1",
-            "--new-connection-per-request",
-            "--metrics-url",
-            &metrics_url,
-            "--json",
-        ],
-        &[],
-    );
+        ];
+        all.extend_from_slice(args);
+        common::run_to_end(&all, &[])
+    };
+    let (code, out, err) = loadgen(&[
+        "--concurrency",
+        "2",
+        "--duration",
+        "1",
+        "--new-connection-per-request",
+        "--metrics-url",
+        &metrics_url,
+        "--json",
+    ]);
     assert_eq!(code, 0, "{err}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(report["ok"].as_u64().unwrap() > 0, "{report}");
@@ -613,42 +599,23 @@ async fn kms_client_and_loadgen_get_keys_like_a_guest() {
     );
 
     // Open loop: requests arrive at the given rate whatever the answers.
-    let (code, out, err) = common::run_to_end(
-        &[
-            "loadgen",
-            "--url",
-            &url,
-            "--test-pki",
-            pki_dir.to_str().unwrap(),
-            "--rate",
-            "40",
-            // Room for every arrival even on a loaded machine.
-            "--concurrency",
-            "200",
-            "--duration",
-            "1",
-            "--new-connection-per-request",
-            "--json",
-        ],
-        &[],
-    );
+    let (code, out, err) = loadgen(&[
+        "--rate",
+        "40",
+        // Room for every arrival even on a loaded machine.
+        "--concurrency",
+        "200",
+        "--duration",
+        "1",
+        "--new-connection-per-request",
+        "--json",
+    ]);
     assert_eq!(code, 0, "{err}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     let sent = report["requests"].as_u64().unwrap();
     assert!((35..=45).contains(&sent), "{report}");
     assert_eq!(report["ok"].as_u64().unwrap(), sent, "{report}");
-    let (code, _, err) = common::run_to_end(
-        &[
-            "loadgen",
-            "--url",
-            &url,
-            "--test-pki",
-            pki_dir.to_str().unwrap(),
-            "--rate",
-            "0",
-        ],
-        &[],
-    );
+    let (code, _, err) = loadgen(&["--rate", "0"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--rate 0: must be a positive number"), "{err}");
 
@@ -749,7 +716,7 @@ async fn out_of_date_guest_is_refused_by_the_default_tcb_policy() {
         "attestation verification failed: tcb_status_rejected: TCB status OutOfDate"
     );
     assert!(asked.lock().unwrap().is_empty(), "the authorizer was asked");
-    let text = metrics(&kw).await;
+    let text = kw.metrics_text().await;
     for needle in [
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"attestation_rejected\"} 1",
         "dstack_kms_attestation_verifications_total{tee=\"tdx\",result=\"rejected\",reason=\"tcb_status_rejected\"} 1",

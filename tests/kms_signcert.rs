@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{Keywarden, free_addr, http, https};
+use common::{Keywarden, https};
 use keywarden::attestation::eventlog::{BOOT_MR_DONE, replay};
 use keywarden::attestation::ratls::parse_cert;
 use keywarden::attestation::testpki::{GuestSpec, TestPki};
@@ -29,8 +29,6 @@ type Asked = Arc<Mutex<Vec<serde_json::Value>>>;
 
 /// A webhook allowing every app but `DENIED_APP`, recording each boot info.
 async fn auth_server(asked: Asked) -> std::net::SocketAddr {
-    let addr = free_addr();
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let app = axum::Router::new().route(
         "/bootAuth/app",
         axum::routing::post(move |axum::Json(boot): axum::Json<serde_json::Value>| {
@@ -46,8 +44,7 @@ async fn auth_server(asked: Asked) -> std::net::SocketAddr {
             }
         }),
     );
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+    common::serve_router(app).await
 }
 
 async fn start(dir: &std::path::Path, asked: Asked) -> (Keywarden, TestPki) {
@@ -90,17 +87,6 @@ fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-async fn metrics(kw: &Keywarden) -> String {
-    http()
-        .get(format!("http://{}/metrics", kw.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 /// Checks the chain's links and contents; returns the leaf DER.
@@ -312,7 +298,7 @@ async fn an_allowed_app_gets_leaf_app_ca_and_root_for_v1_and_v2_csrs() {
         "the leaf certifies the CSR key"
     );
 
-    let text = metrics(&kw).await;
+    let text = kw.metrics_text().await;
     assert!(
         text.contains(
             "dstack_kms_requests_total{method=\"sign_cert\",outcome=\"ok\",reason=\"none\"} 3"
@@ -417,7 +403,7 @@ async fn malformed_forged_and_unauthorized_csrs_are_refused_with_typed_reasons()
     assert_eq!(status, 400);
     assert!(err.contains("not known to this KMS"), "{err}");
 
-    let text = metrics(&kw).await;
+    let text = kw.metrics_text().await;
     for (reason, n) in [
         ("bad_csr", 3),
         ("csr_signature_invalid", 1),

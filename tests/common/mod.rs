@@ -66,6 +66,28 @@ impl Keywarden {
     }
 }
 
+impl Keywarden {
+    /// The text of the metrics listener's `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        http()
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// Serves `router` on a free loopback port for the rest of the test; returns its address.
+pub async fn serve_router(router: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}
+
 /// The binary under test.
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keywarden"))
