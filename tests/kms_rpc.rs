@@ -521,6 +521,13 @@ async fn beyond_the_queue_requests_get_a_fast_503() {
     assert!(text.contains("dstack_kms_queue_rejected_total 1"), "{text}");
     assert!(text.contains("dstack_kms_concurrency_limit 1"), "{text}");
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+    // Overload is counted, not logged as an error: on-call would drown in one line per 503.
+    let errors: Vec<String> = kw
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
