@@ -18,12 +18,13 @@ use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::{Filter, TransactionRequest};
 use alloy::sol_types::SolEvent;
 use anvil::Anvil;
+use futures::FutureExt;
 use keywarden::chain::authz::{AuthQuery, Reason};
+use keywarden::chain::code::{CodeId, CodeKind, KnownCode};
 use keywarden::chain::contracts::{DstackApp, DstackKms, TCB_UP_TO_DATE};
 use keywarden::chain::events::Event;
 use keywarden::chain::metrics::ChainMetrics;
 use keywarden::chain::mirror::MirrorState;
-use keywarden::chain::sync::SyncEngine;
 use keywarden::chain::{ChainConfig, Deployment, Mirror, deploy};
 use keywarden::config::{DatabaseTarget, StorageConfig};
 use keywarden::runtime::{Readiness, Task};
@@ -78,15 +79,9 @@ fn start(
     tweak(&mut cfg);
     let mut registry = Registry::default();
     let metrics = ChainMetrics::new(&mut registry, 1);
-    let mirror = Arc::new(Mirror::new(
-        MirrorState::new(d.kms),
-        cfg.max_staleness,
-        metrics.clone(),
-    ));
-    let engine = SyncEngine::new(
+    let (mirror, engine) = keywarden::chain::follow(
         cfg.resolve().unwrap(),
         store.clone(),
-        mirror.clone(),
         Readiness::default(),
         metrics,
     );
@@ -249,7 +244,7 @@ async fn steady_state_and_revocation() {
             ..AuthQuery::default()
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while mirror.authorize_app(&q).reason != Reason::DeviceNotAllowed {
+        while mirror.authorize_app(&q).await.reason != Reason::DeviceNotAllowed {
             assert!(Instant::now() < deadline);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -266,7 +261,7 @@ async fn steady_state_and_revocation() {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
-        while mirror.authorize_app(&q).reason != Reason::ComposeHashNotAllowed {
+        while mirror.authorize_app(&q).await.reason != Reason::ComposeHashNotAllowed {
             assert!(mined.elapsed() < Duration::from_secs(10));
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -286,7 +281,30 @@ async fn steady_state_and_revocation() {
 fn lookup() {
     let kms = Address::repeat_byte(0xaa);
     let mut state = MirrorState::new(kms);
-    state.apply(&Event::OsImage(B256::repeat_byte(1), true));
+    // Every contract is answered by our own known code (a proxy in front of each
+    // implementation), so every decision is local.
+    let known = KnownCode::builtin();
+    let id = |kind: CodeKind| {
+        let (_, hash, offsets) = known
+            .entries()
+            .into_iter()
+            .find(|(k, ..)| k.kind == kind)
+            .unwrap();
+        CodeId {
+            hash,
+            immutables: offsets.to_vec(),
+        }
+    };
+    let (kms_impl, app_impl) = (Address::repeat_byte(0xab), Address::repeat_byte(0xac));
+    for e in [
+        Event::CodeIdentity(kms, id(CodeKind::Proxy)),
+        Event::ImplementationObserved(kms, kms_impl),
+        Event::CodeIdentity(kms_impl, id(CodeKind::DstackKms)),
+        Event::CodeIdentity(app_impl, id(CodeKind::DstackApp)),
+        Event::OsImage(B256::repeat_byte(1), true),
+    ] {
+        state.apply(&e);
+    }
     let mut apps = Vec::new();
     for i in 0..10_000u32 {
         let mut raw = [0u8; 20];
@@ -295,6 +313,8 @@ fn lookup() {
         state.apply(&Event::AppDeployedViaFactory(app));
         state.apply(&Event::ComposeHash(app, B256::from(U256::from(i)), true));
         state.apply(&Event::AllowAnyDevice(app, true));
+        state.apply(&Event::CodeIdentity(app, id(CodeKind::Proxy)));
+        state.apply(&Event::ImplementationObserved(app, app_impl));
         apps.push(app);
     }
     let mut registry = Registry::default();
@@ -302,6 +322,7 @@ fn lookup() {
         state,
         Duration::from_secs(60),
         ChainMetrics::new(&mut registry, 1),
+        None,
     );
     mirror.mark_fresh(Instant::now());
     let queries: Vec<AuthQuery> = apps
@@ -319,7 +340,9 @@ fn lookup() {
     for round in 0..200 {
         let started = Instant::now();
         for q in queries.iter().skip(round * 37 % 9000).take(1000) {
-            assert!(std::hint::black_box(mirror.authorize_app(q)).allowed);
+            // A local decision completes on its first poll: no I/O, no executor.
+            let d = mirror.authorize_app(q).now_or_never().unwrap();
+            assert!(std::hint::black_box(d).allowed);
         }
         per_op.push(started.elapsed().as_secs_f64() * 1e6 / 1000.0);
     }

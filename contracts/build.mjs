@@ -4,7 +4,10 @@
 // packages.
 //
 // Writes:
-//   contracts/out/<Contract>.json     {contractName, compiler, abi, bytecode, deployedBytecode}
+//   contracts/out/<Contract>.json     {contractName, compiler, abi, bytecode, deployedBytecode,
+//                                     immutableReferences: [[start, length], ...] (byte ranges of
+//                                     the runtime code that hold immutables, zero in
+//                                     deployedBytecode), storageLayout: [{label, slot, offset}]}
 //   contracts-abi/<Contract>.json     ABI array (DstackKms, DstackApp, SafeL2, MultiSend,
 //                                     TimelockController)
 //
@@ -24,8 +27,18 @@ const require = createRequire(join(root, "package.json"));
 
 const SOLC_VERSION = "0.8.24";
 const EVM_VERSION = "cancun";
-// Contracts whose bytecode is written to contracts/out/.
-const DEPLOYABLE = ["DstackKms", "DstackApp", "ERC1967Proxy"];
+// Contracts whose bytecode is written to contracts/out/. The first three are keywarden's known
+// code (their identities are compiled into the binary); the rest exist only for tests: a custom
+// IAppAuth app, a deny-all upgrade, a DstackApp V2 and a DstackKms V2 (code keywarden does not know).
+const DEPLOYABLE = [
+  "DstackKms",
+  "DstackApp",
+  "ERC1967Proxy",
+  "AllowListAppAuth",
+  "DenyAllApp",
+  "DstackAppV2",
+  "DstackKmsV2",
+];
 // Contracts whose ABI is written to contracts-abi/.
 const ABI_EXPORTS = ["DstackKms", "DstackApp"];
 // ABIs extracted from npm packages: [output name, package-relative artifact path].
@@ -68,7 +81,17 @@ function compile(solc) {
       evmVersion: EVM_VERSION,
       optimizer: { enabled: true, runs: 200 },
       metadata: { appendCBOR: false, bytecodeHash: "none" },
-      outputSelection: { "*": { "*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"] } },
+      outputSelection: {
+        "*": {
+          "*": [
+            "abi",
+            "evm.bytecode.object",
+            "evm.deployedBytecode.object",
+            "evm.deployedBytecode.immutableReferences",
+            "storageLayout",
+          ],
+        },
+      },
     },
   };
   const output = JSON.parse(solc.compile(JSON.stringify(input)));
@@ -100,6 +123,14 @@ function canonical(value) {
   return value;
 }
 
+// Every immutable's byte ranges in the runtime code, sorted by offset.
+function immutableRanges(refs) {
+  return Object.values(refs ?? {})
+    .flat()
+    .map((r) => [r.start, r.length])
+    .sort((a, b) => a[0] - b[0]);
+}
+
 function json(value) {
   return JSON.stringify(value, null, 2) + "\n";
 }
@@ -119,6 +150,12 @@ function outputs() {
         abi: canonical(c.abi),
         bytecode: `0x${c.evm.bytecode.object}`,
         deployedBytecode: `0x${c.evm.deployedBytecode.object}`,
+        immutableReferences: immutableRanges(c.evm.deployedBytecode.immutableReferences),
+        storageLayout: (c.storageLayout?.storage ?? []).map((v) => ({
+          label: v.label,
+          offset: v.offset,
+          slot: v.slot,
+        })),
       }),
     );
   }

@@ -56,8 +56,21 @@ pub enum Command {
 pub enum ChainCommand {
     /// Per chain: head, processed block, lag, and the configured endpoints' health.
     Status(crate::chain::cli::StoreArgs),
-    /// The mirror's allow-lists, apps and owners, rebuilt from the stored events.
+    /// The mirror's allow-lists, apps and owners, rebuilt from the stored events, with the code
+    /// answering for the KMS contract and each app and whether it is evaluated locally or live.
     State(crate::chain::cli::StoreArgs),
+    /// The identity of the code deployed at an address (hash with its self-address immutables
+    /// masked, and their offsets), printed as a `[[chain.known_implementations]]` entry.
+    CodeIdentity {
+        /// The contract (for a proxy, pass its implementation's address).
+        address: alloy::primitives::Address,
+        /// JSON-RPC endpoint (overrides chain.rpc_urls).
+        #[arg(long, value_name = "URL")]
+        rpc_url: Option<String>,
+        /// Print JSON instead of a TOML entry.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `keywarden kms ...`
@@ -417,6 +430,19 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
             let (args, what) = match cmd {
                 ChainCommand::Status(a) => (a, crate::chain::cli::Report::Status),
                 ChainCommand::State(a) => (a, crate::chain::cli::Report::State),
+                ChainCommand::CodeIdentity {
+                    address,
+                    rpc_url,
+                    json,
+                } => {
+                    let overrides = Overrides {
+                        rpc_urls: rpc_url.into_iter().collect(),
+                        ..Overrides::default()
+                    };
+                    let config = load(cli.config.as_deref(), &overrides)?;
+                    return Ok(runtime()?
+                        .block_on(crate::chain::cli::run_code_identity(config, address, json)));
+                }
             };
             let overrides = Overrides {
                 data_dir: args.data_dir.clone(),

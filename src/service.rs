@@ -15,8 +15,6 @@ use tracing::Instrument as _;
 use crate::app::{AppState, HealthMonitor, Inner, unix_now};
 use crate::chain::Mirror;
 use crate::chain::metrics::ChainMetrics;
-use crate::chain::mirror::MirrorState;
-use crate::chain::sync::SyncEngine;
 use crate::config::Config;
 use crate::http::{self, Limits, Server};
 use crate::runtime::{ComponentState, Criticality, Outcome, Readiness, Supervisor};
@@ -112,19 +110,12 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
     // Registered (not ready) before the listeners serve, so /readyz never reports a mirror that
     // has not caught up.
     let chain = config.chain.resolve().map(|resolved| {
-        let mirror = Arc::new(Mirror::new(
-            MirrorState::new(resolved.kms),
-            resolved.cfg.max_staleness,
-            chain_metrics.clone(),
-        ));
-        let engine = SyncEngine::new(
+        crate::chain::follow(
             resolved,
             store.clone(),
-            mirror.clone(),
             readiness.clone(),
             chain_metrics.clone(),
-        );
-        (mirror, engine)
+        )
     });
     let (mirror, engine) = chain.unzip();
     let (ledger, ledger_writer) = Ledger::new(store.clone(), metrics.kms.clone());

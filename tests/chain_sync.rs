@@ -6,6 +6,8 @@
 
 mod common;
 mod support;
+#[path = "support/test_contracts.rs"]
+mod test_contracts;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,12 +20,12 @@ use alloy::providers::ext::AnvilApi;
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::TransactionRequest;
 use alloy::rpc::types::anvil::{ReorgOptions, TransactionData};
-use alloy::sol_types::SolCall;
-use keywarden::chain::authz::{AuthQuery, Reason};
+use alloy::sol_types::{SolCall, SolValue};
+use keywarden::chain::authz::{AuthQuery, Reason, Source};
 use keywarden::chain::contracts::{DstackApp, DstackKms, IMPLEMENTATION_SLOT, TCB_UP_TO_DATE};
 use keywarden::chain::metrics::ChainMetrics;
-use keywarden::chain::mirror::MirrorState;
-use keywarden::chain::sync::{SyncEngine, rebuild};
+use keywarden::chain::mirror::{Evaluation, MirrorState};
+use keywarden::chain::sync::rebuild;
 use keywarden::chain::{ChainConfig, Deployment, Mirror, deploy};
 use keywarden::config::{DatabaseTarget, StorageConfig};
 use keywarden::runtime::{Readiness, Task};
@@ -139,18 +141,8 @@ fn engine(
     let resolved = cfg.resolve().unwrap();
     let mut registry = Registry::default();
     let metrics = ChainMetrics::new(&mut registry, urls.len());
-    let mirror = Arc::new(Mirror::new(
-        MirrorState::new(d.kms),
-        cfg.max_staleness,
-        metrics.clone(),
-    ));
-    let task = SyncEngine::new(
-        resolved,
-        store.clone(),
-        mirror.clone(),
-        Readiness::default(),
-        metrics,
-    );
+    let (mirror, task) =
+        keywarden::chain::follow(resolved, store.clone(), Readiness::default(), metrics);
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(task.run(cancel.clone()));
     Engine {
@@ -392,6 +384,7 @@ async fn every_change_is_reflected(store: Store) {
     assert!(after.kms.os_images.contains(&h(2)));
     let mut expected = (*before).clone();
     expected.kms.os_images.insert(h(2));
+    expected.block = after.block;
     assert_eq!(*after, expected);
     assert_mirror_matches_chain(&c, &after, &store, &apps, &values).await;
     e.stop().await;
@@ -432,6 +425,16 @@ impl Rng {
     }
 }
 
+/// The boot info the contracts receive for `q`.
+fn info(q: &AuthQuery) -> DstackKms::AppBootInfo {
+    keywarden::chain::live::boot_info(q)
+}
+
+/// Differential: the mirror (local for known code, live for the rest) answers exactly as
+/// `eth_call` does, over apps from both factory overloads with every flag combination (set
+/// silently by the initialiser), an app registered before it was deployed, a custom IAppAuth app,
+/// an app upgraded to a V2 with an extra check, and TCB statuses UpToDate, OutOfDate and
+/// SWHardeningNeeded.
 #[tokio::test]
 async fn mirror_decides_like_the_contracts() {
     let c = chain().await;
@@ -445,77 +448,145 @@ async fn mirror_decides_like_the_contracts() {
     let app = c.app(c.d.app);
     send!(app.addComposeHash(h(4)), o);
     send!(app.addDevice(h(3)), o);
-    let strict = deployed_app(&send!(
-        kms.deployAndRegisterApp_1(o, false, true, false, h(3), h(4)),
+    let mut known = vec![c.d.app];
+    for bits in 0..8u8 {
+        let (disable, tcb, any) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
+        known.push(deployed_app(&send!(
+            kms.deployAndRegisterApp_1(o, disable, tcb, any, h(3), h(4)),
+            o
+        )));
+    }
+    for bits in 0..4u8 {
+        let (disable, any) = (bits & 1 != 0, bits & 2 != 0);
+        known.push(deployed_app(&send!(
+            kms.deployAndRegisterApp_0(o, disable, any, h(3), h(5)),
+            o
+        )));
+    }
+    // Registered first, deployed later (a proxy created by another account at a predicted
+    // address, initialised with the TCB requirement on).
+    let nonce = c.provider.get_transaction_count(c.other).await.unwrap();
+    let early = c.other.create(nonce);
+    send!(kms.registerApp(early), o);
+    e.caught_up_to(c.head().await).await;
+    let init = DstackApp::initialize_1Call {
+        initialOwner: o,
+        disableUpgrades_: false,
+        requireTcbUpToDate_: true,
+        allowAnyDevice_: false,
+        initialDeviceId: h(3),
+        initialComposeHash: h(4),
+    }
+    .abi_encode();
+    let args = (c.d.app_implementation, Bytes::from(init)).abi_encode_params();
+    assert_eq!(
+        test_contracts::deploy(&c.provider, c.other, "ERC1967Proxy", args).await,
+        early
+    );
+    known.push(early);
+    // A custom app, and an app upgraded to a V2 with an extra check: only the chain knows.
+    let listed = Address::repeat_byte(0x11);
+    let custom = test_contracts::allow_list_app(&c.provider, o, &[listed]).await;
+    send!(kms.registerApp(custom), o);
+    let v2 = deployed_app(&send!(
+        kms.deployAndRegisterApp_1(o, false, false, true, h(3), h(4)),
         o
     ));
-    let any_device = deployed_app(&send!(
-        kms.deployAndRegisterApp_0(o, false, true, B256::ZERO, h(5)),
+    let v2_impl = test_contracts::deploy(&c.provider, o, "DstackAppV2", Vec::new()).await;
+    send!(
+        c.app(v2).upgradeToAndCall(
+            v2_impl,
+            test_contracts::DstackAppV2::initializeV2Call {}
+                .abi_encode()
+                .into()
+        ),
         o
-    ));
+    );
     let eoa = Address::repeat_byte(0x55);
     send!(kms.registerApp(eoa), o);
     let head = c.head().await;
     e.caught_up_to(head).await;
 
-    let apps = [c.d.app, strict, any_device, eoa, Address::repeat_byte(0x56)];
+    let m = e.mirror.snapshot();
+    for a in &known {
+        assert_eq!(m.app_evaluation(*a), Evaluation::Local, "{a} is known code");
+        let chain_app = c.app(*a);
+        let p = &m.apps[a];
+        assert_eq!(
+            (p.allow_any_device, p.require_tcb_up_to_date),
+            (
+                chain_app.allowAnyDevice().call().await.unwrap(),
+                chain_app.requireTcbUpToDate().call().await.unwrap()
+            ),
+            "flags of {a}, set silently by the initialiser"
+        );
+    }
+    for a in [custom, v2] {
+        assert_eq!(
+            m.app_evaluation(a),
+            Evaluation::Live,
+            "{a} is not known code"
+        );
+    }
+    assert_eq!(m.live_counts(), (0, 2));
+
+    let apps: Vec<Address> = known
+        .iter()
+        .copied()
+        .chain([custom, v2, eoa, Address::repeat_byte(0x56)])
+        .collect();
     let values = [h(1), h(2), h(3), h(4), h(5), h(6)];
+    let instances = [listed, Address::repeat_byte(0x12), Address::ZERO];
     let tcbs = [TCB_UP_TO_DATE, "OutOfDate", "SWHardeningNeeded"];
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let mut seen = std::collections::BTreeSet::new();
+    let mut sources = std::collections::BTreeSet::new();
     let at = BlockId::number(head);
     for _ in 0..300 {
         let q = AuthQuery {
             app_id: rng.pick(&apps).into(),
             compose_hash: rng.pick(&values).into(),
-            instance_id: [0x11; 20],
+            instance_id: rng.pick(&instances).into(),
             device_id: rng.pick(&values).into(),
             mr_aggregated: rng.pick(&values).into(),
             mr_system: [0x22; 32],
-            os_image_hash: rng.pick(&values).into(),
+            os_image_hash: if rng.next() % 4 == 0 {
+                rng.pick(&values).into()
+            } else {
+                h(1).into()
+            },
             tcb_status: rng.pick(&tcbs).to_owned(),
             advisory_ids: vec!["INTEL-SA-00001".into()],
         };
-        let info = DstackKms::AppBootInfo {
-            appId: q.app_id.into(),
-            composeHash: q.compose_hash.into(),
-            instanceId: q.instance_id.into(),
-            deviceId: q.device_id.into(),
-            mrAggregated: q.mr_aggregated.into(),
-            mrSystem: q.mr_system.into(),
-            osImageHash: q.os_image_hash.into(),
-            tcbStatus: q.tcb_status.clone(),
-            advisoryIds: q.advisory_ids.clone(),
-        };
-        let chain_app = kms
-            .isAppAllowed(info.clone())
-            .block(at)
-            .call()
-            .await
-            .unwrap();
-        let local_app = e.mirror.authorize_app(&q);
+        let chain_app = kms.isAppAllowed(info(&q)).block(at).call().await.unwrap();
+        let local_app = e.mirror.authorize_app(&q).await;
         assert_eq!(
             (local_app.allowed, local_app.reason_str()),
             (chain_app.isAllowed, chain_app.reason.as_str()),
             "isAppAllowed for {q:?}"
         );
-        let chain_kms = kms.isKmsAllowed(info).block(at).call().await.unwrap();
-        let local_kms = e.mirror.authorize_kms(&q);
+        let chain_kms = kms.isKmsAllowed(info(&q)).block(at).call().await.unwrap();
+        let local_kms = e.mirror.authorize_kms(&q).await;
         assert_eq!(
             (local_kms.allowed, local_kms.reason_str()),
             (chain_kms.isAllowed, chain_kms.reason.as_str()),
             "isKmsAllowed for {q:?}"
         );
+        assert_eq!(local_kms.source, Source::Mirror);
         seen.insert(local_app.reason.label());
         seen.insert(local_kms.reason.label());
+        sources.insert(local_app.source.label());
     }
-    // Every contract reason (and allowed) came up at least once.
+    // Every contract reason (and allowed, and a custom app's own reason) came up at least once,
+    // from the mirror and from the chain.
     let expected: std::collections::BTreeSet<&str> = Reason::ALL
         .iter()
-        .filter(|r| **r != Reason::ChainStateStale)
+        .filter(|r| !matches!(r, Reason::ChainStateStale | Reason::AuthUnavailable))
         .map(|r| r.label())
         .collect();
     assert_eq!(seen, expected);
+    assert_eq!(sources.len(), 2, "{sources:?}");
+    assert!(e.metric("dstack_chain_live_calls_total") > 0.0);
     e.stop().await;
 }
 
@@ -675,7 +746,9 @@ async fn killed_engines_resume_without_duplicates_or_gaps() {
             .is_some()
         })
         .count();
-    assert_eq!(stored.len(), relevant);
+    // Synthetic rows (code identities, flags) come on top, once each.
+    let logs_stored = stored.iter().filter(|e| !e.topics.is_empty()).count();
+    assert_eq!(logs_stored, relevant);
     assert_eq!(e.mirror.snapshot().apps[&c.d.app].compose_hashes.len(), 60);
     e.stop().await;
 }
@@ -755,13 +828,13 @@ async fn endpoint_failures_fail_over_fail_closed_and_recover() {
         tcb_status: TCB_UP_TO_DATE.into(),
         ..AuthQuery::default()
     };
-    assert!(e.mirror.authorize_kms(&q).allowed);
+    assert!(e.mirror.authorize_kms(&q).await.allowed);
 
     // Everything down: the mirror goes stale and refuses.
     backup.set(false);
     send!(kms.removeKmsDevice(h(3)), c.owner);
     let deadline = Instant::now() + WAIT;
-    while e.mirror.authorize_kms(&q).reason != Reason::ChainStateStale {
+    while e.mirror.authorize_kms(&q).await.reason != Reason::ChainStateStale {
         assert!(Instant::now() < deadline, "never failed closed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -771,7 +844,7 @@ async fn endpoint_failures_fail_over_fail_closed_and_recover() {
     primary.set(true);
     e.caught_up_to(c.head().await).await;
     assert_eq!(
-        e.mirror.authorize_kms(&q).reason,
+        e.mirror.authorize_kms(&q).await.reason,
         Reason::KmsDeviceNotAllowed
     );
     e.stop().await;

@@ -228,7 +228,7 @@ async fn scenario(database_url: Option<&str>) {
         .await;
     let app = DstackApp::new(s.app, &s.provider);
     send!(app.setAllowAnyDevice(false).from(s.owner));
-    s.refused_with(s.app, COMPOSE, &vm, "Device ID not allowed")
+    s.refused_with(s.app, COMPOSE, &vm, "Device not allowed")
         .await;
     send!(app.setAllowAnyDevice(true).from(s.owner));
     s.served(s.app, COMPOSE, &vm).await;
@@ -356,7 +356,7 @@ async fn attested_kms_serves_keys_only_while_its_own_measurement_is_allowed_on_c
         s.app,
         COMPOSE,
         &vm,
-        "KMS is not allowed: KMS device ID not allowed",
+        "KMS is not allowed: KMS is not allowed to boot on this device",
     )
     .await;
     send!(

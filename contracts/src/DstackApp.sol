@@ -10,15 +10,19 @@ import {UUPSUpgradeable} from "./UUPSUpgradeable.sol";
 /// @notice Per-app boot policy: allowed compose hashes and devices, optional TCB requirement.
 /// Same ABI and check order as dstack's DstackApp.
 contract DstackApp is Initializable, Ownable2Step, UUPSUpgradeable, IAppAuth {
+    // Storage layout as dstack's DstackApp (keywarden reads the upgrades-disabled flag from slot 1,
+    // byte 0): slot 0 compose hashes; slot 1 upgrades-disabled (byte 0) and allowAnyDevice
+    // (byte 1); slot 2 devices; slot 3 requireTcbUpToDate.
+
     /// @notice Compose hashes the app may boot with.
     mapping(bytes32 => bool) public allowedComposeHashes;
+    bool internal _upgradesDisabled;
     /// @notice When true, any device may run the app.
     bool public allowAnyDevice;
     /// @notice Devices the app may boot on (unless `allowAnyDevice`).
     mapping(bytes32 => bool) public allowedDeviceIds;
     /// @notice When true, the reported TCB status must be "UpToDate".
     bool public requireTcbUpToDate;
-    bool private _upgradesDisabled;
 
     event ComposeHashAdded(bytes32 composeHash);
     event ComposeHashRemoved(bytes32 composeHash);
@@ -95,7 +99,7 @@ contract DstackApp is Initializable, Ownable2Step, UUPSUpgradeable, IAppAuth {
     }
 
     /// @notice Whether the app may boot: TCB (if required), compose hash, device (unless any), in order.
-    function isAppAllowed(AppBootInfo calldata bootInfo) external view returns (bool isAllowed, string memory reason) {
+    function isAppAllowed(AppBootInfo calldata bootInfo) public view virtual returns (bool isAllowed, string memory reason) {
         if (requireTcbUpToDate && !Policy.isUpToDate(bootInfo.tcbStatus)) {
             return (false, Policy.REASON_TCB_NOT_UP_TO_DATE);
         }
@@ -108,6 +112,8 @@ contract DstackApp is Initializable, Ownable2Step, UUPSUpgradeable, IAppAuth {
         return (true, "");
     }
 
+    /// @dev As dstack's initialiser: the three flags are assigned without any event; only the
+    /// initial device and compose hash emit theirs.
     function _init(
         address initialOwner,
         bool disableUpgrades_,
@@ -117,20 +123,14 @@ contract DstackApp is Initializable, Ownable2Step, UUPSUpgradeable, IAppAuth {
         bytes32 initialComposeHash
     ) private {
         __Ownable2Step_init(initialOwner);
+        _upgradesDisabled = disableUpgrades_;
+        allowAnyDevice = allowAnyDevice_;
+        requireTcbUpToDate = requireTcbUpToDate_;
         if (initialDeviceId != bytes32(0)) {
             _addDevice(initialDeviceId);
         }
         if (initialComposeHash != bytes32(0)) {
             _addComposeHash(initialComposeHash);
-        }
-        if (allowAnyDevice_) {
-            _setAllowAnyDevice(true);
-        }
-        if (requireTcbUpToDate_) {
-            _setRequireTcbUpToDate(true);
-        }
-        if (disableUpgrades_) {
-            _disableUpgrades();
         }
     }
 

@@ -125,8 +125,8 @@ contract DstackKms is Initializable, Ownable2Step, UUPSUpgradeable, IAppAuth, IE
 
     /// @notice Registers an app contract. Anyone may call this.
     function registerApp(address appId) public {
+        // As dstack's: registering an app again does not revert.
         require(appId != address(0), "Invalid app ID");
-        require(!registeredApps[appId], "App already registered");
         registeredApps[appId] = true;
         emit AppRegistered(appId);
         Policy.changed("registered-app", Policy.addressValue(appId), true);

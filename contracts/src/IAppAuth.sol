@@ -34,11 +34,11 @@ library Policy {
     string internal constant REASON_TCB_NOT_UP_TO_DATE = "TCB status is not up to date";
     string internal constant REASON_OS_IMAGE_NOT_ALLOWED = "OS image is not allowed";
     string internal constant REASON_AGGREGATED_MR_NOT_ALLOWED = "Aggregated MR not allowed";
-    string internal constant REASON_KMS_DEVICE_NOT_ALLOWED = "KMS device ID not allowed";
+    string internal constant REASON_KMS_DEVICE_NOT_ALLOWED = "KMS is not allowed to boot on this device";
     string internal constant REASON_APP_NOT_REGISTERED = "App not registered";
-    string internal constant REASON_APP_HAS_NO_CODE = "App contract has no code";
+    string internal constant REASON_APP_HAS_NO_CODE = "App not deployed or invalid address";
     string internal constant REASON_COMPOSE_HASH_NOT_ALLOWED = "Compose hash not allowed";
-    string internal constant REASON_DEVICE_NOT_ALLOWED = "Device ID not allowed";
+    string internal constant REASON_DEVICE_NOT_ALLOWED = "Device not allowed";
 
     /// @notice Emitted next to every specific governance event, so one filter sees every change.
     /// @param actor msg.sender of the change

@@ -42,6 +42,20 @@ abstract contract Initializable {
         emit Initialized(1);
     }
 
+    /// @dev Runs the function as initialisation `version` of an upgraded implementation; only once,
+    /// and only above the version already reached.
+    modifier reinitializer(uint64 version) {
+        InitState storage s = _initState();
+        if (s.initializing || s.version >= version) {
+            revert InvalidInitialization();
+        }
+        s.version = version;
+        s.initializing = true;
+        _;
+        s.initializing = false;
+        emit Initialized(version);
+    }
+
     /// @dev Restricts a helper to run only while an initialiser is running.
     modifier onlyInitializing() {
         if (!_initState().initializing) {

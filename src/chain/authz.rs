@@ -3,8 +3,11 @@
 //! Flow: the KMS path builds an [`AuthQuery`] (the on-chain `AppBootInfo` fields) and calls
 //! [`is_kms_allowed`] / [`is_app_allowed`] on a [`MirrorState`] snapshot. The checks run in the
 //! contracts' order and return the contracts' reason strings, so a decision can be compared with an
-//! `eth_call` call for call. Freshness (fail closed with [`Reason::ChainStateStale`]) is the
+//! `eth_call` call for call. Freshness (fail closed with [`Reason::ChainStateStale`]) and the choice
+//! between these local answers and a live `eth_call` (for code the mirror does not know) are the
 //! caller's concern: see [`super::Mirror::authorize_app`].
+
+use std::sync::Arc;
 
 use alloy::primitives::{Address, B256};
 use serde::Serialize;
@@ -13,7 +16,7 @@ use super::contracts::{TCB_UP_TO_DATE, reason};
 use super::mirror::MirrorState;
 
 /// What the contracts receive as `AppBootInfo`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct AuthQuery {
     /// `appId`.
     pub app_id: [u8; 20],
@@ -59,11 +62,36 @@ pub enum Reason {
     DeviceNotAllowed,
     /// The mirror is older than `chain.max_staleness`: refused without looking.
     ChainStateStale,
+    /// Code the mirror does not know refused with a reason string of its own (the string is in
+    /// [`Decision::reason_str`]).
+    AppDefined,
+    /// A live `eth_call` was needed and got no answer: refused (fail closed).
+    AuthUnavailable,
+}
+
+/// Where a decision came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The local mirror.
+    Mirror,
+    /// A live `eth_call` of the KMS contract.
+    EthCall,
+}
+
+impl Source {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Mirror => "mirror",
+            Self::EthCall => "eth_call",
+        }
+    }
 }
 
 impl Reason {
     /// Every reason, for pre-initialising metric labels.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 12] = [
         Self::Allowed,
         Self::TcbNotUpToDate,
         Self::OsImageNotAllowed,
@@ -74,7 +102,27 @@ impl Reason {
         Self::ComposeHashNotAllowed,
         Self::DeviceNotAllowed,
         Self::ChainStateStale,
+        Self::AppDefined,
+        Self::AuthUnavailable,
     ];
+
+    /// The typed reason of a contract's answer (a string the known contracts do not return is
+    /// [`Reason::AppDefined`]).
+    pub fn from_contract(allowed: bool, reason: &str) -> Self {
+        if allowed {
+            return Self::Allowed;
+        }
+        Self::ALL
+            .into_iter()
+            .filter(|r| {
+                !matches!(
+                    r,
+                    Self::Allowed | Self::ChainStateStale | Self::AuthUnavailable
+                )
+            })
+            .find(|r| r.as_contract_str() == reason)
+            .unwrap_or(Self::AppDefined)
+    }
 
     /// The snake_case name (metric label, JSON).
     pub fn label(self) -> &'static str {
@@ -89,6 +137,8 @@ impl Reason {
             Self::ComposeHashNotAllowed => "compose_hash_not_allowed",
             Self::DeviceNotAllowed => "device_not_allowed",
             Self::ChainStateStale => "chain_state_stale",
+            Self::AppDefined => "app_defined",
+            Self::AuthUnavailable => "auth_unavailable",
         }
     }
 
@@ -106,35 +156,62 @@ impl Reason {
             Self::ComposeHashNotAllowed => reason::COMPOSE_HASH_NOT_ALLOWED,
             Self::DeviceNotAllowed => reason::DEVICE_NOT_ALLOWED,
             Self::ChainStateStale => "chain_state_stale",
+            Self::AppDefined => "app_defined",
+            Self::AuthUnavailable => "auth_unavailable",
         }
     }
 }
 
-/// The answer: allowed or not, and why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The answer: allowed or not, why, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
     /// Whether the boot may proceed.
     pub allowed: bool,
     /// Why, as a closed enum.
     pub reason: Reason,
+    /// The mirror or a live call.
+    pub source: Source,
+    /// The contract's own reason string, when it is not one of [`Reason`]'s (or the error of a
+    /// live call that got no answer).
+    pub detail: Option<Arc<str>>,
 }
 
 impl Decision {
-    fn refuse(reason: Reason) -> Self {
+    /// A local refusal.
+    pub fn refuse(reason: Reason) -> Self {
         Self {
             allowed: false,
             reason,
+            source: Source::Mirror,
+            detail: None,
         }
     }
 
-    const ALLOW: Self = Self {
+    /// A local approval.
+    pub const ALLOW: Self = Self {
         allowed: true,
         reason: Reason::Allowed,
+        source: Source::Mirror,
+        detail: None,
     };
 
+    /// The contract's answer `(allowed, reason)` from a live call.
+    pub fn from_chain(allowed: bool, reason: &str) -> Self {
+        let typed = Reason::from_contract(allowed, reason);
+        Self {
+            allowed,
+            reason: typed,
+            source: Source::EthCall,
+            detail: (typed == Reason::AppDefined).then(|| Arc::from(reason)),
+        }
+    }
+
     /// The reason string as the contracts return it.
-    pub fn reason_str(&self) -> &'static str {
-        self.reason.as_contract_str()
+    pub fn reason_str(&self) -> &str {
+        match (&self.detail, self.reason) {
+            (Some(d), Reason::AppDefined) => d,
+            _ => self.reason.as_contract_str(),
+        }
     }
 }
 
@@ -263,6 +340,25 @@ mod tests {
         assert_eq!(is_app_allowed(&m, &q).reason, Reason::OsImageNotAllowed);
         q.app_id = [9; 20];
         assert_eq!(is_app_allowed(&m, &q).reason, Reason::AppNotRegistered);
+    }
+
+    #[test]
+    fn chain_answers_map_to_typed_reasons() {
+        let d = Decision::from_chain(false, reason::COMPOSE_HASH_NOT_ALLOWED);
+        assert_eq!(d.reason, Reason::ComposeHashNotAllowed);
+        assert_eq!(d.source, Source::EthCall);
+        assert_eq!(d.reason_str(), reason::COMPOSE_HASH_NOT_ALLOWED);
+        let d = Decision::from_chain(false, "Instance not on the allow-list");
+        assert_eq!(d.reason, Reason::AppDefined);
+        assert_eq!(d.reason_str(), "Instance not on the allow-list");
+        let d = Decision::from_chain(true, "");
+        assert!(d.allowed);
+        assert_eq!(d.reason, Reason::Allowed);
+        // A string that happens to equal a label is still the contract's own.
+        assert_eq!(
+            Decision::from_chain(false, "chain_state_stale").reason,
+            Reason::AppDefined
+        );
     }
 
     #[test]

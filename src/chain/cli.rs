@@ -71,7 +71,7 @@ pub async fn run_report(config: crate::config::Config, what: Report, json: bool)
             .map_err(|e| e.to_string())?;
         let out = match what {
             Report::Status => super::report::status(&store, &config.chain).await,
-            Report::State => super::report::state(&store).await,
+            Report::State => super::report::state(&store, &config.chain).await,
         };
         store.close().await;
         out.map_err(|e| e.to_string())
@@ -84,6 +84,49 @@ pub async fn run_report(config: crate::config::Config, what: Report, json: bool)
             } else {
                 print!("{}", super::report::render_text(&value));
             }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keywarden: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `chain code-identity ADDRESS`: prints the identity of the code deployed there, as an
+/// entry for `[[chain.known_implementations]]` (text) or JSON.
+pub async fn run_code_identity(
+    config: crate::config::Config,
+    address: alloy::primitives::Address,
+    json: bool,
+) -> ExitCode {
+    if config.chain.rpc_urls.is_empty() {
+        eprintln!(
+            "keywarden: error: no RPC endpoint configured (fix: set chain.rpc_urls or pass --rpc-url)"
+        );
+        return ExitCode::from(2);
+    }
+    match super::report::code_identity(&config.chain, address).await {
+        Ok(v) if json => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            println!(
+                "# {} ({} bytes of code); known as: {}",
+                v["address"].as_str().unwrap_or_default(),
+                v["code_bytes"],
+                v["known_as"].as_str().unwrap_or("nothing yet")
+            );
+            println!("# Check that this is the code you mean to trust, then add:");
+            println!("[[chain.known_implementations]]");
+            println!("name = \"NAME ME\"");
+            println!("kind = \"dstack_app\"  # or dstack_kms, proxy: what the code does");
+            println!(
+                "code_hash = \"{}\"",
+                v["code_hash"].as_str().unwrap_or_default()
+            );
+            println!("immutable_offsets = {}", v["immutable_offsets"]);
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -6,10 +6,28 @@
 
 use std::time::Duration;
 
-use alloy::primitives::Address;
+use alloy::primitives::{Address, B256};
 use serde::{Deserialize, Serialize};
 
+use super::code::{CodeId, CodeKind, KnownCode};
 use crate::config::Problem;
+
+/// `[[chain.known_implementations]]`: code the operator vouches for, evaluated locally like our
+/// own (for example dstack's released DstackKms/DstackApp implementations and their proxy).
+/// `keywarden chain code-identity ADDRESS` prints an entry for deployed code.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KnownImplementation {
+    /// A name shown in `chain state` and logs.
+    pub name: String,
+    /// `dstack_kms`, `dstack_app` or `proxy`: the semantics the code has.
+    pub kind: CodeKind,
+    /// keccak256 of the runtime code with the self-address immutables zeroed.
+    pub code_hash: String,
+    /// Byte offsets of those immutables (32-byte words), ascending.
+    #[serde(default)]
+    pub immutable_offsets: Vec<u32>,
+}
 
 /// Which block the engine treats as final enough to apply.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -55,6 +73,9 @@ pub struct ChainConfig {
     /// Per-request timeout for each endpoint.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Code evaluated locally besides our own compiled contracts; everything else is asked of the
+    /// chain with `eth_call`.
+    pub known_implementations: Vec<KnownImplementation>,
 }
 
 impl Default for ChainConfig {
@@ -71,6 +92,7 @@ impl Default for ChainConfig {
             reorg_window: 64,
             max_staleness: Duration::from_secs(60),
             request_timeout: Duration::from_secs(10),
+            known_implementations: Vec::new(),
         }
     }
 }
@@ -82,6 +104,8 @@ pub struct ResolvedChain {
     pub urls: Vec<url::Url>,
     /// DstackKms proxy.
     pub kms: Address,
+    /// Our own contracts' code plus `known_implementations`.
+    pub known: KnownCode,
     /// The rest as configured.
     pub cfg: ChainConfig,
 }
@@ -160,7 +184,51 @@ impl ChainConfig {
                 "use 64 (the default)",
             );
         }
+        for (i, k) in self.known_implementations.iter().enumerate() {
+            if k.name.trim().is_empty() {
+                push(
+                    "known_implementations",
+                    format!("entry {i} has an empty name"),
+                    "name the code, e.g. \"dstack DstackApp v0.5.3\"",
+                );
+            }
+            if k.code_hash.parse::<B256>().is_err() {
+                push(
+                    "known_implementations",
+                    format!("entry {i} ({}): code_hash is not 32 bytes of hex", k.name),
+                    "use the code_hash printed by `keywarden chain code-identity ADDRESS`",
+                );
+            }
+            if !k.immutable_offsets.is_sorted_by(|a, b| a < b) {
+                push(
+                    "known_implementations",
+                    format!(
+                        "entry {i} ({}): immutable_offsets are not strictly ascending",
+                        k.name
+                    ),
+                    "use the offsets printed by `keywarden chain code-identity ADDRESS`",
+                );
+            }
+        }
         out
+    }
+
+    /// Our own contracts' code plus the valid `known_implementations` entries.
+    pub fn known_code(&self) -> KnownCode {
+        let mut known = KnownCode::builtin();
+        for k in &self.known_implementations {
+            if let Ok(hash) = k.code_hash.parse() {
+                known.add(
+                    k.name.clone(),
+                    k.kind,
+                    CodeId {
+                        hash,
+                        immutables: k.immutable_offsets.clone(),
+                    },
+                );
+            }
+        }
+        known
     }
 
     /// The section as typed values; `None` when the mirror is off. Call after validation.
@@ -177,6 +245,7 @@ impl ChainConfig {
         Some(ResolvedChain {
             urls,
             kms,
+            known: self.known_code(),
             cfg: self.clone(),
         })
     }
@@ -197,6 +266,45 @@ mod tests {
         assert_eq!(p.len(), 3, "{p:?}");
         assert!(p.iter().all(|p| !p.fix.is_empty()));
         assert!(c.resolve().is_none());
+    }
+
+    #[test]
+    fn known_implementations_are_checked_and_added() {
+        let good = KnownImplementation {
+            name: "dstack DstackApp".into(),
+            kind: CodeKind::DstackApp,
+            code_hash: format!("{}", B256::repeat_byte(7)),
+            immutable_offsets: vec![10, 80],
+        };
+        let c = ChainConfig {
+            known_implementations: vec![
+                good.clone(),
+                KnownImplementation {
+                    name: " ".into(),
+                    code_hash: "0x12".into(),
+                    immutable_offsets: vec![5, 5],
+                    ..good.clone()
+                },
+            ],
+            ..ChainConfig::default()
+        };
+        let p = c.problems();
+        assert_eq!(p.len(), 3, "{p:?}");
+        let known = c.known_code();
+        let id = CodeId {
+            hash: B256::repeat_byte(7),
+            immutables: vec![10, 80],
+        };
+        assert_eq!(
+            known.classify(&id).map(|k| k.kind),
+            Some(CodeKind::DstackApp)
+        );
+        let parsed: ChainConfig = toml::from_str(
+            "[[known_implementations]]\nname = \"x\"\nkind = \"proxy\"\ncode_hash = \"0x0707070707070707070707070707070707070707070707070707070707070707\"\n",
+        )
+        .expect("parses");
+        assert_eq!(parsed.known_implementations[0].kind, CodeKind::Proxy);
+        assert!(parsed.problems().is_empty());
     }
 
     #[test]

@@ -95,7 +95,8 @@ pub const IMPLEMENTATION_SLOT: B256 =
 /// `requireTcbUpToDate`) accept.
 pub const TCB_UP_TO_DATE: &str = "UpToDate";
 
-/// Reason strings returned as `(false, reason)` by `isKmsAllowed` / `isAppAllowed`.
+/// Reason strings returned as `(false, reason)` by `isKmsAllowed` / `isAppAllowed`, byte for byte
+/// as dstack's contracts return them.
 ///
 /// Our test contracts return exactly these; keywarden's own policy evaluation must return the same
 /// strings so that it can be compared with the contracts call for call. An allowed boot returns
@@ -108,15 +109,15 @@ pub mod reason {
     /// `isKmsAllowed` check 3.
     pub const AGGREGATED_MR_NOT_ALLOWED: &str = "Aggregated MR not allowed";
     /// `isKmsAllowed` check 4.
-    pub const KMS_DEVICE_NOT_ALLOWED: &str = "KMS device ID not allowed";
+    pub const KMS_DEVICE_NOT_ALLOWED: &str = "KMS is not allowed to boot on this device";
     /// `DstackKms.isAppAllowed` check 1.
     pub const APP_NOT_REGISTERED: &str = "App not registered";
     /// `DstackKms.isAppAllowed` check 3 (registered address without code).
-    pub const APP_HAS_NO_CODE: &str = "App contract has no code";
+    pub const APP_HAS_NO_CODE: &str = "App not deployed or invalid address";
     /// `DstackApp.isAppAllowed` check 2.
     pub const COMPOSE_HASH_NOT_ALLOWED: &str = "Compose hash not allowed";
     /// `DstackApp.isAppAllowed` check 3 (skipped when `allowAnyDevice`).
-    pub const DEVICE_NOT_ALLOWED: &str = "Device ID not allowed";
+    pub const DEVICE_NOT_ALLOWED: &str = "Device not allowed";
     /// Every reason above, in declaration order.
     pub const ALL: [&str; 8] = [
         TCB_NOT_UP_TO_DATE,
@@ -136,8 +137,6 @@ pub mod reason {
 pub mod revert {
     /// `registerApp(address(0))`.
     pub const INVALID_APP_ID: &str = "Invalid app ID";
-    /// `registerApp` of an address already registered.
-    pub const APP_ALREADY_REGISTERED: &str = "App already registered";
     /// `deployAndRegisterApp` before `setAppImplementation`.
     pub const APP_IMPLEMENTATION_NOT_SET: &str = "DstackApp implementation not set";
     /// `deployAndRegisterApp` with `initialOwner == address(0)`.

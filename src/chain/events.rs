@@ -9,6 +9,7 @@
 use alloy::primitives::{Address, B256, Bytes};
 use alloy::sol_types::SolEvent;
 
+use super::code::CodeId;
 use super::contracts::{DstackApp as A, DstackKms as K};
 
 /// The pre-April-2025 name of `GatewayAppIdSet`, absent from the current ABI.
@@ -58,9 +59,33 @@ pub enum Event {
     /// `PolicyChanged(actor, policy, value, enabled)`: emitter, policy id, value, enabled. Applied
     /// idempotently next to the typed event it duplicates.
     PolicyChanged(Address, B256, B256, bool),
+    /// `Initialized(version)` from an app or the KMS: an initialiser ran, and may have set flags
+    /// without events, so the engine reads them again.
+    Initialized(Address),
     /// Not a log: the engine saw code at this app address with `eth_getCode` (an app registered
-    /// with `registerApp` that has emitted nothing yet). Stored as a synthetic row.
+    /// with `registerApp` that has emitted nothing yet). Stored as a synthetic row by releases
+    /// before code identities; still read.
     CodeObserved(Address),
+    /// Not a log: the identity of the code at an address (an app, the KMS, or an implementation),
+    /// read with `eth_getCode` at the row's block.
+    CodeIdentity(Address, CodeId),
+    /// Not a log: a proxy's ERC-1967 implementation slot as read at the row's block (zero: not a
+    /// proxy).
+    ImplementationObserved(Address, Address),
+    /// Not a log: an app's flags as read from the chain at the row's block (initialisers set them
+    /// without events).
+    FlagsObserved(Address, AppFlags),
+}
+
+/// The DstackApp flags an initialiser sets without events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AppFlags {
+    /// `allowAnyDevice()`.
+    pub allow_any_device: bool,
+    /// `requireTcbUpToDate()`.
+    pub require_tcb_up_to_date: bool,
+    /// The private upgrades-disabled flag (storage slot 1, byte 0).
+    pub upgrades_disabled: bool,
 }
 
 impl Event {
@@ -85,8 +110,50 @@ impl Event {
             Self::OwnershipTransferStarted(..) => "OwnershipTransferStarted",
             Self::OwnershipTransferred(..) => "OwnershipTransferred",
             Self::PolicyChanged(..) => "PolicyChanged",
+            Self::Initialized(_) => "Initialized",
             Self::CodeObserved(_) => CODE_OBSERVED,
+            Self::CodeIdentity(..) => CODE_IDENTITY,
+            Self::ImplementationObserved(..) => IMPLEMENTATION_OBSERVED,
+            Self::FlagsObserved(..) => FLAGS_OBSERVED,
         }
+    }
+
+    /// The raw data of a synthetic row (`None` for events that are logs).
+    pub fn synthetic_data(&self) -> Option<Vec<u8>> {
+        match self {
+            Self::CodeObserved(_) => Some(Vec::new()),
+            Self::CodeIdentity(_, id) => Some(id.encode()),
+            Self::ImplementationObserved(_, imp) => Some(imp.to_vec()),
+            Self::FlagsObserved(_, f) => Some(vec![
+                u8::from(f.allow_any_device),
+                u8::from(f.require_tcb_up_to_date),
+                u8::from(f.upgrades_disabled),
+            ]),
+            _ => None,
+        }
+    }
+
+    /// Reads a synthetic row back; `None` for another kind or malformed data.
+    pub fn from_synthetic(kind: &str, address: Address, data: &[u8]) -> Option<Self> {
+        Some(match kind {
+            CODE_OBSERVED => Self::CodeObserved(address),
+            CODE_IDENTITY => Self::CodeIdentity(address, CodeId::decode(data)?),
+            IMPLEMENTATION_OBSERVED => {
+                Self::ImplementationObserved(address, Address::try_from(data).ok()?)
+            }
+            FLAGS_OBSERVED => match data {
+                &[a, t, u] if a <= 1 && t <= 1 && u <= 1 => Self::FlagsObserved(
+                    address,
+                    AppFlags {
+                        allow_any_device: a == 1,
+                        require_tcb_up_to_date: t == 1,
+                        upgrades_disabled: u == 1,
+                    },
+                ),
+                _ => return None,
+            },
+            _ => return None,
+        })
     }
 
     /// The app this event newly makes known, if any.
@@ -100,6 +167,12 @@ impl Event {
 
 /// Kind of the synthetic [`Event::CodeObserved`] row.
 pub const CODE_OBSERVED: &str = "CodeObserved";
+/// Kind of the synthetic [`Event::CodeIdentity`] row.
+pub const CODE_IDENTITY: &str = "CodeIdentity";
+/// Kind of the synthetic [`Event::ImplementationObserved`] row.
+pub const IMPLEMENTATION_OBSERVED: &str = "ImplementationObserved";
+/// Kind of the synthetic [`Event::FlagsObserved`] row.
+pub const FLAGS_OBSERVED: &str = "FlagsObserved";
 
 /// Decodes one log emitted by `emitter` (`kms` is the watched DstackKms proxy; any other emitter
 /// is an app). `None` for topics the mirror does not use or a payload that does not decode.
@@ -123,6 +196,10 @@ pub fn decode(kms: Address, emitter: Address, topics: &[B256], data: &[u8]) -> O
         K::PolicyChanged::SIGNATURE_HASH => {
             let e = ev!(K::PolicyChanged);
             Event::PolicyChanged(emitter, e.policy, e.value, e.enabled)
+        }
+        K::Initialized::SIGNATURE_HASH => {
+            let _ = ev!(K::Initialized);
+            Event::Initialized(emitter)
         }
         // DstackKms only.
         t if from_kms => match t {
@@ -243,6 +320,31 @@ mod tests {
             decode(KMS, APP, &t, &d),
             Some(Event::ComposeHash(APP, B256::repeat_byte(7), false))
         );
+    }
+
+    #[test]
+    fn synthetic_rows_round_trip() {
+        let id = CodeId {
+            hash: B256::repeat_byte(3),
+            immutables: vec![10, 200],
+        };
+        let flags = AppFlags {
+            allow_any_device: true,
+            require_tcb_up_to_date: false,
+            upgrades_disabled: true,
+        };
+        for e in [
+            Event::CodeObserved(APP),
+            Event::CodeIdentity(APP, id),
+            Event::ImplementationObserved(APP, KMS),
+            Event::FlagsObserved(APP, flags),
+        ] {
+            let data = e.synthetic_data().expect("synthetic");
+            assert_eq!(Event::from_synthetic(e.kind(), APP, &data), Some(e));
+        }
+        assert_eq!(Event::from_synthetic(FLAGS_OBSERVED, APP, &[2, 0, 0]), None);
+        assert_eq!(Event::from_synthetic("AppRegistered", APP, &[]), None);
+        assert_eq!(Event::AppRegistered(APP).synthetic_data(), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use super::authz::{Decision, Reason};
+use super::authz::{Decision, Reason, Source};
 use super::mirror::MirrorSizes;
 
 /// JSON-RPC methods the engine calls.
@@ -27,6 +27,10 @@ pub enum Method {
     EthGetLogs,
     /// `eth_getCode`.
     EthGetCode,
+    /// `eth_getStorageAt`.
+    EthGetStorageAt,
+    /// `eth_call`.
+    EthCall,
 }
 
 impl Method {
@@ -37,14 +41,18 @@ impl Method {
             Self::EthGetBlockByNumber => "eth_getBlockByNumber",
             Self::EthGetLogs => "eth_getLogs",
             Self::EthGetCode => "eth_getCode",
+            Self::EthGetStorageAt => "eth_getStorageAt",
+            Self::EthCall => "eth_call",
         }
     }
 
-    const ALL: [Method; 4] = [
+    const ALL: [Method; 6] = [
         Self::EthChainId,
         Self::EthGetBlockByNumber,
         Self::EthGetLogs,
         Self::EthGetCode,
+        Self::EthGetStorageAt,
+        Self::EthCall,
     ];
 }
 
@@ -133,7 +141,15 @@ macro_rules! label_value {
     )*};
 }
 
-label_value!(Method, RpcOutcome, Check, MirrorSet, Reason);
+label_value!(
+    Method,
+    RpcOutcome,
+    Check,
+    MirrorSet,
+    Reason,
+    Source,
+    LiveOutcome
+);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -161,7 +177,43 @@ struct SetLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     check: Check,
+    source: Source,
     reason: Reason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LiveLabels {
+    contract: Check,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LiveCallLabels {
+    check: Check,
+    outcome: LiveOutcome,
+}
+
+/// How a live authorization call ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum LiveOutcome {
+    /// The chain answered.
+    Answered,
+    /// Served from the per-block cache.
+    Cached,
+    /// No answer (every endpoint failed or timed out, or the answer did not decode).
+    Failed,
+}
+
+impl LiveOutcome {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Answered => "answered",
+            Self::Cached => "cached",
+            Self::Failed => "failed",
+        }
+    }
+
+    const ALL: [LiveOutcome; 3] = [Self::Answered, Self::Cached, Self::Failed];
 }
 
 /// Chain and mirror metrics. Cheap to clone; clones update the same series.
@@ -184,6 +236,9 @@ pub struct ChainMetrics {
     failovers: Counter,
     mirror_entries: Family<SetLabels, Gauge>,
     decisions: Family<DecisionLabels, Counter>,
+    live_contracts: Family<LiveLabels, Gauge>,
+    live_calls: Family<LiveCallLabels, Counter>,
+    live_latency: Histogram,
 }
 
 fn latency_histogram() -> Histogram {
@@ -212,6 +267,9 @@ impl ChainMetrics {
             failovers: Counter::default(),
             mirror_entries: Family::default(),
             decisions: Family::default(),
+            live_contracts: Family::default(),
+            live_calls: Family::default(),
+            live_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
         };
         let r = registry;
         r.register("dstack_chain_head_block", "Newest block number the sync engine saw at the chain head (latest, before confirmations)", m.head_block.clone());
@@ -272,8 +330,23 @@ impl ChainMetrics {
         r.register("dstack_kms_mirror_entries", "Size of the mirror's sets: allowed aggregated MRs, KMS devices, OS images, registered apps, compose hashes (all apps)", m.mirror_entries.clone());
         r.register(
             "dstack_kms_mirror_decisions",
-            "Local isKmsAllowed/isAppAllowed decisions by check and reason",
+            "isKmsAllowed/isAppAllowed decisions of the chain backend by check, source (mirror: answered locally; eth_call: asked of the chain because the answering code is not known) and reason",
             m.decisions.clone(),
+        );
+        r.register(
+            "dstack_chain_live_evaluation_contracts",
+            "Contracts whose decisions are asked of the chain with eth_call because the code that answers for them is not known (contract: kms, or app = registered apps); above 0 means an unknown implementation is live",
+            m.live_contracts.clone(),
+        );
+        r.register(
+            "dstack_chain_live_calls",
+            "Live isKmsAllowed/isAppAllowed eth_calls by check and outcome (answered, cached within the block, failed: refused with auth_unavailable)",
+            m.live_calls.clone(),
+        );
+        r.register(
+            "dstack_chain_live_call_duration_seconds",
+            "Latency of live isKmsAllowed/isAppAllowed eth_calls that went to the chain (failover included)",
+            m.live_latency.clone(),
         );
 
         for endpoint in 0..u16::try_from(endpoints.max(1)).unwrap_or(u16::MAX) {
@@ -295,11 +368,44 @@ impl ChainMetrics {
         }
         m.set_sizes(&MirrorSizes::default());
         for check in [Check::Kms, Check::App] {
-            for reason in Reason::ALL {
-                let _ = m.decisions.get_or_create(&DecisionLabels { check, reason });
+            for source in [Source::Mirror, Source::EthCall] {
+                for reason in Reason::ALL {
+                    let _ = m.decisions.get_or_create(&DecisionLabels {
+                        check,
+                        source,
+                        reason,
+                    });
+                }
+            }
+            let _ = m
+                .live_contracts
+                .get_or_create(&LiveLabels { contract: check });
+            for outcome in LiveOutcome::ALL {
+                let _ = m
+                    .live_calls
+                    .get_or_create(&LiveCallLabels { check, outcome });
             }
         }
         m
+    }
+
+    /// Sets the number of contracts on live evaluation.
+    pub fn live_contracts(&self, kms: usize, apps: usize) {
+        for (contract, n) in [(Check::Kms, kms), (Check::App, apps)] {
+            self.live_contracts
+                .get_or_create(&LiveLabels { contract })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Counts a live call (and times it when it went to the chain).
+    pub fn live_call(&self, check: Check, outcome: LiveOutcome, seconds: Option<f64>) {
+        self.live_calls
+            .get_or_create(&LiveCallLabels { check, outcome })
+            .inc();
+        if let Some(s) = seconds {
+            self.live_latency.observe(s);
+        }
     }
 
     /// Records one RPC request.
@@ -381,6 +487,7 @@ impl ChainMetrics {
         self.decisions
             .get_or_create(&DecisionLabels {
                 check,
+                source: d.source,
                 reason: d.reason,
             })
             .inc();

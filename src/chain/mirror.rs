@@ -5,14 +5,67 @@
 //! rewind), then [`MirrorState::apply`]s each committed batch and publishes a snapshot through
 //! [`super::Mirror`]. Applying is pure (no I/O) and idempotent per event, so `PolicyChanged` can be
 //! applied next to the typed event it duplicates.
+//!
+//! The mirror also tracks which code answers for the KMS contract and for each app (the proxy's
+//! implementation, or the contract's own code) and whether that code is known
+//! ([`super::code::KnownCode`]): [`MirrorState::kms_evaluation`] / [`MirrorState::app_evaluation`]
+//! say whether a decision may be made locally or must be asked of the chain.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use alloy::primitives::{Address, B256, Bytes};
 use serde::Serialize;
 
+use super::code::{CodeId, CodeKind, Known, KnownCode};
 use super::contracts::{policy, policy_label};
 use super::events::Event;
+
+/// Where a contract's decisions come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Evaluation {
+    /// From the mirror: the code that answers is known.
+    Local,
+    /// From `eth_call` on the chain: the code that answers is unknown, unobserved or custom.
+    Live,
+}
+
+/// The identity of the code at an address, and what it is if known.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CodeInfo {
+    /// Its identity.
+    pub id: CodeId,
+    /// What it is, if it is in the known set.
+    pub known: Option<Known>,
+}
+
+/// The code that answers for a contract: its own, or its implementation's when it is a proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answering<'a> {
+    /// Known code.
+    Known(&'a Known, &'a CodeId),
+    /// Code outside the known set (its identity, if observed).
+    Unknown(Option<&'a CodeId>),
+}
+
+impl Answering<'_> {
+    /// The known kind, if any.
+    pub fn kind(&self) -> Option<CodeKind> {
+        match self {
+            Self::Known(k, _) => Some(k.kind),
+            Self::Unknown(_) => None,
+        }
+    }
+
+    /// The answering code's hash, if observed.
+    pub fn hash(&self) -> Option<B256> {
+        match self {
+            Self::Known(_, id) | Self::Unknown(Some(id)) => Some(id.hash),
+            Self::Unknown(None) => None,
+        }
+    }
+}
 
 /// Per-app policy of a DstackApp proxy.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -36,6 +89,8 @@ pub struct AppPolicy {
     /// The address is known to hold code (it emitted a log, was deployed by the factory, or
     /// `eth_getCode` said so).
     pub has_code: bool,
+    /// The flags were read from the chain (initialisers set them without events).
+    pub flags_observed: bool,
 }
 
 /// The DstackKms's own state.
@@ -66,6 +121,13 @@ pub struct KmsState {
 pub struct MirrorState {
     /// The watched DstackKms proxy.
     pub kms_address: Address,
+    /// The newest block applied (live calls are made at this block).
+    pub block: u64,
+    /// Code identities observed, by address (the KMS, apps and implementations).
+    pub code: HashMap<Address, CodeInfo>,
+    /// The code whose semantics the mirror reproduces.
+    #[serde(skip)]
+    pub known: Arc<KnownCode>,
     /// Its state.
     pub kms: KmsState,
     /// `registeredApps`.
@@ -106,11 +168,97 @@ fn nonzero(a: Address) -> Option<Address> {
 }
 
 impl MirrorState {
-    /// An empty mirror of the DstackKms at `kms_address`.
+    /// An empty mirror of the DstackKms at `kms_address` that knows only our own contracts.
     pub fn new(kms_address: Address) -> Self {
+        Self::with_known(kms_address, Arc::new(KnownCode::builtin()))
+    }
+
+    /// An empty mirror of the DstackKms at `kms_address` that knows `known`.
+    pub fn with_known(kms_address: Address, known: Arc<KnownCode>) -> Self {
         Self {
             kms_address,
+            known,
             ..Self::default()
+        }
+    }
+
+    /// The code that answers for `at`, whose proxy implementation (if any) is `implementation`.
+    pub fn answering(&self, at: Address, implementation: Option<Address>) -> Answering<'_> {
+        let info = |a: Address| self.code.get(&a);
+        let Some(own) = info(at) else {
+            return Answering::Unknown(None);
+        };
+        match &own.known {
+            Some(k) if k.kind == CodeKind::Proxy => match implementation.and_then(info) {
+                Some(CodeInfo { id, known: Some(k) }) => Answering::Known(k, id),
+                Some(CodeInfo { id, known: None }) => Answering::Unknown(Some(id)),
+                None => Answering::Unknown(None),
+            },
+            Some(k) => Answering::Known(k, &own.id),
+            None => Answering::Unknown(Some(&own.id)),
+        }
+    }
+
+    /// The code answering for the KMS contract.
+    pub fn kms_answering(&self) -> Answering<'_> {
+        self.answering(self.kms_address, self.kms.implementation)
+    }
+
+    /// The code answering for `app` (`None` if the mirror holds nothing for it).
+    pub fn app_answering(&self, app: Address) -> Option<Answering<'_>> {
+        let p = self.apps.get(&app)?;
+        Some(self.answering(app, p.implementation))
+    }
+
+    /// Whether `isKmsAllowed` (and the KMS part of `isAppAllowed`) may be answered locally.
+    pub fn kms_evaluation(&self) -> Evaluation {
+        match self.kms_answering().kind() {
+            Some(CodeKind::DstackKms) => Evaluation::Local,
+            _ => Evaluation::Live,
+        }
+    }
+
+    /// Whether `isAppAllowed` for `app` may be answered locally: the KMS code is known, and the
+    /// app is unregistered or without code (the KMS refuses it itself) or answered by known
+    /// DstackApp code.
+    pub fn app_evaluation(&self, app: Address) -> Evaluation {
+        if self.kms_evaluation() == Evaluation::Live {
+            return Evaluation::Live;
+        }
+        if !self.registered_apps.contains(&app) {
+            return Evaluation::Local;
+        }
+        match self.apps.get(&app) {
+            Some(p) if p.has_code => match self.answering(app, p.implementation).kind() {
+                Some(CodeKind::DstackApp) => Evaluation::Local,
+                _ => Evaluation::Live,
+            },
+            _ => Evaluation::Local,
+        }
+    }
+
+    /// Contracts whose decisions are asked of the chain: (KMS contract, registered apps).
+    pub fn live_counts(&self) -> (usize, usize) {
+        let kms = usize::from(self.kms_evaluation() == Evaluation::Live);
+        let apps = self
+            .registered_apps
+            .iter()
+            .filter(|a| self.app_evaluation(**a) == Evaluation::Live)
+            .count();
+        (kms, apps)
+    }
+
+    fn observe_code(&mut self, at: Address, id: &CodeId) {
+        let known = self.known.classify(id).cloned();
+        self.code.insert(
+            at,
+            CodeInfo {
+                id: id.clone(),
+                known,
+            },
+        );
+        if let Some(app) = self.apps.get_mut(&at) {
+            app.has_code = true;
         }
     }
 
@@ -177,6 +325,23 @@ impl MirrorState {
             Event::PolicyChanged(e, id, value, enabled) => {
                 self.apply_policy(*e, *id, *value, *enabled)
             }
+            // The engine reads the flags again at this block (a `FlagsObserved` row).
+            Event::Initialized(_) => {}
+            Event::CodeIdentity(a, id) => self.observe_code(*a, id),
+            Event::ImplementationObserved(e, imp) => {
+                if *e == kms {
+                    self.kms.implementation = nonzero(*imp);
+                } else {
+                    self.app(*e).implementation = nonzero(*imp);
+                }
+            }
+            Event::FlagsObserved(app, f) => {
+                let p = self.app(*app);
+                p.allow_any_device = f.allow_any_device;
+                p.require_tcb_up_to_date = f.require_tcb_up_to_date;
+                p.upgrades_disabled = f.upgrades_disabled;
+                p.flags_observed = true;
+            }
         }
     }
 
@@ -240,7 +405,8 @@ fn emitter(event: &Event) -> Option<Address> {
         | Event::Upgraded(e, _)
         | Event::OwnershipTransferStarted(e, _)
         | Event::OwnershipTransferred(e, _)
-        | Event::PolicyChanged(e, ..) => Some(*e),
+        | Event::PolicyChanged(e, ..)
+        | Event::Initialized(e) => Some(*e),
         _ => None,
     }
 }

@@ -14,6 +14,10 @@
 //! - [`mirror`]: the pure in-memory [`mirror::MirrorState`] that events are applied to.
 //! - [`authz`]: `isKmsAllowed` / `isAppAllowed` over a mirror, same order and reasons as the
 //!   contracts.
+//! - [`code`]: code identities (runtime code hash with the self-address immutables masked) and the
+//!   known set whose semantics the mirror reproduces.
+//! - [`live`]: `isKmsAllowed` / `isAppAllowed` asked of the chain (`eth_call`) for contracts whose
+//!   answering code is not known, cached per block.
 //! - [`view`]: the published [`Mirror`] the KMS path reads, with its freshness bound.
 //! - [`rpc`]: the endpoint pool (health-scored failover, backoff, per-request timeout).
 //! - [`sync`]: the sync engine task (bounded `eth_getLogs` ranges, one transaction per batch,
@@ -25,14 +29,17 @@
 //! Flow: `contracts/src/*.sol` (our own Solidity, same ABI and check order as dstack's contracts)
 //! → `node contracts/build.mjs` (offline solc) → `contracts/out/*.json` + `contracts-abi/*.json`
 //! (committed) → `sol!` bindings here. At run time: RPC pool → sync engine → store (events,
-//! block hashes, checkpoint) → mirror → authorization.
+//! block hashes, checkpoint) → mirror → authorization, locally for known code, by `eth_call` for
+//! the rest.
 
 pub mod authz;
 pub mod cli;
+pub mod code;
 pub mod config;
 pub mod contracts;
 pub mod deploy;
 pub mod events;
+pub mod live;
 pub mod metrics;
 pub mod mirror;
 pub mod report;
@@ -44,6 +51,32 @@ pub mod view;
 pub use config::ChainConfig;
 pub use deploy::{Deployment, deploy, deploy_with_timeout};
 pub use view::Mirror;
+
+use std::sync::Arc;
+
+/// The published mirror of `chain` and the engine that feeds it, sharing one RPC pool with the
+/// live authorization path.
+pub fn follow(
+    chain: config::ResolvedChain,
+    store: crate::store::Store,
+    readiness: crate::runtime::Readiness,
+    metrics: metrics::ChainMetrics,
+) -> (Arc<Mirror>, sync::SyncEngine) {
+    let rpc = Arc::new(rpc::RpcPool::new(
+        &chain.urls,
+        chain.cfg.request_timeout,
+        metrics.clone(),
+    ));
+    let live = live::LiveAuthz::new(rpc.clone(), chain.kms, metrics.clone());
+    let mirror = Arc::new(Mirror::new(
+        mirror::MirrorState::with_known(chain.kms, Arc::new(chain.known.clone())),
+        chain.cfg.max_staleness,
+        metrics.clone(),
+        Some(live),
+    ));
+    let engine = sync::SyncEngine::new(chain, store, rpc, mirror.clone(), readiness, metrics);
+    (mirror, engine)
+}
 
 /// Errors of the on-chain module.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +137,12 @@ pub enum ChainError {
         /// Reported by `eth_chainId`.
         actual: u64,
     },
+    /// An address holds no code.
+    #[error("{0} holds no code at the latest block")]
+    NoCode(alloy::primitives::Address),
+    /// A live `eth_call` answered something that is not `(bool, string)`.
+    #[error("the chain's answer does not decode as (bool, string): {0}")]
+    UndecodableAnswer(String),
     /// A range's logs and blocks disagree (the chain moved while it was read); it is retried.
     #[error("inconsistent range: {0}")]
     InconsistentRange(String),

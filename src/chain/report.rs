@@ -12,11 +12,12 @@ use alloy::providers::Provider;
 use serde_json::{Value, json};
 
 use super::ChainError;
+use super::code::identify;
 use super::config::ChainConfig;
 use super::metrics::{ChainMetrics, Method};
-use super::mirror::MirrorState;
+use super::mirror::{Answering, Evaluation, MirrorState};
 use super::rpc::RpcPool;
-use super::sync::rebuild;
+use super::sync::rebuild_with;
 use crate::store::Store;
 
 fn sorted<T: ToString>(items: &HashSet<T>) -> Vec<String> {
@@ -27,6 +28,16 @@ fn sorted<T: ToString>(items: &HashSet<T>) -> Vec<String> {
 
 fn opt(a: Option<Address>) -> Value {
     a.map_or(Value::Null, |a| json!(a.to_string()))
+}
+
+/// The code answering for a contract and where its decisions come from.
+fn code_json(answering: Option<Answering<'_>>, evaluation: Evaluation) -> Value {
+    let (hash, known) = match answering {
+        Some(Answering::Known(k, id)) => (json!(id.hash.to_string()), json!(k.name)),
+        Some(Answering::Unknown(Some(id))) => (json!(id.hash.to_string()), Value::Null),
+        Some(Answering::Unknown(None)) | None => (Value::Null, Value::Null),
+    };
+    json!({ "code_hash": hash, "known_as": known, "evaluation": evaluation })
 }
 
 /// The mirror as JSON with sorted lists.
@@ -48,9 +59,11 @@ pub fn state_json(m: &MirrorState) -> Value {
                 "allow_any_device": p.allow_any_device,
                 "require_tcb_up_to_date": p.require_tcb_up_to_date,
                 "upgrades_disabled": p.upgrades_disabled,
+                "code": code_json(m.app_answering(*address), m.app_evaluation(*address)),
             })
         })
         .collect();
+    let (live_kms, live_apps) = m.live_counts();
     let k = &m.kms;
     json!({
         "kms": {
@@ -64,7 +77,9 @@ pub fn state_json(m: &MirrorState) -> Value {
             "allowed_aggregated_mrs": sorted::<B256>(&k.allowed_aggregated_mrs),
             "devices": sorted::<B256>(&k.devices),
             "os_images": sorted::<B256>(&k.os_images),
+            "code": code_json(Some(m.kms_answering()), m.kms_evaluation()),
         },
+        "live_evaluation": { "kms": live_kms, "apps": live_apps },
         "sizes": m.sizes(),
         "apps": apps,
     })
@@ -133,18 +148,51 @@ async fn probe(chain: &ChainConfig) -> Vec<Value> {
     out
 }
 
-/// Every chain's mirror, rebuilt from the stored events.
-pub async fn state(store: &Store) -> Result<Value, ChainError> {
+/// Every chain's mirror, rebuilt from the stored events, judged with `chain`'s known code.
+pub async fn state(store: &Store, chain: &ChainConfig) -> Result<Value, ChainError> {
+    let known = std::sync::Arc::new(chain.known_code());
     let mut chains = Vec::new();
     for c in store.chain_checkpoints().await? {
         let events = store.chain_events(c.chain_id).await?;
-        let mirror = rebuild(c.kms_contract, &events);
+        let mirror = rebuild_with(c.kms_contract, known.clone(), &events);
         let mut v = state_json(&mirror);
         v["chain_id"] = json!(c.chain_id);
         v["processed_block"] = json!(c.processed_block);
         chains.push(v);
     }
     Ok(json!({ "chains": chains }))
+}
+
+/// The code identity of `address` as a ready `[[chain.known_implementations]]` entry, read with
+/// `eth_getCode` through `chain`'s endpoints.
+pub async fn code_identity(chain: &ChainConfig, address: Address) -> Result<Value, ChainError> {
+    let urls: Vec<url::Url> = chain
+        .rpc_urls
+        .iter()
+        .filter_map(|u| url::Url::parse(u).ok())
+        .collect();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let pool = RpcPool::new(
+        &urls,
+        chain.request_timeout,
+        ChainMetrics::new(&mut registry, urls.len()),
+    );
+    let code = pool
+        .call(Method::EthGetCode, |p| async move {
+            p.get_code_at(address).await
+        })
+        .await?;
+    let Some(id) = identify(&code, address) else {
+        return Err(ChainError::NoCode(address));
+    };
+    let known = chain.known_code();
+    Ok(json!({
+        "address": address.to_string(),
+        "code_bytes": code.len(),
+        "code_hash": id.hash.to_string(),
+        "immutable_offsets": id.immutables,
+        "known_as": known.classify(&id).map(|k| k.name.clone()),
+    }))
 }
 
 /// JSON as indented `key: value` lines.

@@ -14,19 +14,23 @@
 //! completed` log line per batch. A restart resumes at the checkpoint, so an interrupted batch is
 //! fetched again and never half-applied.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use alloy::eips::BlockNumberOrTag;
-use alloy::primitives::{Address, B256};
+use alloy::eips::{BlockId, BlockNumberOrTag};
+use alloy::primitives::{Address, B256, U256};
 use alloy::providers::Provider;
-use alloy::rpc::types::{Filter, Log};
+use alloy::rpc::types::{Filter, Log, TransactionRequest};
+use alloy::sol_types::SolCall;
+use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::ChainError;
+use super::code::{CodeId, CodeKind, KnownCode, identify};
 use super::config::{Finality, ResolvedChain};
-use super::events::{self, Event};
+use super::contracts::{DstackApp, IMPLEMENTATION_SLOT};
+use super::events::{self, AppFlags, Event};
 use super::metrics::{ChainMetrics, Method};
 use super::mirror::MirrorState;
 use super::rpc::RpcPool;
@@ -50,6 +54,20 @@ const READINESS_REFRESH: std::time::Duration = std::time::Duration::from_millis(
 /// Synthetic rows sort after every real log of their block.
 const SYNTHETIC_LOG_INDEX: u64 = 1 << 32;
 
+/// Chain reads of one batch's observations in flight at once.
+const OBSERVATIONS_IN_FLIGHT: usize = 16;
+
+/// DstackApp's storage slot holding the upgrades-disabled flag (byte 0) and `allowAnyDevice`
+/// (byte 1), as in dstack's layout.
+const UPGRADES_DISABLED_SLOT: u64 = 1;
+
+/// A synthetic row to be written at `block` (whose hash is `hash`).
+struct Observed {
+    block: u64,
+    hash: B256,
+    event: Event,
+}
+
 /// A block as the engine needs it.
 #[derive(Debug, Clone, Copy)]
 struct BlockRef {
@@ -64,6 +82,7 @@ pub struct SyncEngine {
     chain: ResolvedChain,
     store: Store,
     rpc: Arc<RpcPool>,
+    known: Arc<KnownCode>,
     mirror: Arc<Mirror>,
     readiness: Readiness,
     metrics: ChainMetrics,
@@ -97,37 +116,87 @@ fn unix_now() -> i64 {
 }
 
 fn decode_stored(kms: Address, e: &StoredEvent) -> Option<Event> {
-    if e.kind == events::CODE_OBSERVED {
-        return Some(Event::CodeObserved(e.address));
+    if e.topics.is_empty() {
+        return Event::from_synthetic(&e.kind, e.address, &e.data);
     }
     events::decode(kms, e.address, &e.topics, &e.data)
 }
 
-/// Rebuilds the mirror of `kms` from stored events (start-up, rewinds, `chain state`).
+/// Rebuilds the mirror of `kms` from stored events, knowing only our own contracts' code.
 pub fn rebuild(kms: Address, stored: &[StoredEvent]) -> MirrorState {
-    let mut state = MirrorState::new(kms);
+    rebuild_with(kms, Arc::new(KnownCode::builtin()), stored)
+}
+
+/// Rebuilds the mirror of `kms` from stored events (start-up, rewinds, `chain state`).
+pub fn rebuild_with(kms: Address, known: Arc<KnownCode>, stored: &[StoredEvent]) -> MirrorState {
+    let mut state = MirrorState::with_known(kms, known);
     for e in stored.iter().filter_map(|e| decode_stored(kms, e)) {
         state.apply(&e);
     }
+    state.block = stored.last().map_or(0, |e| e.block_number);
     state
 }
 
+/// What a batch's observations must read, walked in chain order: whether `app` is answered by
+/// known DstackApp code, with the batch's code identities and upgrades applied on top of the
+/// mirror.
+struct Overlay<'a> {
+    base: &'a MirrorState,
+    code: HashMap<Address, Option<CodeKind>>,
+    implementation: HashMap<Address, Option<Address>>,
+}
+
+impl Overlay<'_> {
+    fn kind(&self, a: Address) -> Option<CodeKind> {
+        match self.code.get(&a) {
+            Some(k) => *k,
+            None => self.base.code.get(&a)?.known.as_ref().map(|k| k.kind),
+        }
+    }
+
+    fn is_dstack_app(&self, app: Address) -> bool {
+        let answering = match self.kind(app) {
+            Some(CodeKind::Proxy) => {
+                let imp = match self.implementation.get(&app) {
+                    Some(i) => *i,
+                    None => self.base.apps.get(&app).and_then(|p| p.implementation),
+                };
+                imp.and_then(|i| self.kind(i))
+            }
+            other => other,
+        };
+        answering == Some(CodeKind::DstackApp)
+    }
+
+    fn apply(&mut self, e: &Event) {
+        match e {
+            Event::CodeIdentity(a, id) => {
+                let kind = self.base.known.classify(id).map(|k| k.kind);
+                self.code.insert(*a, kind);
+            }
+            Event::Upgraded(a, imp) | Event::ImplementationObserved(a, imp) => {
+                self.implementation
+                    .insert(*a, (!imp.is_zero()).then_some(*imp));
+            }
+            _ => {}
+        }
+    }
+}
+
 impl SyncEngine {
-    /// An engine for `chain`, publishing into `mirror`.
+    /// An engine for `chain` reading through `rpc`, publishing into `mirror`, evaluating `known`
+    /// code locally.
     pub fn new(
         chain: ResolvedChain,
         store: Store,
+        rpc: Arc<RpcPool>,
         mirror: Arc<Mirror>,
         readiness: Readiness,
         metrics: ChainMetrics,
     ) -> Self {
-        let rpc = Arc::new(RpcPool::new(
-            &chain.urls,
-            chain.cfg.request_timeout,
-            metrics.clone(),
-        ));
         readiness.register(READINESS_COMPONENT);
         Self {
+            known: mirror.snapshot().known.clone(),
             chain,
             store,
             rpc,
@@ -156,6 +225,300 @@ impl SyncEngine {
         self.block(tag)
             .await?
             .ok_or_else(|| ChainError::MissingBlock(tag.to_string()))
+    }
+
+    /// The identity of the code at `at` as of `block` (`None`: no code).
+    async fn code_id(&self, at: Address, block: u64) -> Result<Option<CodeId>, ChainError> {
+        let code = self
+            .rpc
+            .call(Method::EthGetCode, |p| async move {
+                p.get_code_at(at).number(block).await
+            })
+            .await?;
+        Ok(identify(&code, at))
+    }
+
+    async fn storage(&self, at: Address, slot: U256, block: u64) -> Result<U256, ChainError> {
+        self.rpc
+            .call(Method::EthGetStorageAt, |p| async move {
+                p.get_storage_at(at, slot).number(block).await
+            })
+            .await
+    }
+
+    /// A view call on `app` at `block` returning one bool.
+    async fn flag<C: SolCall<Return = bool>>(
+        &self,
+        app: Address,
+        call: C,
+        block: u64,
+    ) -> Result<bool, ChainError> {
+        let tx = TransactionRequest::default()
+            .to(app)
+            .input(call.abi_encode().into());
+        let tx = &tx;
+        let raw = self
+            .rpc
+            .call(Method::EthCall, |p| async move {
+                p.call(tx.clone()).block(BlockId::number(block)).await
+            })
+            .await?;
+        C::abi_decode_returns(&raw).map_err(|e| ChainError::UndecodableAnswer(e.to_string()))
+    }
+
+    /// The DstackApp flags initialisers set without events: the getters, and the upgrades-disabled
+    /// flag (no getter) from storage, as of `block`.
+    async fn app_flags(&self, app: Address, block: u64) -> Result<AppFlags, ChainError> {
+        let (allow_any_device, require_tcb_up_to_date, slot) = tokio::try_join!(
+            self.flag(app, DstackApp::allowAnyDeviceCall {}, block),
+            self.flag(app, DstackApp::requireTcbUpToDateCall {}, block),
+            self.storage(app, U256::from(UPGRADES_DISABLED_SLOT), block),
+        )?;
+        Ok(AppFlags {
+            allow_any_device,
+            require_tcb_up_to_date,
+            upgrades_disabled: slot.byte(0) != 0,
+        })
+    }
+
+    /// A contract as first seen at `block`: its code identity, and for a proxy its implementation
+    /// slot and (unless already identified) the implementation's code identity.
+    async fn observe_contract(
+        &self,
+        at: Address,
+        block: u64,
+        identified: &HashSet<Address>,
+    ) -> Result<Vec<Event>, ChainError> {
+        let Some(id) = self.code_id(at, block).await? else {
+            return Ok(Vec::new());
+        };
+        let slot = self.storage(at, IMPLEMENTATION_SLOT.into(), block).await?;
+        let imp = Address::from_word(B256::from(slot));
+        let mut out = vec![
+            Event::CodeIdentity(at, id),
+            Event::ImplementationObserved(at, imp),
+        ];
+        if !imp.is_zero()
+            && !identified.contains(&imp)
+            && let Some(imp_id) = self.code_id(imp, block).await?
+        {
+            out.push(Event::CodeIdentity(imp, imp_id));
+        }
+        Ok(out)
+    }
+
+    /// Reads what events cannot tell, for the rows of one batch (or, at start-up, for a mirror
+    /// built by an older release): the code of apps first seen here (and the implementations
+    /// they point at), the code of every implementation an `Upgraded` names, and the flags of
+    /// each app answered by known DstackApp code wherever it was discovered, upgraded or
+    /// re-initialised. Each observation is made at the block of its trigger.
+    async fn observe(
+        &self,
+        state: &MirrorState,
+        rows: &[(StoredEvent, Event)],
+        first_seen: &[(Address, u64, B256)],
+    ) -> Result<Vec<Observed>, ChainError> {
+        let mut identified: HashSet<Address> = state.code.keys().copied().collect();
+        // Phase 1: code identities (independent reads, run concurrently).
+        enum Job {
+            Contract(Address),
+            Code(Address),
+        }
+        let mut jobs: Vec<(Job, u64, B256)> = first_seen
+            .iter()
+            .map(|&(a, block, hash)| (Job::Contract(a), block, hash))
+            .collect();
+        identified.extend(first_seen.iter().map(|(a, ..)| *a));
+        for (s, e) in rows {
+            if let Event::Upgraded(_, imp) = e
+                && identified.insert(*imp)
+            {
+                jobs.push((Job::Code(*imp), s.block_number, s.block_hash));
+            }
+        }
+        let identified = &identified;
+        let code: Vec<Observed> = futures::stream::iter(jobs)
+            .map(|(job, block, hash)| async move {
+                let events = match job {
+                    Job::Contract(a) => self.observe_contract(a, block, identified).await?,
+                    Job::Code(a) => self
+                        .code_id(a, block)
+                        .await?
+                        .map(|id| Event::CodeIdentity(a, id))
+                        .into_iter()
+                        .collect(),
+                };
+                Ok::<_, ChainError>(
+                    events
+                        .into_iter()
+                        .map(|event| Observed { block, hash, event })
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .buffered(OBSERVATIONS_IN_FLIGHT)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+
+        // Phase 2: walk the rows and the code observations in chain order; at the end of each
+        // block, every app discovered, upgraded or initialised in it that known DstackApp code
+        // answers gets its flags read at that block.
+        let mut triggers: BTreeMap<u64, (B256, BTreeSet<Address>)> = BTreeMap::new();
+        for &(a, block, hash) in first_seen {
+            if a != state.kms_address {
+                triggers
+                    .entry(block)
+                    .or_insert((hash, BTreeSet::new()))
+                    .1
+                    .insert(a);
+            }
+        }
+        for (s, e) in rows {
+            if let Event::Upgraded(a, _) | Event::Initialized(a) = e
+                && *a != state.kms_address
+            {
+                triggers
+                    .entry(s.block_number)
+                    .or_insert((s.block_hash, BTreeSet::new()))
+                    .1
+                    .insert(*a);
+            }
+        }
+        let mut overlay = Overlay {
+            base: state,
+            code: HashMap::new(),
+            implementation: HashMap::new(),
+        };
+        let mut walk: Vec<(u64, &Event)> = rows
+            .iter()
+            .map(|(s, e)| (s.block_number, e))
+            .chain(code.iter().map(|o| (o.block, &o.event)))
+            .collect();
+        walk.sort_by_key(|(block, _)| *block);
+        let mut reads = Vec::new();
+        let mut i = 0;
+        for (&block, (hash, apps)) in &triggers {
+            while i < walk.len() && walk[i].0 <= block {
+                overlay.apply(walk[i].1);
+                i += 1;
+            }
+            reads.extend(
+                apps.iter()
+                    .filter(|a| overlay.is_dstack_app(**a))
+                    .map(|a| (*a, block, *hash)),
+            );
+        }
+        let flags: Vec<Observed> = futures::stream::iter(reads)
+            .map(|(app, block, hash)| async move {
+                Ok::<_, ChainError>(Observed {
+                    block,
+                    hash,
+                    event: Event::FlagsObserved(app, self.app_flags(app, block).await?),
+                })
+            })
+            .buffered(OBSERVATIONS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        Ok(code.into_iter().chain(flags).collect())
+    }
+
+    /// Identifies, at the processed block, what a mirror built by an older release never
+    /// observed: the KMS contract's code, apps with code but no identity, implementations
+    /// without one, and the flags of DstackApp-answered apps. Commits the rows (checkpoint
+    /// unchanged) and returns the new state; `None` when nothing was missing.
+    async fn classify_unobserved(
+        &self,
+        c: &Cursor,
+        stored: &[StoredEvent],
+    ) -> Result<Option<MirrorState>, ChainError> {
+        let s = &c.state;
+        let block = c.checkpoint.processed_block;
+        if block < c.checkpoint.start_block {
+            return Ok(None);
+        }
+        let Some(&(_, hash, _)) = self.store.chain_recent_blocks(c.chain_id).await?.first() else {
+            return Ok(None);
+        };
+        let unidentified = |a: &Address| !s.code.contains_key(a);
+        let mut first_seen: Vec<(Address, u64, B256)> = std::iter::once(s.kms_address)
+            .chain(
+                s.registered_apps
+                    .iter()
+                    .copied()
+                    .filter(|a| s.apps.get(a).is_some_and(|p| p.has_code)),
+            )
+            .filter(unidentified)
+            .map(|a| (a, block, hash))
+            .collect();
+        first_seen.sort();
+        // Apps already identified whose flags were never read, and implementations never
+        // identified, are treated like an upgrade at this block.
+        let mut rows: Vec<(StoredEvent, Event)> = Vec::new();
+        let pseudo = |event: Event| {
+            (
+                StoredEvent {
+                    block_number: block,
+                    log_index: 0,
+                    block_hash: hash,
+                    address: Address::ZERO,
+                    kind: String::new(),
+                    topics: Vec::new(),
+                    data: Vec::new(),
+                },
+                event,
+            )
+        };
+        if let Some(imp) = s.kms.implementation.filter(|i| unidentified(i)) {
+            rows.push(pseudo(Event::Upgraded(s.kms_address, imp)));
+        }
+        for a in &s.registered_apps {
+            let Some(p) = s
+                .apps
+                .get(a)
+                .filter(|p| p.has_code && s.code.contains_key(a))
+            else {
+                continue;
+            };
+            if let Some(imp) = p.implementation.filter(|i| unidentified(i)) {
+                rows.push(pseudo(Event::Upgraded(*a, imp)));
+            } else if !p.flags_observed {
+                rows.push(pseudo(Event::Initialized(*a)));
+            }
+        }
+        if first_seen.is_empty() && rows.is_empty() {
+            return Ok(None);
+        }
+        let observed = self.observe(s, &rows, &first_seen).await?;
+        let next_index = stored
+            .iter()
+            .filter(|e| e.block_number == block)
+            .map(|e| e.log_index + 1)
+            .max()
+            .unwrap_or(0)
+            .max(SYNTHETIC_LOG_INDEX);
+        let synthetic = synthetic_rows(observed, next_index);
+        let mut state = (**s).clone();
+        for (_, e) in &synthetic {
+            state.apply(e);
+        }
+        let events: Vec<StoredEvent> = synthetic.into_iter().map(|(s, _)| s).collect();
+        self.store
+            .chain_commit_batch(&BatchWrite {
+                checkpoint: &c.checkpoint,
+                events: &events,
+                blocks: &[],
+                prune_below: 0,
+            })
+            .await?;
+        tracing::info!(
+            chain_id = c.chain_id,
+            block,
+            rows = events.len(),
+            "chain mirror: code and flags of contracts observed by an older release read at the processed block"
+        );
+        Ok(Some(state))
     }
 
     /// Opens the cursor: chain id, checkpoint (reset if new or for another KMS), mirror rebuilt.
@@ -201,14 +564,14 @@ impl SyncEngine {
             }
         };
         let stored = self.store.chain_events(chain_id).await?;
-        let state = rebuild(kms, &stored);
+        let state = rebuild_with(kms, self.known.clone(), &stored);
         let processed_timestamp = self
             .store
             .chain_recent_blocks(chain_id)
             .await?
             .first()
             .map_or(0, |b| u64::try_from(b.2).unwrap_or(0));
-        let cursor = Cursor {
+        let mut cursor = Cursor {
             chain_id,
             addresses: addresses_of(&state),
             state: Arc::new(state),
@@ -216,6 +579,10 @@ impl SyncEngine {
             batch_blocks: self.chain.cfg.max_batch_blocks,
             processed_timestamp,
         };
+        if let Some(mut state) = self.classify_unobserved(&cursor, &stored).await? {
+            state.block = cursor.checkpoint.processed_block;
+            cursor.state = Arc::new(state);
+        }
         self.mirror.publish(cursor.state.clone());
         tracing::info!(
             chain_id,
@@ -290,7 +657,8 @@ impl SyncEngine {
             }
         }
         let stored = self.store.chain_events(c.chain_id).await?;
-        let state = rebuild(self.chain.kms, &stored);
+        let mut state = rebuild_with(self.chain.kms, self.known.clone(), &stored);
+        state.block = c.checkpoint.processed_block;
         c.addresses = addresses_of(&state);
         c.state = Arc::new(state);
         self.mirror.publish(c.state.clone());
@@ -450,7 +818,6 @@ impl SyncEngine {
                 _ => None,
             })
             .collect();
-        let mut synthetic = SYNTHETIC_LOG_INDEX;
         for app in new_apps.iter().copied().filter(|a| !factory.contains(a)) {
             let code = self
                 .rpc
@@ -463,27 +830,42 @@ impl SyncEngine {
             }
             let history = self.history(app, c.checkpoint.start_block, from).await?;
             rows.extend(rows_of(kms, &history, &last)?);
-            let event = Event::CodeObserved(app);
-            rows.push((
-                StoredEvent {
-                    block_number: to,
-                    log_index: synthetic,
-                    block_hash: last.hash,
-                    address: app,
-                    kind: event.kind().to_owned(),
-                    topics: Vec::new(),
-                    data: Vec::new(),
-                },
-                event,
-            ));
-            synthetic += 1;
         }
         rows.sort_by_key(|(s, _)| (s.block_number, s.log_index));
         rows.dedup_by_key(|(s, _)| (s.block_number, s.log_index));
+
+        // What events cannot tell, read at the block of each trigger: the KMS contract's code
+        // (until it is seen), the code of each new app where it was registered, of every
+        // implementation an upgrade names, and the flags initialisers set silently.
+        let mut first_seen: Vec<(Address, u64, B256)> = Vec::new();
+        if !c.state.code.contains_key(&kms) {
+            first_seen.push((kms, to, last.hash));
+        }
+        // An app registered before it had code is identified at its first log.
+        for (s, _) in &rows {
+            if s.address != kms
+                && c.addresses.contains(&s.address)
+                && !c.state.code.contains_key(&s.address)
+                && !first_seen.iter().any(|(a, ..)| *a == s.address)
+            {
+                first_seen.push((s.address, s.block_number, s.block_hash));
+            }
+        }
+        for app in &new_apps {
+            let (block, hash) = rows
+                .iter()
+                .find(|(_, e)| e.discovered_app() == Some(*app))
+                .map_or((to, last.hash), |(s, _)| (s.block_number, s.block_hash));
+            first_seen.push((*app, block, hash));
+        }
+        let observed = self.observe(&c.state, &rows, &first_seen).await?;
+        rows.extend(synthetic_rows(observed, SYNTHETIC_LOG_INDEX));
+        rows.sort_by_key(|(s, _)| (s.block_number, s.log_index));
         let mut next_state = (*c.state).clone();
         for (_, e) in &rows {
             next_state.apply(e);
         }
+        next_state.block = to;
 
         let stored: Vec<StoredEvent> = rows.into_iter().map(|(s, _)| s).collect();
         let mut checkpoint = c.checkpoint.clone();
@@ -677,6 +1059,39 @@ fn rows_of(
         ));
     }
     Ok(rows)
+}
+
+/// Observations as stored rows: per block, indexes from `base` up, after every log of the block.
+fn synthetic_rows(observed: Vec<Observed>, base: u64) -> Vec<(StoredEvent, Event)> {
+    let mut next: HashMap<u64, u64> = HashMap::new();
+    observed
+        .into_iter()
+        .filter_map(|o| {
+            let data = o.event.synthetic_data()?;
+            let address = match &o.event {
+                Event::CodeObserved(a)
+                | Event::CodeIdentity(a, _)
+                | Event::ImplementationObserved(a, _)
+                | Event::FlagsObserved(a, _) => *a,
+                _ => return None,
+            };
+            let index = next.entry(o.block).or_insert(base);
+            let log_index = *index;
+            *index += 1;
+            Some((
+                StoredEvent {
+                    block_number: o.block,
+                    log_index,
+                    block_hash: o.hash,
+                    address,
+                    kind: o.event.kind().to_owned(),
+                    topics: Vec::new(),
+                    data,
+                },
+                o.event,
+            ))
+        })
+        .collect()
 }
 
 fn addresses_of(state: &MirrorState) -> BTreeSet<Address> {

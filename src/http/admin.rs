@@ -130,7 +130,7 @@ async fn chain_state(
         Some(m) => serde_json::json!({
             "chains": [crate::chain::report::state_json(&m.snapshot())],
         }),
-        None => crate::chain::report::state(&state.store)
+        None => crate::chain::report::state(&state.store, &state.config.chain)
             .await
             .map_err(chain_unavailable)?,
     };

@@ -180,17 +180,26 @@ impl Authorizer for ChainAuthorizer {
         Box::pin(async move {
             let q = auth_query(boot);
             let d = if is_kms {
-                self.mirror.authorize_kms(&q)
+                self.mirror.authorize_kms(&q).await
             } else {
-                self.mirror.authorize_app(&q)
+                self.mirror.authorize_app(&q).await
             };
-            if d.reason == crate::chain::authz::Reason::ChainStateStale {
-                return Err(AuthError::Stale(format!(
-                    "the mirror has not caught up with the chain within max_staleness (last caught up {})",
-                    self.mirror
-                        .staleness()
-                        .map_or("never".into(), |s| format!("{} s ago", s.as_secs()))
-                )));
+            match d.reason {
+                crate::chain::authz::Reason::ChainStateStale => {
+                    return Err(AuthError::Stale(format!(
+                        "the mirror has not caught up with the chain within max_staleness (last caught up {})",
+                        self.mirror
+                            .staleness()
+                            .map_or("never".into(), |s| format!("{} s ago", s.as_secs()))
+                    )));
+                }
+                crate::chain::authz::Reason::AuthUnavailable => {
+                    return Err(AuthError::Unavailable(format!(
+                        "the answering contract's code is not known and the chain did not answer: {}",
+                        d.detail.as_deref().unwrap_or("no detail")
+                    )));
+                }
+                _ => {}
             }
             Ok(AuthDecision {
                 allowed: d.allowed,
