@@ -8,6 +8,9 @@ mod common;
 mod support;
 #[path = "support/test_contracts.rs"]
 mod test_contracts;
+#[macro_use]
+#[path = "support/chain_engine.rs"]
+mod chain_engine;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,188 +19,19 @@ use std::time::{Duration, Instant};
 use alloy::eips::BlockId;
 use alloy::network::TransactionBuilder;
 use alloy::primitives::{Address, B256, Bytes};
+use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
-use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::TransactionRequest;
 use alloy::rpc::types::anvil::{ReorgOptions, TransactionData};
 use alloy::sol_types::{SolCall, SolValue};
+use chain_engine::{Chain, WAIT, chain, deployed_app, engine, h, sqlite_store};
 use keywarden::chain::authz::{AuthQuery, Reason, Source};
 use keywarden::chain::contracts::{DstackApp, DstackKms, IMPLEMENTATION_SLOT, TCB_UP_TO_DATE};
-use keywarden::chain::metrics::ChainMetrics;
+use keywarden::chain::deploy;
 use keywarden::chain::mirror::{Evaluation, MirrorState};
 use keywarden::chain::sync::rebuild;
-use keywarden::chain::{ChainConfig, Deployment, Mirror, deploy};
 use keywarden::config::{DatabaseTarget, StorageConfig};
-use keywarden::runtime::{Readiness, Task};
 use keywarden::store::Store;
-use prometheus_client::registry::Registry;
-use support::anvil::Anvil;
-use tokio_util::sync::CancellationToken;
-
-/// Bound on every wait for the engine.
-const WAIT: Duration = Duration::from_secs(30);
-
-struct Chain {
-    anvil: Anvil,
-    provider: DynProvider,
-    d: Deployment,
-    owner: Address,
-    other: Address,
-}
-
-async fn chain() -> Chain {
-    let anvil = Anvil::spawn();
-    let d = deploy(&anvil.url()).await.expect("deploy");
-    // No client-side nonce cache: anvil fills nonces itself, which stays right across reorgs.
-    let provider = ProviderBuilder::new()
-        .disable_recommended_fillers()
-        .connect_http(anvil.url())
-        .erased();
-    let accounts = provider.get_accounts().await.unwrap();
-    Chain {
-        anvil,
-        provider,
-        d,
-        owner: accounts[0],
-        other: accounts[1],
-    }
-}
-
-impl Chain {
-    fn kms(&self) -> DstackKms::DstackKmsInstance<DynProvider> {
-        DstackKms::new(self.d.kms, self.provider.clone())
-    }
-    fn app(&self, at: Address) -> DstackApp::DstackAppInstance<DynProvider> {
-        DstackApp::new(at, self.provider.clone())
-    }
-    async fn head(&self) -> u64 {
-        self.provider.get_block_number().await.unwrap()
-    }
-}
-
-/// Sends a contract call from an account and returns the receipt (waiting at most [`WAIT`]),
-/// asserting success.
-macro_rules! send {
-    ($call:expr, $from:expr) => {{
-        let pending = $call.from($from).send().await.expect("send");
-        let receipt = tokio::time::timeout(WAIT, pending.get_receipt())
-            .await
-            .expect("receipt within the wait bound")
-            .expect("receipt");
-        assert!(receipt.status(), "transaction reverted");
-        receipt
-    }};
-}
-
-fn deployed_app(r: &alloy::rpc::types::TransactionReceipt) -> Address {
-    r.inner
-        .logs()
-        .iter()
-        .find_map(|l| l.log_decode::<DstackKms::AppDeployedViaFactory>().ok())
-        .expect("AppDeployedViaFactory")
-        .inner
-        .data
-        .appId
-}
-
-fn h(n: u8) -> B256 {
-    B256::with_last_byte(n)
-}
-
-async fn sqlite_store(dir: &std::path::Path) -> Store {
-    let cfg = StorageConfig {
-        data_dir: dir.to_path_buf(),
-        ..Default::default()
-    };
-    Store::open(&cfg, &DatabaseTarget::Sqlite(dir.join("kw.db")))
-        .await
-        .unwrap()
-}
-
-struct Engine {
-    mirror: Arc<Mirror>,
-    registry: Registry,
-    cancel: CancellationToken,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-fn engine(
-    urls: &[url::Url],
-    d: &Deployment,
-    store: &Store,
-    tweak: impl FnOnce(&mut ChainConfig),
-) -> Engine {
-    let mut cfg = ChainConfig {
-        rpc_urls: urls.iter().map(ToString::to_string).collect(),
-        kms_contract: Some(d.kms.to_string()),
-        start_block: d.block,
-        confirmations: 0,
-        poll_interval: Duration::from_millis(50),
-        request_timeout: Duration::from_secs(2),
-        ..ChainConfig::default()
-    };
-    tweak(&mut cfg);
-    assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
-    let resolved = cfg.resolve().unwrap();
-    let mut registry = Registry::default();
-    let metrics = ChainMetrics::new(&mut registry, urls.len());
-    let (mirror, task) =
-        keywarden::chain::follow(resolved, store.clone(), Readiness::default(), metrics);
-    let cancel = CancellationToken::new();
-    let handle = tokio::spawn(task.run(cancel.clone()));
-    Engine {
-        mirror,
-        registry,
-        cancel,
-        handle,
-    }
-}
-
-impl Engine {
-    /// Waits until the engine has processed `block` and is fresh.
-    async fn caught_up_to(&self, block: u64) {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if self.mirror.progress().processed_block >= block && self.mirror.is_fresh() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "engine did not reach block {block} within {WAIT:?}: {:?}",
-            self.mirror.progress()
-        );
-    }
-
-    /// Waits until `f` holds for the mirror.
-    async fn until(&self, what: &str, f: impl Fn(&MirrorState) -> bool) {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if f(&self.mirror.snapshot()) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("mirror never satisfied: {what}");
-    }
-
-    /// Sum of every series of a metric family.
-    fn metric(&self, name: &str) -> f64 {
-        let text = keywarden::telemetry::encode(&self.registry).unwrap();
-        text.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.handle.await.unwrap().unwrap();
-    }
-}
 
 /// Asserts that the mirror equals the chain's getters for every value the test touched, and that
 /// the store rebuilds the same mirror.

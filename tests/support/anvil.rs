@@ -92,10 +92,17 @@ impl Anvil {
     }
 }
 
-impl Drop for Anvil {
-    fn drop(&mut self) {
+impl Anvil {
+    /// Stops the node now (the chain is gone for whoever follows it).
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -3,7 +3,7 @@
 //! their compiled artifacts; the mirror does not know their code.
 
 // Shared by several test crates, each using a part of it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use alloy::network::TransactionBuilder;
 use alloy::primitives::{Address, Bytes};
