@@ -116,6 +116,14 @@ pub struct GuestArgs {
     /// Instance id (40 hex digits; default: random).
     #[arg(long, value_name = "HEX")]
     pub instance_id: Option<String>,
+    /// The platform TCB level the quote claims: the verifier reports `UpToDate`, or `OutOfDate`
+    /// with advisory INTEL-SA-00999 (accepted only where `attestation.tcb_statuses` allows it).
+    #[arg(long, value_name = "LEVEL", value_parser = ["up-to-date", "out-of-date"], default_value = "up-to-date")]
+    pub tcb: String,
+    /// The platform's PPID (32 hex digits): the boot's device id is sha256 of it (default: the
+    /// test PKI's own platform).
+    #[arg(long, value_name = "HEX")]
+    pub ppid: Option<String>,
 }
 
 /// `keywarden kms client`
@@ -198,7 +206,23 @@ async fn enroll(args: &GuestArgs, fresh: bool) -> Result<crate::kms::client::Gue
     };
     let pki = crate::attestation::testpki::TestPki::load(&args.test_pki)
         .map_err(|e| usage(&format!("--test-pki {}: {e}", args.test_pki.display())))?;
-    let spec = crate::kms::client::guest_spec(app_id, &compose, instance_id);
+    let ppid = match &args.ppid {
+        Some(h) => Some(
+            hex::decode(h.trim_start_matches("0x"))
+                .ok()
+                .and_then(|v| <[u8; 16]>::try_from(v).ok())
+                .ok_or_else(|| usage(&"--ppid must be 32 hex digits"))?,
+        ),
+        None => None,
+    };
+    let spec = crate::attestation::testpki::GuestSpec {
+        tcb: match args.tcb.as_str() {
+            "out-of-date" => crate::attestation::testpki::TestTcb::OutOfDate,
+            _ => crate::attestation::testpki::TestTcb::UpToDate,
+        },
+        ppid,
+        ..crate::kms::client::guest_spec(app_id, &compose, instance_id)
+    };
     crate::kms::client::Guest::enroll(&args.url, ca, &pki, &spec, fresh)
         .await
         .map_err(|e| failure(1)(&e))

@@ -168,6 +168,7 @@ fn test_pki_init_then_verify_a_guest_certificate() {
         rtmr0_2: [[2; 48], [3; 48], [4; 48]],
         debug: false,
         tcb: TestTcb::UpToDate,
+        ppid: None,
     };
     let cert = pki.guest_cert(&guest, None).unwrap();
     let pem_path = dir.path().join("guest.pem");

@@ -21,6 +21,7 @@ fn sample_cert() -> Vec<u8> {
             rtmr0_2: [[0; 48]; 3],
             debug: false,
             tcb: TestTcb::UpToDate,
+            ppid: None,
         };
         pki.guest_cert(&guest, None).unwrap().cert_der
     })

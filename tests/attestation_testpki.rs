@@ -26,6 +26,7 @@ fn guest() -> GuestSpec {
         rtmr0_2: [[0x22; 48], [0x33; 48], [0x44; 48]],
         debug: false,
         tcb: TestTcb::UpToDate,
+        ppid: None,
     }
 }
 

@@ -8,6 +8,8 @@ mod common;
 #[path = "support/guest_chain.rs"]
 mod guest_chain;
 mod support;
+#[path = "support/test_contracts.rs"]
+mod test_contracts;
 
 use std::time::{Duration, Instant};
 
@@ -412,4 +414,149 @@ async fn attested_kms_serves_keys_only_while_its_own_measurement_is_allowed_on_c
     let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
     assert_eq!(count("this KMS is not allowed"), 2, "{lines:#?}");
     assert_eq!(count("this KMS is allowed"), 2, "{lines:#?}");
+}
+
+/// The waits below read the KMS's own `dstack_chain_processed_block`.
+async fn processed_block(s: &Setup) -> u64 {
+    let text = s.kw.metrics_text().await;
+    keywarden::telemetry::sample_value(&text, "dstack_chain_processed_block").unwrap_or(0.0) as u64
+}
+
+/// The fail-open defect: an app owner upgrades the app's proxy to an implementation that refuses
+/// every boot (and emits nothing). The first key request after the upgrade block is mirrored is
+/// refused with the contract's own reason; upgrading back serves keys again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_upgraded_to_a_deny_all_implementation_gets_no_keys_after_the_upgrade_block() {
+    let s = setup(None).await;
+    let vm = client::simulated_vm_config();
+    s.served(s.app, COMPOSE, &vm).await;
+    let deny = test_contracts::deploy(&s.provider, s.owner, "DenyAllApp", Vec::new()).await;
+    let app = DstackApp::new(s.app, &s.provider);
+    let receipt = app
+        .upgradeToAndCall(deny, Default::default())
+        .from(s.owner)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(receipt.status());
+    let block = receipt.block_number.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while processed_block(&s).await < block {
+        assert!(Instant::now() < deadline, "upgrade block never mirrored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match s.boot(s.app, COMPOSE, &vm).await {
+        Err(ClientError::Refused { status, message }) => {
+            assert_eq!(status, 400);
+            assert!(
+                message.contains(test_contracts::DENY_ALL_REASON),
+                "{message}"
+            );
+        }
+        other => panic!("keys after the upgrade block: {other:?}"),
+    }
+    let text = s.kw.metrics_text().await;
+    assert_eq!(
+        keywarden::telemetry::sample_value(
+            &text,
+            "dstack_chain_live_evaluation_contracts{contract=\"app\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(
+        keywarden::telemetry::sample_value(
+            &text,
+            "dstack_kms_mirror_decisions_total{check=\"app\",source=\"eth_call\",reason=\"app_defined\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(
+        s.kw.lines()
+            .iter()
+            .any(|l| l.contains("contract switched to live evaluation")),
+        "no WARN line naming the switch"
+    );
+    send!(
+        app.upgradeToAndCall(
+            keywarden::chain::contracts::DstackKms::new(s.kms, &s.provider)
+                .appImplementation()
+                .call()
+                .await
+                .unwrap(),
+            Default::default()
+        )
+        .from(s.owner)
+    );
+    s.served(s.app, COMPOSE, &vm).await;
+}
+
+/// `kms client --ppid` claims a device and `--tcb` a TCB level: an app restricted to one device
+/// serves that device only, and an app requiring an up-to-date TCB refuses an out-of-date one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_client_claims_a_device_and_a_tcb_level() {
+    let s = setup_with(
+        None,
+        &[(
+            "KEYWARDEN_ATTESTATION__TCB__ACCEPTED_STATUSES",
+            r#"["UpToDate", "OutOfDate"]"#,
+        )],
+    )
+    .await;
+    let (ppid_a, ppid_b) = ([0xa1u8; 16], [0xb2u8; 16]);
+    let device_a = FixedBytes::<32>(Sha256::digest(ppid_a).into());
+    let app = DstackApp::new(s.app, &s.provider);
+    send!(app.setAllowAnyDevice(false).from(s.owner));
+    send!(app.addDevice(device_a).from(s.owner));
+    send!(app.setRequireTcbUpToDate(true).from(s.owner));
+    let head = alloy::providers::Provider::get_block_number(&s.provider)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while processed_block(&s).await < head {
+        assert!(Instant::now() < deadline, "changes never mirrored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dir = s._dir.path();
+    let compose = dir.join("compose.json");
+    std::fs::write(&compose, COMPOSE).unwrap();
+    let client = |extra: &[&str]| {
+        let (url, pki, ca) = (
+            s.kw.api_url(),
+            dir.join("pki").display().to_string(),
+            dir.join("data/kms/root-ca.pem").display().to_string(),
+        );
+        let app_id = hex::encode(s.app);
+        let mut args = vec![
+            "kms",
+            "client",
+            "--url",
+            &url,
+            "--test-pki",
+            &pki,
+            "--ca",
+            &ca,
+            "--app-id",
+            &app_id,
+            "--compose",
+            compose.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        common::run_to_end(&args, &[])
+    };
+    let (a, b) = (hex::encode(ppid_a), hex::encode(ppid_b));
+    let (code, _, err) = client(&["--ppid", &a]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = client(&["--ppid", &b]);
+    assert_ne!(code, 0);
+    assert!(err.contains("Device not allowed"), "{err}");
+    let (code, _, err) = client(&["--ppid", &a, "--tcb", "out-of-date"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("TCB status is not up to date"), "{err}");
+    let (code, _, err) = client(&["--ppid", "abc"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--ppid must be 32 hex digits"), "{err}");
 }

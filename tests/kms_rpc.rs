@@ -31,6 +31,7 @@ fn guest(app_id: [u8; 20]) -> GuestSpec {
         rtmr0_2: [[0x22; 48], [0x33; 48], [0x44; 48]],
         debug: false,
         tcb: TestTcb::UpToDate,
+        ppid: None,
     }
 }
 

@@ -126,6 +126,9 @@ pub struct QuoteMeasurements {
     pub mr_owner_config: [u8; 48],
     /// The platform TCB the quote claims.
     pub tcb: TestTcb,
+    /// The PPID of the platform the quote claims (its device id is sha256 of it); `None`: the
+    /// PKI's own platform.
+    pub ppid: Option<[u8; 16]>,
 }
 
 impl Default for QuoteMeasurements {
@@ -137,6 +140,7 @@ impl Default for QuoteMeasurements {
             mr_owner: [0; 48],
             mr_owner_config: [0; 48],
             tcb: TestTcb::UpToDate,
+            ppid: None,
         }
     }
 }
@@ -160,6 +164,8 @@ pub struct GuestSpec {
     pub debug: bool,
     /// The platform TCB the guest's quote claims.
     pub tcb: TestTcb,
+    /// The platform's PPID (the device id is sha256 of it); `None`: the PKI's own platform.
+    pub ppid: Option<[u8; 16]>,
 }
 
 /// A generated (or loaded) test PKI.
@@ -492,6 +498,38 @@ impl TestPki {
             .to_vec())
     }
 
+    /// The PEM chain a quote carries: `pck_der`, the PCK CA, the root.
+    fn pck_chain(&self, pck_der: &[u8]) -> String {
+        format!(
+            "{}{}{}",
+            pem(pck_der),
+            pem(&self.pck_ca_der),
+            pem(&self.root_der)
+        )
+    }
+
+    /// A PCK certificate of the platform key for another platform (PPID), issued by the PCK CA
+    /// with the validity of the PKI's own PCK certificate: a simulated second device.
+    fn pck_cert_for(&self, ppid: &[u8; 16]) -> Result<Vec<u8>> {
+        let (_, own) = x509_parser::parse_x509_certificate(&self.pck_der)
+            .map_err(|e| reject!(ConfigInvalid, "PCK certificate: {e}"))?;
+        let issued = u64::try_from(own.validity().not_before.timestamp()).unwrap_or(0);
+        let issuer = Issuer::from_ca_cert_der(&self.pck_ca_der.clone().into(), &self.pck_ca_key)
+            .map_err(cfg_err("PCK CA"))?;
+        let mut params = leaf_params("Keywarden Test SGX PCK Certificate", issued + 24 * 3600)?;
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                &SGX_EXT[..7],
+                sgx_extension(ppid),
+            ));
+        Ok(params
+            .signed_by(&self.pck_key, &issuer)
+            .map_err(cfg_err("PCK"))?
+            .der()
+            .to_vec())
+    }
+
     /// Builds a TDX v4 quote over `report_data` and `m`, signed through this PKI.
     pub fn quote(
         &self,
@@ -538,12 +576,10 @@ impl TestPki {
         qe_report[320..352].copy_from_slice(&binding);
         let qe_report_signature = sign_raw(&self.pck_key, &qe_report)?;
 
-        let chain = format!(
-            "{}{}{}",
-            pem(&self.pck_der),
-            pem(&self.pck_ca_der),
-            pem(&self.root_der)
-        );
+        let chain = match &m.ppid {
+            Some(ppid) => self.pck_chain(&self.pck_cert_for(ppid)?),
+            None => self.pck_chain(&self.pck_der),
+        };
         let mut qe_cert_data = Vec::new();
         qe_cert_data.extend_from_slice(&qe_report);
         qe_cert_data.extend_from_slice(&qe_report_signature);
@@ -592,6 +628,7 @@ impl TestPki {
             rtmr: [r0, r1, r2, mrs[3]],
             mr_config_id,
             tcb: guest.tcb,
+            ppid: guest.ppid,
             ..QuoteMeasurements::default()
         };
         let quote = self.quote(report_data, &m, guest.debug)?;
@@ -637,13 +674,7 @@ impl TestPki {
         write(PCK_CA_CERT, pem(&self.pck_ca_der).as_bytes(), false)?;
         write(PCK_CERT, pem(&self.pck_der).as_bytes(), false)?;
         write(TCB_SIGNING_CERT, pem(&self.tcb_der).as_bytes(), false)?;
-        let chain = format!(
-            "{}{}{}",
-            pem(&self.pck_der),
-            pem(&self.pck_ca_der),
-            pem(&self.root_der)
-        );
-        write(PCK_CHAIN, chain.as_bytes(), false)?;
+        write(PCK_CHAIN, self.pck_chain(&self.pck_der).as_bytes(), false)?;
         for (name, key) in [
             (ROOT_KEY, &self.root_key),
             (PCK_CA_KEY, &self.pck_ca_key),
@@ -819,6 +850,7 @@ mod tests {
             rtmr0_2: [[4; 48]; 3],
             debug: false,
             tcb: TestTcb::OutOfDate,
+            ppid: None,
         };
         let raw = pki.dstack_attestation(&guest, &[5; 64]).unwrap();
         let Platform::Tdx { quote, .. } = versioned::parse(&raw).unwrap().platform else {

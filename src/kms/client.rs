@@ -78,6 +78,7 @@ pub fn guest_spec(app_id: [u8; 20], compose: &[u8], instance_id: Vec<u8>) -> Gue
         rtmr0_2: SIMULATED_RTMR0_2,
         debug: false,
         tcb: TestTcb::UpToDate,
+        ppid: None,
     }
 }
 
