@@ -384,7 +384,7 @@ async fn mirror_decides_like_the_contracts() {
             device_id: rng.pick(&values).into(),
             mr_aggregated: rng.pick(&values).into(),
             mr_system: [0x22; 32],
-            os_image_hash: if rng.next() % 4 == 0 {
+            os_image_hash: if rng.next().is_multiple_of(4) {
                 rng.pick(&values).into()
             } else {
                 h(1).into()

@@ -462,6 +462,117 @@ mod tests {
         assert_eq!(m.kms.owner, None);
     }
 
+    /// The identity our own compiled contract of `kind` has wherever it is deployed.
+    fn known_id(kind: CodeKind) -> CodeId {
+        let known = KnownCode::builtin();
+        let (_, hash, offsets) = known
+            .entries()
+            .into_iter()
+            .find(|(k, ..)| k.kind == kind)
+            .expect("builtin entry");
+        CodeId {
+            hash,
+            immutables: offsets.to_vec(),
+        }
+    }
+
+    const KMS_IMPL: Address = address!("00000000000000000000000000000000000000c1");
+    const APP_IMPL: Address = address!("00000000000000000000000000000000000000c2");
+    const OTHER_IMPL: Address = address!("00000000000000000000000000000000000000c3");
+
+    /// A KMS and an app, both proxies of our own implementations.
+    fn known_mirror() -> MirrorState {
+        let mut m = MirrorState::new(KMS);
+        for e in [
+            Event::CodeIdentity(KMS, known_id(CodeKind::Proxy)),
+            Event::ImplementationObserved(KMS, KMS_IMPL),
+            Event::CodeIdentity(KMS_IMPL, known_id(CodeKind::DstackKms)),
+            Event::AppDeployedViaFactory(APP),
+            Event::CodeIdentity(APP, known_id(CodeKind::Proxy)),
+            Event::Upgraded(APP, APP_IMPL),
+            Event::CodeIdentity(APP_IMPL, known_id(CodeKind::DstackApp)),
+        ] {
+            m.apply(&e);
+        }
+        m
+    }
+
+    #[test]
+    fn known_code_is_evaluated_locally() {
+        let m = known_mirror();
+        assert_eq!(m.kms_evaluation(), Evaluation::Local);
+        assert_eq!(m.app_evaluation(APP), Evaluation::Local);
+        // Unregistered, or registered without code: the KMS refuses those itself.
+        assert_eq!(m.app_evaluation(ALICE), Evaluation::Local);
+        assert_eq!(m.live_counts(), (0, 0));
+    }
+
+    #[test]
+    fn an_upgrade_to_unknown_code_goes_live_and_back() {
+        let mut m = known_mirror();
+        let unknown = CodeId {
+            hash: B256::repeat_byte(9),
+            immutables: Vec::new(),
+        };
+        m.apply(&Event::CodeIdentity(OTHER_IMPL, unknown));
+        m.apply(&Event::Upgraded(APP, OTHER_IMPL));
+        assert_eq!(m.app_evaluation(APP), Evaluation::Live);
+        assert_eq!(
+            m.app_answering(APP).and_then(|a| a.hash()),
+            Some(B256::repeat_byte(9))
+        );
+        m.apply(&Event::PolicyChanged(
+            APP,
+            policy_id(policy::IMPLEMENTATION_UPGRADE),
+            APP_IMPL.into_word(),
+            true,
+        ));
+        assert_eq!(m.app_evaluation(APP), Evaluation::Local);
+        // An implementation whose code was never observed is not trusted either.
+        m.apply(&Event::Upgraded(APP, ALICE));
+        assert_eq!(m.app_evaluation(APP), Evaluation::Live);
+    }
+
+    #[test]
+    fn unknown_kms_code_or_an_unknown_proxy_sends_everything_live() {
+        let mut m = known_mirror();
+        m.apply(&Event::Upgraded(KMS, APP_IMPL));
+        assert_eq!(m.kms_evaluation(), Evaluation::Live);
+        assert_eq!(m.app_evaluation(APP), Evaluation::Live);
+        assert_eq!(m.app_evaluation(ALICE), Evaluation::Live);
+        assert_eq!(m.live_counts(), (1, 1));
+
+        // A custom contract that stores a known implementation in the proxy slot is still its
+        // own (unknown) code.
+        let mut m = known_mirror();
+        m.apply(&Event::CodeIdentity(
+            APP,
+            CodeId {
+                hash: B256::repeat_byte(5),
+                immutables: Vec::new(),
+            },
+        ));
+        assert_eq!(m.app_evaluation(APP), Evaluation::Live);
+    }
+
+    #[test]
+    fn observed_flags_override_what_events_said() {
+        let mut m = known_mirror();
+        m.apply(&Event::FlagsObserved(
+            APP,
+            crate::chain::events::AppFlags {
+                allow_any_device: true,
+                require_tcb_up_to_date: true,
+                upgrades_disabled: true,
+            },
+        ));
+        let p = &m.apps[&APP];
+        assert!(p.allow_any_device && p.require_tcb_up_to_date && p.upgrades_disabled);
+        assert!(p.flags_observed);
+        m.apply(&Event::RequireTcbUpToDate(APP, false));
+        assert!(!m.apps[&APP].require_tcb_up_to_date);
+    }
+
     #[test]
     fn registered_app_policy_registers_without_code() {
         let mut m = MirrorState::new(KMS);
