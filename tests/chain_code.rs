@@ -221,6 +221,84 @@ async fn kms_upgraded_to_unknown_code_sends_both_checks_to_the_chain() {
     e.stop().await;
 }
 
+/// Unknown code may write storage without events. A contract that comes back to known code has
+/// the entries the mirror held checked against its storage at the upgrade block: what is gone
+/// is gone from the mirror too.
+#[tokio::test]
+async fn entries_removed_silently_by_unknown_code_are_not_trusted_after_upgrading_back() {
+    let c = chain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path()).await;
+    let e = engine(&[c.anvil.url()], &c.d, &store, |_| {});
+    allowed(&c).await;
+    let q = boot(c.d.app);
+    let o = c.owner;
+
+    // The app: to a V2, which forgets the compose hash silently, and back.
+    let v2 = test_contracts::deploy(&c.provider, o, "DstackAppV2", Vec::new()).await;
+    upgrade(&c, c.d.app, v2).await;
+    send!(
+        test_contracts::DstackAppV2::new(c.d.app, c.provider.clone()).forgetComposeHash(h(4)),
+        o
+    );
+    let back = upgrade(&c, c.d.app, c.d.app_implementation).await;
+    // The KMS: likewise with an OS image.
+    send!(c.kms().addOsImageHash(h(9)), o);
+    let kms_v2 = test_contracts::deploy(&c.provider, o, "DstackKmsV2", Vec::new()).await;
+    let kms_impl = DstackKms::new(c.d.kms, c.provider.clone())
+        .appImplementation()
+        .call()
+        .await
+        .unwrap();
+    assert_ne!(kms_impl, Address::ZERO);
+    let original_kms_impl = c
+        .provider
+        .get_storage_at(
+            c.d.kms,
+            keywarden::chain::contracts::IMPLEMENTATION_SLOT.into(),
+        )
+        .await
+        .unwrap();
+    upgrade(&c, c.d.kms, kms_v2).await;
+    send!(
+        test_contracts::DstackKmsV2::new(c.d.kms, c.provider.clone()).forgetOsImage(h(9)),
+        o
+    );
+    upgrade(
+        &c,
+        c.d.kms,
+        Address::from_word(B256::from(original_kms_impl)),
+    )
+    .await;
+    let head = c.head().await;
+    e.caught_up_to(head).await;
+
+    let m = e.mirror.snapshot();
+    assert!(m.block >= back);
+    assert_eq!(m.kms_evaluation(), Evaluation::Local);
+    assert_eq!(m.app_evaluation(c.d.app), Evaluation::Local);
+    assert!(!m.apps[&c.d.app].compose_hashes.contains(&h(4)));
+    assert!(!m.kms.os_images.contains(&h(9)));
+    assert!(m.kms.os_images.contains(&h(1)), "entries still held stay");
+    let d = e.mirror.authorize_app(&q).await;
+    assert_eq!(d.source, Source::Mirror);
+    assert_eq!(answer(&d), on_chain(&c, &q, false, head).await);
+    assert_eq!(d.reason, Reason::ComposeHashNotAllowed);
+    let mut q9 = q.clone();
+    q9.os_image_hash = h(9).into();
+    assert_eq!(
+        answer(&e.mirror.authorize_kms(&q9).await),
+        on_chain(&c, &q9, true, head).await
+    );
+    // A restart rebuilds the same state from the store.
+    let chain_id = c.provider.get_chain_id().await.unwrap();
+    let rebuilt =
+        keywarden::chain::sync::rebuild(c.d.kms, &store.chain_events(chain_id).await.unwrap());
+    assert_eq!(rebuilt.apps[&c.d.app], m.apps[&c.d.app]);
+    assert_eq!(rebuilt.kms.os_images, m.kms.os_images);
+    e.stop().await;
+}
+
 #[tokio::test]
 async fn live_app_fails_closed_without_the_rpc_while_known_apps_are_served_until_max_staleness() {
     let mut c = chain().await;

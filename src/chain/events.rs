@@ -75,6 +75,52 @@ pub enum Event {
     /// Not a log: an app's flags as read from the chain at the row's block (initialisers set them
     /// without events).
     FlagsObserved(Address, AppFlags),
+    /// Not a log: entries the mirror held for a contract that its storage no longer holds at the
+    /// row's block, found when the contract came back to known code after unknown code ran (that
+    /// code may have written storage without events).
+    EntriesAbsent(Address, Vec<SetEntry>),
+}
+
+/// One entry of an allow-set of the KMS contract or an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetEntry {
+    /// App `allowedComposeHashes`.
+    ComposeHash(B256),
+    /// App `allowedDeviceIds`.
+    Device(B256),
+    /// KMS `allowedOsImages`.
+    OsImage(B256),
+    /// KMS `kmsAllowedAggregatedMrs`.
+    AggregatedMr(B256),
+    /// KMS `kmsAllowedDeviceIds`.
+    KmsDevice(B256),
+    /// KMS `registeredApps`.
+    RegisteredApp(Address),
+}
+
+impl SetEntry {
+    fn tag(&self) -> (u8, B256) {
+        match self {
+            Self::ComposeHash(v) => (0, *v),
+            Self::Device(v) => (1, *v),
+            Self::OsImage(v) => (2, *v),
+            Self::AggregatedMr(v) => (3, *v),
+            Self::KmsDevice(v) => (4, *v),
+            Self::RegisteredApp(a) => (5, a.into_word()),
+        }
+    }
+
+    fn from_tag(tag: u8, v: B256) -> Option<Self> {
+        Some(match tag {
+            0 => Self::ComposeHash(v),
+            1 => Self::Device(v),
+            2 => Self::OsImage(v),
+            3 => Self::AggregatedMr(v),
+            4 => Self::KmsDevice(v),
+            5 => Self::RegisteredApp(Address::from_word(v)),
+            _ => return None,
+        })
+    }
 }
 
 /// The DstackApp flags an initialiser sets without events.
@@ -115,6 +161,7 @@ impl Event {
             Self::CodeIdentity(..) => CODE_IDENTITY,
             Self::ImplementationObserved(..) => IMPLEMENTATION_OBSERVED,
             Self::FlagsObserved(..) => FLAGS_OBSERVED,
+            Self::EntriesAbsent(..) => ENTRIES_ABSENT,
         }
     }
 
@@ -129,6 +176,15 @@ impl Event {
                 u8::from(f.require_tcb_up_to_date),
                 u8::from(f.upgrades_disabled),
             ]),
+            Self::EntriesAbsent(_, entries) => Some(
+                entries
+                    .iter()
+                    .flat_map(|e| {
+                        let (tag, v) = e.tag();
+                        std::iter::once(tag).chain(v.0)
+                    })
+                    .collect(),
+            ),
             _ => None,
         }
     }
@@ -152,6 +208,12 @@ impl Event {
                 ),
                 _ => return None,
             },
+            ENTRIES_ABSENT if data.len().is_multiple_of(33) => Self::EntriesAbsent(
+                address,
+                data.chunks_exact(33)
+                    .map(|c| SetEntry::from_tag(c[0], B256::from_slice(&c[1..])))
+                    .collect::<Option<_>>()?,
+            ),
             _ => return None,
         })
     }
@@ -173,6 +235,8 @@ pub const CODE_IDENTITY: &str = "CodeIdentity";
 pub const IMPLEMENTATION_OBSERVED: &str = "ImplementationObserved";
 /// Kind of the synthetic [`Event::FlagsObserved`] row.
 pub const FLAGS_OBSERVED: &str = "FlagsObserved";
+/// Kind of the synthetic [`Event::EntriesAbsent`] row.
+pub const ENTRIES_ABSENT: &str = "EntriesAbsent";
 
 /// Decodes one log emitted by `emitter` (`kms` is the watched DstackKms proxy; any other emitter
 /// is an app). `None` for topics the mirror does not use or a payload that does not decode.
@@ -338,6 +402,13 @@ mod tests {
             Event::CodeIdentity(APP, id),
             Event::ImplementationObserved(APP, KMS),
             Event::FlagsObserved(APP, flags),
+            Event::EntriesAbsent(
+                APP,
+                vec![
+                    SetEntry::ComposeHash(B256::repeat_byte(1)),
+                    SetEntry::RegisteredApp(KMS),
+                ],
+            ),
         ] {
             let data = e.synthetic_data().expect("synthetic");
             assert_eq!(Event::from_synthetic(e.kind(), APP, &data), Some(e));

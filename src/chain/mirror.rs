@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::code::{CodeId, CodeKind, Known, KnownCode};
 use super::contracts::{policy, policy_label};
-use super::events::Event;
+use super::events::{Event, SetEntry};
 
 /// Where a contract's decisions come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -342,6 +342,51 @@ impl MirrorState {
                 p.upgrades_disabled = f.upgrades_disabled;
                 p.flags_observed = true;
             }
+            Event::EntriesAbsent(contract, entries) => {
+                for entry in entries {
+                    self.remove_entry(*contract, *entry);
+                }
+            }
+        }
+    }
+
+    /// Every allow-set entry the mirror holds for `contract` (for checking them against storage).
+    pub fn entries(&self, contract: Address) -> Vec<SetEntry> {
+        if contract == self.kms_address {
+            let k = &self.kms;
+            let mut out: Vec<SetEntry> =
+                k.os_images.iter().map(|v| SetEntry::OsImage(*v)).collect();
+            out.extend(
+                k.allowed_aggregated_mrs
+                    .iter()
+                    .map(|v| SetEntry::AggregatedMr(*v)),
+            );
+            out.extend(k.devices.iter().map(|v| SetEntry::KmsDevice(*v)));
+            out.extend(
+                self.registered_apps
+                    .iter()
+                    .map(|a| SetEntry::RegisteredApp(*a)),
+            );
+            out
+        } else {
+            self.apps.get(&contract).map_or_else(Vec::new, |p| {
+                p.compose_hashes
+                    .iter()
+                    .map(|v| SetEntry::ComposeHash(*v))
+                    .chain(p.devices.iter().map(|v| SetEntry::Device(*v)))
+                    .collect()
+            })
+        }
+    }
+
+    fn remove_entry(&mut self, contract: Address, entry: SetEntry) {
+        match entry {
+            SetEntry::OsImage(v) => set(&mut self.kms.os_images, v, false),
+            SetEntry::AggregatedMr(v) => set(&mut self.kms.allowed_aggregated_mrs, v, false),
+            SetEntry::KmsDevice(v) => set(&mut self.kms.devices, v, false),
+            SetEntry::RegisteredApp(a) => set(&mut self.registered_apps, a, false),
+            SetEntry::ComposeHash(v) => set(&mut self.app(contract).compose_hashes, v, false),
+            SetEntry::Device(v) => set(&mut self.app(contract).devices, v, false),
         }
     }
 

@@ -30,7 +30,7 @@ use super::ChainError;
 use super::code::{CodeId, CodeKind, KnownCode, identify};
 use super::config::{Finality, ResolvedChain};
 use super::contracts::{DstackApp, IMPLEMENTATION_SLOT};
-use super::events::{self, AppFlags, Event};
+use super::events::{self, AppFlags, Event, SetEntry};
 use super::metrics::{ChainMetrics, Method};
 use super::mirror::MirrorState;
 use super::rpc::RpcPool;
@@ -154,18 +154,30 @@ impl Overlay<'_> {
         }
     }
 
-    fn is_dstack_app(&self, app: Address) -> bool {
-        let answering = match self.kind(app) {
+    /// The known kind of the code answering for `a` (the KMS contract or an app).
+    fn answering(&self, a: Address) -> Option<CodeKind> {
+        match self.kind(a) {
             Some(CodeKind::Proxy) => {
-                let imp = match self.implementation.get(&app) {
+                let imp = match self.implementation.get(&a) {
                     Some(i) => *i,
-                    None => self.base.apps.get(&app).and_then(|p| p.implementation),
+                    None if a == self.base.kms_address => self.base.kms.implementation,
+                    None => self.base.apps.get(&a).and_then(|p| p.implementation),
                 };
                 imp.and_then(|i| self.kind(i))
             }
             other => other,
+        }
+    }
+
+    /// Whether `a` is answered by known code of its role (DstackKms for the KMS contract,
+    /// DstackApp for an app).
+    fn known_role(&self, a: Address) -> bool {
+        let role = if a == self.base.kms_address {
+            CodeKind::DstackKms
+        } else {
+            CodeKind::DstackApp
         };
-        answering == Some(CodeKind::DstackApp)
+        self.answering(a) == Some(role)
     }
 
     fn apply(&mut self, e: &Event) {
@@ -386,6 +398,18 @@ impl SyncEngine {
                     .insert(*a);
             }
         }
+        // Upgrades, including the KMS contract's: a contract coming back to known code after
+        // unknown code ran gets the entries the mirror holds checked against its storage.
+        let mut upgraded: BTreeMap<u64, (B256, BTreeSet<Address>)> = BTreeMap::new();
+        for (s, e) in rows {
+            if let Event::Upgraded(a, _) = e {
+                upgraded
+                    .entry(s.block_number)
+                    .or_insert((s.block_hash, BTreeSet::new()))
+                    .1
+                    .insert(*a);
+            }
+        }
         let mut overlay = Overlay {
             base: state,
             code: HashMap::new(),
@@ -397,18 +421,39 @@ impl SyncEngine {
             .chain(code.iter().map(|o| (o.block, &o.event)))
             .collect();
         walk.sort_by_key(|(block, _)| *block);
+        let blocks: BTreeSet<u64> = triggers.keys().chain(upgraded.keys()).copied().collect();
         let mut reads = Vec::new();
+        let mut checks = Vec::new();
         let mut i = 0;
-        for (&block, (hash, apps)) in &triggers {
-            while i < walk.len() && walk[i].0 <= block {
+        for block in blocks {
+            while i < walk.len() && walk[i].0 < block {
                 overlay.apply(walk[i].1);
                 i += 1;
             }
-            reads.extend(
-                apps.iter()
-                    .filter(|a| overlay.is_dstack_app(**a))
-                    .map(|a| (*a, block, *hash)),
-            );
+            let was_known: Vec<(Address, bool)> = upgraded
+                .get(&block)
+                .map(|(_, set)| set.iter().map(|a| (*a, overlay.known_role(*a))).collect())
+                .unwrap_or_default();
+            while i < walk.len() && walk[i].0 == block {
+                overlay.apply(walk[i].1);
+                i += 1;
+            }
+            if let Some((hash, apps)) = triggers.get(&block) {
+                reads.extend(
+                    apps.iter()
+                        .filter(|a| overlay.known_role(**a))
+                        .map(|a| (*a, block, *hash)),
+                );
+            }
+            if let Some((hash, _)) = upgraded.get(&block) {
+                for (a, was) in was_known {
+                    if !was && overlay.known_role(a) {
+                        for entry in held_entries(state, rows, a, block) {
+                            checks.push((a, entry, block, *hash));
+                        }
+                    }
+                }
+            }
         }
         let flags: Vec<Observed> = futures::stream::iter(reads)
             .map(|(app, block, hash)| async move {
@@ -421,7 +466,70 @@ impl SyncEngine {
             .buffered(OBSERVATIONS_IN_FLIGHT)
             .try_collect()
             .await?;
-        Ok(code.into_iter().chain(flags).collect())
+        let checked: Vec<(Address, SetEntry, u64, B256, bool)> = futures::stream::iter(checks)
+            .map(|(a, entry, block, hash)| async move {
+                let held = self.entry_held(a, entry, block).await?;
+                Ok::<_, ChainError>((a, entry, block, hash, held))
+            })
+            .buffered(OBSERVATIONS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        let mut absent: BTreeMap<(u64, Address), (B256, Vec<SetEntry>)> = BTreeMap::new();
+        for (a, entry, block, hash, held) in checked {
+            if !held {
+                absent
+                    .entry((block, a))
+                    .or_insert((hash, Vec::new()))
+                    .1
+                    .push(entry);
+            }
+        }
+        if !absent.is_empty() {
+            tracing::warn!(
+                contracts = absent.len(),
+                "allow-list entries the mirror held are gone from storage after unknown code ran: removed"
+            );
+        }
+        let absent = absent
+            .into_iter()
+            .map(|((block, a), (hash, entries))| Observed {
+                block,
+                hash,
+                event: Event::EntriesAbsent(a, entries),
+            });
+        Ok(code.into_iter().chain(flags).chain(absent).collect())
+    }
+
+    /// Whether `contract`'s storage holds `entry` as of `block` (its getter).
+    async fn entry_held(
+        &self,
+        contract: Address,
+        entry: SetEntry,
+        block: u64,
+    ) -> Result<bool, ChainError> {
+        use super::contracts::DstackKms as K;
+        match entry {
+            SetEntry::ComposeHash(v) => {
+                self.flag(contract, DstackApp::allowedComposeHashesCall(v), block)
+                    .await
+            }
+            SetEntry::Device(v) => {
+                self.flag(contract, DstackApp::allowedDeviceIdsCall(v), block)
+                    .await
+            }
+            SetEntry::OsImage(v) => self.flag(contract, K::allowedOsImagesCall(v), block).await,
+            SetEntry::AggregatedMr(v) => {
+                self.flag(contract, K::kmsAllowedAggregatedMrsCall(v), block)
+                    .await
+            }
+            SetEntry::KmsDevice(v) => {
+                self.flag(contract, K::kmsAllowedDeviceIdsCall(v), block)
+                    .await
+            }
+            SetEntry::RegisteredApp(a) => {
+                self.flag(contract, K::registeredAppsCall(a), block).await
+            }
+        }
     }
 
     /// Identifies, at the processed block, what a mirror built by an older release never
@@ -1061,6 +1169,34 @@ fn rows_of(
     Ok(rows)
 }
 
+/// The allow-set entries the mirror holds for `contract` at the end of `block`, as far as the
+/// stored state and the batch's additions up to that block tell (a superset is fine: each is
+/// checked against storage).
+fn held_entries(
+    state: &MirrorState,
+    rows: &[(StoredEvent, Event)],
+    contract: Address,
+    block: u64,
+) -> BTreeSet<SetEntry> {
+    let kms = contract == state.kms_address;
+    let mut out: BTreeSet<SetEntry> = state.entries(contract).into_iter().collect();
+    for (_, e) in rows.iter().filter(|(s, _)| s.block_number <= block) {
+        let added = match e {
+            Event::ComposeHash(a, v, true) if *a == contract => SetEntry::ComposeHash(*v),
+            Event::Device(a, v, true) if *a == contract => SetEntry::Device(*v),
+            Event::OsImage(v, true) if kms => SetEntry::OsImage(*v),
+            Event::KmsAggregatedMr(v, true) if kms => SetEntry::AggregatedMr(*v),
+            Event::KmsDevice(v, true) if kms => SetEntry::KmsDevice(*v),
+            Event::AppRegistered(a) | Event::AppDeployedViaFactory(a) if kms => {
+                SetEntry::RegisteredApp(*a)
+            }
+            _ => continue,
+        };
+        out.insert(added);
+    }
+    out
+}
+
 /// Observations as stored rows: per block, indexes from `base` up, after every log of the block.
 fn synthetic_rows(observed: Vec<Observed>, base: u64) -> Vec<(StoredEvent, Event)> {
     let mut next: HashMap<u64, u64> = HashMap::new();
@@ -1072,7 +1208,8 @@ fn synthetic_rows(observed: Vec<Observed>, base: u64) -> Vec<(StoredEvent, Event
                 Event::CodeObserved(a)
                 | Event::CodeIdentity(a, _)
                 | Event::ImplementationObserved(a, _)
-                | Event::FlagsObserved(a, _) => *a,
+                | Event::FlagsObserved(a, _)
+                | Event::EntriesAbsent(a, _) => *a,
                 _ => return None,
             };
             let index = next.entry(o.block).or_insert(base);

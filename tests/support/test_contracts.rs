@@ -21,10 +21,15 @@ mod bindings {
         #[sol(rpc)]
         interface DstackAppV2 {
             function initializeV2() external;
+            function forgetComposeHash(bytes32 composeHash) external;
+        }
+        #[sol(rpc)]
+        interface DstackKmsV2 {
+            function forgetOsImage(bytes32 osImageHash) external;
         }
     }
 }
-pub use bindings::{AllowListAppAuth, DstackAppV2};
+pub use bindings::{AllowListAppAuth, DstackAppV2, DstackKmsV2};
 
 /// The reason DenyAllApp gives.
 pub const DENY_ALL_REASON: &str = "denied by upgraded implementation";
