@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use alloy::eips::BlockId;
 use alloy::primitives::{Address, B256, Bytes};
 use alloy::providers::Provider;
-use chain_engine::{Chain, WAIT, chain, deployed_app, engine, h, sqlite_store};
+use chain_engine::{Chain, Engine, WAIT, chain, deployed_app, engine, h, sqlite_store};
 use keywarden::chain::authz::{AuthQuery, Decision, Reason, Source};
 use keywarden::chain::contracts::{DstackKms, TCB_UP_TO_DATE};
 use keywarden::chain::live::boot_info;
@@ -49,6 +49,18 @@ async fn allowed(c: &Chain) {
     send!(kms.addKmsDevice(h(3)), o);
     send!(app.addComposeHash(h(4)), o);
     send!(app.addDevice(h(3)), o);
+}
+
+/// A chain with [`allowed`] run, and an engine on SQLite following it (tweaked by `tweak`).
+async fn allowed_chain(
+    tweak: impl FnOnce(&mut keywarden::chain::ChainConfig),
+) -> (Chain, tempfile::TempDir, Store, Engine) {
+    let c = chain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path()).await;
+    let e = engine(&[c.anvil.url()], &c.d, &store, tweak);
+    allowed(&c).await;
+    (c, dir, store, e)
 }
 
 /// The chain's `(allowed, reason)` for `q` at `block`.
@@ -181,11 +193,7 @@ async fn app_upgraded_to_unknown_code_is_refused_from_the_upgrade_block_and_serv
 
 #[tokio::test]
 async fn kms_upgraded_to_unknown_code_sends_both_checks_to_the_chain() {
-    let c = chain().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path()).await;
-    let e = engine(&[c.anvil.url()], &c.d, &store, |_| {});
-    allowed(&c).await;
+    let (c, _dir, _store, e) = allowed_chain(|_| {}).await;
     let v2 = test_contracts::deploy(&c.provider, c.owner, "DstackKmsV2", Vec::new()).await;
     let block = upgrade(&c, c.d.kms, v2).await;
     // A removal after the upgrade: the live answers follow it.
@@ -226,11 +234,7 @@ async fn kms_upgraded_to_unknown_code_sends_both_checks_to_the_chain() {
 /// is gone from the mirror too.
 #[tokio::test]
 async fn entries_removed_silently_by_unknown_code_are_not_trusted_after_upgrading_back() {
-    let c = chain().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path()).await;
-    let e = engine(&[c.anvil.url()], &c.d, &store, |_| {});
-    allowed(&c).await;
+    let (c, _dir, store, e) = allowed_chain(|_| {}).await;
     let q = boot(c.d.app);
     let o = c.owner;
 
@@ -301,14 +305,11 @@ async fn entries_removed_silently_by_unknown_code_are_not_trusted_after_upgradin
 
 #[tokio::test]
 async fn live_app_fails_closed_without_the_rpc_while_known_apps_are_served_until_max_staleness() {
-    let mut c = chain().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = sqlite_store(dir.path()).await;
-    let e = engine(&[c.anvil.url()], &c.d, &store, |cfg| {
+    let (mut c, _dir, _store, e) = allowed_chain(|cfg| {
         cfg.max_staleness = Duration::from_secs(3);
         cfg.request_timeout = Duration::from_millis(500);
-    });
-    allowed(&c).await;
+    })
+    .await;
     let listed = Address::repeat_byte(0x11);
     let custom = test_contracts::allow_list_app(&c.provider, c.owner, &[listed]).await;
     send!(c.kms().registerApp(custom), c.owner);

@@ -416,10 +416,19 @@ async fn attested_kms_serves_keys_only_while_its_own_measurement_is_allowed_on_c
     assert_eq!(count("this KMS is allowed"), 2, "{lines:#?}");
 }
 
-/// The waits below read the KMS's own `dstack_chain_processed_block`.
-async fn processed_block(s: &Setup) -> u64 {
-    let text = s.kw.metrics_text().await;
-    keywarden::telemetry::sample_value(&text, "dstack_chain_processed_block").unwrap_or(0.0) as u64
+/// Waits until the KMS's own `dstack_chain_processed_block` reaches `block`.
+async fn mirrored(s: &Setup, block: u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = s.kw.metrics_text().await;
+        let processed = keywarden::telemetry::sample_value(&text, "dstack_chain_processed_block")
+            .unwrap_or(0.0);
+        if processed >= block as f64 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "block {block} never mirrored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The fail-open defect: an app owner upgrades the app's proxy to an implementation that refuses
@@ -442,12 +451,7 @@ async fn app_upgraded_to_a_deny_all_implementation_gets_no_keys_after_the_upgrad
         .await
         .unwrap();
     assert!(receipt.status());
-    let block = receipt.block_number.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while processed_block(&s).await < block {
-        assert!(Instant::now() < deadline, "upgrade block never mirrored");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    mirrored(&s, receipt.block_number.unwrap()).await;
     match s.boot(s.app, COMPOSE, &vm).await {
         Err(ClientError::Refused { status, message }) => {
             assert_eq!(status, 400);
@@ -515,11 +519,7 @@ async fn kms_client_claims_a_device_and_a_tcb_level() {
     let head = alloy::providers::Provider::get_block_number(&s.provider)
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while processed_block(&s).await < head {
-        assert!(Instant::now() < deadline, "changes never mirrored");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    mirrored(&s, head).await;
     let dir = s._dir.path();
     let compose = dir.join("compose.json");
     std::fs::write(&compose, COMPOSE).unwrap();
