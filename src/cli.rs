@@ -463,7 +463,12 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                         rpc_urls: rpc_url.into_iter().collect(),
                         ..Overrides::default()
                     };
-                    let config = load(cli.config.as_deref(), &overrides)?;
+                    // Only the endpoints and the known code matter here: no KMS contract or
+                    // database is needed.
+                    let config = Config::load(cli.config.as_deref(), std::env::vars(), &overrides)
+                        .map_err(usage)?;
+                    crate::config::ConfigError::check(config.chain.endpoint_problems())
+                        .map_err(usage)?;
                     return Ok(runtime()?
                         .block_on(crate::chain::cli::run_code_identity(config, address, json)));
                 }

@@ -102,7 +102,7 @@ async fn store_on(db: Option<&common::PgDb>, dir: &std::path::Path) -> Store {
     }
 }
 
-/// Deploys `name` and upgrades the proxy at `proxy` to it; returns the upgrade's block.
+/// Upgrades the proxy at `proxy` to `to`; returns the upgrade's block.
 async fn upgrade(c: &Chain, proxy: Address, to: Address) -> u64 {
     let r = send!(
         DstackKms::new(proxy, c.provider.clone()).upgradeToAndCall(to, Bytes::new()),
@@ -139,6 +139,22 @@ async fn upgrade_and_back(db: Option<&common::PgDb>) {
         assert!(Instant::now() < deadline, "upgrade block never mirrored");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // `chain state` names the code that answers and the mode.
+    let state = keywarden::chain::report::state_json(&e.mirror.snapshot());
+    let app = state["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["address"] == c.d.app.to_string())
+        .unwrap();
+    let deny_code = c.provider.get_code_at(deny).await.unwrap();
+    let deny_id = keywarden::chain::code::identify(&deny_code, deny).unwrap();
+    assert_eq!(app["implementation"], deny.to_string());
+    assert_eq!(app["code"]["code_hash"], deny_id.hash.to_string());
+    assert_eq!(app["code"]["known_as"], serde_json::Value::Null);
+    assert_eq!(app["code"]["evaluation"], "live");
+    assert_eq!(state["kms"]["code"]["evaluation"], "local");
+    assert_eq!(state["kms"]["code"]["known_as"], "keywarden DstackKms");
     let d = e.mirror.authorize_app(&q).await;
     assert_eq!(
         answer(&d),
@@ -440,4 +456,42 @@ async fn store_of_the_previous_release_is_classified_and_continues_without_resyn
     let db = common::PgDb::create().await;
     previous_release_store(Some(&db)).await;
     db.drop_now().await;
+}
+
+#[tokio::test]
+async fn code_identity_names_known_code_and_prints_an_entry_for_other_code() {
+    let c = chain().await;
+    let url = c.anvil.url().to_string();
+    let identity = |address: Address, json: bool| {
+        let address = address.to_string();
+        let mut args = vec!["chain", "code-identity", &address, "--rpc-url", &url];
+        if json {
+            args.push("--json");
+        }
+        common::run_to_end(&args, &[])
+    };
+    let (code, out, err) = identity(c.d.app_implementation, true);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["known_as"], "keywarden DstackApp");
+    assert_eq!(v["immutable_offsets"].as_array().unwrap().len(), 3);
+
+    let deny = test_contracts::deploy(&c.provider, c.owner, "DenyAllApp", Vec::new()).await;
+    let (code, out, err) = identity(deny, false);
+    assert_eq!(code, 0, "{err}");
+    let id = keywarden::chain::code::identify(&c.provider.get_code_at(deny).await.unwrap(), deny)
+        .unwrap();
+    assert!(out.contains("[[chain.known_implementations]]"), "{out}");
+    assert!(
+        out.contains(&format!("code_hash = \"{}\"", id.hash)),
+        "{out}"
+    );
+    assert!(out.contains("known as: nothing yet"), "{out}");
+
+    let (code, _, err) = identity(Address::repeat_byte(0x99), true);
+    assert_eq!(code, 1);
+    assert!(err.contains("holds no code"), "{err}");
+    let (code, _, err) = common::run_to_end(&["chain", "code-identity", &deny.to_string()], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no RPC endpoint configured"), "{err}");
 }

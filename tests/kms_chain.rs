@@ -560,3 +560,34 @@ async fn kms_client_claims_a_device_and_a_tcb_level() {
     assert_eq!(code, 2);
     assert!(err.contains("--ppid must be 32 hex digits"), "{err}");
 }
+
+/// A custom `IAppAuth` app (an allow-list by instance id, not a DstackApp): keys for the instances
+/// it lists, and for the others its own reason string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_iappauth_app_serves_the_instances_it_lists() {
+    let s = setup(None).await;
+    let vm = client::simulated_vm_config();
+    // The simulated guests of these tests run as instance 0x1d…1d.
+    let listed = Address::repeat_byte(0x1d);
+    let custom = test_contracts::allow_list_app(&s.provider, s.owner, &[listed]).await;
+    send!(
+        DstackKms::new(s.kms, &s.provider)
+            .registerApp(custom)
+            .from(s.owner)
+    );
+    s.served(custom, COMPOSE, &vm).await;
+    let other = GuestSpec {
+        instance_id: vec![0x2e; 20],
+        ..spec(custom, COMPOSE, TestTcb::UpToDate)
+    };
+    match s.boot_as(&other, &vm).await {
+        Err(ClientError::Refused { status, message }) => {
+            assert_eq!(status, 400);
+            assert!(
+                message.contains(test_contracts::NOT_LISTED_REASON),
+                "{message}"
+            );
+        }
+        other => panic!("an unlisted instance got keys: {other:?}"),
+    }
+}

@@ -116,8 +116,9 @@ impl ChainConfig {
         !self.rpc_urls.is_empty()
     }
 
-    /// Every problem of the section, each with its fix.
-    pub fn problems(&self) -> Vec<Problem> {
+    /// Problems of what a command that only reads from the chain needs (`chain code-identity`):
+    /// the endpoint URLs and the known implementations.
+    pub fn endpoint_problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
         let mut push = |key: &str, problem: String, fix: &str| {
             out.push(Problem {
@@ -141,6 +142,45 @@ impl ChainConfig {
                 ),
             }
         }
+        for (i, k) in self.known_implementations.iter().enumerate() {
+            if k.name.trim().is_empty() {
+                push(
+                    "known_implementations",
+                    format!("entry {i} has an empty name"),
+                    "name the code, e.g. \"dstack DstackApp v0.5.3\"",
+                );
+            }
+            if k.code_hash.parse::<B256>().is_err() {
+                push(
+                    "known_implementations",
+                    format!("entry {i} ({}): code_hash is not 32 bytes of hex", k.name),
+                    "use the code_hash printed by `keywarden chain code-identity ADDRESS`",
+                );
+            }
+            if !k.immutable_offsets.is_sorted_by(|a, b| a < b) {
+                push(
+                    "known_implementations",
+                    format!(
+                        "entry {i} ({}): immutable_offsets are not strictly ascending",
+                        k.name
+                    ),
+                    "use the offsets printed by `keywarden chain code-identity ADDRESS`",
+                );
+            }
+        }
+        out
+    }
+
+    /// Every problem of the section, each with its fix.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = self.endpoint_problems();
+        let mut push = |key: &str, problem: String, fix: &str| {
+            out.push(Problem {
+                key: format!("chain.{key}"),
+                problem,
+                fix: fix.into(),
+            })
+        };
         if self.enabled() {
             match self.kms_contract.as_deref().map(str::parse::<Address>) {
                 None => push(
@@ -183,32 +223,6 @@ impl ChainConfig {
                 "must be at least 1".into(),
                 "use 64 (the default)",
             );
-        }
-        for (i, k) in self.known_implementations.iter().enumerate() {
-            if k.name.trim().is_empty() {
-                push(
-                    "known_implementations",
-                    format!("entry {i} has an empty name"),
-                    "name the code, e.g. \"dstack DstackApp v0.5.3\"",
-                );
-            }
-            if k.code_hash.parse::<B256>().is_err() {
-                push(
-                    "known_implementations",
-                    format!("entry {i} ({}): code_hash is not 32 bytes of hex", k.name),
-                    "use the code_hash printed by `keywarden chain code-identity ADDRESS`",
-                );
-            }
-            if !k.immutable_offsets.is_sorted_by(|a, b| a < b) {
-                push(
-                    "known_implementations",
-                    format!(
-                        "entry {i} ({}): immutable_offsets are not strictly ascending",
-                        k.name
-                    ),
-                    "use the offsets printed by `keywarden chain code-identity ADDRESS`",
-                );
-            }
         }
         out
     }

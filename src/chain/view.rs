@@ -46,6 +46,9 @@ pub struct Mirror {
     max_staleness: Duration,
     metrics: ChainMetrics,
     live: Option<LiveAuthz>,
+    /// Whether a state was published yet (the first one is compared with "all local", so
+    /// contracts already on live evaluation at start-up are reported too).
+    published: std::sync::atomic::AtomicBool,
 }
 
 impl Mirror {
@@ -64,6 +67,7 @@ impl Mirror {
             max_staleness,
             metrics,
             live,
+            published: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -82,7 +86,10 @@ impl Mirror {
             &mut *self.state.write().unwrap_or_else(|e| e.into_inner()),
             state.clone(),
         );
-        log_mode_changes(&previous, &state);
+        let first = !self
+            .published
+            .swap(true, std::sync::atomic::Ordering::Relaxed);
+        log_mode_changes((!first).then_some(&*previous), &state);
     }
 
     /// Records that the engine saw the head and had caught up with it.
@@ -162,46 +169,50 @@ fn unavailable(detail: String) -> Decision {
     }
 }
 
-/// One WARN line per contract that moved to live evaluation (naming the code that answers) and
-/// one INFO line per contract back on the mirror.
-fn log_mode_changes(before: &MirrorState, after: &MirrorState) {
-    let describe = |m: &MirrorState, a: Address| -> String {
-        let answering = if a == m.kms_address {
-            Some(m.kms_answering())
+/// One WARN line per contract whose own answering code became code the mirror does not know
+/// (naming its hash), and one INFO line per contract whose unknown code gave way to known code.
+/// An app counts by its own code (a KMS contract on unknown code sends every app live, and is
+/// reported once); code not observed yet is not reported. Without `before` (the first state
+/// published), every contract counts as having been on known code.
+fn log_mode_changes(before: Option<&MirrorState>, after: &MirrorState) {
+    // (on unknown code, the answering code's hash)
+    let status = |m: &MirrorState, a: Address| -> (bool, Option<alloy::primitives::B256>) {
+        if a == m.kms_address {
+            let answering = m.kms_answering();
+            (answering.kind().is_none(), answering.hash())
         } else {
-            m.app_answering(a)
-        };
-        match answering.and_then(|x| x.hash()) {
-            Some(h) => h.to_string(),
-            None => "unobserved".into(),
+            match m.apps.get(&a) {
+                Some(p) if p.has_code && m.registered_apps.contains(&a) => {
+                    let answering = m.answering(a, p.implementation);
+                    (
+                        answering.kind() != Some(super::code::CodeKind::DstackApp),
+                        answering.hash(),
+                    )
+                }
+                _ => (false, None),
+            }
         }
     };
-    let contracts = std::iter::once((
-        after.kms_address,
-        "kms",
-        before.kms_evaluation(),
-        after.kms_evaluation(),
-    ))
-    .chain(after.registered_apps.iter().map(|a| {
-        (
-            *a,
-            "app",
-            before.app_evaluation(*a),
-            after.app_evaluation(*a),
-        )
-    }));
-    for (address, contract, was, now) in contracts {
-        match (was, now) {
-            (Evaluation::Local, Evaluation::Live) => tracing::warn!(
+    let contracts = std::iter::once(after.kms_address).chain(after.registered_apps.iter().copied());
+    for address in contracts {
+        let contract = if address == after.kms_address {
+            "kms"
+        } else {
+            "app"
+        };
+        let (unknown, hash) = status(after, address);
+        let (was_unknown, was_hash) = before.map_or((false, None), |b| status(b, address));
+        match (was_unknown, unknown, hash) {
+            (false, true, Some(code_hash)) => tracing::warn!(
                 %address,
                 contract,
-                code_hash = %describe(after, address),
+                %code_hash,
                 "contract switched to live evaluation: its answering code is not known, decisions are asked of the chain"
             ),
-            (Evaluation::Live, Evaluation::Local) => tracing::info!(
+            (true, false, Some(code_hash)) if was_hash.is_some() => tracing::info!(
                 %address,
                 contract,
-                code_hash = %describe(after, address),
+                %code_hash,
                 "contract back on local evaluation: its answering code is known"
             ),
             _ => {}

@@ -295,6 +295,15 @@ fn render_problems(problems: &[Problem]) -> String {
 }
 
 impl ConfigError {
+    /// `problems` as an error, or `Ok` when there are none.
+    pub fn check(problems: Vec<Problem>) -> Result<(), Self> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Self::Invalid(problems))
+        }
+    }
+
     fn one(key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
         Self::Invalid(vec![Problem {
             key: key.into(),
