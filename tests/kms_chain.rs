@@ -414,6 +414,34 @@ async fn attested_kms_serves_keys_only_while_its_own_measurement_is_allowed_on_c
     let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
     assert_eq!(count("this KMS is not allowed"), 2, "{lines:#?}");
     assert_eq!(count("this KMS is allowed"), 2, "{lines:#?}");
+
+    // The KMS contract upgraded to code keywarden does not know: the self-check and the app
+    // check are asked of the chain, and still follow governance.
+    let v2 = test_contracts::deploy(&s.provider, s.owner, "DstackKmsV2", Vec::new()).await;
+    let receipt = kms
+        .upgradeToAndCall(v2, Default::default())
+        .from(s.owner)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(receipt.status());
+    mirrored(&s, receipt.block_number.unwrap()).await;
+    s.boot(s.app, COMPOSE, &vm).await.unwrap();
+    let text = s.kw.metrics_text().await;
+    for check in ["kms", "app"] {
+        let series = format!(
+            "dstack_kms_mirror_decisions_total{{check=\"{check}\",source=\"eth_call\",reason=\"allowed\"}}"
+        );
+        assert!(
+            keywarden::telemetry::sample_value(&text, &series).unwrap_or(0.0) >= 1.0,
+            "{series}: {text}"
+        );
+    }
+    send!(kms.removeKmsAggregatedMr(mr).from(s.owner));
+    assert_eq!(s.refused_with(s.app, COMPOSE, &vm, not_allowed).await, 503);
 }
 
 /// Waits until the KMS's own `dstack_chain_processed_block` reaches `block`.
