@@ -418,17 +418,7 @@ async fn attested_kms_serves_keys_only_while_its_own_measurement_is_allowed_on_c
     // The KMS contract upgraded to code keywarden does not know: the self-check and the app
     // check are asked of the chain, and still follow governance.
     let v2 = test_contracts::deploy(&s.provider, s.owner, "DstackKmsV2", Vec::new()).await;
-    let receipt = kms
-        .upgradeToAndCall(v2, Default::default())
-        .from(s.owner)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
-    assert!(receipt.status());
-    mirrored(&s, receipt.block_number.unwrap()).await;
+    upgrade(&s, s.kms, v2).await;
     s.boot(s.app, COMPOSE, &vm).await.unwrap();
     let text = s.kw.metrics_text().await;
     for check in ["kms", "app"] {
@@ -442,6 +432,22 @@ async fn attested_kms_serves_keys_only_while_its_own_measurement_is_allowed_on_c
     }
     send!(kms.removeKmsAggregatedMr(mr).from(s.owner));
     assert_eq!(s.refused_with(s.app, COMPOSE, &vm, not_allowed).await, 503);
+}
+
+/// Upgrades the proxy at `proxy` (the KMS contract or an app) to `to` and waits until the KMS has
+/// mirrored the upgrade's block.
+async fn upgrade(s: &Setup, proxy: Address, to: Address) {
+    let receipt = DstackKms::new(proxy, &s.provider)
+        .upgradeToAndCall(to, Default::default())
+        .from(s.owner)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(receipt.status());
+    mirrored(s, receipt.block_number.unwrap()).await;
 }
 
 /// Waits until the KMS's own `dstack_chain_processed_block` reaches `block`.
@@ -468,18 +474,7 @@ async fn app_upgraded_to_a_deny_all_implementation_gets_no_keys_after_the_upgrad
     let vm = client::simulated_vm_config();
     s.served(s.app, COMPOSE, &vm).await;
     let deny = test_contracts::deploy(&s.provider, s.owner, "DenyAllApp", Vec::new()).await;
-    let app = DstackApp::new(s.app, &s.provider);
-    let receipt = app
-        .upgradeToAndCall(deny, Default::default())
-        .from(s.owner)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
-    assert!(receipt.status());
-    mirrored(&s, receipt.block_number.unwrap()).await;
+    upgrade(&s, s.app, deny).await;
     match s.boot(s.app, COMPOSE, &vm).await {
         Err(ClientError::Refused { status, message }) => {
             assert_eq!(status, 400);
@@ -512,17 +507,12 @@ async fn app_upgraded_to_a_deny_all_implementation_gets_no_keys_after_the_upgrad
             .any(|l| l.contains("contract switched to live evaluation")),
         "no WARN line naming the switch"
     );
-    send!(
-        app.upgradeToAndCall(
-            keywarden::chain::contracts::DstackKms::new(s.kms, &s.provider)
-                .appImplementation()
-                .call()
-                .await
-                .unwrap(),
-            Default::default()
-        )
-        .from(s.owner)
-    );
+    let known = DstackKms::new(s.kms, &s.provider)
+        .appImplementation()
+        .call()
+        .await
+        .unwrap();
+    upgrade(&s, s.app, known).await;
     s.served(s.app, COMPOSE, &vm).await;
 }
 
