@@ -12,16 +12,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use alloy::eips::BlockId;
 use alloy::primitives::Address;
-use alloy::providers::Provider;
-use alloy::rpc::types::TransactionRequest;
 use alloy::sol_types::SolCall;
 
 use super::ChainError;
 use super::authz::{AuthQuery, Decision};
 use super::contracts::DstackKms;
-use super::metrics::{ChainMetrics, Check, LiveOutcome, Method};
+use super::metrics::{ChainMetrics, Check, LiveOutcome};
 use super::rpc::RpcPool;
 
 /// Answers kept per block before the cache is emptied (bounds memory on a quiet chain).
@@ -113,16 +110,10 @@ impl LiveAuthz {
             Check::Kms => DstackKms::isKmsAllowedCall { bootInfo: info }.abi_encode(),
             Check::App => DstackKms::isAppAllowedCall { bootInfo: info }.abi_encode(),
         };
-        let tx = TransactionRequest::default()
-            .to(self.kms)
-            .input(input.into());
-        let tx = &tx;
         let started = Instant::now();
         let answer = self
             .rpc
-            .call(Method::EthCall, |p| async move {
-                p.call(tx.clone()).block(BlockId::number(block)).await
-            })
+            .eth_call(self.kms, input, block)
             .await
             .and_then(|raw| {
                 // Both functions return `(bool, string)`.

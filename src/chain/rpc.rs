@@ -248,6 +248,27 @@ impl RpcPool {
     }
 }
 
+impl RpcPool {
+    /// `eth_call` of `input` on `to` at `block`, with the pool's failover and timeout.
+    pub async fn eth_call(
+        &self,
+        to: alloy::primitives::Address,
+        input: Vec<u8>,
+        block: u64,
+    ) -> Result<alloy::primitives::Bytes, ChainError> {
+        let tx = alloy::rpc::types::TransactionRequest::default()
+            .to(to)
+            .input(input.into());
+        let tx = &tx;
+        self.call(Method::EthCall, |p| async move {
+            p.call(tx.clone())
+                .block(alloy::eips::BlockId::number(block))
+                .await
+        })
+        .await
+    }
+}
+
 fn index_label(i: usize) -> u16 {
     u16::try_from(i).unwrap_or(u16::MAX)
 }

@@ -18,10 +18,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use alloy::eips::{BlockId, BlockNumberOrTag};
+use alloy::eips::BlockNumberOrTag;
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::Provider;
-use alloy::rpc::types::{Filter, Log, TransactionRequest};
+use alloy::rpc::types::{Filter, Log};
 use alloy::sol_types::SolCall;
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
@@ -265,16 +265,7 @@ impl SyncEngine {
         call: C,
         block: u64,
     ) -> Result<bool, ChainError> {
-        let tx = TransactionRequest::default()
-            .to(app)
-            .input(call.abi_encode().into());
-        let tx = &tx;
-        let raw = self
-            .rpc
-            .call(Method::EthCall, |p| async move {
-                p.call(tx.clone()).block(BlockId::number(block)).await
-            })
-            .await?;
+        let raw = self.rpc.eth_call(app, call.abi_encode(), block).await?;
         C::abi_decode_returns(&raw).map_err(|e| ChainError::UndecodableAnswer(e.to_string()))
     }
 
@@ -377,37 +368,29 @@ impl SyncEngine {
         // Phase 2: walk the rows and the code observations in chain order; at the end of each
         // block, every app discovered, upgraded or initialised in it that known DstackApp code
         // answers gets its flags read at that block.
-        let mut triggers: BTreeMap<u64, (B256, BTreeSet<Address>)> = BTreeMap::new();
-        for &(a, block, hash) in first_seen {
-            if a != state.kms_address {
-                triggers
-                    .entry(block)
-                    .or_insert((hash, BTreeSet::new()))
-                    .1
-                    .insert(a);
-            }
+        // Per block: the apps whose flags may need reading, and the upgraded contracts
+        // (including the KMS contract): one coming back to known code after unknown code ran
+        // gets the entries the mirror holds checked against its storage.
+        type ByBlock = BTreeMap<u64, (B256, BTreeSet<Address>)>;
+        fn mark(map: &mut ByBlock, block: u64, hash: B256, a: Address) {
+            map.entry(block)
+                .or_insert((hash, BTreeSet::new()))
+                .1
+                .insert(a);
         }
-        for (s, e) in rows {
-            if let Event::Upgraded(a, _) | Event::Initialized(a) = e
-                && *a != state.kms_address
-            {
-                triggers
-                    .entry(s.block_number)
-                    .or_insert((s.block_hash, BTreeSet::new()))
-                    .1
-                    .insert(*a);
-            }
+        let (mut triggers, mut upgraded) = (ByBlock::new(), ByBlock::new());
+        let kms = state.kms_address;
+        for &(a, block, hash) in first_seen.iter().filter(|(a, ..)| *a != kms) {
+            mark(&mut triggers, block, hash, a);
         }
-        // Upgrades, including the KMS contract's: a contract coming back to known code after
-        // unknown code ran gets the entries the mirror holds checked against its storage.
-        let mut upgraded: BTreeMap<u64, (B256, BTreeSet<Address>)> = BTreeMap::new();
         for (s, e) in rows {
             if let Event::Upgraded(a, _) = e {
-                upgraded
-                    .entry(s.block_number)
-                    .or_insert((s.block_hash, BTreeSet::new()))
-                    .1
-                    .insert(*a);
+                mark(&mut upgraded, s.block_number, s.block_hash, *a);
+            }
+            if let Event::Upgraded(a, _) | Event::Initialized(a) = e
+                && *a != kms
+            {
+                mark(&mut triggers, s.block_number, s.block_hash, *a);
             }
         }
         let mut overlay = Overlay {
