@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use alloy::eips::BlockId;
 use alloy::primitives::{Address, B256, Bytes};
 use alloy::providers::Provider;
+use alloy::providers::ext::AnvilApi;
 use chain_engine::{Chain, Engine, WAIT, chain, deployed_app, engine, h, sqlite_store};
 use keywarden::chain::authz::{AuthQuery, Decision, Reason, Source};
 use keywarden::chain::contracts::{DstackKms, TCB_UP_TO_DATE};
@@ -375,6 +376,8 @@ async fn previous_release_store(db: Option<&common::PgDb>) {
             .deployAndRegisterApp_1(c.owner, false, true, true, B256::ZERO, h(4)),
         c.owner
     ));
+    // Empty blocks after the last event: the processed block holds no stored row.
+    c.provider.anvil_mine(Some(3), None).await.unwrap();
     let head = c.head().await;
     e.caught_up_to(head).await;
     let chain_id = c.provider.get_chain_id().await.unwrap();
@@ -417,6 +420,8 @@ async fn previous_release_store(db: Option<&common::PgDb>) {
     let e = engine(&[c.anvil.url()], &c.d, &store, |_| {});
     e.caught_up_to(head).await;
     let m = e.mirror.snapshot();
+    // Live calls would be made at the processed block, not at the last stored event's.
+    assert_eq!(m.block, head);
     assert_eq!(m.kms_evaluation(), Evaluation::Local);
     assert_eq!(m.app_evaluation(c.d.app), Evaluation::Local);
     assert_eq!(m.app_evaluation(strict), Evaluation::Local);

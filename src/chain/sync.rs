@@ -655,7 +655,9 @@ impl SyncEngine {
             }
         };
         let stored = self.store.chain_events(chain_id).await?;
-        let state = rebuild_with(kms, self.known.clone(), &stored);
+        let mut state = rebuild_with(kms, self.known.clone(), &stored);
+        // Live calls are made at the processed block, which may hold no stored event.
+        state.block = checkpoint.processed_block;
         let processed_timestamp = self
             .store
             .chain_recent_blocks(chain_id)
@@ -670,8 +672,7 @@ impl SyncEngine {
             batch_blocks: self.chain.cfg.max_batch_blocks,
             processed_timestamp,
         };
-        if let Some(mut state) = self.classify_unobserved(&cursor, &stored).await? {
-            state.block = cursor.checkpoint.processed_block;
+        if let Some(state) = self.classify_unobserved(&cursor, &stored).await? {
             cursor.state = Arc::new(state);
         }
         self.mirror.publish(cursor.state.clone());
