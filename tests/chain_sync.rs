@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use alloy::eips::BlockId;
 use alloy::network::TransactionBuilder;
 use alloy::primitives::{Address, B256, Bytes};
-use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
+use alloy::providers::{Provider, ProviderBuilder};
 use alloy::rpc::types::TransactionRequest;
 use alloy::rpc::types::anvil::{ReorgOptions, TransactionData};
 use alloy::sol_types::{SolCall, SolValue};
@@ -946,4 +946,172 @@ async fn another_chain_than_configured_stops_the_engine() {
         .unwrap_err();
     assert!(err.to_string().contains("serves chain 31337"), "{err}");
     assert!(!e.mirror.is_fresh());
+}
+
+/// A backup endpoint on another chain, with the same contract addresses, is never used: when the
+/// primary stalls the mirror goes stale (fails closed) instead of following the other chain, and
+/// it follows the real chain again when the primary is back. No resync.
+#[tokio::test]
+async fn a_backup_endpoint_on_another_chain_is_never_used() {
+    let c = chain().await;
+    let other = support::anvil::Anvil::spawn_with(&["--chain-id", "1"]);
+    let other_d = deploy(&other.url()).await.unwrap();
+    assert_eq!(other_d.kms, c.d.kms, "same deployer, same addresses");
+    let primary = Relay::start(c.anvil.url(), true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path()).await;
+    let e = engine(&[primary.url.clone(), other.url()], &c.d, &store, |cfg| {
+        cfg.chain_id = Some(31337);
+        cfg.max_staleness = Duration::from_secs(2);
+        cfg.request_timeout = Duration::from_millis(500);
+    });
+    send!(c.kms().addOsImageHash(h(1)), c.owner);
+    e.caught_up_to(c.head().await).await;
+    // Reported before it is ever needed.
+    let deadline = Instant::now() + WAIT;
+    while e.metric("dstack_chain_rpc_endpoint_wrong_chain{endpoint=\"1\"}") != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "wrong-chain backup never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(e.mirror.progress().endpoints[1].wrong_chain, Some(1));
+
+    // The primary stalls; the real chain revokes the OS image.
+    primary.set(false);
+    send!(c.kms().removeOsImageHash(h(1)), c.owner);
+    let q = AuthQuery {
+        os_image_hash: h(1).into(),
+        ..AuthQuery::default()
+    };
+    let deadline = Instant::now() + WAIT;
+    while e.mirror.authorize_app(&q).await.reason != Reason::ChainStateStale {
+        assert!(Instant::now() < deadline, "never failed closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(e.metric("dstack_chain_resyncs_total"), 0.0);
+    assert!(e.mirror.snapshot().kms.os_images.contains(&h(1)));
+
+    // The primary is back: the revocation is followed.
+    primary.set(true);
+    e.until("the OS image revoked", |m| !m.kms.os_images.contains(&h(1)))
+        .await;
+    e.caught_up_to(c.head().await).await;
+    assert_eq!(e.metric("dstack_chain_resyncs_total"), 0.0);
+    assert_eq!(
+        e.metric("dstack_chain_rpc_endpoint_wrong_chain{endpoint=\"1\"}"),
+        1.0
+    );
+    e.stop().await;
+}
+
+/// An endpoint of the same chain id whose history shares nothing with the stored chain (a
+/// forked or broken node) is an endpoint fault, not a reorg: no resync while the primary, which
+/// still serves the stored chain, is away, and none after it is back.
+#[tokio::test]
+async fn an_endpoint_contradicting_the_stored_chain_forces_no_resync() {
+    let c = chain().await;
+    let fork = support::anvil::Anvil::spawn();
+    let fork_d = deploy(&fork.url()).await.unwrap();
+    assert_eq!(fork_d.kms, c.d.kms);
+    let primary = Relay::start(c.anvil.url(), true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path()).await;
+    let e = engine(&[primary.url.clone(), fork.url()], &c.d, &store, |cfg| {
+        cfg.max_staleness = Duration::from_secs(2);
+        cfg.request_timeout = Duration::from_millis(500);
+        cfg.reorg_window = 4;
+    });
+    for i in 1..=6 {
+        send!(c.kms().addOsImageHash(h(i)), c.owner);
+    }
+    e.caught_up_to(c.head().await).await;
+    let fork_p = ProviderBuilder::new().connect_http(fork.url()).erased();
+    fork_p.anvil_mine(Some(20), None).await.unwrap();
+
+    primary.set(false);
+    let deadline = Instant::now() + WAIT;
+    while e.mirror.is_fresh() {
+        assert!(Instant::now() < deadline, "never went stale");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Long enough for several polls against the fork.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(e.metric("dstack_chain_resyncs_total"), 0.0);
+    assert!(e.mirror.snapshot().kms.os_images.contains(&h(6)));
+
+    primary.set(true);
+    send!(c.kms().removeOsImageHash(h(6)), c.owner);
+    e.until("the removal followed", |m| !m.kms.os_images.contains(&h(6)))
+        .await;
+    assert_eq!(e.metric("dstack_chain_resyncs_total"), 0.0);
+    e.stop().await;
+}
+
+/// A backup on another chain is visible to operators of a running service: `/readyz` stays 200
+/// with a `degraded` entry naming it, and one ERROR line names it.
+#[tokio::test]
+async fn serve_reports_a_backup_endpoint_on_another_chain() {
+    use common::{Keywarden, http};
+    let c = chain().await;
+    let other = support::anvil::Anvil::spawn_with(&["--chain-id", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, backup, kms, start) = (
+        c.anvil.url().to_string(),
+        other.url().to_string(),
+        c.d.kms.to_string(),
+        c.d.block.to_string(),
+    );
+    let mut kw = Keywarden::start(
+        &dir.path().join("data"),
+        &[
+            "--rpc-url",
+            &primary,
+            "--rpc-url",
+            &backup,
+            "--kms-contract",
+            &kms,
+            "--start-block",
+            &start,
+        ],
+        &[
+            ("KEYWARDEN_CHAIN__CHAIN_ID", "31337"),
+            ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),
+            ("KEYWARDEN_CHAIN__POLL_INTERVAL", "100ms"),
+        ],
+    );
+    kw.wait_ready().await;
+    let deadline = Instant::now() + WAIT;
+    let body = loop {
+        let resp = http()
+            .get(format!("http://{}/readyz", kw.metrics))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        if body.get("degraded").is_some() {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never reported: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let degraded = body["degraded"][0].clone();
+    assert_eq!(degraded["component"], "chain_endpoints");
+    let reason = degraded["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("endpoint 1") && reason.contains("serves chain 1"),
+        "{reason}"
+    );
+    let lines = kw.lines();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("RPC endpoint serves another chain"))
+            .count(),
+        1,
+        "{lines:#?}"
+    );
+    assert_eq!(kw.terminate(Duration::from_secs(10)), 0);
 }

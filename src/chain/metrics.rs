@@ -233,6 +233,7 @@ pub struct ChainMetrics {
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_latency: Family<LatencyLabels, Histogram>,
     endpoint_up: Family<EndpointLabels, Gauge>,
+    endpoint_wrong_chain: Family<EndpointLabels, Gauge>,
     failovers: Counter,
     mirror_entries: Family<SetLabels, Gauge>,
     decisions: Family<DecisionLabels, Counter>,
@@ -264,6 +265,7 @@ impl ChainMetrics {
             rpc_requests: Family::default(),
             rpc_latency: Family::new_with_constructor(latency_histogram),
             endpoint_up: Family::default(),
+            endpoint_wrong_chain: Family::default(),
             failovers: Counter::default(),
             mirror_entries: Family::default(),
             decisions: Family::default(),
@@ -323,6 +325,11 @@ impl ChainMetrics {
             m.endpoint_up.clone(),
         );
         r.register(
+            "dstack_chain_rpc_endpoint_wrong_chain",
+            "1 while the endpoint's eth_chainId is not the mirror's chain (it is not used), by endpoint index",
+            m.endpoint_wrong_chain.clone(),
+        );
+        r.register(
             "dstack_chain_rpc_failovers",
             "Requests moved to another endpoint after an endpoint failed",
             m.failovers.clone(),
@@ -353,6 +360,9 @@ impl ChainMetrics {
             m.endpoint_up
                 .get_or_create(&EndpointLabels { endpoint })
                 .set(1);
+            m.endpoint_wrong_chain
+                .get_or_create(&EndpointLabels { endpoint })
+                .set(0);
             for method in Method::ALL {
                 let _ = m
                     .rpc_latency
@@ -427,6 +437,13 @@ impl ChainMetrics {
         self.endpoint_up
             .get_or_create(&EndpointLabels { endpoint })
             .set(i64::from(up));
+    }
+
+    /// Sets whether an endpoint serves another chain.
+    pub fn endpoint_wrong_chain(&self, endpoint: u16, wrong: bool) {
+        self.endpoint_wrong_chain
+            .get_or_create(&EndpointLabels { endpoint })
+            .set(i64::from(wrong));
     }
 
     /// Counts a failover.

@@ -67,6 +67,7 @@ pub fn follow(
         chain.cfg.request_timeout,
         metrics.clone(),
     ));
+    rpc.expect_chain_id(chain.cfg.chain_id);
     let live = live::LiveAuthz::new(rpc.clone(), chain.kms, metrics.clone());
     let mirror = Arc::new(Mirror::new(
         mirror::MirrorState::with_known(chain.kms, Arc::new(chain.known.clone())),
@@ -137,6 +138,12 @@ pub enum ChainError {
         /// Reported by `eth_chainId`.
         actual: u64,
     },
+    /// One endpoint reported a reorg deeper than the retained hashes that the others did not
+    /// confirm; nothing was undone.
+    #[error(
+        "an RPC endpoint reported a reorg below block {0} that the other endpoints did not confirm; it is backed off and nothing was undone"
+    )]
+    UnconfirmedReorg(u64),
     /// An address holds no code.
     #[error("{0} holds no code at the latest block")]
     NoCode(alloy::primitives::Address),

@@ -9,6 +9,12 @@
 //! `eth_getLogs` refusal for too many results is returned as [`ChainError::TooManyResults`]
 //! without blaming the endpoint: the engine shrinks its range instead. Every request is counted
 //! and timed by endpoint index, method and outcome.
+//!
+//! No endpoint is used before it has shown, with `eth_chainId`, that it serves the pool's chain
+//! (`chain.chain_id`, or the first chain an endpoint reported when none is configured). The check
+//! is repeated after every failure of the endpoint and every [`CHAIN_RECHECK`] while it serves; an
+//! endpoint on another chain is skipped, reported (ERROR line, metric, endpoint status) and
+//! checked again every [`WRONG_CHAIN_RECHECK`].
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -28,6 +34,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A failed endpoint's score climbs back to full over this long without new failures, so a
 /// recovered primary is preferred again rather than staying behind a healthy backup for good.
 const SCORE_RECOVERY: Duration = Duration::from_secs(60);
+
+/// A serving endpoint's chain id is checked again this often.
+pub const CHAIN_RECHECK: Duration = Duration::from_secs(60);
+/// An endpoint found on another chain is checked again this often.
+pub const WRONG_CHAIN_RECHECK: Duration = Duration::from_secs(30);
 
 /// Messages nodes use to refuse an `eth_getLogs` range (geth, erigon, anvil, hosted providers).
 const TOO_MANY_RESULTS: [&str; 8] = [
@@ -75,9 +86,23 @@ impl Health {
     }
 }
 
+/// What an endpoint's `eth_chainId` showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChainCheck {
+    /// Not checked since it was created or last failed.
+    Unchecked,
+    /// Serves the pool's chain (checked at).
+    Verified(Instant),
+    /// Serves another chain (its id, checked at).
+    Wrong(u64, Instant),
+}
+
 struct Endpoint {
     provider: DynProvider,
+    /// Host and port, for log lines (never the path or credentials).
+    host: String,
     health: Mutex<Health>,
+    chain: Mutex<ChainCheck>,
 }
 
 /// One endpoint's health, for `chain status`.
@@ -93,6 +118,8 @@ pub struct EndpointHealth {
     pub backed_off: bool,
     /// The last error, if any.
     pub last_error: Option<String>,
+    /// The chain id it serves, when that is not the pool's chain (it is not used).
+    pub wrong_chain: Option<u64>,
 }
 
 /// The endpoints of one chain.
@@ -100,6 +127,8 @@ pub struct RpcPool {
     endpoints: Vec<Endpoint>,
     timeout: Duration,
     metrics: ChainMetrics,
+    /// The chain every endpoint must serve (configured, or pinned by the first answer).
+    chain_id: Mutex<Option<u64>>,
 }
 
 impl RpcPool {
@@ -109,6 +138,12 @@ impl RpcPool {
         let endpoints = urls
             .iter()
             .map(|u| Endpoint {
+                host: format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or("?"),
+                    u.port_or_known_default().unwrap_or(0)
+                ),
+                chain: Mutex::new(ChainCheck::Unchecked),
                 provider: ProviderBuilder::new()
                     .disable_recommended_fillers()
                     .connect_http(u.clone())
@@ -126,7 +161,176 @@ impl RpcPool {
             endpoints,
             timeout,
             metrics,
+            chain_id: Mutex::new(None),
         }
+    }
+
+    /// Requires every endpoint to serve `chain_id` (`chain.chain_id`); without it, the first chain
+    /// an endpoint reports is pinned.
+    pub fn expect_chain_id(&self, chain_id: Option<u64>) {
+        *self.chain_id.lock().unwrap_or_else(|e| e.into_inner()) = chain_id;
+    }
+
+    fn chain_check(&self, i: usize) -> ChainCheck {
+        *self.endpoints[i]
+            .chain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_chain_check(&self, i: usize, c: ChainCheck) {
+        *self.endpoints[i]
+            .chain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = c;
+        self.metrics
+            .endpoint_wrong_chain(index_label(i), matches!(c, ChainCheck::Wrong(..)));
+    }
+
+    /// Whether endpoint `i` may be used: checks its chain id first when due. `Err` is the
+    /// endpoint's failure to answer (it is then backed off like any other failure).
+    async fn usable(&self, i: usize) -> Result<bool, String> {
+        let due = match self.chain_check(i) {
+            ChainCheck::Unchecked => true,
+            ChainCheck::Verified(at) => at.elapsed() >= CHAIN_RECHECK,
+            ChainCheck::Wrong(_, at) => at.elapsed() >= WRONG_CHAIN_RECHECK,
+        };
+        if !due {
+            return Ok(matches!(self.chain_check(i), ChainCheck::Verified(_)));
+        }
+        let started = Instant::now();
+        let answer =
+            tokio::time::timeout(self.timeout, self.endpoints[i].provider.get_chain_id()).await;
+        let seconds = started.elapsed().as_secs_f64();
+        let label = index_label(i);
+        let actual = match answer {
+            Ok(Ok(id)) => {
+                self.metrics
+                    .rpc(label, Method::EthChainId, RpcOutcome::Ok, seconds);
+                id
+            }
+            Ok(Err(e)) => {
+                self.metrics
+                    .rpc(label, Method::EthChainId, RpcOutcome::Error, seconds);
+                return Err(one_line(&e));
+            }
+            Err(_) => {
+                self.metrics
+                    .rpc(label, Method::EthChainId, RpcOutcome::Timeout, seconds);
+                return Err(format!("no answer within {:?}", self.timeout));
+            }
+        };
+        let expected = *self
+            .chain_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(actual);
+        let now = Instant::now();
+        if actual == expected {
+            self.set_chain_check(i, ChainCheck::Verified(now));
+            return Ok(true);
+        }
+        if !matches!(self.chain_check(i), ChainCheck::Wrong(id, _) if id == actual) {
+            tracing::error!(
+                endpoint = i,
+                host = %self.endpoints[i].host,
+                serves_chain = actual,
+                expected_chain = expected,
+                "RPC endpoint serves another chain: it is not used (fix: point chain.rpc_urls at the right chain)"
+            );
+        }
+        self.set_chain_check(i, ChainCheck::Wrong(actual, now));
+        Ok(false)
+    }
+
+    /// Checks the chain id of every endpoint that is due (before first use, after a failure,
+    /// and every [`CHAIN_RECHECK`] / [`WRONG_CHAIN_RECHECK`]), so a misconfigured backup is
+    /// reported before it is needed.
+    pub async fn check_chains(&self) {
+        for i in 0..self.endpoints.len() {
+            if let Err(e) = self.usable(i).await {
+                self.record(i, Err(e));
+            }
+        }
+    }
+
+    /// Number of endpoints.
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Whether the pool has no endpoint.
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// Endpoints found on another chain: (index, host, the chain they serve).
+    pub fn wrong_chain(&self) -> Vec<(usize, String, u64)> {
+        (0..self.endpoints.len())
+            .filter_map(|i| match self.chain_check(i) {
+                ChainCheck::Wrong(id, _) => Some((i, self.endpoints[i].host.clone(), id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Marks endpoint `i` as faulty (backed off, its chain checked again), for a fault the pool
+    /// cannot see itself, such as history the other endpoints contradict.
+    pub fn fault(&self, i: usize, why: &str) {
+        tracing::warn!(endpoint = i, host = %self.endpoints[i].host, "RPC endpoint fault: {why}");
+        self.record(i, Err(why.to_owned()));
+    }
+
+    /// Runs `request` once on every endpoint that serves the pool's chain, without failover:
+    /// (index, answer) for each, to compare what they say.
+    pub async fn each<T, F, Fut>(
+        &self,
+        method: Method,
+        request: F,
+    ) -> Vec<(usize, Result<T, String>)>
+    where
+        F: Fn(DynProvider) -> Fut,
+        Fut: Future<Output = TransportResult<T>>,
+    {
+        let mut out = Vec::new();
+        for i in 0..self.endpoints.len() {
+            match self.usable(i).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    self.record(i, Err(e.clone()));
+                    out.push((i, Err(e)));
+                    continue;
+                }
+            }
+            let started = Instant::now();
+            let result =
+                tokio::time::timeout(self.timeout, request(self.endpoints[i].provider.clone()))
+                    .await;
+            let seconds = started.elapsed().as_secs_f64();
+            let label = index_label(i);
+            let answer = match result {
+                Ok(Ok(v)) => {
+                    self.metrics.rpc(label, method, RpcOutcome::Ok, seconds);
+                    self.record(i, Ok(()));
+                    Ok(v)
+                }
+                Ok(Err(e)) => {
+                    self.metrics.rpc(label, method, RpcOutcome::Error, seconds);
+                    self.record(i, Err(one_line(&e)));
+                    Err(one_line(&e))
+                }
+                Err(_) => {
+                    self.metrics
+                        .rpc(label, method, RpcOutcome::Timeout, seconds);
+                    let e = format!("no answer within {:?}", self.timeout);
+                    self.record(i, Err(e.clone()));
+                    Err(e)
+                }
+            };
+            out.push((i, answer));
+        }
+        out
     }
 
     fn health(&self, i: usize) -> Health {
@@ -149,6 +353,10 @@ impl RpcPool {
                     consecutive_failures: h.consecutive_failures,
                     backed_off: h.backed_off(now),
                     last_error: h.last_error,
+                    wrong_chain: match self.chain_check(i) {
+                        ChainCheck::Wrong(id, _) => Some(id),
+                        _ => None,
+                    },
                 }
             })
             .collect()
@@ -190,6 +398,16 @@ impl RpcPool {
                 h.retry_at = None;
             }
             Err(e) => {
+                // A failed endpoint may come back as another node: check its chain again.
+                {
+                    let mut c = self.endpoints[i]
+                        .chain
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if matches!(*c, ChainCheck::Verified(_)) {
+                        *c = ChainCheck::Unchecked;
+                    }
+                }
                 let now = Instant::now();
                 h.score = h.effective_score(now) * 0.5;
                 h.last_failure = Some(now);
@@ -213,6 +431,18 @@ impl RpcPool {
         for (attempt, i) in self.order().into_iter().enumerate() {
             if attempt > 0 {
                 self.metrics.failover();
+            }
+            match self.usable(i).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    last = format!("endpoint {i} serves another chain");
+                    continue;
+                }
+                Err(e) => {
+                    last = format!("endpoint {i}: {e}");
+                    self.record(i, Err(e));
+                    continue;
+                }
             }
             let started = Instant::now();
             let result =

@@ -45,6 +45,9 @@ pub const BATCH_LOG_MESSAGE: &str = "on-chain sync completed";
 /// Readiness component name.
 pub const READINESS_COMPONENT: &str = "chain";
 
+/// Readiness component of the RPC endpoints (degraded while one serves another chain).
+pub const ENDPOINTS_READINESS_COMPONENT: &str = "chain_endpoints";
+
 /// Addresses per `eth_getLogs` request (providers limit the filter's address list).
 const ADDRESSES_PER_REQUEST: usize = 500;
 
@@ -614,21 +617,25 @@ impl SyncEngine {
 
     /// Opens the cursor: chain id, checkpoint (reset if new or for another KMS), mirror rebuilt.
     async fn open(&self) -> Result<Cursor, ChainError> {
-        let chain_id = self
+        let answer = self
             .rpc
             .call(
                 Method::EthChainId,
                 |p| async move { p.get_chain_id().await },
             )
-            .await?;
-        if let Some(expected) = self.chain.cfg.chain_id
-            && expected != chain_id
+            .await;
+        // Every endpoint on another chain than configured: a configuration error, not an outage.
+        let wrong = self.rpc.wrong_chain();
+        if let (Err(_), Some(expected), Some((.., actual))) =
+            (&answer, self.chain.cfg.chain_id, wrong.first())
+            && wrong.len() == self.rpc.len()
         {
             return Err(ChainError::ChainIdMismatch {
                 expected,
-                actual: chain_id,
+                actual: *actual,
             });
         }
+        let chain_id = answer?;
         let kms = self.chain.kms;
         let start = self.chain.cfg.start_block;
         let fresh = Checkpoint {
@@ -733,6 +740,7 @@ impl SyncEngine {
                 c.processed_timestamp = u64::try_from(timestamp).unwrap_or(0);
             }
             None => {
+                self.confirm_deep_reorg(newest, newest_hash).await?;
                 tracing::warn!(
                     chain_id = c.chain_id,
                     processed_block = processed,
@@ -755,6 +763,37 @@ impl SyncEngine {
         c.state = Arc::new(state);
         self.mirror.publish(c.state.clone());
         Ok(true)
+    }
+
+    /// A reorg deeper than the retained hashes is implausible on a healthy chain, and a full
+    /// resync is costly: it is believed only when every endpoint serving the chain answers and
+    /// none still has the newest stored block. An endpoint contradicted by another is faulted;
+    /// while one does not answer, nothing is undone (the mirror goes stale and fails closed).
+    async fn confirm_deep_reorg(&self, newest: u64, newest_hash: B256) -> Result<(), ChainError> {
+        let answers = self
+            .rpc
+            .each(Method::EthGetBlockByNumber, |p| async move {
+                let block = p
+                    .get_block_by_number(BlockNumberOrTag::Number(newest))
+                    .await?;
+                Ok(block.map(|b| b.header.hash))
+            })
+            .await;
+        let keeps =
+            |r: &Result<Option<B256>, String>| matches!(r, Ok(Some(h)) if *h == newest_hash);
+        let confirmed = !answers.is_empty() && answers.iter().all(|(_, r)| r.is_ok() && !keeps(r));
+        if confirmed {
+            return Ok(());
+        }
+        for (i, r) in &answers {
+            if r.is_ok() && !keeps(r) {
+                self.rpc.fault(
+                    *i,
+                    "its history has no block in common with the stored chain, which another endpoint still serves or which no other endpoint could confirm",
+                );
+            }
+        }
+        Err(ChainError::UnconfirmedReorg(newest))
     }
 
     /// `eth_getLogs` for `addresses` over `from..=to`, in address chunks.
@@ -1011,6 +1050,7 @@ impl SyncEngine {
 
     /// One poll: head, reorg check, batches up to the target. Returns once caught up.
     async fn poll(&self, c: &mut Cursor) -> Result<(), ChainError> {
+        self.rpc.check_chains().await;
         let head = self.required_block(BlockNumberOrTag::Latest).await?;
         let target = self.target(&head).await?;
         self.check_reorg(c).await?;
@@ -1106,6 +1146,23 @@ impl SyncEngine {
         self.metrics
             .staleness(staleness.map_or(f64::INFINITY, |s| s.as_secs_f64()));
         self.readiness.set(READINESS_COMPONENT, state);
+        let wrong: Vec<String> = self
+            .rpc
+            .wrong_chain()
+            .into_iter()
+            .map(|(i, host, id)| format!("endpoint {i} ({host}) serves chain {id}"))
+            .collect();
+        self.readiness.set(
+            ENDPOINTS_READINESS_COMPONENT,
+            if wrong.is_empty() {
+                ComponentState::Ready
+            } else {
+                ComponentState::Degraded(format!(
+                    "{}, not the mirror's: not used (fix chain.rpc_urls)",
+                    wrong.join("; ")
+                ))
+            },
+        );
     }
 }
 

@@ -28,11 +28,13 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, HttpError> {
 async fn readyz(State(state): State<AppState>) -> Response {
     let not_ready = state.health().await;
     if not_ready.is_empty() {
-        (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({ "status": "ready" })),
-        )
-            .into_response()
+        let degraded = state.readiness.degraded();
+        let body = if degraded.is_empty() {
+            serde_json::json!({ "status": "ready" })
+        } else {
+            serde_json::json!({ "status": "ready", "degraded": degraded })
+        };
+        (StatusCode::OK, axum::Json(body)).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -12,6 +12,8 @@ pub enum ComponentState {
     Ready,
     /// Not serving, and why.
     NotReady(String),
+    /// Serving, with something an operator must fix (shown on `/readyz`, which stays 200).
+    Degraded(String),
 }
 
 /// One component that is not ready.
@@ -42,14 +44,28 @@ impl Readiness {
 
     /// Every component that is not ready.
     pub fn not_ready(&self) -> Vec<NotReady> {
+        self.listed(|s| match s {
+            ComponentState::NotReady(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    /// Every component that serves but is degraded.
+    pub fn degraded(&self) -> Vec<NotReady> {
+        self.listed(|s| match s {
+            ComponentState::Degraded(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    fn listed(&self, pick: impl Fn(&ComponentState) -> Option<&String>) -> Vec<NotReady> {
         let map = self.0.read().unwrap_or_else(|e| e.into_inner());
         map.iter()
-            .filter_map(|(name, state)| match state {
-                ComponentState::Ready => None,
-                ComponentState::NotReady(reason) => Some(NotReady {
+            .filter_map(|(name, state)| {
+                pick(state).map(|reason| NotReady {
                     component: (*name).to_owned(),
                     reason: reason.clone(),
-                }),
+                })
             })
             .collect()
     }
@@ -68,5 +84,11 @@ mod tests {
         assert!(r.not_ready().is_empty());
         r.set("chain", ComponentState::NotReady("stale".into()));
         assert_eq!(r.not_ready()[0].reason, "stale");
+        r.set(
+            "chain",
+            ComponentState::Degraded("endpoint 1 on chain 1".into()),
+        );
+        assert!(r.not_ready().is_empty());
+        assert_eq!(r.degraded()[0].reason, "endpoint 1 on chain 1");
     }
 }
