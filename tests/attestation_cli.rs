@@ -192,3 +192,53 @@ fn test_pki_init_then_verify_a_guest_certificate() {
     a.file = der_path;
     assert_eq!(run(&a).0, code(ExitCode::SUCCESS));
 }
+
+/// `/dev/zero` and a FIFO are refused at once instead of being read forever or waited on; the
+/// real binary reads `-` (standard input) up to the same cap.
+#[test]
+fn devices_and_fifos_are_refused_and_stdin_is_capped() {
+    let unusable = code(ExitCode::from(2));
+    let (exit, out) = run(&args(Path::new("/dev/zero")));
+    assert_eq!(exit, unusable);
+    assert!(
+        out.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("not a regular file")),
+        "{out:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let started = std::time::Instant::now();
+    assert_eq!(run(&args(&fifo)).0, unusable);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
+    // Standard input: more than the cap is refused with exit 2 after reading at most the cap.
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .args(["attest", "verify", "-", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Writes until the reader stops reading (it closes stdin after the cap), bounded.
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![0u8; 64 * 1024];
+        for _ in 0..64 {
+            if stdin.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["reason"], "input_too_large");
+}

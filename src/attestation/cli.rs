@@ -21,7 +21,8 @@ const MAX_INPUT_FILE: u64 = 1024 * 1024;
 #[derive(Debug, Clone, clap::Args)]
 pub struct VerifyArgs {
     /// Input: raw or hex TDX quote, Nitro COSE document, dstack VersionedAttestation (V0/V1),
-    /// or RA-TLS certificate (PEM or DER).
+    /// or RA-TLS certificate (PEM or DER); a regular file, or `-` for standard input (at most
+    /// 1 MiB either way).
     pub file: PathBuf,
     /// Collateral JSON (`QuoteCollateralV3`, byte fields hex) for TDX quotes.
     #[arg(long)]
@@ -210,18 +211,38 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Reads at most [`MAX_INPUT_FILE`] bytes of `path` (`-`: standard input). Anything that is not a
+/// regular file (a device, a FIFO, a directory) is refused before it is opened, so `/dev/zero`
+/// or a FIFO without a writer cannot make it read forever or hang.
 fn read_capped(path: &Path) -> Result<Vec<u8>> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| reject!(UnknownFormat, "{}: {e}", path.display()))?;
-    if meta.len() > MAX_INPUT_FILE {
+    use std::io::Read as _;
+    let unusable = |e: std::io::Error| reject!(UnknownFormat, "{}: {e}", path.display());
+    let reader: Box<dyn std::io::Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let meta = std::fs::metadata(path).map_err(unusable)?;
+        if !meta.is_file() {
+            return Err(reject!(
+                UnknownFormat,
+                "{} is not a regular file (pass - to read standard input)",
+                path.display()
+            ));
+        }
+        Box::new(std::fs::File::open(path).map_err(unusable)?)
+    };
+    let mut out = Vec::new();
+    reader
+        .take(MAX_INPUT_FILE + 1)
+        .read_to_end(&mut out)
+        .map_err(unusable)?;
+    if out.len() as u64 > MAX_INPUT_FILE {
         return Err(reject!(
             InputTooLarge,
-            "{} is {} bytes",
-            path.display(),
-            meta.len()
+            "{} holds more than {MAX_INPUT_FILE} bytes",
+            path.display()
         ));
     }
-    std::fs::read(path).map_err(|e| reject!(UnknownFormat, "{}: {e}", path.display()))
+    Ok(out)
 }
 
 /// Reads an event log file: a JSON list of events, or an object with an `event_log` field
