@@ -416,8 +416,12 @@ fn simulator_versioned_attestation_parses_and_replays() {
         &td.mr_config_id[1..33]
     );
     assert_eq!(
-        keywarden::attestation::identity::os_image_hash_from_config(&att.config).unwrap(),
-        h("e61be43dd1cc6a6f5edefd7c51b608983780839b0000ce60dd99737dcffe09b9")
+        keywarden::attestation::identity::os_image_hash_from_config(&att.config)
+            .unwrap()
+            .map(|h| h.to_vec()),
+        Some(h(
+            "e61be43dd1cc6a6f5edefd7c51b608983780839b0000ce60dd99737dcffe09b9"
+        ))
     );
     // no collateral was published for it
     let req = VerifyRequest {

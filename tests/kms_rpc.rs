@@ -184,6 +184,47 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
             .contains("not known to this KMS"),
         "{err}"
     );
+    // A claim one byte longer, or a key repeated with another value: malformed, never
+    // authorized by a prefix or by whichever copy a reader keeps.
+    let longer = format!(r#"{{"os_image_hash":"{}"}}"#, "05".repeat(33));
+    let repeated = format!(
+        r#"{{"os_image_hash":"{}","os_image_hash":"{}"}}"#,
+        "05".repeat(32),
+        "07".repeat(32)
+    );
+    for (vm_config, expected) in [
+        (longer, "os_image_hash is 33 bytes, not 32"),
+        (repeated, "duplicate key"),
+    ] {
+        let body = serde_json::json!({"api_version": 1, "vm_config": vm_config});
+        let (status, err) = post_json(&client, url("KMS.GetAppKey"), body).await;
+        assert_eq!(status, 400, "{err}");
+        let message = err["error"].as_str().unwrap();
+        assert!(
+            message.contains("malformed vm_config") && message.contains(expected),
+            "{err}"
+        );
+    }
+    // A boot info field of the wrong size (a 21-byte instance id in the event log).
+    let odd = GuestSpec {
+        instance_id: vec![0x1d; 21],
+        ..guest(ALLOWED_APP)
+    };
+    let odd_identity = guest_identity(&kw, &data, &pki, &odd).await;
+    let (status, err) = post_json(
+        &https_with_identity(&data, Some(&odd_identity)),
+        url("KMS.GetAppKey"),
+        request.clone(),
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("malformed boot info: instance_id is 21 bytes, not 0 or 20"),
+        "{err}"
+    );
 
     // Root-key replication is off by default.
     let (status, err) = post_json(
@@ -339,7 +380,7 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"not_authorized\"} 1",
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"no_attestation\"} 1",
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"attestation_rejected\"} 2",
-        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"bad_request\"} 1",
+        "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"bad_request\"} 4",
         "dstack_kms_attestation_verifications_total{tee=\"tdx\",result=\"rejected\",reason=\"debug_td\"} 1",
         "dstack_kms_attestation_verifications_total{tee=\"tdx\",result=\"rejected\",reason=\"report_data_mismatch\"} 1",
         "dstack_kms_requests_total{method=\"get_app_key\",outcome=\"refused\",reason=\"canary\"} 1",
@@ -401,7 +442,8 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
         .filter(|r| r.kind == "key_request")
         .map(|r| r.outcome.as_str())
         .collect();
-    for (outcome, n) in [("ok", 2), ("refused", 3), ("security_incident", 1)] {
+    // Refused: the denied app, the two OS image refusals and the malformed boot info.
+    for (outcome, n) in [("ok", 2), ("refused", 4), ("security_incident", 1)] {
         assert_eq!(
             outcomes.iter().filter(|o| **o == outcome).count(),
             n,

@@ -241,26 +241,180 @@ pub fn nitro_boot_info(
     })
 }
 
-/// Reads `os_image_hash` from a dstack config JSON (top level or under `vm_config`); the value
-/// is a host claim and is used only when the caller supplies none.
-pub fn os_image_hash_from_config(config: &str) -> Option<Vec<u8>> {
-    let v: serde_json::Value = serde_json::from_str(config).ok()?;
-    if let Some(s) = v.get("os_image_hash").and_then(|s| s.as_str()) {
-        return hex::decode(s).ok();
+/// Reads `os_image_hash` from a dstack config JSON (top level or under `vm_config`, itself an
+/// object or a JSON string). The value is a host claim, bound to the measurements by the caller.
+/// An empty config claims nothing. A config that is not JSON, repeats a key anywhere (a reader
+/// taking the last one could be shown another value than a reader taking the first), or carries
+/// an `os_image_hash` that is not exactly 32 bytes of hex is malformed.
+pub fn os_image_hash_from_config(config: &str) -> std::result::Result<Option<[u8; 32]>, String> {
+    if config.trim().is_empty() {
+        return Ok(None);
     }
-    // `vm_config` is itself a JSON document, embedded as an object or as a string
-    match v.get("vm_config")? {
-        serde_json::Value::String(inner) => os_image_hash_from_config(inner),
-        obj => obj
-            .get("os_image_hash")
-            .and_then(|s| s.as_str())
-            .and_then(|s| hex::decode(s).ok()),
+    let v = strict_json(config)?;
+    let claim = match v.get("os_image_hash") {
+        Some(h) => Some(h),
+        None => match v.get("vm_config") {
+            Some(serde_json::Value::String(inner)) => return os_image_hash_from_config(inner),
+            Some(obj) => obj.get("os_image_hash"),
+            None => None,
+        },
+    };
+    let Some(claim) = claim else {
+        return Ok(None);
+    };
+    let hex_str = claim.as_str().ok_or("os_image_hash is not a hex string")?;
+    let bytes = hex::decode(hex_str.trim_start_matches("0x"))
+        .map_err(|e| format!("os_image_hash is not hex: {e}"))?;
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map(Some)
+        .map_err(|_| format!("os_image_hash is {} bytes, not 32", bytes.len()))
+}
+
+/// Parses JSON, refusing any object that repeats a key.
+fn strict_json(text: &str) -> std::result::Result<serde_json::Value, String> {
+    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    struct Strict(serde_json::Value);
+
+    impl<'de> Deserialize<'de> for Strict {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            d.deserialize_any(StrictVisitor).map(Strict)
+        }
+    }
+
+    struct StrictVisitor;
+
+    impl<'de> Visitor<'de> for StrictVisitor {
+        type Value = serde_json::Value;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, v: bool) -> std::result::Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_i64<E>(self, v: i64) -> std::result::Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_u64<E>(self, v: u64) -> std::result::Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_f64<E>(self, v: f64) -> std::result::Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_str<E>(self, v: &str) -> std::result::Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(serde_json::Value::Null)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(Strict(v)) = a.next_element()? {
+                out.push(v);
+            }
+            Ok(out.into())
+        }
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some(key) = a.next_key::<String>()? {
+                let Strict(v) = a.next_value()?;
+                if out.insert(key.clone(), v).is_some() {
+                    return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+                }
+            }
+            Ok(out.into())
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(text);
+    let Strict(v) = Strict::deserialize(&mut de).map_err(|e| format!("not valid JSON: {e}"))?;
+    de.end().map_err(|e| format!("not valid JSON: {e}"))?;
+    Ok(v)
+}
+
+impl BootInfo {
+    /// Refuses a boot info whose fixed-size fields do not have exactly their size: the
+    /// contracts' `AppBootInfo` takes `address`/`bytes32` values, and a longer value would be
+    /// authorized by its prefix and recorded whole.
+    pub fn check_sizes(&self) -> std::result::Result<(), String> {
+        let fields: [(&str, &[u8], &[usize]); 7] = [
+            ("app_id", &self.app_id, &[20]),
+            ("compose_hash", &self.compose_hash, &[32]),
+            ("instance_id", &self.instance_id, &[0, 20]),
+            ("device_id", &self.device_id, &[32]),
+            ("mr_aggregated", &self.mr_aggregated, &[32]),
+            ("mr_system", &self.mr_system, &[32]),
+            ("os_image_hash", &self.os_image_hash, &[0, 32]),
+        ];
+        for (name, value, sizes) in fields {
+            if !sizes.contains(&value.len()) {
+                return Err(format!(
+                    "{name} is {} bytes, not {}",
+                    value.len(),
+                    sizes
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vm_config_claims_are_exact() {
+        let h = "ab".repeat(32);
+        assert_eq!(os_image_hash_from_config(""), Ok(None));
+        assert_eq!(os_image_hash_from_config("{}"), Ok(None));
+        assert_eq!(
+            os_image_hash_from_config(&format!(r#"{{"os_image_hash":"{h}"}}"#)),
+            Ok(Some([0xab; 32]))
+        );
+        let nested = serde_json::json!({ "vm_config": format!(r#"{{"os_image_hash":"{h}"}}"#) });
+        assert_eq!(
+            os_image_hash_from_config(&nested.to_string()),
+            Ok(Some([0xab; 32]))
+        );
+        let long = format!(r#"{{"os_image_hash":"{h}cd"}}"#);
+        assert!(
+            os_image_hash_from_config(&long)
+                .unwrap_err()
+                .contains("33 bytes")
+        );
+        let dup = format!(
+            r#"{{"os_image_hash":"{h}","os_image_hash":"{}"}}"#,
+            "cd".repeat(32)
+        );
+        assert!(
+            os_image_hash_from_config(&dup)
+                .unwrap_err()
+                .contains("duplicate key")
+        );
+        let nested_dup = r#"{"vm_config":{"a":1,"a":2}}"#;
+        assert!(os_image_hash_from_config(nested_dup).is_err());
+        assert!(os_image_hash_from_config("not json").is_err());
+        assert!(os_image_hash_from_config(r#"{"os_image_hash":7}"#).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn vm_config_parser_never_panics(text in ".{0,200}") {
+            let _ = os_image_hash_from_config(&text);
+        }
+    }
 
     #[test]
     fn boot_info_json_is_camel_hex() {
@@ -287,14 +441,17 @@ mod tests {
 
     #[test]
     fn config_os_image_hash() {
-        assert_eq!(
-            os_image_hash_from_config(r#"{"vm_config":{"os_image_hash":"abcd"}}"#),
-            Some(vec![0xab, 0xcd])
+        let nested = format!(
+            r#"{{"vm_config":{{"os_image_hash":"{}"}}}}"#,
+            "cd".repeat(32)
         );
-        assert_eq!(
-            os_image_hash_from_config(r#"{"vm_config":"{\"os_image_hash\":\"ab\"}"}"#),
-            Some(vec![0xab])
+        assert_eq!(os_image_hash_from_config(&nested), Ok(Some([0xcd; 32])));
+        // Shorter than 32 bytes: malformed, not zero-padded.
+        assert!(
+            os_image_hash_from_config(r#"{"vm_config":"{\"os_image_hash\":\"ab\"}"}"#)
+                .unwrap_err()
+                .contains("1 bytes, not 32")
         );
-        assert_eq!(os_image_hash_from_config("nope"), None);
+        assert!(os_image_hash_from_config("nope").is_err());
     }
 }

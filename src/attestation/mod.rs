@@ -182,12 +182,13 @@ impl Verifier {
         att: &Attestation,
         req: &VerifyRequest<'_>,
     ) -> Result<Verified> {
-        let config_hash = identity::os_image_hash_from_config(&att.config);
-        let os_image_hash = req
-            .os_image_hash
-            .map(<[u8]>::to_vec)
-            .or(config_hash)
-            .unwrap_or_default();
+        let os_image_hash = match req.os_image_hash {
+            Some(h) => h.to_vec(),
+            None => identity::os_image_hash_from_config(&att.config)
+                .map_err(|e| reject!(AttestationMalformed, "the attestation's config: {e}"))?
+                .map(|h| h.to_vec())
+                .unwrap_or_default(),
+        };
         match &att.platform {
             Platform::Tdx { quote, event_log } => {
                 let collateral = req

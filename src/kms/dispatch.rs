@@ -324,7 +324,9 @@ impl KmsRpc {
         source: AttestationSource<'_>,
         vm_config: &str,
     ) -> Result<crate::attestation::Verified, Refused> {
-        let os_image_hash = crate::attestation::identity::os_image_hash_from_config(vm_config);
+        let os_image_hash = crate::attestation::identity::os_image_hash_from_config(vm_config)
+            .map_err(|e| Refused::new(Refusal::BadRequest, format!("malformed vm_config: {e}")))?
+            .map(|h| h.to_vec());
         self.verify(source, now_secs(), os_image_hash).await
     }
 
@@ -338,6 +340,14 @@ impl KmsRpc {
         audit_kind: &str,
         is_kms: bool,
     ) -> Result<(crate::attestation::BootInfo, AuthDecision), Refused> {
+        if let Err(e) = boot.check_sizes() {
+            tracing::warn!(reason = "bad_request", error = %e, "malformed boot info");
+            self.audit_boot(audit_kind, &boot, "refused", &e).await;
+            return Err(Refused::new(
+                Refusal::BadRequest,
+                format!("malformed boot info: {e}"),
+            ));
+        }
         if let Some(check) = &self.0.self_check {
             check.gate().await?;
         }
