@@ -92,6 +92,9 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
     };
 
     let store = Store::open(&config.storage, &target).await?;
+    // Before anything is written (run record, keys): a second service on this data directory
+    // changes nothing. After the database, so an unreachable one writes nothing either.
+    let data_dir_lock = crate::store::lock_data_dir(&config.storage.data_dir)?;
     let kms_keys = crate::kms::root::load_or_create(&config.storage.data_dir, &config.kms)?;
     let kms_bootstrap = crate::kms::keys::BootstrapInfo::of(&kms_keys.root)?;
     let kms_created = kms_keys.created;
@@ -141,6 +144,7 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         run,
         started,
         chain: mirror,
+        data_dir_lock,
     });
 
     let serve = |name, listener, router, kind| {

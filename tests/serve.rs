@@ -501,3 +501,48 @@ async fn first_start_creates_kms_keys_and_kms_info_prints_them() {
     );
     assert_eq!(out, again);
 }
+
+/// A second service on a data directory that a running one holds is refused with one line
+/// before it touches the database (no "previous run did not shut down cleanly" on either), and
+/// the SQLite database is created 0600.
+#[tokio::test]
+async fn a_second_instance_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kw = Keywarden::start(dir.path(), &[], &[]);
+    kw.wait_ready().await;
+    let (code, _, err) = run_to_end(
+        &[
+            "serve",
+            "--api-listen",
+            &common::free_addr().to_string(),
+            "--metrics-listen",
+            &common::free_addr().to_string(),
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_one_line_error(code, &err, 1, "in use by another running keywarden");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("keywarden.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "keywarden.db mode {mode:o}");
+    }
+    assert_eq!(kw.terminate(Duration::from_secs(10)), 0);
+    // Stopped cleanly: the next start takes the directory and reports no unclean shutdown.
+    let mut again = Keywarden::start(dir.path(), &[], &[]);
+    again.wait_ready().await;
+    assert!(
+        !again
+            .lines()
+            .iter()
+            .any(|l| l.contains("did not shut down cleanly")),
+        "{:#?}",
+        again.lines()
+    );
+    assert_eq!(again.terminate(Duration::from_secs(10)), 0);
+}

@@ -43,6 +43,14 @@ pub enum StoreError {
         /// The operating system's reason.
         reason: String,
     },
+    /// Another running service holds the data directory.
+    #[error(
+        "data directory {path} is in use by another running keywarden (fix: stop it, or give this one its own --data-dir)"
+    )]
+    DataDirInUse {
+        /// The directory.
+        path: String,
+    },
     /// The database could not be opened or reached.
     #[error("cannot open database {target}: {reason} (fix: {fix})")]
     Connect {
@@ -185,6 +193,24 @@ impl Store {
             _ => std::path::PathBuf::from("."),
         };
         create_private_dir(&dir)?;
+        // Created 0600 before SQLite opens it (its -wal and -shm files take the same mode): it
+        // holds boot records and audit.
+        #[cfg(unix)]
+        if !path.exists() {
+            let created = std::os::unix::fs::OpenOptionsExt::mode(
+                std::fs::OpenOptions::new().write(true).create_new(true),
+                0o600,
+            )
+            .open(path);
+            if let Err(e) = created
+                && e.kind() != std::io::ErrorKind::AlreadyExists
+            {
+                return Err(StoreError::DataDir {
+                    path: path.display().to_string(),
+                    reason: e.kind().to_string(),
+                });
+            }
+        }
         let target = format!("sqlite://{}", path.display());
         let opts = SqliteConnectOptions::new()
             .filename(path)
@@ -381,6 +407,41 @@ impl Store {
                 .collect::<Result<Vec<_>, sqlx::Error>>()?
         });
         Ok(rows)
+    }
+}
+
+/// The exclusive lock one running service holds on its data directory (released when dropped,
+/// or by the kernel when the process dies).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// Name of the lock file in the data directory.
+pub const LOCK_FILE: &str = "keywarden.lock";
+
+/// Takes the data directory for this process (creating it, mode 0700, if needed): a second
+/// service on the same directory would share its SQLite file and key files.
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, StoreError> {
+    create_private_dir(dir)?;
+    let path = dir.join(LOCK_FILE);
+    let mut open = std::fs::OpenOptions::new();
+    open.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+    let file = open.open(&path).map_err(|e| StoreError::DataDir {
+        path: path.display().to_string(),
+        reason: e.kind().to_string(),
+    })?;
+    match file.try_lock() {
+        Ok(()) => Ok(DataDirLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::DataDirInUse {
+            path: dir.display().to_string(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::DataDir {
+            path: path.display().to_string(),
+            reason: e.kind().to_string(),
+        }),
     }
 }
 
