@@ -475,6 +475,62 @@ async fn chain_backend_without_a_mirror_fails_closed() {
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
 }
 
+/// Outside the pRPC methods the KMS port still answers in the pRPC error shape, never echoes a
+/// huge path back, and serves only the HTTP version ALPN negotiated (HTTP/1.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_paths_and_methods_get_the_prpc_error_shape_and_http2_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut kw, _pki) = start(dir.path(), &[]);
+    kw.wait_ready().await;
+    let client = https(&data);
+    let r = client
+        .get(format!("{}/nope", kw.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "Not found: /nope");
+    let r = client
+        .put(format!("{}/prpc/KMS.GetMeta", kw.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "Method not allowed: PUT");
+    let long = "A".repeat(60_000);
+    let r = client
+        .post(format!("{}/prpc/{long}?json", kw.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.len() < 300, "{} bytes echoed back", text.len());
+    assert!(
+        text.contains("Method not found: AAAA") && text.contains("60000 bytes"),
+        "{text}"
+    );
+
+    // HTTP/2 with prior knowledge, although ALPN chose http/1.1: not served.
+    let ca = std::fs::read(data.join("kms/root-ca.pem")).unwrap();
+    let h2 = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .http2_prior_knowledge()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    assert!(
+        h2.get(format!("{}/health", kw.api_url()))
+            .send()
+            .await
+            .is_err()
+    );
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_on_the_kms_port_is_a_counted_handshake_failure() {
     let dir = tempfile::tempdir().unwrap();

@@ -23,6 +23,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/chain/status", get(chain_status))
         .route("/admin/chain/state", get(chain_state))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .fallback(super::not_found)
         .with_state(state)
 }
 

@@ -122,7 +122,13 @@ pub struct Limits {
     pub max_body_bytes: usize,
 }
 
-/// Applies panic catching, timeout, body cap, request span and `X-App-Version` to `router`.
+/// The fallback of the plain-HTTP listeners: 404 with the `{"error"}` body.
+pub async fn not_found() -> HttpError {
+    HttpError::NotFound
+}
+
+/// Applies panic catching, timeout, body cap, request span and `X-App-Version` to `router`
+/// (which brings its own fallback: see [`not_found`]).
 pub fn harden(
     router: Router,
     listener: Listener,
@@ -135,7 +141,6 @@ pub fn harden(
         HttpError::Internal.into_response()
     };
     router
-        .fallback(|| async { HttpError::NotFound })
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -201,7 +206,10 @@ mod tests {
             request_timeout: Duration::from_millis(200),
             max_body_bytes: 16,
         };
-        (harden(router, Listener::Api, limits, metrics), registry)
+        (
+            harden(router.fallback(not_found), Listener::Api, limits, metrics),
+            registry,
+        )
     }
 
     async fn call(router: &Router, req: Request<Body>) -> Response {

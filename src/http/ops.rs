@@ -17,6 +17,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .fallback(super::not_found)
         .with_state(state)
 }
 

@@ -241,11 +241,24 @@ impl KmsRpc {
         &self.0.keys
     }
 
-    /// The routes of the KMS listener: `/health` and `/prpc/{method}`.
+    /// The routes of the KMS listener: `/health` and `/prpc/{method}`. Anything else is
+    /// answered in the pRPC error shape too.
     pub fn router(&self) -> Router {
         Router::new()
             .route("/health", get(|| async { "OK" }))
             .route("/prpc/{method}", get(prpc).post(prpc))
+            .fallback(|uri: axum::http::Uri| async move {
+                prpc_error(
+                    StatusCode::NOT_FOUND,
+                    format!("Not found: {}", shown(uri.path())),
+                )
+            })
+            .method_not_allowed_fallback(|method: axum::http::Method| async move {
+                prpc_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("Method not allowed: {}", shown(method.as_str())),
+                )
+            })
             .with_state(self.clone())
     }
 
@@ -792,6 +805,21 @@ fn encode<T: Message + Serialize>(enc: Encoding, value: &T) -> Response {
     }
 }
 
+/// At most the first 64 characters of a caller-supplied name, for error messages: a 60 KB path
+/// is not echoed back.
+fn shown(name: &str) -> String {
+    const SHOWN: usize = 64;
+    match name.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &name[..cut], name.len()),
+        None => name.to_owned(),
+    }
+}
+
+/// A JSON pRPC error outside a method (unknown path, wrong HTTP method).
+fn prpc_error(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
 fn refusal_response(enc: Encoding, r: &Refused) -> Response {
     let status = match r.reason {
         Refusal::AuthUnavailable
@@ -865,7 +893,7 @@ async fn prpc(
             }
             Method::Unknown => Err(Refused::new(
                 Refusal::Unsupported,
-                format!("Method not found: {method_name}"),
+                format!("Method not found: {}", shown(&method_name)),
             )),
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use rustls::server::WebPkiClientVerifier;
@@ -125,8 +125,9 @@ impl Task for RpcServer {
                         .map(|c| Arc::new(c.to_vec())),
                 );
                 let service = TowerToHyperService::new(router.layer(axum::Extension(peer)));
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let conn = builder.serve_connection(TokioIo::new(tls), service);
+                // ALPN offers only http/1.1: HTTP/2 with prior knowledge is not served.
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service);
                 tokio::pin!(conn);
                 tokio::select! {
                     res = conn.as_mut() => {
