@@ -70,7 +70,7 @@ async fn serve_on_sqlite_answers_health_metrics_logs_json_and_stops_on_sigterm()
     assert_eq!(missing.status(), 404);
     assert_eq!(
         missing.json::<serde_json::Value>().await.unwrap()["error"],
-        "not found"
+        "Not found: /nope"
     );
 
     assert_eq!(
