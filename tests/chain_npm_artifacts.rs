@@ -27,7 +27,7 @@ fn npm_artifact(path: &str, field: &str) -> Bytes {
         .join(path);
     let text = std::fs::read_to_string(&full).unwrap_or_else(|e| {
         panic!(
-            "cannot read {}: {e}; run `npm ci --ignore-scripts --no-audit --no-fund` at the repository root",
+            "cannot read {}: {e}; run the suite with scripts/test, which installs it (npm ci)",
             full.display()
         )
     });

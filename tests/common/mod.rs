@@ -226,7 +226,7 @@ impl PgDb {
         use sqlx::Connection;
         let admin = postgres_admin_url();
         let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
-            panic!("PostgreSQL must be running for these tests ({admin}): {e}; .ci/run installs and starts it")
+            panic!("PostgreSQL must be running for these tests ({admin}): {e}; scripts/test installs and starts it")
         });
         let mut rnd = [0u8; 6];
         getrandom::fill(&mut rnd).unwrap();

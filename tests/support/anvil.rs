@@ -28,8 +28,8 @@ impl Anvil {
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(NPM_ANVIL));
         assert!(
             path.is_file(),
-            "anvil not found at {}: run `npm ci --ignore-scripts --no-audit --no-fund` at the \
-             repository root (it installs @foundry-rs/anvil), or set KEYWARDEN_TEST_ANVIL",
+            "anvil not found at {}: run the suite with scripts/test (it installs @foundry-rs/anvil \
+             with npm ci), or set KEYWARDEN_TEST_ANVIL",
             path.display()
         );
         path
