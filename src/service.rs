@@ -68,7 +68,13 @@ async fn run(config: Config, started: Instant) -> anyhow::Result<u8> {
         }
     }
     state.store.close().await;
-    Ok(outcome.exit_code())
+    match outcome {
+        // One line on stderr too: the reason names the fix (a chain id mismatch, say).
+        Outcome::CriticalTaskFailed { task, reason } => {
+            Err(anyhow::anyhow!("critical task {task} stopped: {reason}"))
+        }
+        other => Ok(other.exit_code()),
+    }
 }
 
 async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Supervisor)> {

@@ -933,6 +933,46 @@ async fn safe_finality_applies_only_blocks_the_node_calls_safe() {
     e.stop().await;
 }
 
+/// `serve` against a chain other than `chain.chain_id`: exit 1 with one stderr line naming both
+/// chains and the fix.
+#[tokio::test]
+async fn serve_on_another_chain_than_configured_exits_with_one_line() {
+    let c = chain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (url, kms, start) = (
+        c.anvil.url().to_string(),
+        c.d.kms.to_string(),
+        c.d.block.to_string(),
+    );
+    let (code, _, err) = common::run_to_end(
+        &[
+            "serve",
+            "--api-listen",
+            &common::free_addr().to_string(),
+            "--metrics-listen",
+            &common::free_addr().to_string(),
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--rpc-url",
+            &url,
+            "--kms-contract",
+            &kms,
+            "--start-block",
+            &start,
+        ],
+        &[("KEYWARDEN_CHAIN__CHAIN_ID", "1")],
+    );
+    assert_eq!(code, 1, "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("keywarden: error: critical task chain_sync stopped:")
+            && lines[0].contains("serves chain 31337")
+            && lines[0].contains("fix:"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn another_chain_than_configured_stops_the_engine() {
     let c = chain().await;

@@ -546,3 +546,67 @@ async fn a_second_instance_on_the_same_data_directory_is_refused() {
     );
     assert_eq!(again.terminate(Duration::from_secs(10)), 0);
 }
+
+/// A test PKI directory that holds none is a configuration error named by `config check` and by
+/// `serve` alike (exit 2, one line, the command that makes one).
+#[test]
+fn a_missing_test_pki_directory_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-pki");
+    let cfg = dir.path().join("k.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[attestation]\ninsecure_test_pki = \"{}\"\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run_to_end(&["config", "check", cfg.to_str().unwrap()], &[]);
+    assert_one_line_error(code, &err, 2, "attestation.insecure_test_pki");
+    assert!(err.contains("dev test-pki init"), "{err}");
+    let (code, _, err) = run_to_end(
+        &[
+            "serve",
+            "--api-listen",
+            &common::free_addr().to_string(),
+            "--metrics-listen",
+            &common::free_addr().to_string(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--insecure-test-pki",
+            missing.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_one_line_error(code, &err, 2, "holds no test PKI");
+}
+
+/// A key file missing from an existing key set: one line naming the file, and restoring (not
+/// regenerating, not a permission fix) as the remedy.
+#[tokio::test]
+async fn a_missing_key_file_names_the_file_and_says_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kw = Keywarden::start(dir.path(), &[], &[]);
+    kw.wait_ready().await;
+    assert_eq!(kw.terminate(Duration::from_secs(10)), 0);
+    let key = dir.path().join("kms/root-k256.key");
+    std::fs::remove_file(&key).unwrap();
+    let (code, _, err) = run_to_end(
+        &[
+            "serve",
+            "--api-listen",
+            &common::free_addr().to_string(),
+            "--metrics-listen",
+            &common::free_addr().to_string(),
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_one_line_error(code, &err, 1, "root-k256.key is missing");
+    assert!(
+        err.contains("restore") && !err.contains("writable"),
+        "{err}"
+    );
+}

@@ -47,6 +47,28 @@ impl Default for AttestationConfig {
 }
 
 impl AttestationConfig {
+    /// Problems of the section, each with its fix: a test PKI directory must hold a test PKI
+    /// (start-up reads it, so `config check` says so first).
+    pub fn problems(&self) -> Vec<crate::config::Problem> {
+        let mut out = Vec::new();
+        if let Some(dir) = &self.insecure_test_pki {
+            let root = dir.join(super::testpki::ROOT_CERT_DER);
+            if !root.is_file() {
+                out.push(crate::config::Problem {
+                    key: "attestation.insecure_test_pki".into(),
+                    problem: format!(
+                        "{} holds no test PKI ({} is missing)",
+                        dir.display(),
+                        root.display()
+                    ),
+                    fix: "create one with `keywarden dev test-pki init DIR`, or point at an existing one"
+                        .into(),
+                });
+            }
+        }
+        out
+    }
+
     /// The insecure switches and whether each is on, for startup WARN lines.
     pub fn insecure_switches(&self) -> Vec<(&'static str, bool)> {
         vec![

@@ -686,6 +686,7 @@ impl Config {
         }
 
         problems.extend(self.chain.problems());
+        problems.extend(self.attestation.problems());
 
         if problems.is_empty() {
             Ok(())
@@ -900,7 +901,19 @@ mod tests {
             err.contains("kms.insecure_self_attest_with_test_pki"),
             "{err}"
         );
-        c.attestation.insecure_test_pki = Some("pki".into());
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        c.attestation.insecure_test_pki = Some(pki.clone());
+        // A directory that holds no test PKI is named, with the command that makes one.
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("attestation.insecure_test_pki") && err.contains("dev test-pki init"),
+            "{err}"
+        );
+        crate::attestation::testpki::TestPki::generate(1_700_000_000)
+            .unwrap()
+            .save(&pki)
+            .unwrap();
         c.validate().unwrap();
     }
 

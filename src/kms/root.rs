@@ -93,9 +93,17 @@ impl KmsConfig {
 /// Why root key material could not be created or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum RootKeyError {
+    /// A key file of an existing key set is missing.
+    #[error(
+        "KMS key file {path} is missing (fix: restore the whole key directory from backup; never regenerate keys that apps depend on)"
+    )]
+    Missing {
+        /// The file.
+        path: String,
+    },
     /// File system failure.
     #[error(
-        "KMS key directory {path}: {reason} (fix: make the data directory writable by keywarden)"
+        "KMS key path {path}: {reason} (fix: make the data directory readable and writable by keywarden)"
     )]
     Io {
         /// The file or directory.
@@ -307,12 +315,12 @@ fn generate(cfg: &KmsConfig) -> Result<KeyFiles, RootKeyError> {
 fn load(dir: &Path, sealer: &Sealer) -> Result<KmsKeys, RootKeyError> {
     let secret = |name: &str| -> Result<Zeroizing<Vec<u8>>, RootKeyError> {
         let path = dir.join(name);
-        let raw = Zeroizing::new(std::fs::read(&path).map_err(io_err(&path))?);
+        let raw = Zeroizing::new(std::fs::read(&path).map_err(read_err(&path))?);
         sealer.open(&path, &raw)
     };
     let public = |name: &str| -> Result<String, RootKeyError> {
         let path = dir.join(name);
-        std::fs::read_to_string(&path).map_err(io_err(&path))
+        std::fs::read_to_string(&path).map_err(read_err(&path))
     };
     let corrupt = |name: &str, e: &dyn std::fmt::Display| RootKeyError::Corrupt {
         path: dir.join(name).display().to_string(),
@@ -463,6 +471,16 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> RootKeyError + '_ {
     move |e| RootKeyError::Io {
         path: path.display().to_string(),
         reason: e.kind().to_string(),
+    }
+}
+
+/// Reading a file of an existing key set: a missing one is restored, not regenerated.
+fn read_err(path: &Path) -> impl Fn(std::io::Error) -> RootKeyError + '_ {
+    move |e| match e.kind() {
+        std::io::ErrorKind::NotFound => RootKeyError::Missing {
+            path: path.display().to_string(),
+        },
+        _ => io_err(path)(e),
     }
 }
 
