@@ -271,8 +271,8 @@ async fn kms_rpc(
             config.auth.webhook_url.as_deref().unwrap_or_default(),
             config.auth.webhook_timeout,
         )?),
-        AuthBackendKind::Chain => match mirror {
-            Some(m) => Arc::new(ChainAuthorizer::new(m)),
+        AuthBackendKind::Chain => match &mirror {
+            Some(m) => Arc::new(ChainAuthorizer::new(m.clone())),
             None => Arc::new(NoMirror),
         },
     };
@@ -331,6 +331,7 @@ async fn kms_rpc(
         chain: ChainMeta {
             kms_contract_address: config.chain.kms_contract.clone(),
             chain_id: config.chain.chain_id,
+            mirror: mirror.clone(),
         },
         max_concurrent: config.kms.max_concurrent_requests,
         allow_kms_replication: config.kms.allow_kms_replication,

@@ -609,3 +609,46 @@ async fn custom_iappauth_app_serves_the_instances_it_lists() {
         other => panic!("an unlisted instance got keys: {other:?}"),
     }
 }
+
+/// The chain registers a KMS root key (`setKmsInfo`): while it is not this KMS's own, no keys are
+/// released (503, one ERROR line per change); registering this KMS's key restores service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_withheld_while_the_registered_kms_key_is_not_ours() {
+    let s = setup(None).await;
+    let vm = client::simulated_vm_config();
+    s.served(s.app, COMPOSE, &vm).await;
+    let kms = DstackKms::new(s.kms, &s.provider);
+    let info = |k256: Vec<u8>| DstackKms::KmsInfo {
+        k256Pubkey: k256.into(),
+        caPubkey: Default::default(),
+        quote: Default::default(),
+        eventlog: Default::default(),
+    };
+    let other = k256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap();
+    send!(
+        kms.setKmsInfo(info(other.verifying_key().to_sec1_bytes().to_vec()))
+            .from(s.owner)
+    );
+    let status = s
+        .refused_with(s.app, COMPOSE, &vm, "not the one registered on-chain")
+        .await;
+    assert_eq!(status, 503);
+    let root =
+        keywarden::kms::root::load_existing(&s._dir.path().join("data"), &Default::default())
+            .unwrap();
+    let ours = root.root.k256.verifying_key().to_sec1_bytes().to_vec();
+    send!(kms.setKmsInfo(info(ours)).from(s.owner));
+    s.served(s.app, COMPOSE, &vm).await;
+    let lines = s.kw.lines();
+    let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(
+        count("is not the one registered on-chain: no keys"),
+        1,
+        "{lines:#?}"
+    );
+    assert_eq!(
+        count("is the one registered on-chain again"),
+        1,
+        "{lines:#?}"
+    );
+}

@@ -610,3 +610,60 @@ async fn a_missing_key_file_names_the_file_and_says_restore() {
         "{err}"
     );
 }
+
+/// Key files that still decode but are wrong stop start-up with one line naming the file: a
+/// flipped bit in the k256 root key (caught by the fingerprints recorded at creation), and two
+/// certificates swapped in a key set created before fingerprints existed (caught by the
+/// certificate checks, before the fingerprints are recorded).
+#[tokio::test]
+async fn key_files_that_decode_but_are_wrong_stop_start_up() {
+    let serve = |dir: &std::path::Path| {
+        run_to_end(
+            &[
+                "serve",
+                "--api-listen",
+                &common::free_addr().to_string(),
+                "--metrics-listen",
+                &common::free_addr().to_string(),
+                "--data-dir",
+                dir.to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut kw = Keywarden::start(dir.path(), &[], &[]);
+    kw.wait_ready().await;
+    assert_eq!(kw.terminate(Duration::from_secs(10)), 0);
+    let kms = dir.path().join("kms");
+    assert!(kms.join("fingerprints.json").is_file());
+
+    let key = kms.join("root-k256.key");
+    let original = std::fs::read(&key).unwrap();
+    let mut flipped = original.clone();
+    flipped[5] ^= 0x01;
+    std::fs::write(&key, &flipped).unwrap();
+    let (code, _, err) = serve(dir.path());
+    assert_one_line_error(code, &err, 1, "root-k256.key");
+    assert!(err.contains("fingerprint"), "{err}");
+    std::fs::write(&key, &original).unwrap();
+
+    // A key set from before fingerprints, with the temp CA and RPC certificates swapped.
+    std::fs::remove_file(kms.join("fingerprints.json")).unwrap();
+    let (tmp, rpc) = (kms.join("tmp-ca.pem"), kms.join("rpc.pem"));
+    let (tmp_pem, rpc_pem) = (std::fs::read(&tmp).unwrap(), std::fs::read(&rpc).unwrap());
+    std::fs::write(&tmp, &rpc_pem).unwrap();
+    std::fs::write(&rpc, &tmp_pem).unwrap();
+    let (code, _, err) = serve(dir.path());
+    assert_one_line_error(code, &err, 1, "tmp-ca.pem");
+    assert!(err.contains("is not the one of tmp-ca.key"), "{err}");
+    assert!(!kms.join("fingerprints.json").exists());
+    std::fs::write(&tmp, &tmp_pem).unwrap();
+    std::fs::write(&rpc, &rpc_pem).unwrap();
+
+    // Restored: it starts, and records the fingerprints.
+    let mut kw = Keywarden::start(dir.path(), &[], &[]);
+    kw.wait_ready().await;
+    assert_eq!(kw.terminate(Duration::from_secs(10)), 0);
+    assert!(kms.join("fingerprints.json").is_file());
+}

@@ -101,6 +101,8 @@ pub struct ChainMeta {
     pub kms_contract_address: Option<String>,
     /// Chain id.
     pub chain_id: Option<u64>,
+    /// The mirror, whose `kmsInfo.k256Pubkey` (when registered) must be this KMS's root key.
+    pub mirror: Option<Arc<crate::chain::Mirror>>,
 }
 
 /// The KMS RPC state. Cheap to clone.
@@ -122,6 +124,8 @@ struct Inner {
     workers: Workers,
     chain: ChainMeta,
     self_check: Option<super::selfcheck::SelfCheck>,
+    /// Whether the registered k256 key differs from ours (one log line per change).
+    key_mismatch: std::sync::atomic::AtomicBool,
 }
 
 /// Everything the KMS RPC needs.
@@ -233,7 +237,42 @@ impl KmsRpc {
             workers: p.workers,
             chain: p.chain,
             self_check: p.self_check,
+            key_mismatch: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// When the chain registers a KMS root key (`KmsInfoSet`), it must be ours: a key set that
+    /// decodes but is not the registered one would hand every app other keys than the rest of
+    /// the KMS fleet does.
+    fn ensure_registered_key(&self) -> Result<(), Refused> {
+        let Some(mirror) = &self.0.chain.mirror else {
+            return Ok(());
+        };
+        let registered = mirror.snapshot().kms.k256_pubkey.clone();
+        if registered.is_empty() {
+            return Ok(());
+        }
+        let ours = self.0.keys.root.k256.verifying_key();
+        let same =
+            k256::ecdsa::VerifyingKey::from_sec1_bytes(&registered).is_ok_and(|k| k == *ours);
+        let flag = &self.0.key_mismatch;
+        if same {
+            if flag.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!("this KMS's root k256 key is the one registered on-chain again");
+            }
+            return Ok(());
+        }
+        if !flag.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(
+                registered = %hex::encode(&registered),
+                ours = %hex::encode(ours.to_sec1_bytes()),
+                "this KMS's root k256 key is not the one registered on-chain: no keys are released"
+            );
+        }
+        Err(Refused::new(
+            Refusal::KmsNotAllowed,
+            "KMS is not allowed: its root k256 key is not the one registered on-chain (kmsInfo.k256Pubkey); onboard it from the registered KMS or register its key",
+        ))
     }
 
     /// The root key material.
@@ -363,6 +402,11 @@ impl KmsRpc {
         }
         if let Some(check) = &self.0.self_check {
             check.gate().await?;
+        }
+        if let Err(refused) = self.ensure_registered_key() {
+            self.audit_boot(audit_kind, &boot, "refused", &refused.message)
+                .await;
+            return Err(refused);
         }
         if let crate::attestation::Evidence::Tdx { td, .. } = evidence
             && let Err(e) = self

@@ -31,6 +31,19 @@ const TMP_CA_KEY: &str = "tmp-ca.key";
 const TMP_CA_CERT: &str = "tmp-ca.pem";
 const RPC_KEY: &str = "rpc.key";
 const RPC_CERT: &str = "rpc.pem";
+/// sha256 of every key and certificate file as written at creation, to catch a file that was
+/// changed but still decodes (a flipped bit in a key silently changes every derived key).
+const FINGERPRINTS: &str = "fingerprints.json";
+/// Every file of a key set.
+const KEY_FILES: [&str; 7] = [
+    ROOT_CA_KEY,
+    ROOT_CA_CERT,
+    ROOT_K256_KEY,
+    TMP_CA_KEY,
+    TMP_CA_CERT,
+    RPC_KEY,
+    RPC_CERT,
+];
 
 /// The `[kms]` configuration section.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -244,6 +257,7 @@ pub fn load_or_create(data_dir: &Path, cfg: &KmsConfig) -> Result<KmsKeys, RootK
         };
         write_private(&staging.join(name), &content)?;
     }
+    write_fingerprints(&staging)?;
     std::fs::rename(&staging, &dir).map_err(io_err(&dir))?;
     let mut keys = load(&dir, &sealer)?;
     keys.created = true;
@@ -312,7 +326,135 @@ fn generate(cfg: &KmsConfig) -> Result<KeyFiles, RootKeyError> {
     ])
 }
 
+fn fingerprint_map(dir: &Path) -> Result<std::collections::BTreeMap<String, String>, RootKeyError> {
+    use sha2::Digest as _;
+    KEY_FILES
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            let raw = std::fs::read(&path).map_err(read_err(&path))?;
+            Ok(((*name).to_owned(), hex::encode(sha2::Sha256::digest(&raw))))
+        })
+        .collect()
+}
+
+fn write_fingerprints(dir: &Path) -> Result<(), RootKeyError> {
+    let map = fingerprint_map(dir)?;
+    let json = serde_json::to_vec_pretty(&map)
+        .map_err(|e| RootKeyError::Generate(format!("fingerprints: {e}")))?;
+    write_private(&dir.join(FINGERPRINTS), &json)
+}
+
+/// Every key file still has the fingerprint recorded at creation. A key set created before
+/// fingerprints existed gets them recorded now (trust on first use, logged).
+fn check_fingerprints(dir: &Path) -> Result<(), RootKeyError> {
+    let path = dir.join(FINGERPRINTS);
+    let recorded = match std::fs::read(&path) {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write_fingerprints(dir)?;
+            tracing::info!(path = %path.display(), "recorded the fingerprints of the existing KMS key files");
+            return Ok(());
+        }
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let recorded: std::collections::BTreeMap<String, String> = serde_json::from_slice(&recorded)
+        .map_err(|e| RootKeyError::Corrupt {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+            fix: "restore the key directory from backup",
+        })?;
+    for (name, now) in fingerprint_map(dir)? {
+        if recorded.get(&name) != Some(&now) {
+            return Err(RootKeyError::Corrupt {
+                path: dir.join(&name).display().to_string(),
+                reason: "it differs from the fingerprint recorded when the key set was created"
+                    .into(),
+                fix: "restore the key directory from backup; never regenerate keys that apps depend on",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The key set's certificates belong to their keys and are signed by their issuers (the root CA
+/// signs itself and the RPC certificate; the temp CA signs itself).
+fn check_certificates(dir: &Path, keys: &KmsKeys) -> Result<(), RootKeyError> {
+    let corrupt = |name: &str, reason: String| RootKeyError::Corrupt {
+        path: dir.join(name).display().to_string(),
+        reason,
+        fix: "restore the key directory from backup; never regenerate keys that apps depend on",
+    };
+    let parse = |name: &str, pem_text: &str| -> Result<Vec<u8>, RootKeyError> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem_text.as_bytes())
+            .map_err(|e| corrupt(name, format!("not a PEM certificate: {e}")))?;
+        Ok(pem.contents)
+    };
+    let root_der = parse(ROOT_CA_CERT, &keys.root_ca_pem)?;
+    let tmp_der = parse(TMP_CA_CERT, &keys.tmp_ca_pem)?;
+    let rpc_der = parse(RPC_CERT, &keys.rpc_cert_pem)?;
+    fn cert<'a>(
+        der: &'a [u8],
+        bad: impl Fn(String) -> RootKeyError,
+    ) -> Result<x509_parser::certificate::X509Certificate<'a>, RootKeyError> {
+        x509_parser::parse_x509_certificate(der)
+            .map(|(_, c)| c)
+            .map_err(|e| bad(format!("not a certificate: {e}")))
+    }
+    let (root, tmp, rpc) = (
+        cert(&root_der, |r| corrupt(ROOT_CA_CERT, r))?,
+        cert(&tmp_der, |r| corrupt(TMP_CA_CERT, r))?,
+        cert(&rpc_der, |r| corrupt(RPC_CERT, r))?,
+    );
+    let tmp_key =
+        KeyPair::from_pem(&keys.tmp_ca_key_pem).map_err(|e| corrupt(TMP_CA_KEY, e.to_string()))?;
+    let rpc_key =
+        KeyPair::from_pem(&keys.rpc_key_pem).map_err(|e| corrupt(RPC_KEY, e.to_string()))?;
+    for (cert_name, c, key_name, key) in [
+        (ROOT_CA_CERT, &root, ROOT_CA_KEY, &keys.root_ca_key),
+        (TMP_CA_CERT, &tmp, TMP_CA_KEY, &tmp_key),
+        (RPC_CERT, &rpc, RPC_KEY, &rpc_key),
+    ] {
+        if c.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(corrupt(
+                cert_name,
+                format!("its public key is not the one of {key_name}"),
+            ));
+        }
+    }
+    // The root CA signs itself and the RPC certificate; the temp CA is self-signed.
+    for (name, c, issuer) in [
+        (ROOT_CA_CERT, &root, &root),
+        (RPC_CERT, &rpc, &root),
+        (TMP_CA_CERT, &tmp, &tmp),
+    ] {
+        let issuer_key = ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            issuer.public_key().subject_public_key.data.as_ref(),
+        );
+        issuer_key
+            .verify(c.tbs_certificate.as_ref(), c.signature_value.data.as_ref())
+            .map_err(|_| {
+                corrupt(
+                    name,
+                    "its signature does not verify against its issuer".into(),
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Loads a key set and checks it: every file decodes, the certificates match their keys and
+/// issuers, and (last, so a set created before fingerprints is recorded only once it checks out)
+/// every file still has its recorded fingerprint.
 fn load(dir: &Path, sealer: &Sealer) -> Result<KmsKeys, RootKeyError> {
+    let keys = load_files(dir, sealer)?;
+    check_certificates(dir, &keys)?;
+    check_fingerprints(dir)?;
+    Ok(keys)
+}
+
+fn load_files(dir: &Path, sealer: &Sealer) -> Result<KmsKeys, RootKeyError> {
     let secret = |name: &str| -> Result<Zeroizing<Vec<u8>>, RootKeyError> {
         let path = dir.join(name);
         let raw = Zeroizing::new(std::fs::read(&path).map_err(read_err(&path))?);
