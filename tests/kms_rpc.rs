@@ -857,3 +857,65 @@ async fn accepted_out_of_date_boot_reaches_the_webhook_with_its_tcb_status_and_a
     );
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
 }
+
+/// A client that completes the TLS handshake and then sends a partial header and dribbles is
+/// closed after `api.header_read_timeout`; others are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_header_connection_is_closed_after_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut kw, _pki) = start(
+        dir.path(),
+        &[("KEYWARDEN_API__HEADER_READ_TIMEOUT", "500ms")],
+    );
+    kw.wait_ready().await;
+    let ca = std::fs::read(data.join("kms/root-ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_like(&ca) {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(kw.api).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    // Dribble a header byte now and then, never finishing: closed after the timeout anyway.
+    let mut buf = [0u8; 256];
+    let closed = loop {
+        let _ = tls.write_all(b"X").await;
+        match tokio::time::timeout(Duration::from_millis(100), tls.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(_)) => {}
+            Err(_) => {}
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+    };
+    assert!(closed, "the slow connection was never closed");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
+    let health = https(&data)
+        .get(format!("{}/health", kw.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}
+
+/// The certificates of a PEM file, DER-encoded.
+fn rustls_pemfile_like(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    ::pem::parse_many(pem)
+        .unwrap()
+        .into_iter()
+        .map(|p| rustls::pki_types::CertificateDer::from(p.contents().to_vec()))
+        .collect()
+}

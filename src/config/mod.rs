@@ -61,6 +61,10 @@ pub struct ApiConfig {
     /// Time a client has to complete the TLS handshake.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Time a connection may take to send a request's headers, and may stay idle between
+    /// requests; then it is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -70,6 +74,7 @@ impl Default for ApiConfig {
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -627,6 +632,13 @@ impl Config {
                 }
             }
             _ => {}
+        }
+        if self.api.header_read_timeout.is_zero() {
+            push(
+                "api.header_read_timeout",
+                "must be positive".into(),
+                "use a duration such as \"10s\"",
+            );
         }
         if self.api.handshake_timeout.is_zero() {
             push(

@@ -68,6 +68,8 @@ pub struct RpcServer {
     pub metrics: KmsMetrics,
     /// Time a client has to finish the TLS handshake.
     pub handshake_timeout: Duration,
+    /// Time a connection has to send a request's headers (idle keep-alive time included).
+    pub header_read_timeout: Duration,
 }
 
 impl Task for RpcServer {
@@ -101,6 +103,7 @@ impl Task for RpcServer {
             let metrics = self.metrics.clone();
             let cancel = cancel.clone();
             let timeout = self.handshake_timeout;
+            let header_read_timeout = self.header_read_timeout;
             connections.spawn(async move {
                 let _open = metrics.connection();
                 let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -126,7 +129,11 @@ impl Task for RpcServer {
                 );
                 let service = TowerToHyperService::new(router.layer(axum::Extension(peer)));
                 // ALPN offers only http/1.1: HTTP/2 with prior knowledge is not served.
+                // A slow or silent client (partial headers, an idle keep-alive) is closed after
+                // the header-read timeout, so it cannot hold a connection and a file descriptor.
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(header_read_timeout)
                     .serve_connection(TokioIo::new(tls), service);
                 tokio::pin!(conn);
                 tokio::select! {
