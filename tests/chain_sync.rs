@@ -944,15 +944,9 @@ async fn serve_on_another_chain_than_configured_exits_with_one_line() {
         c.d.kms.to_string(),
         c.d.block.to_string(),
     );
-    let (code, _, err) = common::run_to_end(
+    let (code, _, err) = common::run_serve(
+        dir.path(),
         &[
-            "serve",
-            "--api-listen",
-            &common::free_addr().to_string(),
-            "--metrics-listen",
-            &common::free_addr().to_string(),
-            "--data-dir",
-            dir.path().to_str().unwrap(),
             "--rpc-url",
             &url,
             "--kms-contract",

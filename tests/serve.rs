@@ -510,18 +510,7 @@ async fn a_second_instance_on_the_same_data_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut kw = Keywarden::start(dir.path(), &[], &[]);
     kw.wait_ready().await;
-    let (code, _, err) = run_to_end(
-        &[
-            "serve",
-            "--api-listen",
-            &common::free_addr().to_string(),
-            "--metrics-listen",
-            &common::free_addr().to_string(),
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (code, _, err) = common::run_serve(dir.path(), &[], &[]);
     assert_one_line_error(code, &err, 1, "in use by another running keywarden");
     #[cfg(unix)]
     {
@@ -565,18 +554,9 @@ fn a_missing_test_pki_directory_is_a_configuration_error() {
     let (code, _, err) = run_to_end(&["config", "check", cfg.to_str().unwrap()], &[]);
     assert_one_line_error(code, &err, 2, "attestation.insecure_test_pki");
     assert!(err.contains("dev test-pki init"), "{err}");
-    let (code, _, err) = run_to_end(
-        &[
-            "serve",
-            "--api-listen",
-            &common::free_addr().to_string(),
-            "--metrics-listen",
-            &common::free_addr().to_string(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--insecure-test-pki",
-            missing.to_str().unwrap(),
-        ],
+    let (code, _, err) = common::run_serve(
+        &dir.path().join("data"),
+        &["--insecure-test-pki", missing.to_str().unwrap()],
         &[],
     );
     assert_one_line_error(code, &err, 2, "holds no test PKI");
@@ -592,18 +572,7 @@ async fn a_missing_key_file_names_the_file_and_says_restore() {
     assert_eq!(kw.terminate(Duration::from_secs(10)), 0);
     let key = dir.path().join("kms/root-k256.key");
     std::fs::remove_file(&key).unwrap();
-    let (code, _, err) = run_to_end(
-        &[
-            "serve",
-            "--api-listen",
-            &common::free_addr().to_string(),
-            "--metrics-listen",
-            &common::free_addr().to_string(),
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (code, _, err) = common::run_serve(dir.path(), &[], &[]);
     assert_one_line_error(code, &err, 1, "root-k256.key is missing");
     assert!(
         err.contains("restore") && !err.contains("writable"),
@@ -617,20 +586,7 @@ async fn a_missing_key_file_names_the_file_and_says_restore() {
 /// certificate checks, before the fingerprints are recorded).
 #[tokio::test]
 async fn key_files_that_decode_but_are_wrong_stop_start_up() {
-    let serve = |dir: &std::path::Path| {
-        run_to_end(
-            &[
-                "serve",
-                "--api-listen",
-                &common::free_addr().to_string(),
-                "--metrics-listen",
-                &common::free_addr().to_string(),
-                "--data-dir",
-                dir.to_str().unwrap(),
-            ],
-            &[],
-        )
-    };
+    let serve = |dir: &std::path::Path| common::run_serve(dir, &[], &[]);
     let dir = tempfile::tempdir().unwrap();
     let mut kw = Keywarden::start(dir.path(), &[], &[]);
     kw.wait_ready().await;

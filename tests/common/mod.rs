@@ -108,6 +108,23 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) 
     )
 }
 
+/// Runs `keywarden serve` on free loopback ports with `data_dir` and `extra` arguments until it
+/// exits (for start-up failures): (exit code, stdout, stderr).
+pub fn run_serve(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let (api, metrics) = (free_addr().to_string(), free_addr().to_string());
+    let mut args = vec![
+        "serve",
+        "--api-listen",
+        &api,
+        "--metrics-listen",
+        &metrics,
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run_to_end(&args, env)
+}
+
 impl Keywarden {
     /// Starts `keywarden serve` with the example config, a fresh data dir and free ports.
     pub fn start(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
