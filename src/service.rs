@@ -176,6 +176,7 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
             metrics: metrics.kms.clone(),
             handshake_timeout: state.config.api.handshake_timeout,
             header_read_timeout: state.config.api.header_read_timeout,
+            max_connections: state.config.api.max_connections,
         },
         Criticality::Critical,
     );

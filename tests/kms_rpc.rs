@@ -870,21 +870,7 @@ async fn a_slow_header_connection_is_closed_after_the_header_read_timeout() {
         &[("KEYWARDEN_API__HEADER_READ_TIMEOUT", "500ms")],
     );
     kw.wait_ready().await;
-    let ca = std::fs::read(data.join("kms/root-ca.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile_like(&ca) {
-        roots.add(cert).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(kw.api).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
-    tls.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
+    let mut tls = slow_header_connection(&kw, &data).await;
     let started = std::time::Instant::now();
     // Dribble a header byte now and then, never finishing: closed after the timeout anyway.
     let mut buf = [0u8; 256];
@@ -908,6 +894,77 @@ async fn a_slow_header_connection_is_closed_after_the_header_read_timeout() {
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}
+
+/// A TLS connection to the KMS port that has sent the start of a request and nothing more.
+async fn slow_header_connection(
+    kw: &Keywarden,
+    data: &Path,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt as _;
+    let ca = std::fs::read(data.join("kms/root-ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_like(&ca) {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(kw.api).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    tls
+}
+
+/// A flood of slow-header connections beyond `api.max_connections`: the oldest idle ones are
+/// shed, and `/health` and a key request are still answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_header_flood_sheds_idle_connections_and_keys_are_still_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut kw, pki) = start(
+        dir.path(),
+        &[
+            ("KEYWARDEN_API__MAX_CONNECTIONS", "8"),
+            ("KEYWARDEN_API__HEADER_READ_TIMEOUT", "60s"),
+            ("KEYWARDEN_AUTH__BACKEND", "dev"),
+            ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
+        ],
+    );
+    kw.wait_ready().await;
+    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.push(slow_header_connection(&kw, &data).await);
+    }
+    let started = std::time::Instant::now();
+    let health = https(&data)
+        .get(format!("{}/health", kw.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let (status, keys) = post_json(
+        &https_with_identity(&data, Some(&identity)),
+        format!("{}/prpc/KMS.GetAppKey?json", kw.api_url()),
+        serde_json::json!({"api_version": 1, "vm_config": test_vm_config()}),
+    )
+    .await;
+    assert_eq!(status, 200, "{keys}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let text = kw.metrics_text().await;
+    let shed = keywarden::telemetry::sample_value(&text, "dstack_kms_connections_shed_total")
+        .unwrap_or(0.0);
+    assert!(shed >= 32.0, "{shed}");
+    let open = keywarden::telemetry::sample_value(&text, "dstack_kms_active_connections")
+        .unwrap_or(f64::MAX);
+    assert!(open <= 8.0, "{open}");
+    drop(flood);
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
 }
 

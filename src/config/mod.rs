@@ -65,6 +65,9 @@ pub struct ApiConfig {
     /// requests; then it is closed.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Connections open at once; beyond it the oldest connection with no request in flight is
+    /// closed (or the new one refused when all are busy). Keep it well under the open-file limit.
+    pub max_connections: usize,
 }
 
 impl Default for ApiConfig {
@@ -75,6 +78,7 @@ impl Default for ApiConfig {
             max_body_bytes: 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
         }
     }
 }
@@ -632,6 +636,13 @@ impl Config {
                 }
             }
             _ => {}
+        }
+        if self.api.max_connections == 0 {
+            push(
+                "api.max_connections",
+                "must be at least 1".into(),
+                "use 1024 (the default), well under the open-file limit",
+            );
         }
         if self.api.header_read_timeout.is_zero() {
             push(

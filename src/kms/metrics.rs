@@ -178,6 +178,8 @@ pub struct KmsMetrics {
     duration: Family<MethodLabels, HistogramWithExemplars<TraceLabels>>,
     handshakes: Family<HandshakeLabels, Counter>,
     active_connections: Gauge,
+    connections_shed: Counter,
+    connections_refused: Counter,
     queue_rejected: Counter,
     queue_depth: Gauge,
     concurrency_limit: Gauge,
@@ -199,6 +201,8 @@ impl KmsMetrics {
             }),
             handshakes: Family::default(),
             active_connections: Gauge::default(),
+            connections_shed: Counter::default(),
+            connections_refused: Counter::default(),
             queue_rejected: Counter::default(),
             queue_depth: Gauge::default(),
             concurrency_limit: Gauge::default(),
@@ -271,6 +275,16 @@ impl KmsMetrics {
             "dstack_kms_active_connections",
             "Open connections on the KMS RPC listener",
             m.active_connections.clone(),
+        );
+        registry.register(
+            "dstack_kms_connections_shed",
+            "Connections closed with no request in flight to make room under api.max_connections (the oldest first)",
+            m.connections_shed.clone(),
+        );
+        registry.register(
+            "dstack_kms_connections_refused",
+            "Connections refused because api.max_connections were open and every one had a request in flight",
+            m.connections_refused.clone(),
         );
         for method in Method::ALL {
             let _ = m.requests.get_or_create(&RequestLabels {
@@ -356,6 +370,16 @@ impl KmsMetrics {
     /// Counts a canary request.
     pub fn canary(&self) {
         self.canary_requests.inc();
+    }
+
+    /// Counts a connection shed to make room.
+    pub fn connection_shed(&self) {
+        self.connections_shed.inc();
+    }
+
+    /// Counts a connection refused at the cap.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// Tracks an open connection until the guard drops.

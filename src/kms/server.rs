@@ -3,9 +3,13 @@
 //! Client certificates are requested but not required, so GetTempCaCert, GetMeta and
 //! GetAppEnvEncryptPubKey work without one; a presented certificate must chain to the temp CA.
 //! Each connection's client certificate is attached to its requests as [`PeerCert`]. A failed
-//! handshake is counted and logged as `RA-TLS handshake failed`.
+//! handshake is counted and logged as `RA-TLS handshake failed`. At most `api.max_connections`
+//! are open: a new one sheds the oldest connection with no request in flight (a slow or idle
+//! client), or is refused when every connection is busy; both are counted.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -70,6 +74,38 @@ pub struct RpcServer {
     pub handshake_timeout: Duration,
     /// Time a connection has to send a request's headers (idle keep-alive time included).
     pub header_read_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+}
+
+/// The open connections, oldest first: requests in flight on each, and how to close it.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    conns: BTreeMap<u64, (Arc<AtomicUsize>, CancellationToken)>,
+}
+
+impl Open {
+    /// Room for one more connection under `cap`: the oldest connection with no request in
+    /// flight is closed if needed. `None` when every connection is busy.
+    fn admit(&mut self, cap: usize) -> Option<(u64, Arc<AtomicUsize>, CancellationToken, bool)> {
+        let mut shed = false;
+        if self.conns.len() >= cap {
+            let idle = self
+                .conns
+                .iter()
+                .find(|(_, (busy, _))| busy.load(Ordering::Relaxed) == 0)
+                .map(|(id, _)| *id)?;
+            if let Some((_, token)) = self.conns.remove(&idle) {
+                token.cancel();
+            }
+            shed = true;
+        }
+        let (id, busy, token) = (self.next, Arc::default(), CancellationToken::new());
+        self.next += 1;
+        self.conns.insert(id, (Arc::clone(&busy), token.clone()));
+        Some((id, busy, token, shed))
+    }
 }
 
 impl Task for RpcServer {
@@ -80,6 +116,7 @@ impl Task for RpcServer {
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let acceptor = TlsAcceptor::from(self.tls);
         let connections = TaskTracker::new();
+        let open = Arc::new(Mutex::new(Open::default()));
         loop {
             let (tcp, peer_addr) = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -95,9 +132,22 @@ impl Task for RpcServer {
                     }
                 },
             };
+            let admitted = open
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(self.max_connections);
+            let Some((id, busy, closing, shed)) = admitted else {
+                self.metrics.connection_refused();
+                drop(tcp);
+                continue;
+            };
+            if shed {
+                self.metrics.connection_shed();
+            }
             // Small request/response exchanges: without this, Nagle's algorithm and delayed ACKs
             // add ~40 ms to every TLS round trip.
             let _ = tcp.set_nodelay(true);
+            let open = Arc::clone(&open);
             let acceptor = acceptor.clone();
             let router = self.router.clone();
             let metrics = self.metrics.clone();
@@ -106,51 +156,86 @@ impl Task for RpcServer {
             let header_read_timeout = self.header_read_timeout;
             connections.spawn(async move {
                 let _open = metrics.connection();
-                let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        metrics.handshake(false);
-                        tracing::warn!(peer = %peer_addr, error = %e, "RA-TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        metrics.handshake(false);
-                        tracing::warn!(peer = %peer_addr, error = "handshake timed out", "RA-TLS handshake failed");
-                        return;
-                    }
-                };
-                metrics.handshake(true);
-                let peer = PeerCert(
-                    tls.get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| Arc::new(c.to_vec())),
-                );
-                let service = TowerToHyperService::new(router.layer(axum::Extension(peer)));
-                // ALPN offers only http/1.1: HTTP/2 with prior knowledge is not served.
-                // A slow or silent client (partial headers, an idle keep-alive) is closed after
-                // the header-read timeout, so it cannot hold a connection and a file descriptor.
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(header_read_timeout)
-                    .serve_connection(TokioIo::new(tls), service);
-                tokio::pin!(conn);
                 tokio::select! {
-                    res = conn.as_mut() => {
-                        if let Err(e) = res {
-                            tracing::debug!(peer = %peer_addr, error = %e, "KMS connection ended with an error");
-                        }
-                    }
-                    () = cancel.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
+                    () = closing.cancelled() => {}
+                    () = serve_connection(acceptor, tcp, peer_addr, router, metrics, cancel, timeout, header_read_timeout, busy) => {}
                 }
+                open.lock().unwrap_or_else(|e| e.into_inner()).conns.remove(&id);
             });
         }
         connections.close();
         connections.wait().await;
         Ok(())
+    }
+}
+
+/// One connection: the TLS handshake, then HTTP/1.1 until it ends or the service stops;
+/// `busy` counts its requests in flight.
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer_addr: std::net::SocketAddr,
+    router: Router,
+    metrics: KmsMetrics,
+    cancel: CancellationToken,
+    timeout: Duration,
+    header_read_timeout: Duration,
+    busy: Arc<AtomicUsize>,
+) {
+    {
+        let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                metrics.handshake(false);
+                tracing::warn!(peer = %peer_addr, error = %e, "RA-TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                metrics.handshake(false);
+                tracing::warn!(peer = %peer_addr, error = "handshake timed out", "RA-TLS handshake failed");
+                return;
+            }
+        };
+        metrics.handshake(true);
+        let peer = PeerCert(
+            tls.get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| Arc::new(c.to_vec())),
+        );
+        let service = TowerToHyperService::new(router.layer(axum::Extension(peer)).layer(
+            axum::middleware::from_fn(
+                move |req: axum::extract::Request, next: axum::middleware::Next| {
+                    let busy = Arc::clone(&busy);
+                    async move {
+                        busy.fetch_add(1, Ordering::Relaxed);
+                        let response = next.run(req).await;
+                        busy.fetch_sub(1, Ordering::Relaxed);
+                        response
+                    }
+                },
+            ),
+        ));
+        // ALPN offers only http/1.1: HTTP/2 with prior knowledge is not served.
+        // A slow or silent client (partial headers, an idle keep-alive) is closed after
+        // the header-read timeout, so it cannot hold a connection and a file descriptor.
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(peer = %peer_addr, error = %e, "KMS connection ended with an error");
+                }
+            }
+            () = cancel.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
     }
 }
