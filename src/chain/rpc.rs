@@ -303,31 +303,12 @@ impl RpcPool {
                     continue;
                 }
             }
-            let started = Instant::now();
-            let result =
-                tokio::time::timeout(self.timeout, request(self.endpoints[i].provider.clone()))
-                    .await;
-            let seconds = started.elapsed().as_secs_f64();
-            let label = index_label(i);
-            let answer = match result {
-                Ok(Ok(v)) => {
-                    self.metrics.rpc(label, method, RpcOutcome::Ok, seconds);
-                    self.record(i, Ok(()));
-                    Ok(v)
-                }
-                Ok(Err(e)) => {
-                    self.metrics.rpc(label, method, RpcOutcome::Error, seconds);
-                    self.record(i, Err(one_line(&e)));
-                    Err(one_line(&e))
-                }
-                Err(_) => {
-                    self.metrics
-                        .rpc(label, method, RpcOutcome::Timeout, seconds);
-                    let e = format!("no answer within {:?}", self.timeout);
-                    self.record(i, Err(e.clone()));
-                    Err(e)
-                }
-            };
+            let answer = self
+                .attempt(i, method, &request)
+                .await
+                .map_err(|e| match e {
+                    Attempt::TooManyResults(m) | Attempt::Failed(m) => m,
+                });
             out.push((i, answer));
         }
         out
@@ -421,6 +402,42 @@ impl RpcPool {
             .endpoint_up(index_label(i), h.retry_at.is_none());
     }
 
+    /// One request on endpoint `i`: timed, counted, and recorded in the endpoint's health (an
+    /// `eth_getLogs` range refused as too large is not the endpoint's fault).
+    async fn attempt<T, F, Fut>(&self, i: usize, method: Method, request: &F) -> Result<T, Attempt>
+    where
+        F: Fn(DynProvider) -> Fut,
+        Fut: Future<Output = TransportResult<T>>,
+    {
+        let started = Instant::now();
+        let result =
+            tokio::time::timeout(self.timeout, request(self.endpoints[i].provider.clone())).await;
+        let seconds = started.elapsed().as_secs_f64();
+        let label = index_label(i);
+        let (outcome, answer) = match result {
+            Ok(Ok(v)) => (RpcOutcome::Ok, Ok(v)),
+            Ok(Err(e)) if method == Method::EthGetLogs && is_too_many_results(&e) => (
+                RpcOutcome::TooManyResults,
+                Err(Attempt::TooManyResults(one_line(&e))),
+            ),
+            Ok(Err(e)) => (RpcOutcome::Error, Err(Attempt::Failed(one_line(&e)))),
+            Err(_) => (
+                RpcOutcome::Timeout,
+                Err(Attempt::Failed(format!(
+                    "no answer within {:?}",
+                    self.timeout
+                ))),
+            ),
+        };
+        self.metrics.rpc(label, method, outcome, seconds);
+        match &answer {
+            Ok(_) => self.record(i, Ok(())),
+            Err(Attempt::Failed(m)) => self.record(i, Err(m.clone())),
+            Err(Attempt::TooManyResults(_)) => {}
+        }
+        answer
+    }
+
     /// Runs `request` on the best endpoint, failing over to the others on error or timeout.
     pub async fn call<T, F, Fut>(&self, method: Method, request: F) -> Result<T, ChainError>
     where
@@ -444,34 +461,10 @@ impl RpcPool {
                     continue;
                 }
             }
-            let started = Instant::now();
-            let result =
-                tokio::time::timeout(self.timeout, request(self.endpoints[i].provider.clone()))
-                    .await;
-            let seconds = started.elapsed().as_secs_f64();
-            let label = index_label(i);
-            match result {
-                Ok(Ok(v)) => {
-                    self.metrics.rpc(label, method, RpcOutcome::Ok, seconds);
-                    self.record(i, Ok(()));
-                    return Ok(v);
-                }
-                Ok(Err(e)) if method == Method::EthGetLogs && is_too_many_results(&e) => {
-                    self.metrics
-                        .rpc(label, method, RpcOutcome::TooManyResults, seconds);
-                    return Err(ChainError::TooManyResults(one_line(&e)));
-                }
-                Ok(Err(e)) => {
-                    self.metrics.rpc(label, method, RpcOutcome::Error, seconds);
-                    last = format!("endpoint {i}: {}", one_line(&e));
-                    self.record(i, Err(one_line(&e)));
-                }
-                Err(_) => {
-                    self.metrics
-                        .rpc(label, method, RpcOutcome::Timeout, seconds);
-                    last = format!("endpoint {i}: no answer within {:?}", self.timeout);
-                    self.record(i, Err(last.clone()));
-                }
+            match self.attempt(i, method, &request).await {
+                Ok(v) => return Ok(v),
+                Err(Attempt::TooManyResults(m)) => return Err(ChainError::TooManyResults(m)),
+                Err(Attempt::Failed(m)) => last = format!("endpoint {i}: {m}"),
             }
         }
         Err(ChainError::AllEndpointsFailed { method, last })
@@ -497,6 +490,14 @@ impl RpcPool {
         })
         .await
     }
+}
+
+/// Why one attempt on one endpoint failed.
+enum Attempt {
+    /// `eth_getLogs` refused the range as too large.
+    TooManyResults(String),
+    /// Any other error or a timeout.
+    Failed(String),
 }
 
 fn index_label(i: usize) -> u16 {
