@@ -49,12 +49,12 @@ impl Default for AttestationConfig {
 impl AttestationConfig {
     /// Problems of the section, each with its fix: a test PKI directory must hold a test PKI
     /// (start-up reads it, so `config check` says so first).
-    pub fn problems(&self) -> Vec<crate::config::Problem> {
+    pub fn problems(&self) -> Vec<crate::config::problem::Problem> {
         let mut out = Vec::new();
         if let Some(dir) = &self.insecure_test_pki {
             let root = dir.join(super::testpki::ROOT_CERT_DER);
             if !root.is_file() {
-                out.push(crate::config::Problem {
+                out.push(crate::config::problem::Problem {
                     key: "attestation.insecure_test_pki".into(),
                     problem: format!(
                         "{} holds no test PKI ({} is missing)",

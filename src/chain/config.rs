@@ -10,7 +10,7 @@ use alloy::primitives::{Address, B256};
 use serde::{Deserialize, Serialize};
 
 use super::code::{CodeId, CodeKind, KnownCode};
-use crate::config::Problem;
+use crate::config::problem::Problem;
 
 /// `[[chain.known_implementations]]`: code the operator vouches for, evaluated locally like our
 /// own (for example dstack's released DstackKms/DstackApp implementations and their proxy).

@@ -6,6 +6,7 @@
 //! all named `insecure_*`, default off, and listed by [`Config::insecure_switches`] so start-up can
 //! warn about each one that is on.
 
+pub mod problem;
 mod secret;
 
 use std::collections::BTreeSet;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use problem::Problem;
 pub use secret::{SecretError, SecretRef, SecretValue};
 
 /// Prefix of environment variables that override config keys.
@@ -267,23 +269,6 @@ pub struct Overrides {
     pub kms_contract: Option<String>,
     /// `--start-block`
     pub start_block: Option<u64>,
-}
-
-/// One thing wrong with the configuration, and how to fix it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// The key (`section.key`) or source at fault.
-    pub key: String,
-    /// What is wrong.
-    pub problem: String,
-    /// What to do about it.
-    pub fix: String,
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {} (fix: {})", self.key, self.problem, self.fix)
-    }
 }
 
 /// Why the configuration cannot be used.
