@@ -114,7 +114,13 @@ impl Task for RpcServer {
     }
 
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let acceptor = TlsAcceptor::from(self.tls);
+        let shared = Arc::new(Connections {
+            acceptor: TlsAcceptor::from(self.tls),
+            router: self.router,
+            metrics: self.metrics.clone(),
+            handshake_timeout: self.handshake_timeout,
+            header_read_timeout: self.header_read_timeout,
+        });
         let connections = TaskTracker::new();
         let open = Arc::new(Mutex::new(Open::default()));
         loop {
@@ -147,20 +153,17 @@ impl Task for RpcServer {
             // Small request/response exchanges: without this, Nagle's algorithm and delayed ACKs
             // add ~40 ms to every TLS round trip.
             let _ = tcp.set_nodelay(true);
-            let open = Arc::clone(&open);
-            let acceptor = acceptor.clone();
-            let router = self.router.clone();
-            let metrics = self.metrics.clone();
-            let cancel = cancel.clone();
-            let timeout = self.handshake_timeout;
-            let header_read_timeout = self.header_read_timeout;
+            let (open, shared, cancel) = (Arc::clone(&open), Arc::clone(&shared), cancel.clone());
             connections.spawn(async move {
-                let _open = metrics.connection();
+                let _open = shared.metrics.connection();
                 tokio::select! {
                     () = closing.cancelled() => {}
-                    () = serve_connection(acceptor, tcp, peer_addr, router, metrics, cancel, timeout, header_read_timeout, busy) => {}
+                    () = shared.serve(tcp, peer_addr, &cancel, busy) => {}
                 }
-                open.lock().unwrap_or_else(|e| e.into_inner()).conns.remove(&id);
+                open.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .conns
+                    .remove(&id);
             });
         }
         connections.close();
@@ -169,35 +172,41 @@ impl Task for RpcServer {
     }
 }
 
-/// One connection: the TLS handshake, then HTTP/1.1 until it ends or the service stops;
-/// `busy` counts its requests in flight.
-#[allow(clippy::too_many_arguments)]
-async fn serve_connection(
+/// What every connection of the listener shares.
+struct Connections {
     acceptor: TlsAcceptor,
-    tcp: tokio::net::TcpStream,
-    peer_addr: std::net::SocketAddr,
     router: Router,
     metrics: KmsMetrics,
-    cancel: CancellationToken,
-    timeout: Duration,
+    handshake_timeout: Duration,
     header_read_timeout: Duration,
-    busy: Arc<AtomicUsize>,
-) {
-    {
-        let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+}
+
+impl Connections {
+    /// One connection: the TLS handshake, then HTTP/1.1 until it ends or the service stops;
+    /// `busy` counts its requests in flight.
+    async fn serve(
+        &self,
+        tcp: tokio::net::TcpStream,
+        peer_addr: std::net::SocketAddr,
+        cancel: &CancellationToken,
+        busy: Arc<AtomicUsize>,
+    ) {
+        let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp))
+            .await
+        {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                metrics.handshake(false);
+                self.metrics.handshake(false);
                 tracing::warn!(peer = %peer_addr, error = %e, "RA-TLS handshake failed");
                 return;
             }
             Err(_) => {
-                metrics.handshake(false);
+                self.metrics.handshake(false);
                 tracing::warn!(peer = %peer_addr, error = "handshake timed out", "RA-TLS handshake failed");
                 return;
             }
         };
-        metrics.handshake(true);
+        self.metrics.handshake(true);
         let peer = PeerCert(
             tls.get_ref()
                 .1
@@ -205,25 +214,26 @@ async fn serve_connection(
                 .and_then(|c| c.first())
                 .map(|c| Arc::new(c.to_vec())),
         );
-        let service = TowerToHyperService::new(router.layer(axum::Extension(peer)).layer(
-            axum::middleware::from_fn(
-                move |req: axum::extract::Request, next: axum::middleware::Next| {
-                    let busy = Arc::clone(&busy);
-                    async move {
-                        busy.fetch_add(1, Ordering::Relaxed);
-                        let response = next.run(req).await;
-                        busy.fetch_sub(1, Ordering::Relaxed);
-                        response
-                    }
-                },
-            ),
-        ));
+        let service =
+            TowerToHyperService::new(self.router.clone().layer(axum::Extension(peer)).layer(
+                axum::middleware::from_fn(
+                    move |req: axum::extract::Request, next: axum::middleware::Next| {
+                        let busy = Arc::clone(&busy);
+                        async move {
+                            busy.fetch_add(1, Ordering::Relaxed);
+                            let response = next.run(req).await;
+                            busy.fetch_sub(1, Ordering::Relaxed);
+                            response
+                        }
+                    },
+                ),
+            ));
         // ALPN offers only http/1.1: HTTP/2 with prior knowledge is not served.
         // A slow or silent client (partial headers, an idle keep-alive) is closed after
         // the header-read timeout, so it cannot hold a connection and a file descriptor.
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
+            .header_read_timeout(self.header_read_timeout)
             .serve_connection(TokioIo::new(tls), service);
         tokio::pin!(conn);
         tokio::select! {
