@@ -805,6 +805,9 @@ enum Misbehave {
     RangeLimit(u64),
     /// Answers every request with a JSON-RPC server error.
     Errors,
+    /// Follows the answer with up to 64 MiB of whitespace (still valid JSON): every answer, or
+    /// only `eth_getLogs` over more than this many blocks.
+    Bloats(Option<u64>),
 }
 
 /// A JSON-RPC relay to anvil that misbehaves as told.
@@ -825,22 +828,27 @@ async fn rpc_relay(to: url::Url, how: Misbehave) -> url::Url {
             }))
             .into_response()
         };
-        match how {
+        let log_blocks = || {
+            let n = |k: &str| {
+                let hex = req["params"][0][k]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("0x");
+                u64::from_str_radix(hex, 16).unwrap()
+            };
+            (req["method"] == "eth_getLogs").then(|| n("toBlock") - n("fromBlock") + 1)
+        };
+        let bloat = match how {
             Misbehave::Errors => return refuse(-32603, "internal error"),
-            Misbehave::RangeLimit(max_blocks) if req["method"] == "eth_getLogs" => {
-                let n = |k: &str| {
-                    let hex = req["params"][0][k]
-                        .as_str()
-                        .unwrap()
-                        .trim_start_matches("0x");
-                    u64::from_str_radix(hex, 16).unwrap()
-                };
-                if n("toBlock") - n("fromBlock") + 1 > max_blocks {
+            Misbehave::RangeLimit(max_blocks) => {
+                if log_blocks().is_some_and(|n| n > max_blocks) {
                     return refuse(-32005, "query returned more than 10000 results");
                 }
+                false
             }
-            Misbehave::RangeLimit(_) => {}
-        }
+            Misbehave::Bloats(None) => true,
+            Misbehave::Bloats(Some(max_blocks)) => log_blocks().is_some_and(|n| n > max_blocks),
+        };
         let answer = common::http()
             .post(to)
             .header("content-type", "application/json")
@@ -851,6 +859,20 @@ async fn rpc_relay(to: url::Url, how: Misbehave) -> url::Url {
             .bytes()
             .await
             .unwrap();
+        if bloat {
+            // Streamed without a length, so only a reader that stops at its limit gets past it.
+            let spaces = axum::body::Bytes::from(vec![b' '; 64 * 1024]);
+            let body = futures::stream::iter(
+                std::iter::once(answer)
+                    .chain(std::iter::repeat_n(spaces, 1024))
+                    .map(Ok::<_, std::io::Error>),
+            );
+            return (
+                [("content-type", "application/json")],
+                axum::body::Body::from_stream(body),
+            )
+                .into_response();
+        }
         ([("content-type", "application/json")], answer).into_response()
     }
     let app = axum::Router::new()
@@ -908,6 +930,62 @@ async fn log_ranges_shrink_on_too_many_results_and_grow_back() {
     // The range went back up to the limit after shrinking: about 45 blocks in batches of <= 4.
     let batches = e.metric("dstack_chain_batches_total");
     assert!((11.0..=20.0).contains(&batches), "{batches} batches");
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_log_answer_shrinks_the_range_without_reading_it_whole() {
+    let c = chain().await;
+    let app = c.app(c.d.app);
+    for i in 0..20u8 {
+        send!(app.addComposeHash(B256::repeat_byte(i)), c.owner);
+    }
+    let relay = rpc_relay(c.anvil.url(), Misbehave::Bloats(Some(4))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path()).await;
+    let e = engine(&[relay], &c.d, &store, |cfg| {
+        cfg.max_batch_blocks = 64;
+        cfg.max_response_bytes = 64 * 1024;
+    });
+    e.caught_up_to(c.head().await).await;
+    assert_eq!(e.mirror.snapshot().apps[&c.d.app].compose_hashes.len(), 20);
+    // Refused at the limit as too many results (not read to the end and timed out), and not
+    // blamed on the endpoint.
+    let refused = e.metric("dstack_chain_rpc_requests_total{endpoint=\"0\",method=\"eth_getLogs\",outcome=\"too_many_results\"}");
+    assert!(refused >= 1.0);
+    assert_eq!(
+        e.metric("dstack_chain_rpc_requests_total{endpoint=\"0\",method=\"eth_getLogs\",outcome=\"timeout\"}"),
+        0.0
+    );
+    assert_eq!(e.metric("dstack_chain_rpc_failovers_total"), 0.0);
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn an_endpoint_sending_oversized_answers_is_faulted_and_the_backup_serves() {
+    let c = chain().await;
+    send!(c.app(c.d.app).addComposeHash(h(7)), c.owner);
+    let primary = rpc_relay(c.anvil.url(), Misbehave::Bloats(None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_store(dir.path()).await;
+    let e = engine(&[primary, c.anvil.url()], &c.d, &store, |cfg| {
+        cfg.max_response_bytes = 64 * 1024;
+    });
+    e.caught_up_to(c.head().await).await;
+    assert!(
+        e.mirror.snapshot().apps[&c.d.app]
+            .compose_hashes
+            .contains(&h(7))
+    );
+    assert!(e.metric("dstack_chain_rpc_failovers_total") >= 1.0);
+    assert!(
+        e.metric("dstack_chain_rpc_requests_total{endpoint=\"0\",method=\"eth_chainId\",outcome=\"error\"}")
+            >= 1.0
+    );
+    assert_eq!(
+        e.metric("dstack_chain_rpc_requests_total{endpoint=\"0\",method=\"eth_chainId\",outcome=\"timeout\"}"),
+        0.0
+    );
     e.stop().await;
 }
 

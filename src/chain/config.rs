@@ -73,6 +73,9 @@ pub struct ChainConfig {
     /// Per-request timeout for each endpoint.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Largest JSON-RPC response body read; a larger `eth_getLogs` answer shrinks the block range,
+    /// any other makes the endpoint faulty. A batch's logs are held within the same budget.
+    pub max_response_bytes: usize,
     /// Code evaluated locally besides our own compiled contracts; everything else is asked of the
     /// chain with `eth_call`.
     pub known_implementations: Vec<KnownImplementation>,
@@ -92,10 +95,14 @@ impl Default for ChainConfig {
             reorg_window: 64,
             max_staleness: Duration::from_secs(60),
             request_timeout: Duration::from_secs(10),
+            max_response_bytes: 32 * 1024 * 1024,
             known_implementations: Vec::new(),
         }
     }
 }
+
+/// Smallest `chain.max_response_bytes`: a block with its header fields must fit.
+const MIN_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// The `[chain]` section, checked and typed.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,6 +222,13 @@ impl ChainConfig {
                 "max_batch_blocks",
                 "must be at least 1".into(),
                 "use 2000 (the default) or what your provider allows",
+            );
+        }
+        if self.max_response_bytes < MIN_RESPONSE_BYTES {
+            push(
+                "max_response_bytes",
+                format!("must be at least {MIN_RESPONSE_BYTES}"),
+                "use 33554432 (32 MiB, the default) or more for providers with large log pages",
             );
         }
         if self.reorg_window == 0 {

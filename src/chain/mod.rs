@@ -46,6 +46,7 @@ pub mod report;
 pub mod rpc;
 pub mod store;
 pub mod sync;
+pub mod transport;
 pub mod view;
 
 pub use config::ChainConfig;
@@ -62,11 +63,7 @@ pub fn follow(
     readiness: crate::runtime::Readiness,
     metrics: metrics::ChainMetrics,
 ) -> (Arc<Mirror>, sync::SyncEngine) {
-    let rpc = Arc::new(rpc::RpcPool::new(
-        &chain.urls,
-        chain.cfg.request_timeout,
-        metrics.clone(),
-    ));
+    let rpc = Arc::new(rpc::RpcPool::new(&chain.urls, &chain.cfg, metrics.clone()));
     rpc.expect_chain_id(chain.cfg.chain_id);
     let live = live::LiveAuthz::new(rpc.clone(), chain.kms, metrics.clone());
     let mirror = Arc::new(Mirror::new(

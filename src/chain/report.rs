@@ -126,11 +126,7 @@ async fn probe(chain: &ChainConfig) -> Vec<Value> {
     let metrics = ChainMetrics::new(&mut registry, 1);
     let mut out = Vec::new();
     for (index, url) in resolved.urls.iter().enumerate() {
-        let pool = RpcPool::new(
-            std::slice::from_ref(url),
-            chain.request_timeout,
-            metrics.clone(),
-        );
+        let pool = RpcPool::new(std::slice::from_ref(url), chain, metrics.clone());
         let started = Instant::now();
         let answer = pool
             .call(Method::EthGetBlockByNumber, |p| async move {
@@ -172,11 +168,7 @@ pub async fn code_identity(chain: &ChainConfig, address: Address) -> Result<Valu
         .filter_map(|u| url::Url::parse(u).ok())
         .collect();
     let mut registry = prometheus_client::registry::Registry::default();
-    let pool = RpcPool::new(
-        &urls,
-        chain.request_timeout,
-        ChainMetrics::new(&mut registry, urls.len()),
-    );
+    let pool = RpcPool::new(&urls, chain, ChainMetrics::new(&mut registry, urls.len()));
     let code = pool
         .call(Method::EthGetCode, |p| async move {
             p.get_code_at(address).await

@@ -21,11 +21,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::rpc::client::RpcClient;
 use alloy::transports::TransportResult;
 use serde::Serialize;
 
 use super::ChainError;
+use super::config::ChainConfig;
 use super::metrics::{ChainMetrics, Method, RpcOutcome};
+use super::transport::{CappedHttp, is_too_large};
 
 /// First backoff after a failure; doubles per consecutive failure up to [`MAX_BACKOFF`].
 const BASE_BACKOFF: Duration = Duration::from_millis(250);
@@ -132,8 +135,9 @@ pub struct RpcPool {
 }
 
 impl RpcPool {
-    /// A pool over `urls` (HTTP), each request bounded by `timeout`.
-    pub fn new(urls: &[url::Url], timeout: Duration, metrics: ChainMetrics) -> Self {
+    /// A pool over `urls` (HTTP), each request bounded by `chain.request_timeout` and each
+    /// response by `chain.max_response_bytes`.
+    pub fn new(urls: &[url::Url], chain: &ChainConfig, metrics: ChainMetrics) -> Self {
         super::deploy::ensure_crypto_provider();
         let endpoints = urls
             .iter()
@@ -146,7 +150,10 @@ impl RpcPool {
                 chain: Mutex::new(ChainCheck::Unchecked),
                 provider: ProviderBuilder::new()
                     .disable_recommended_fillers()
-                    .connect_http(u.clone())
+                    .connect_client(RpcClient::new(
+                        CappedHttp::new(u.clone(), chain.max_response_bytes),
+                        false,
+                    ))
                     .erased(),
                 health: Mutex::new(Health {
                     score: 1.0,
@@ -159,7 +166,7 @@ impl RpcPool {
             .collect();
         Self {
             endpoints,
-            timeout,
+            timeout: chain.request_timeout,
             metrics,
             chain_id: Mutex::new(None),
         }
@@ -416,10 +423,16 @@ impl RpcPool {
         let label = index_label(i);
         let (outcome, answer) = match result {
             Ok(Ok(v)) => (RpcOutcome::Ok, Ok(v)),
-            Ok(Err(e)) if method == Method::EthGetLogs && is_too_many_results(&e) => (
-                RpcOutcome::TooManyResults,
-                Err(Attempt::TooManyResults(one_line(&e))),
-            ),
+            // An oversized log range is the range's fault; any other oversized answer the node's.
+            Ok(Err(e))
+                if method == Method::EthGetLogs
+                    && (is_too_many_results(&e) || is_too_large(&e)) =>
+            {
+                (
+                    RpcOutcome::TooManyResults,
+                    Err(Attempt::TooManyResults(one_line(&e))),
+                )
+            }
             Ok(Err(e)) => (RpcOutcome::Error, Err(Attempt::Failed(one_line(&e)))),
             Err(_) => (
                 RpcOutcome::Timeout,
@@ -551,7 +564,11 @@ mod tests {
             .iter()
             .map(|u| u.parse().unwrap_or_else(|e| panic!("{e}")))
             .collect();
-        let pool = RpcPool::new(&urls, Duration::from_secs(2), metrics);
+        let cfg = ChainConfig {
+            request_timeout: Duration::from_secs(2),
+            ..ChainConfig::default()
+        };
+        let pool = RpcPool::new(&urls, &cfg, metrics);
         let err = pool
             .call(
                 Method::EthChainId,

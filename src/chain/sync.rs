@@ -51,6 +51,12 @@ pub const ENDPOINTS_READINESS_COMPONENT: &str = "chain_endpoints";
 /// Addresses per `eth_getLogs` request (providers limit the filter's address list).
 const ADDRESSES_PER_REQUEST: usize = 500;
 
+/// A log's size as a JSON-RPC answer carries it: hex doubles the data and topics, and the
+/// fixed fields (address, hashes, numbers, keys) take about 450 bytes.
+fn json_size(log: &Log) -> usize {
+    450 + 2 * log.data().data.len() + 68 * log.topics().len()
+}
+
 /// How often readiness and the staleness gauge are refreshed while a step runs.
 const READINESS_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -796,28 +802,37 @@ impl SyncEngine {
         Err(ChainError::UnconfirmedReorg(newest))
     }
 
-    /// `eth_getLogs` for `addresses` over `from..=to`, in address chunks.
+    /// `eth_getLogs` for `addresses` over `from..=to`, in address chunks. The logs held stay
+    /// within `chain.max_response_bytes` (by their JSON size): a range holding more is refused
+    /// as too many results, so that it shrinks, however many chunks it took.
     async fn logs(
         &self,
         addresses: &[Address],
         from: u64,
         to: u64,
     ) -> Result<Vec<Log>, ChainError> {
-        let mut out = Vec::new();
+        let budget = self.chain.cfg.max_response_bytes;
+        let (mut out, mut held) = (Vec::new(), 0usize);
         for chunk in addresses.chunks(ADDRESSES_PER_REQUEST) {
             let filter = Filter::new()
                 .address(chunk.to_vec())
                 .from_block(from)
                 .to_block(to);
             let filter = &filter;
-            out.extend(
-                self.rpc
-                    .call(
-                        Method::EthGetLogs,
-                        |p| async move { p.get_logs(filter).await },
-                    )
-                    .await?,
-            );
+            let logs = self
+                .rpc
+                .call(
+                    Method::EthGetLogs,
+                    |p| async move { p.get_logs(filter).await },
+                )
+                .await?;
+            held += logs.iter().map(json_size).sum::<usize>();
+            if held > budget {
+                return Err(ChainError::TooManyResults(format!(
+                    "the logs of blocks {from}..={to} exceed {budget} bytes (chain.max_response_bytes)"
+                )));
+            }
+            out.extend(logs);
         }
         Ok(out)
     }
