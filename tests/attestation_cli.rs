@@ -169,6 +169,7 @@ fn test_pki_init_then_verify_a_guest_certificate() {
         debug: false,
         tcb: TestTcb::UpToDate,
         ppid: None,
+        fmspc: None,
     };
     let cert = pki.guest_cert(&guest, None).unwrap();
     let pem_path = dir.path().join("guest.pem");

@@ -695,3 +695,26 @@ fn ratls_cert_with_real_attestation_fails_binding() {
         .unwrap_err();
     assert_eq!(e.reason, RejectReason::ReportDataMismatch);
 }
+
+/// Real quotes prove themselves to Intel's pinned root before any collateral is fetched; the
+/// pinned fingerprint is the fixture root's, and a flipped signed byte is caught.
+#[test]
+fn real_quotes_pass_the_check_before_fetching_collateral() {
+    let Some(f) = fixtures() else { return };
+    use sha2::Digest as _;
+    let root: [u8; 32] = sha2::Sha256::digest(read(&f, "tdx/intel_sgx_root_ca.der")).into();
+    assert_eq!(root, tdx::INTEL_ROOT_SHA256);
+    for (name, now) in [("tdx/tdx_quote", 1752919234), ("tdx/sgx_quote", 1752919234)] {
+        let quote = read(&f, name);
+        verifier()
+            .preverify_quote(&quote, now)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut flipped = quote.clone();
+        flipped[100] ^= 1;
+        let e = verifier().preverify_quote(&flipped, now).unwrap_err();
+        assert_eq!(e.reason, RejectReason::QuoteSignatureInvalid, "{name}: {e}");
+        // Another root than the quote's is not trusted.
+        let e = tdx::preverify_quote(&quote, now, &[[0; 32]]).unwrap_err();
+        assert_eq!(e.reason, RejectReason::UntrustedRoot, "{name}: {e}");
+    }
+}

@@ -22,6 +22,7 @@ fn sample_cert() -> Vec<u8> {
             debug: false,
             tcb: TestTcb::UpToDate,
             ppid: None,
+            fmspc: None,
         };
         pki.guest_cert(&guest, None).unwrap().cert_der
     })
@@ -55,6 +56,7 @@ proptest! {
         let _ = versioned::parse(&input);
         let _ = nitro::parse_document(&input);
         let _ = tdx::parse_quote(&input);
+        let _ = tdx::preverify_quote(&input, 1_766_668_537, &[tdx::INTEL_ROOT_SHA256]);
         let _ = ratls::parse_cert(&input);
         let v = NitroVerifier::new(&Default::default(), false).unwrap();
         let _ = v.verify(&input, 1_766_668_537, None);
@@ -102,6 +104,12 @@ proptest! {
                 let _ = nitro::parse_document(input);
                 let _ = tdx::parse_quote(input);
                 let _ = cli::detect(input);
+                let _ = tdx::preverify_quote(input, 1_752_919_234, &[tdx::INTEL_ROOT_SHA256]);
+            }
+            // A flipped bit in the signed header and TD report never passes the check that
+            // precedes a collateral fetch.
+            if name == "tdx/tdx_quote" && i < 48 + 584 {
+                prop_assert!(tdx::preverify_quote(&data, 1_752_919_234, &[tdx::INTEL_ROOT_SHA256]).is_err());
             }
         }
         if !found {

@@ -27,6 +27,7 @@ fn guest() -> GuestSpec {
         debug: false,
         tcb: TestTcb::UpToDate,
         ppid: None,
+        fmspc: None,
     }
 }
 

@@ -32,6 +32,7 @@ fn guest(app_id: [u8; 20]) -> GuestSpec {
         debug: false,
         tcb: TestTcb::UpToDate,
         ppid: None,
+        fmspc: None,
     }
 }
 
@@ -561,7 +562,7 @@ async fn plain_http_on_the_kms_port_is_a_counted_handshake_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn beyond_the_queue_requests_get_a_fast_503() {
+async fn beyond_the_queue_key_requests_get_a_fast_503_and_other_methods_are_served() {
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let auth = auth_server(calls.clone()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -595,18 +596,23 @@ async fn beyond_the_queue_requests_get_a_fast_503() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let started = std::time::Instant::now();
-    let (status, err) = post_json(
-        &https(&data),
-        format!("{}/prpc/KMS.GetMeta?json", kw.api_url()),
-        serde_json::json!({}),
-    )
-    .await;
+    let (status, err) = post_json(&slow, url.clone(), body.clone()).await;
     let waited = started.elapsed();
     assert_eq!(status, 503, "{err}");
     assert!(
         waited < Duration::from_millis(500),
         "overload must be answered at once, took {waited:?}"
     );
+    // Methods that do no key work never wait behind it.
+    for method in ["GetMeta", "GetTempCaCert"] {
+        let (status, answer) = post_json(
+            &https(&data),
+            format!("{}/prpc/KMS.{method}?json", kw.api_url()),
+            serde_json::json!({}),
+        )
+        .await;
+        assert_eq!(status, 200, "{method}: {answer}");
+    }
     // /health stays outside the limit.
     let health = https(&data)
         .get(format!("{}/health", kw.api_url()))
@@ -975,4 +981,82 @@ fn rustls_pemfile_like(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'sta
         .into_iter()
         .map(|p| rustls::pki_types::CertificateDer::from(p.contents().to_vec()))
         .collect()
+}
+
+/// An attacker's certificates from the temp CA carrying quotes of made-up platforms (another
+/// root, a new FMSPC each) against a PCCS that never answers: each is refused at once without
+/// a PCCS request, and GetTempCaCert and a real guest's key request are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_platforms_never_reach_a_stalling_pccs_and_real_guests_are_served() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pccs = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pccs_url = format!("http://{}", pccs.local_addr().unwrap());
+    let asked = Arc::new(AtomicUsize::new(0));
+    // Accepts and never answers, for at most 30 s.
+    let stalling = tokio::spawn({
+        let asked = asked.clone();
+        async move {
+            let mut held = Vec::new();
+            while let Ok(Ok((socket, _))) =
+                tokio::time::timeout(Duration::from_secs(30), pccs.accept()).await
+            {
+                asked.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut kw, pki) = start(
+        dir.path(),
+        &[
+            ("KEYWARDEN_AUTH__BACKEND", "dev"),
+            ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
+            ("KEYWARDEN_ATTESTATION__PCCS_URL", &pccs_url),
+        ],
+    );
+    kw.wait_ready().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let foreign = TestPki::generate(now).unwrap();
+    let url = format!("{}/prpc/KMS.GetAppKey?json", kw.api_url());
+    let body = serde_json::json!({"api_version": 1, "vm_config": test_vm_config()});
+    let started = std::time::Instant::now();
+    let mut attacks = Vec::new();
+    for i in 0..40u8 {
+        let spec = GuestSpec {
+            fmspc: Some([0xf0, i, 0x5e, i, 0x11, 0x22]),
+            ..guest(ALLOWED_APP)
+        };
+        let identity = guest_identity(&kw, &data, &foreign, &spec).await;
+        let (url, body) = (url.clone(), body.clone());
+        let client = https_with_identity(&data, Some(&identity));
+        attacks.push(tokio::spawn(
+            async move { post_json(&client, url, body).await },
+        ));
+    }
+    let (status, temp) = post_json(
+        &https(&data),
+        format!("{}/prpc/KMS.GetTempCaCert?json", kw.api_url()),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{temp}");
+    for attack in attacks {
+        let (status, err) = attack.await.unwrap();
+        assert_eq!(status, 400, "{err}");
+        assert!(
+            err["error"].as_str().unwrap().contains("untrusted_root"),
+            "{err}"
+        );
+    }
+    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
+    let (status, keys) = post_json(&https_with_identity(&data, Some(&identity)), url, body).await;
+    assert_eq!(status, 200, "{keys}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(asked.load(Ordering::SeqCst), 0, "the PCCS was asked");
+    stalling.abort();
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
 }

@@ -6,6 +6,7 @@
 //! cached set is still valid, the cached set is served (and the failure counted).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -288,12 +289,67 @@ pub fn collateral_next_update(c: &QuoteCollateralV3) -> Result<u64> {
 }
 
 /// Collateral for quotes: cache first, PCCS when missing or due for refresh.
+///
+/// A fetch happens only after the caller's check of the quote has passed (see
+/// [`CollateralProvider::for_quote`]), at most `attestation.collateral_max_concurrent_fetches`
+/// at once (more are refused at once, never queued behind the PCCS), once per platform however
+/// many requests need it, and not again for `attestation.collateral_failure_ttl` after a failure.
 #[derive(Clone)]
 pub struct CollateralProvider {
     client: PccsClient,
     cache: Arc<dyn CollateralCache>,
     refresh_margin: u64,
     metrics: Option<AttestationMetrics>,
+    fetches: Arc<Fetches>,
+}
+
+/// A platform's collateral: FMSPC (upper-case hex) and PCK CA.
+type Platform = (String, String);
+
+/// The fetches in progress and the recent failures.
+struct Fetches {
+    slots: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    /// One lock per platform being fetched: later requests wait for the first one's result.
+    flights: Mutex<HashMap<Platform, Arc<tokio::sync::Mutex<()>>>>,
+    failures: Mutex<Failures>,
+}
+
+/// Recent fetch failures by platform (the negative cache), at most [`MAX_FAILURES`].
+struct Failures {
+    ttl: Duration,
+    by_platform: HashMap<Platform, (Instant, String)>,
+}
+
+/// Platforms whose failure is remembered; fetches happen only for quotes whose PCK chain
+/// verified, so these are real platforms and few.
+const MAX_FAILURES: usize = 1024;
+
+impl Failures {
+    /// The failure of `platform` within the TTL, and how long ago.
+    fn recent(&self, platform: &Platform, now: Instant) -> Option<(Duration, String)> {
+        let (at, why) = self.by_platform.get(platform)?;
+        let age = now.saturating_duration_since(*at);
+        (age < self.ttl).then(|| (age, why.clone()))
+    }
+
+    fn record(&mut self, platform: Platform, now: Instant, why: String) {
+        if self.by_platform.len() >= MAX_FAILURES {
+            let ttl = self.ttl;
+            self.by_platform
+                .retain(|_, (at, _)| now.saturating_duration_since(*at) < ttl);
+            if self.by_platform.len() >= MAX_FAILURES
+                && let Some(oldest) = self
+                    .by_platform
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| k.clone())
+            {
+                self.by_platform.remove(&oldest);
+            }
+        }
+        self.by_platform.insert(platform, (now, why));
+    }
 }
 
 impl std::fmt::Debug for CollateralProvider {
@@ -305,6 +361,25 @@ impl std::fmt::Debug for CollateralProvider {
     }
 }
 
+/// Why a fetch was not attempted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchSkipped {
+    /// Every fetch slot was taken.
+    Busy,
+    /// The platform's last fetch failed within the failure TTL.
+    RecentFailure,
+}
+
+impl FetchSkipped {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Busy => "busy",
+            Self::RecentFailure => "recent_failure",
+        }
+    }
+}
+
 impl CollateralProvider {
     /// Builds a provider from the `[attestation]` config.
     pub fn new(
@@ -312,43 +387,122 @@ impl CollateralProvider {
         cache: Arc<dyn CollateralCache>,
         metrics: Option<AttestationMetrics>,
     ) -> Result<Self> {
+        let max = config.collateral_max_concurrent_fetches;
         Ok(Self {
             client: PccsClient::new(&config.pccs_url, config.collateral_fetch_timeout)?,
             cache,
             refresh_margin: config.collateral_refresh_margin.as_secs(),
             metrics,
+            fetches: Arc::new(Fetches {
+                slots: Arc::new(tokio::sync::Semaphore::new(max)),
+                max,
+                flights: Mutex::default(),
+                failures: Mutex::new(Failures {
+                    ttl: config.collateral_failure_ttl,
+                    by_platform: HashMap::new(),
+                }),
+            }),
         })
     }
 
-    /// The collateral for `quote` at `now` (unix seconds).
-    pub async fn for_quote(&self, quote: &[u8], now: u64) -> Result<QuoteCollateralV3> {
+    /// The collateral for `quote` at `now` (unix seconds). `check` runs only when the collateral
+    /// has to be fetched, before the fetch, and its refusal is returned: the caller's check of
+    /// what the quote proves on its own (see [`super::tdx::preverify_quote`]).
+    pub async fn for_quote<E: From<super::reason::AttestationError>>(
+        &self,
+        quote: &[u8],
+        now: u64,
+        check: impl Future<Output = std::result::Result<(), E>>,
+    ) -> std::result::Result<QuoteCollateralV3, E> {
         let parsed = tdx::parse_quote(quote)?;
         let fmspc = dcap_qvl::intel::quote_fmspc(&parsed)
             .map_err(|e| reject!(QuoteMalformed, "PCK certificate FMSPC: {e:#}"))?;
         let ca = dcap_qvl::intel::quote_ca(&parsed)
             .map_err(|e| reject!(QuoteMalformed, "PCK certificate CA: {e:#}"))?
             .as_id_str();
-        self.get(&hex::encode_upper(fmspc), ca, parsed.header.is_sgx(), now)
-            .await
-    }
-
-    /// The collateral for a platform (`fmspc` upper-case hex, `ca` processor | platform).
-    pub async fn get(
-        &self,
-        fmspc: &str,
-        ca: &str,
-        sgx: bool,
-        now: u64,
-    ) -> Result<QuoteCollateralV3> {
-        // an unreadable cache entry is treated as a miss, never as valid collateral
-        let cached = self.cache.get(fmspc, ca).await.ok().flatten();
-        if let Some(c) = &cached
-            && now.saturating_add(self.refresh_margin) < c.next_update
-        {
-            self.record_cache(true);
-            return Ok(c.collateral.clone());
+        let platform = (hex::encode_upper(fmspc), ca.to_owned());
+        if let Some(c) = self.fresh(&platform, now).await {
+            return Ok(c);
         }
         self.record_cache(false);
+        check.await?;
+        let flight = {
+            let mut flights = self
+                .fetches
+                .flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            Arc::clone(flights.entry(platform.clone()).or_default())
+        };
+        let _flight = flight.lock().await;
+        // The request that held the lock may have fetched it meanwhile.
+        if let Some(c) = self.fresh(&platform, now).await {
+            return Ok(c);
+        }
+        let result = self.fetch(&platform, parsed.header.is_sgx(), now).await;
+        self.fetches
+            .flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&platform);
+        Ok(result?)
+    }
+
+    /// The cached set when it is not yet due for refresh.
+    async fn fresh(&self, (fmspc, ca): &Platform, now: u64) -> Option<QuoteCollateralV3> {
+        // an unreadable cache entry is treated as a miss, never as valid collateral
+        let cached = self.cache.get(fmspc, ca).await.ok().flatten()?;
+        let fresh = now.saturating_add(self.refresh_margin) < cached.next_update;
+        if fresh {
+            self.record_cache(true);
+        }
+        fresh.then_some(cached.collateral)
+    }
+
+    /// Fetches the platform's collateral (one flight holds it); a still-valid cached set is
+    /// served when the fetch fails or is not attempted.
+    async fn fetch(&self, platform: &Platform, sgx: bool, now: u64) -> Result<QuoteCollateralV3> {
+        let (fmspc, ca) = (platform.0.as_str(), platform.1.as_str());
+        let cached = self
+            .cache
+            .get(fmspc, ca)
+            .await
+            .ok()
+            .flatten()
+            .filter(|old| now < old.next_update);
+        let skipped = |why: FetchSkipped, detail: String| {
+            if let Some(m) = &self.metrics {
+                m.record_fetch_skipped(why);
+            }
+            match &cached {
+                Some(old) => Ok(old.collateral.clone()),
+                None => Err(reject!(CollateralUnavailable, "{detail}")),
+            }
+        };
+        let recent = self
+            .fetches
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recent(platform, Instant::now());
+        if let Some((age, why)) = recent {
+            return skipped(
+                FetchSkipped::RecentFailure,
+                format!(
+                    "collateral for FMSPC {fmspc} ({ca}) failed {}s ago and is retried after attestation.collateral_failure_ttl: {why}",
+                    age.as_secs()
+                ),
+            );
+        }
+        let Ok(_slot) = self.fetches.slots.clone().try_acquire_owned() else {
+            return skipped(
+                FetchSkipped::Busy,
+                format!(
+                    "{} collateral fetches are already in progress (attestation.collateral_max_concurrent_fetches)",
+                    self.fetches.max
+                ),
+            );
+        };
         let started = Instant::now();
         let fetched = self.client.fetch(fmspc, ca, sgx).await.and_then(|c| {
             let next_update = collateral_next_update(&c)?;
@@ -361,26 +515,35 @@ impl CollateralProvider {
         if let Some(m) = &self.metrics {
             m.record_collateral_fetch(started.elapsed().as_secs_f64(), fetched.is_ok());
         }
-        match (fetched, cached) {
-            (Ok(fresh), _) if fresh.next_update > now => {
+        let err = match fetched {
+            Ok(fresh) if fresh.next_update > now => {
                 // a cache write failure costs a refetch later, not this request
                 let _ = self.cache.put(fmspc, ca, &fresh).await;
-                Ok(fresh.collateral)
+                return Ok(fresh.collateral);
             }
-            (Ok(fresh), _) => Err(reject!(
+            Ok(fresh) => reject!(
                 CollateralExpired,
                 "PCCS served collateral that expired at {}",
                 fresh.next_update
-            )),
-            (Err(_), Some(old)) if now < old.next_update => {
+            ),
+            Err(e) => e,
+        };
+        self.fetches
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(platform.clone(), Instant::now(), err.to_string());
+        match cached {
+            Some(old) => {
                 tracing::warn!(
                     fmspc,
                     ca,
+                    error = %err,
                     "collateral refresh failed; serving the still-valid cached set"
                 );
                 Ok(old.collateral)
             }
-            (Err(e), _) => Err(e),
+            None => Err(err),
         }
     }
 

@@ -23,6 +23,13 @@ pub struct AttestationConfig {
     /// PCCS request timeout.
     #[serde(with = "humantime_serde")]
     pub collateral_fetch_timeout: Duration,
+    /// PCCS fetches in progress at once; a request needing another is refused at once
+    /// (`collateral_unavailable`), never queued.
+    pub collateral_max_concurrent_fetches: usize,
+    /// A platform whose fetch failed is not fetched again for this long (its requests are
+    /// refused, or served a still-valid cached set).
+    #[serde(with = "humantime_serde")]
+    pub collateral_failure_ttl: Duration,
     /// Nitro Enclave PCR allow-list (empty: any PCR value is accepted).
     pub nitro: NitroPolicy,
     /// Accept debug TDs and debug enclaves. Never in production.
@@ -39,6 +46,8 @@ impl Default for AttestationConfig {
             pccs_url: DEFAULT_PCCS_URL.to_owned(),
             collateral_refresh_margin: Duration::from_secs(6 * 3600),
             collateral_fetch_timeout: Duration::from_secs(10),
+            collateral_max_concurrent_fetches: 4,
+            collateral_failure_ttl: Duration::from_secs(30),
             nitro: NitroPolicy::default(),
             insecure_allow_debug: false,
             insecure_test_pki: None,
@@ -51,6 +60,13 @@ impl AttestationConfig {
     /// (start-up reads it, so `config check` says so first).
     pub fn problems(&self) -> Vec<crate::config::problem::Problem> {
         let mut out = Vec::new();
+        if self.collateral_max_concurrent_fetches == 0 {
+            out.push(crate::config::problem::Problem {
+                key: "attestation.collateral_max_concurrent_fetches".into(),
+                problem: "must be at least 1".into(),
+                fix: "use 4 (the default)".into(),
+            });
+        }
         if let Some(dir) = &self.insecure_test_pki {
             let root = dir.join(super::testpki::ROOT_CERT_DER);
             if !root.is_file() {

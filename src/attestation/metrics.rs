@@ -57,6 +57,13 @@ pub struct VerificationLabels {
     pub reason: ReasonLabel,
 }
 
+/// Labels of `dstack_kms_collateral_fetches_skipped`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SkippedLabels {
+    /// `busy` or `recent_failure`.
+    pub reason: &'static str,
+}
+
 /// Attestation metrics; cheap to clone (all handles are shared).
 #[derive(Debug, Clone)]
 pub struct AttestationMetrics {
@@ -67,6 +74,7 @@ pub struct AttestationMetrics {
     collateral_fetch_failures: Counter,
     collateral_cache_hits: Counter,
     collateral_cache_misses: Counter,
+    collateral_fetches_skipped: Family<SkippedLabels, Counter>,
 }
 
 impl AttestationMetrics {
@@ -82,6 +90,7 @@ impl AttestationMetrics {
             collateral_fetch_failures: Counter::default(),
             collateral_cache_hits: Counter::default(),
             collateral_cache_misses: Counter::default(),
+            collateral_fetches_skipped: Family::default(),
         };
         registry.register(
             "dstack_kms_attestation_verifications",
@@ -117,6 +126,11 @@ impl AttestationMetrics {
             "dstack_kms_collateral_cache_misses",
             "Collateral not in the cache (or due for refresh)",
             m.collateral_cache_misses.clone(),
+        );
+        registry.register(
+            "dstack_kms_collateral_fetches_skipped",
+            "Collateral fetches not attempted: every fetch slot taken (busy), or the platform's last fetch failed within attestation.collateral_failure_ttl (recent_failure)",
+            m.collateral_fetches_skipped.clone(),
         );
         // Success series start at 0 so dashboards and ratios see them before the first request.
         for tee in [TeeLabel::tdx, TeeLabel::nitro] {
@@ -161,6 +175,15 @@ impl AttestationMetrics {
         if !ok {
             self.collateral_fetch_failures.inc();
         }
+    }
+
+    /// Records a collateral fetch that was not attempted.
+    pub fn record_fetch_skipped(&self, why: super::collateral::FetchSkipped) {
+        self.collateral_fetches_skipped
+            .get_or_create(&SkippedLabels {
+                reason: why.as_str(),
+            })
+            .inc();
     }
 
     /// Records a collateral cache lookup.

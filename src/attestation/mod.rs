@@ -149,6 +149,19 @@ impl Verifier {
         uses_test_root.then_some(test_root)
     }
 
+    /// What a TDX quote proves without collateral (see [`tdx::preverify_quote`]): its PCK chain
+    /// ends in Intel's root, or in the test root when one is configured.
+    pub fn preverify_quote(&self, quote: &[u8], now: u64) -> Result<()> {
+        use sha2::Digest as _;
+        let mut roots = vec![tdx::INTEL_ROOT_SHA256];
+        roots.extend(
+            self.test_root_der
+                .as_deref()
+                .map(|der| <[u8; 32]>::from(sha2::Sha256::digest(der))),
+        );
+        tdx::preverify_quote(quote, now, &roots).map(drop)
+    }
+
     /// Verifies a bare TDX/SGX quote and applies the TCB policy.
     pub fn verify_quote(
         &self,

@@ -4,6 +4,10 @@
 //! identity signatures, collateral time window) at an explicit `now`; this module maps its
 //! errors to typed reasons and applies the configured policy (status, advisories, PCK flags,
 //! debug TD, TDX module signer) itself, so each refusal has its own reason.
+//!
+//! [`preverify_quote`] checks, before any collateral is fetched, what the quote proves on its
+//! own: its PCK chain to a pinned root and the signatures from the PCK key down to the quote. A
+//! quote that fails never causes an outbound request.
 
 use dcap_qvl::QuoteCollateralV3;
 use dcap_qvl::quote::{Quote, Report};
@@ -16,6 +20,28 @@ use super::reason::{AttestationError, RejectReason, Result, check_size, reject};
 pub const MAX_QUOTE_LEN: usize = 32 * 1024;
 /// Largest collateral JSON accepted.
 pub const MAX_COLLATERAL_LEN: usize = 256 * 1024;
+
+/// SHA-256 of Intel's SGX Root CA certificate (DER), the production anchor of every PCK chain.
+pub const INTEL_ROOT_SHA256: [u8; 32] =
+    hex_literal(b"44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3");
+
+/// Decodes 64 hex digits at compile time.
+const fn hex_literal(hex: &[u8; 64]) -> [u8; 32] {
+    const fn digit(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => panic!("not a lower-case hex digit"),
+        }
+    }
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        out[i] = digit(hex[2 * i]) << 4 | digit(hex[2 * i + 1]);
+        i += 1;
+    }
+    out
+}
 
 /// TEE type of a TDX quote header.
 const TEE_TYPE_TDX: u32 = 0x81;
@@ -162,6 +188,91 @@ pub fn verify_quote(
         fmspc: pck.fmspc,
         report: report.report,
     })
+}
+
+/// What a quote proves without collateral, checked at `now` (unix seconds): its PCK certificate
+/// chain ends in a root whose SHA-256 is in `root_sha256` and verifies to it (signatures and
+/// validity; revocation needs the CRLs, which come with the collateral), the PCK key signed the
+/// QE report, the QE report binds the attestation key, and the attestation key signed the quote.
+/// Returns the parsed quote.
+pub fn preverify_quote(raw: &[u8], now: u64, root_sha256: &[[u8; 32]]) -> Result<Quote> {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    use sha2::Digest as _;
+
+    let quote = parse_quote(raw)?;
+    let chain = dcap_qvl::intel::extract_cert_chain(&quote)
+        .map_err(|e| reject!(QuoteMalformed, "PCK certificate chain: {e:#}"))?;
+    let [leaf, intermediates @ .., root] = &chain[..] else {
+        return Err(reject!(
+            QuoteMalformed,
+            "the quote carries no PCK certificate chain up to a root"
+        ));
+    };
+    let root_hash: [u8; 32] = sha2::Sha256::digest(root).into();
+    if !root_sha256.contains(&root_hash) {
+        return Err(reject!(
+            UntrustedRoot,
+            "the PCK chain ends in a root that is not trusted (SHA-256 {})",
+            hex::encode(root_hash)
+        ));
+    }
+    let root = CertificateDer::from(root.as_slice());
+    let anchor = webpki::anchor_from_trusted_cert(&root)
+        .map_err(|e| reject!(CertChainInvalid, "PCK root certificate: {e}"))?;
+    let leaf_der = CertificateDer::from(leaf.as_slice());
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    webpki::EndEntityCert::try_from(&leaf_der)
+        .map_err(|e| reject!(CertChainInvalid, "PCK certificate: {e}"))?
+        .verify_for_usage(
+            &[webpki::ring::ECDSA_P256_SHA256],
+            &[anchor],
+            &intermediates,
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(now)),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| reject!(CertChainInvalid, "PCK certificate chain: {e}"))?;
+    let (_, pck) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| reject!(CertChainInvalid, "PCK certificate: {e}"))?;
+    let auth = quote.auth_data.clone().into_v3();
+    UnparsedPublicKey::new(
+        &ECDSA_P256_SHA256_FIXED,
+        &pck.public_key().subject_public_key.data,
+    )
+    .verify(&auth.qe_report, &auth.qe_report_signature)
+    .map_err(|_| {
+        reject!(
+            QuoteSignatureInvalid,
+            "the PCK key did not sign the QE report"
+        )
+    })?;
+    let binding = sha2::Sha256::digest(
+        [&auth.ecdsa_attestation_key[..], &auth.qe_auth_data.data[..]].concat(),
+    );
+    if auth.qe_report.get(320..352) != Some(&binding[..]) {
+        return Err(reject!(
+            QuoteSignatureInvalid,
+            "the QE report does not bind the attestation key"
+        ));
+    }
+    let attestation_key = [&[0x04][..], &auth.ecdsa_attestation_key[..]].concat();
+    let signed = raw
+        .get(..quote.signed_length())
+        .ok_or_else(|| reject!(QuoteMalformed, "the quote is shorter than its signed part"))?;
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &attestation_key)
+        .verify(signed, &auth.ecdsa_signature)
+        .map_err(|_| {
+            reject!(
+                QuoteSignatureInvalid,
+                "the attestation key did not sign the quote"
+            )
+        })?;
+    Ok(quote)
 }
 
 fn apply_policy(

@@ -129,6 +129,9 @@ pub struct QuoteMeasurements {
     /// The PPID of the platform the quote claims (its device id is sha256 of it); `None`: the
     /// PKI's own platform.
     pub ppid: Option<[u8; 16]>,
+    /// The FMSPC of the platform the quote claims; `None`: [`TEST_FMSPC`], whose collateral the
+    /// PKI carries (any other is fetched from a PCCS).
+    pub fmspc: Option<[u8; 6]>,
 }
 
 impl Default for QuoteMeasurements {
@@ -141,6 +144,7 @@ impl Default for QuoteMeasurements {
             mr_owner_config: [0; 48],
             tcb: TestTcb::UpToDate,
             ppid: None,
+            fmspc: None,
         }
     }
 }
@@ -166,6 +170,8 @@ pub struct GuestSpec {
     pub tcb: TestTcb,
     /// The platform's PPID (the device id is sha256 of it); `None`: the PKI's own platform.
     pub ppid: Option<[u8; 16]>,
+    /// The platform's FMSPC; `None`: [`TEST_FMSPC`].
+    pub fmspc: Option<[u8; 6]>,
 }
 
 /// A generated (or loaded) test PKI.
@@ -270,7 +276,7 @@ fn sgx_entry(tail: &[u64], value: Vec<u8>) -> Vec<u8> {
 }
 
 /// The SGX extension of the PCK leaf: zero SVNs, the test FMSPC, cloud-like platform flags.
-fn sgx_extension(ppid: &[u8; 16]) -> Vec<u8> {
+fn sgx_extension(ppid: &[u8; 16], fmspc: &[u8; 6]) -> Vec<u8> {
     let mut tcb = Vec::new();
     for i in 1..=16u64 {
         tcb.extend(sgx_entry(&[2, i], der_uint(0)));
@@ -288,7 +294,7 @@ fn sgx_extension(ppid: &[u8; 16]) -> Vec<u8> {
         sgx_entry(&[1], tlv(0x04, ppid)),
         sgx_entry(&[2], tlv(0x30, &tcb)),
         sgx_entry(&[3], tlv(0x04, &[0, 0])),
-        sgx_entry(&[4], tlv(0x04, &TEST_FMSPC)),
+        sgx_entry(&[4], tlv(0x04, fmspc)),
         // SGX type: Scalable (1), which platform-CA certificates carry
         sgx_entry(&[5], tlv(0x0a, &[1])),
         sgx_entry(&[6], tlv(0x04, &[0x11; 16])),
@@ -366,7 +372,7 @@ impl TestPki {
             .custom_extensions
             .push(rcgen::CustomExtension::from_oid_content(
                 &SGX_EXT[..7],
-                sgx_extension(&ppid),
+                sgx_extension(&ppid, &TEST_FMSPC),
             ));
         let pck_der = pck_params
             .signed_by(&pck_key, &pck_ca_issuer)
@@ -508,9 +514,9 @@ impl TestPki {
         )
     }
 
-    /// A PCK certificate of the platform key for another platform (PPID), issued by the PCK CA
-    /// with the validity of the PKI's own PCK certificate: a simulated second device.
-    fn pck_cert_for(&self, ppid: &[u8; 16]) -> Result<Vec<u8>> {
+    /// A PCK certificate of the platform key for another platform (PPID, FMSPC), issued by the
+    /// PCK CA with the validity of the PKI's own PCK certificate: a simulated second device.
+    fn pck_cert_for(&self, ppid: &[u8; 16], fmspc: &[u8; 6]) -> Result<Vec<u8>> {
         let (_, own) = x509_parser::parse_x509_certificate(&self.pck_der)
             .map_err(|e| reject!(ConfigInvalid, "PCK certificate: {e}"))?;
         let issued = u64::try_from(own.validity().not_before.timestamp()).unwrap_or(0);
@@ -521,7 +527,7 @@ impl TestPki {
             .custom_extensions
             .push(rcgen::CustomExtension::from_oid_content(
                 &SGX_EXT[..7],
-                sgx_extension(ppid),
+                sgx_extension(ppid, fmspc),
             ));
         Ok(params
             .signed_by(&self.pck_key, &issuer)
@@ -576,9 +582,17 @@ impl TestPki {
         qe_report[320..352].copy_from_slice(&binding);
         let qe_report_signature = sign_raw(&self.pck_key, &qe_report)?;
 
-        let chain = match &m.ppid {
-            Some(ppid) => self.pck_chain(&self.pck_cert_for(ppid)?),
-            None => self.pck_chain(&self.pck_der),
+        let chain = match (&m.ppid, &m.fmspc) {
+            (None, None) => self.pck_chain(&self.pck_der),
+            (ppid, fmspc) => {
+                let own_ppid = Sha256::digest(&self.root_der);
+                let ppid = ppid.unwrap_or_else(|| {
+                    let mut p = [0u8; 16];
+                    p.copy_from_slice(&own_ppid[..16]);
+                    p
+                });
+                self.pck_chain(&self.pck_cert_for(&ppid, &fmspc.unwrap_or(TEST_FMSPC))?)
+            }
         };
         let mut qe_cert_data = Vec::new();
         qe_cert_data.extend_from_slice(&qe_report);
@@ -629,6 +643,7 @@ impl TestPki {
             mr_config_id,
             tcb: guest.tcb,
             ppid: guest.ppid,
+            fmspc: guest.fmspc,
             ..QuoteMeasurements::default()
         };
         let quote = self.quote(report_data, &m, guest.debug)?;
@@ -851,6 +866,7 @@ mod tests {
             debug: false,
             tcb: TestTcb::OutOfDate,
             ppid: None,
+            fmspc: None,
         };
         let raw = pki.dstack_attestation(&guest, &[5; 64]).unwrap();
         let Platform::Tdx { quote, .. } = versioned::parse(&raw).unwrap().platform else {

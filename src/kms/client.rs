@@ -79,6 +79,7 @@ pub fn guest_spec(app_id: [u8; 20], compose: &[u8], instance_id: Vec<u8>) -> Gue
         debug: false,
         tcb: TestTcb::UpToDate,
         ppid: None,
+        fmspc: None,
     }
 }
 

@@ -62,6 +62,19 @@ impl Refused {
     }
 }
 
+/// Why a quote got no collateral: the attestation's fault (a counted verification failure), or
+/// the service's.
+enum Before {
+    Attestation(AttestationError),
+    Service(Refused),
+}
+
+impl From<AttestationError> for Before {
+    fn from(e: AttestationError) -> Self {
+        Self::Attestation(e)
+    }
+}
+
 /// Where TDX collateral comes from: PCCS (cached in the store), or the test PKI's own set for
 /// quotes it issued when `insecure_test_pki` is configured.
 pub struct CollateralSource {
@@ -78,19 +91,21 @@ impl CollateralSource {
         }
     }
 
-    /// The collateral to verify `quote` with at `now`.
-    pub async fn for_quote(
+    /// The collateral to verify `quote` with at `now`; `check` runs before a PCCS fetch (see
+    /// [`CollateralProvider::for_quote`]).
+    pub async fn for_quote<E: From<AttestationError>>(
         &self,
         quote: &[u8],
         now: u64,
-    ) -> Result<QuoteCollateralV3, AttestationError> {
+        check: impl std::future::Future<Output = Result<(), E>>,
+    ) -> Result<QuoteCollateralV3, E> {
         if let Some(test) = &self.test {
             let parsed = tdx::parse_quote(quote)?;
             if dcap_qvl::intel::quote_fmspc(&parsed).ok() == Some(TEST_FMSPC) {
                 return Ok(test.clone());
             }
         }
-        self.pccs.for_quote(quote, now).await
+        self.pccs.for_quote(quote, now, check).await
     }
 }
 
@@ -562,10 +577,21 @@ impl KmsRpc {
                 .map_err(|e| self.attestation_failed(tee, e))?;
         }
         let collateral = match &att.platform {
-            Platform::Tdx { quote, .. } => match self.0.collateral.for_quote(quote, now).await {
-                Ok(c) => Some(c),
-                Err(e) => return Err(self.attestation_failed(tee, e)),
-            },
+            Platform::Tdx { quote, .. } => {
+                // Only what the quote proves on its own earns an outbound PCCS request.
+                let check = async {
+                    let (rpc, quote) = (self.clone(), quote.clone());
+                    self.offload(move || rpc.0.verifier.preverify_quote(&quote, now))
+                        .await
+                        .map_err(Before::Service)?
+                        .map_err(Before::Attestation)
+                };
+                match self.0.collateral.for_quote(quote, now, check).await {
+                    Ok(c) => Some(c),
+                    Err(Before::Attestation(e)) => return Err(self.attestation_failed(tee, e)),
+                    Err(Before::Service(refused)) => return Err(refused),
+                }
+            }
             Platform::NitroEnclave { .. } => None,
         };
         let rpc = self.clone();
@@ -911,7 +937,10 @@ async fn prpc(
     let span = tracing::info_span!("kms.rpc", method = method.as_str());
     let trace_id = trace_id_of(&span);
     let result: Result<Response, Refused> = async {
-        let _slot = rpc.0.limiter.enter(&rpc.0.metrics).await?;
+        let _slot = match method.takes_slot() {
+            true => Some(rpc.0.limiter.enter(&rpc.0.metrics).await?),
+            false => None,
+        };
         match method {
             Method::GetTempCaCert => Ok(encode(enc, &rpc.temp_ca())),
             Method::GetMeta => Ok(encode(enc, &rpc.meta()?)),

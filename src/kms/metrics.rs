@@ -30,6 +30,16 @@ pub enum Method {
 }
 
 impl Method {
+    /// Whether the method does key work (attestation, collateral, authorization, derivation,
+    /// signing) and so takes a slot of the concurrency limit. The others answer from memory and
+    /// never wait behind key work.
+    pub fn takes_slot(self) -> bool {
+        matches!(
+            self,
+            Self::GetAppKey | Self::GetAppBlsKey | Self::GetKmsKey | Self::SignCert
+        )
+    }
+
     /// Every method.
     pub const ALL: [Method; 8] = [
         Self::GetAppKey,

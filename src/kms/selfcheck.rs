@@ -110,7 +110,7 @@ pub async fn attest_self(
     {
         Platform::Tdx { quote, .. } => Some(
             collateral
-                .for_quote(&quote, now)
+                .for_quote(&quote, now, async { verifier.preverify_quote(&quote, now) })
                 .await
                 .map_err(SelfCheckError::Verify)?,
         ),
