@@ -16,6 +16,7 @@ use crate::app::{AppState, HealthMonitor, Inner, unix_now};
 use crate::chain::Mirror;
 use crate::chain::metrics::ChainMetrics;
 use crate::config::Config;
+use crate::http::conn::ConnLimits;
 use crate::http::{self, Limits, Server};
 use crate::runtime::{ComponentState, Criticality, Outcome, Readiness, Supervisor};
 
@@ -77,6 +78,35 @@ async fn run(config: Config, started: Instant) -> anyhow::Result<u8> {
     }
 }
 
+/// Connections the metrics and admin listeners each keep open (scrapers and operators).
+const PLAIN_MAX_CONNECTIONS: usize = 64;
+
+/// The listeners' connection caps.
+struct ConnectionCaps {
+    api: usize,
+    plain: usize,
+}
+
+/// Raises the open-file limit to its hard limit and fits `api.max_connections` under it, with
+/// a line for each change an operator should know about.
+fn connection_caps(config: &Config) -> ConnectionCaps {
+    let (soft, hard, refused) = crate::runtime::limits::raise_nofile();
+    if let Some(e) = refused {
+        tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit to its hard limit");
+    }
+    let plain = PLAIN_MAX_CONNECTIONS;
+    let api = crate::runtime::limits::fitting_cap(config.api.max_connections, soft, 2 * plain);
+    if api < config.api.max_connections {
+        tracing::warn!(
+            configured = config.api.max_connections,
+            effective = api,
+            open_file_limit = soft,
+            "api.max_connections lowered to fit the open-file limit; raise the limit (LimitNOFILE=, ulimit -n) to keep the configured cap"
+        );
+    }
+    ConnectionCaps { api, plain }
+}
+
 async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Supervisor)> {
     // First, so a SIGTERM during start-up is handled as a shutdown request.
     let mut metrics = Metrics::new();
@@ -86,6 +116,7 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
             tracing::warn!(key, "insecure setting enabled; do not use in production");
         }
     }
+    let caps = connection_caps(&config);
     let target = config.database_target()?;
     let admin_token_hash = config.admin_token_hash()?;
     // Claim every port before touching the database, so a taken port writes nothing.
@@ -153,12 +184,19 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         data_dir_lock,
     });
 
-    let serve = |name, listener, router, kind| {
+    let header_read_timeout = state.config.api.header_read_timeout;
+    let serve = |name, socket, router, listener| {
         supervisor.spawn(
             Server {
                 name,
                 listener,
-                router: http::harden(router, kind, limits, metrics.process.clone()),
+                socket,
+                router: http::harden(router, listener, limits, metrics.process.clone()),
+                limits: ConnLimits {
+                    max_connections: caps.plain,
+                    header_read_timeout,
+                },
+                metrics: metrics.process.clone(),
             },
             Criticality::Critical,
         );
@@ -175,8 +213,10 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
             ),
             metrics: metrics.kms.clone(),
             handshake_timeout: state.config.api.handshake_timeout,
-            header_read_timeout: state.config.api.header_read_timeout,
-            max_connections: state.config.api.max_connections,
+            limits: ConnLimits {
+                max_connections: caps.api,
+                header_read_timeout,
+            },
         },
         Criticality::Critical,
     );

@@ -501,7 +501,7 @@ async fn other_paths_and_methods_get_the_prpc_error_shape_and_http2_is_not_serve
     assert_eq!(r.status(), 405);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "Method not allowed: PUT");
-    let long = "A".repeat(60_000);
+    let long = "A".repeat(6_000);
     let r = client
         .post(format!("{}/prpc/{long}?json", kw.api_url()))
         .send()
@@ -511,8 +511,45 @@ async fn other_paths_and_methods_get_the_prpc_error_shape_and_http2_is_not_serve
     let text = r.text().await.unwrap();
     assert!(text.len() < 300, "{} bytes echoed back", text.len());
     assert!(
-        text.contains("Method not found: AAAA") && text.contains("60000 bytes"),
+        text.contains("Method not found: AAAA") && text.contains("6000 bytes"),
         "{text}"
+    );
+    // An oversized request target or header block: 414 / 431 in the same shape, nothing echoed.
+    let r = client
+        .post(format!("{}/prpc/{}?json", kw.api_url(), "A".repeat(60_000)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 414);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("request target too long"),
+        "{body}"
+    );
+    let mut headers = reqwest::header::HeaderMap::new();
+    for i in 0..80 {
+        headers.insert(
+            reqwest::header::HeaderName::try_from(format!("x-filler-{i}")).unwrap(),
+            reqwest::header::HeaderValue::from_static("x"),
+        );
+    }
+    let r = client
+        .post(format!("{}/prpc/KMS.GetMeta?json", kw.api_url()))
+        .headers(headers)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("request header fields too large"),
+        "{body}"
     );
 
     // HTTP/2 with prior knowledge, although ALPN chose http/1.1: not served.
@@ -865,10 +902,11 @@ async fn accepted_out_of_date_boot_reaches_the_webhook_with_its_tcb_status_and_a
 }
 
 /// A client that completes the TLS handshake and then sends a partial header and dribbles is
-/// closed after `api.header_read_timeout`; others are served meanwhile.
+/// closed after `api.header_read_timeout`; others are served meanwhile. The metrics listener
+/// closes such a client too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_header_connection_is_closed_after_the_header_read_timeout() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (mut kw, _pki) = start(
@@ -876,23 +914,19 @@ async fn a_slow_header_connection_is_closed_after_the_header_read_timeout() {
         &[("KEYWARDEN_API__HEADER_READ_TIMEOUT", "500ms")],
     );
     kw.wait_ready().await;
-    let mut tls = slow_header_connection(&kw, &data).await;
-    let started = std::time::Instant::now();
-    // Dribble a header byte now and then, never finishing: closed after the timeout anyway.
-    let mut buf = [0u8; 256];
-    let closed = loop {
-        let _ = tls.write_all(b"X").await;
-        match tokio::time::timeout(Duration::from_millis(100), tls.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(_)) => {}
-            Err(_) => {}
-        }
-        if started.elapsed() > Duration::from_secs(5) {
-            break false;
-        }
-    };
-    assert!(closed, "the slow connection was never closed");
-    let elapsed = started.elapsed();
+    let tls = slow_header_connection(&kw, &data).await;
+    let elapsed = closed_after_dribbling(tls)
+        .await
+        .expect("the slow TLS connection was never closed");
+    assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
+    let mut plain = tokio::net::TcpStream::connect(kw.metrics).await.unwrap();
+    plain
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let elapsed = closed_after_dribbling(plain)
+        .await
+        .expect("the slow metrics connection was never closed");
     assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
     let health = https(&data)
         .get(format!("{}/health", kw.api_url()))
@@ -901,6 +935,24 @@ async fn a_slow_header_connection_is_closed_after_the_header_read_timeout() {
         .unwrap();
     assert_eq!(health.status(), 200);
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}
+
+/// Dribbles a header byte now and then, never finishing, until the server closes the
+/// connection (its time) or 5 s pass (`None`).
+async fn closed_after_dribbling(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+) -> Option<Duration> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    while started.elapsed() < Duration::from_secs(5) {
+        let _ = stream.write_all(b"X").await;
+        match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    }
+    None
 }
 
 /// A TLS connection to the KMS port that has sent the start of a request and nothing more.
@@ -1059,4 +1111,84 @@ async fn made_up_platforms_never_reach_a_stalling_pccs_and_real_guests_are_serve
     assert_eq!(asked.load(Ordering::SeqCst), 0, "the PCCS was asked");
     stalling.abort();
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}
+
+/// The open-file limit of the service's process: (soft, hard).
+fn nofile_of(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut numbers = line
+        .split_whitespace()
+        .filter_map(|w| w.parse::<u64>().ok());
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_limit_is_raised_to_the_hard_limit_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut kw, _pki) = start(dir.path(), &[(common::NOFILE, "256:4096")]);
+    kw.wait_ready().await;
+    assert_eq!(nofile_of(kw.pid()), (4096, 4096));
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}
+
+/// About 1,000 slow-header TLS connections against a service whose open-file limit is 1024
+/// (soft and hard): the default connection cap is lowered to fit, so no accept fails; the
+/// oldest idle connections are shed, and `/health`, `/metrics` and a key request are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_slow_header_connections_under_nofile_1024_leave_the_service_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut kw, pki) = start(
+        dir.path(),
+        &[
+            (common::NOFILE, "1024:1024"),
+            ("KEYWARDEN_API__HEADER_READ_TIMEOUT", "60s"),
+            ("KEYWARDEN_AUTH__BACKEND", "dev"),
+            ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
+        ],
+    );
+    kw.wait_ready().await;
+    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        flood.push(slow_header_connection(&kw, &data).await);
+    }
+    let started = std::time::Instant::now();
+    let health = https(&data)
+        .get(format!("{}/health", kw.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let (status, keys) = post_json(
+        &https_with_identity(&data, Some(&identity)),
+        format!("{}/prpc/KMS.GetAppKey?json", kw.api_url()),
+        serde_json::json!({"api_version": 1, "vm_config": test_vm_config()}),
+    )
+    .await;
+    assert_eq!(status, 200, "{keys}");
+    let text = kw.metrics_text().await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let value = |name: &str| keywarden::telemetry::sample_value(&text, name).unwrap_or(-1.0);
+    assert_eq!(value("dstack_kms_accept_errors_total"), 0.0);
+    // 1024 - 128 reserved - 2 × 64 for the other listeners.
+    assert!(value("dstack_kms_active_connections") <= 768.0);
+    assert!(value("dstack_kms_connections_shed_total") >= 230.0);
+    drop(flood);
+    assert_eq!(kw.terminate(Duration::from_secs(10)), 0);
+    let lines = kw.lines();
+    assert!(
+        !lines.iter().any(|l| l.contains("accept failed")),
+        "accept failures logged"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("api.max_connections lowered to fit the open-file limit")),
+        "no line about the lowered cap"
+    );
 }

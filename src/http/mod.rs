@@ -3,13 +3,16 @@
 //! Flow: [`bind`] claims each address before anything starts (a taken port is a start-up
 //! error naming the fix); each router gets the same hardening ([`harden`]: panic catching that
 //! counts `keywarden_handler_panics_total`, a request timeout, a body-size cap, a request span,
-//! and the `X-App-Version` header); [`Server`] serves one router as a supervised task with
-//! graceful shutdown. [`HttpError`] is the one error type that becomes a JSON response.
+//! and the `X-App-Version` header); [`conn::serve`] runs every listener's connections (accept
+//! backoff, a connection cap shedding idle ones, a header-read timeout, HTTP/1.1, drain on
+//! shutdown); [`Server`] serves a plain-HTTP router that way as a supervised task. [`HttpError`] is the one error type that becomes a JSON response.
 
 mod admin;
+pub mod conn;
 mod ops;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -27,7 +30,7 @@ pub use admin::router as admin_router;
 pub use ops::router as ops_router;
 
 use crate::runtime::{Task, panic_message};
-use crate::telemetry::{Listener, ProcessMetrics};
+use crate::telemetry::{ConnectionEvent, Listener, ProcessMetrics};
 
 /// The one error type of the HTTP layer; renders as `{"error": "..."}` with its status.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +50,19 @@ pub enum HttpError {
     /// Something failed on our side.
     #[error("internal error")]
     Internal,
+    /// The request target is longer than [`MAX_URI_BYTES`].
+    #[error("request target too long: {0} bytes (at most {MAX_URI_BYTES})")]
+    UriTooLong(usize),
+    /// The request's header fields exceed [`MAX_HEADERS`] or [`MAX_HEADER_BYTES`].
+    #[error(
+        "request header fields too large: {count} fields, {bytes} bytes (at most {MAX_HEADERS} fields, {MAX_HEADER_BYTES} bytes)"
+    )]
+    HeadersTooLarge {
+        /// Fields sent.
+        count: usize,
+        /// Their names and values, in bytes.
+        bytes: usize,
+    },
     /// The address cannot be bound.
     #[error("cannot listen on {name} {addr}: {reason} (fix: {fix})")]
     Bind {
@@ -68,6 +84,8 @@ impl HttpError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Internal | Self::Bind { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -122,6 +140,33 @@ pub struct Limits {
     pub max_body_bytes: usize,
 }
 
+/// Longest request target answered with anything but 414. (hyper's parser closes the
+/// connection with a bare 414 beyond 64 KiB.)
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Most header fields a request may carry (hyper's parser refuses more than [`conn`] allows it).
+pub const MAX_HEADERS: usize = 64;
+/// Largest total of header names and values.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Refuses oversized request heads with 414 / 431 in the `{"error"}` shape (pRPC's JSON error
+/// shape on the KMS port too), before any handler runs.
+async fn bounded_head(req: Request<axum::body::Body>, next: axum::middleware::Next) -> Response {
+    let uri = req.uri().to_string().len();
+    if uri > MAX_URI_BYTES {
+        return HttpError::UriTooLong(uri).into_response();
+    }
+    let count = req.headers().len();
+    let bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if count > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return HttpError::HeadersTooLarge { count, bytes }.into_response();
+    }
+    next.run(req).await
+}
+
 /// The fallback of the plain-HTTP listeners: 404 with the `{"error"}` body.
 pub async fn not_found() -> HttpError {
     HttpError::NotFound
@@ -141,6 +186,7 @@ pub fn harden(
         HttpError::Internal.into_response()
     };
     router
+        .layer(axum::middleware::from_fn(bounded_head))
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -168,14 +214,52 @@ pub fn harden(
         ))
 }
 
-/// One listener served as a supervised task.
+/// One plain-HTTP listener (metrics, admin) served as a supervised task, with the connection
+/// handling of every listener ([`conn::serve`]).
 pub struct Server {
-    /// Task name (`api_listener`, ...).
+    /// Task name (`metrics_listener`, ...).
     pub name: &'static str,
+    /// Which listener, for metric labels.
+    pub listener: Listener,
     /// The bound socket.
-    pub listener: TcpListener,
+    pub socket: TcpListener,
     /// What it serves.
     pub router: Router,
+    /// Connection cap and header-read timeout.
+    pub limits: conn::ConnLimits,
+    /// Where its connection metrics go.
+    pub metrics: ProcessMetrics,
+}
+
+/// The connection metrics of a plain listener.
+struct ListenerConnections {
+    metrics: ProcessMetrics,
+    listener: Listener,
+}
+
+impl conn::ConnectionMetrics for ListenerConnections {
+    fn open(&self, opened: bool) {
+        let event = match opened {
+            true => ConnectionEvent::Opened,
+            false => ConnectionEvent::Closed,
+        };
+        self.metrics.connection(self.listener, event);
+    }
+
+    fn shed(&self) {
+        self.metrics
+            .connection(self.listener, ConnectionEvent::Shed);
+    }
+
+    fn refused(&self) {
+        self.metrics
+            .connection(self.listener, ConnectionEvent::Refused);
+    }
+
+    fn accept_failed(&self) {
+        self.metrics
+            .connection(self.listener, ConnectionEvent::AcceptFailed);
+    }
 }
 
 impl Task for Server {
@@ -184,9 +268,19 @@ impl Task for Server {
     }
 
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await?;
+        let metrics = ListenerConnections {
+            metrics: self.metrics,
+            listener: self.listener,
+        };
+        conn::serve(
+            self.socket,
+            self.listener.as_str(),
+            conn::Plain(self.router),
+            self.limits,
+            Arc::new(metrics),
+            cancel,
+        )
+        .await;
         Ok(())
     }
 }

@@ -190,6 +190,7 @@ pub struct KmsMetrics {
     active_connections: Gauge,
     connections_shed: Counter,
     connections_refused: Counter,
+    accept_errors: Counter,
     queue_rejected: Counter,
     queue_depth: Gauge,
     concurrency_limit: Gauge,
@@ -213,6 +214,7 @@ impl KmsMetrics {
             active_connections: Gauge::default(),
             connections_shed: Counter::default(),
             connections_refused: Counter::default(),
+            accept_errors: Counter::default(),
             queue_rejected: Counter::default(),
             queue_depth: Gauge::default(),
             concurrency_limit: Gauge::default(),
@@ -295,6 +297,11 @@ impl KmsMetrics {
             "dstack_kms_connections_refused",
             "Connections refused because api.max_connections were open and every one had a request in flight",
             m.connections_refused.clone(),
+        );
+        registry.register(
+            "dstack_kms_accept_errors",
+            "Failed accepts on the KMS RPC listener (e.g. out of file descriptors); each pauses accepting briefly",
+            m.accept_errors.clone(),
         );
         for method in Method::ALL {
             let _ = m.requests.get_or_create(&RequestLabels {
@@ -381,21 +388,26 @@ impl KmsMetrics {
     pub fn canary(&self) {
         self.canary_requests.inc();
     }
+}
 
-    /// Counts a connection shed to make room.
-    pub fn connection_shed(&self) {
+impl crate::http::conn::ConnectionMetrics for KmsMetrics {
+    fn open(&self, opened: bool) {
+        match opened {
+            true => self.active_connections.inc(),
+            false => self.active_connections.dec(),
+        };
+    }
+
+    fn shed(&self) {
         self.connections_shed.inc();
     }
 
-    /// Counts a connection refused at the cap.
-    pub fn connection_refused(&self) {
+    fn refused(&self) {
         self.connections_refused.inc();
     }
 
-    /// Tracks an open connection until the guard drops.
-    pub fn connection(&self) -> ConnectionGuard {
-        self.active_connections.inc();
-        ConnectionGuard(self.active_connections.clone())
+    fn accept_failed(&self) {
+        self.accept_errors.inc();
     }
 }
 

@@ -3,28 +3,24 @@
 //! Client certificates are requested but not required, so GetTempCaCert, GetMeta and
 //! GetAppEnvEncryptPubKey work without one; a presented certificate must chain to the temp CA.
 //! Each connection's client certificate is attached to its requests as [`PeerCert`]. A failed
-//! handshake is counted and logged as `RA-TLS handshake failed`. At most `api.max_connections`
-//! are open: a new one sheds the oldest connection with no request in flight (a slow or idle
-//! client), or is refused when every connection is busy; both are counted.
+//! handshake is counted and logged as `RA-TLS handshake failed`. Accepting, the connection cap
+//! (`api.max_connections`, lowered to fit the open-file limit) and the header-read timeout are
+//! [`crate::http::conn`]'s, as on every listener.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use rustls::server::WebPkiClientVerifier;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::dispatch::PeerCert;
 use super::metrics::KmsMetrics;
 use super::root::KmsKeys;
+use crate::http::conn::{self, ConnLimits, Handshake};
 use crate::runtime::Task;
 
 /// Why the TLS configuration could not be built.
@@ -72,40 +68,8 @@ pub struct RpcServer {
     pub metrics: KmsMetrics,
     /// Time a client has to finish the TLS handshake.
     pub handshake_timeout: Duration,
-    /// Time a connection has to send a request's headers (idle keep-alive time included).
-    pub header_read_timeout: Duration,
-    /// Connections open at once.
-    pub max_connections: usize,
-}
-
-/// The open connections, oldest first: requests in flight on each, and how to close it.
-#[derive(Default)]
-struct Open {
-    next: u64,
-    conns: BTreeMap<u64, (Arc<AtomicUsize>, CancellationToken)>,
-}
-
-impl Open {
-    /// Room for one more connection under `cap`: the oldest connection with no request in
-    /// flight is closed if needed. `None` when every connection is busy.
-    fn admit(&mut self, cap: usize) -> Option<(u64, Arc<AtomicUsize>, CancellationToken, bool)> {
-        let mut shed = false;
-        if self.conns.len() >= cap {
-            let idle = self
-                .conns
-                .iter()
-                .find(|(_, (busy, _))| busy.load(Ordering::Relaxed) == 0)
-                .map(|(id, _)| *id)?;
-            if let Some((_, token)) = self.conns.remove(&idle) {
-                token.cancel();
-            }
-            shed = true;
-        }
-        let (id, busy, token) = (self.next, Arc::default(), CancellationToken::new());
-        self.next += 1;
-        self.conns.insert(id, (Arc::clone(&busy), token.clone()));
-        Some((id, busy, token, shed))
-    }
+    /// Connection cap and header-read timeout.
+    pub limits: ConnLimits,
 }
 
 impl Task for RpcServer {
@@ -114,138 +78,59 @@ impl Task for RpcServer {
     }
 
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let shared = Arc::new(Connections {
+        let tls = RaTls {
             acceptor: TlsAcceptor::from(self.tls),
             router: self.router,
             metrics: self.metrics.clone(),
-            handshake_timeout: self.handshake_timeout,
-            header_read_timeout: self.header_read_timeout,
-        });
-        let connections = TaskTracker::new();
-        let open = Arc::new(Mutex::new(Open::default()));
-        loop {
-            let (tcp, peer_addr) = tokio::select! {
-                () = cancel.cancelled() => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of fds and the like: back off briefly instead of spinning.
-                        tracing::warn!(error = %e, "accept failed on the KMS listener");
-                        tokio::select! {
-                            () = cancel.cancelled() => break,
-                            () = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                        }
-                    }
-                },
-            };
-            let admitted = open
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .admit(self.max_connections);
-            let Some((id, busy, closing, shed)) = admitted else {
-                self.metrics.connection_refused();
-                drop(tcp);
-                continue;
-            };
-            if shed {
-                self.metrics.connection_shed();
-            }
-            // Small request/response exchanges: without this, Nagle's algorithm and delayed ACKs
-            // add ~40 ms to every TLS round trip.
-            let _ = tcp.set_nodelay(true);
-            let (open, shared, cancel) = (Arc::clone(&open), Arc::clone(&shared), cancel.clone());
-            connections.spawn(async move {
-                let _open = shared.metrics.connection();
-                tokio::select! {
-                    () = closing.cancelled() => {}
-                    () = shared.serve(tcp, peer_addr, &cancel, busy) => {}
-                }
-                open.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .conns
-                    .remove(&id);
-            });
-        }
-        connections.close();
-        connections.wait().await;
+            timeout: self.handshake_timeout,
+        };
+        conn::serve(
+            self.listener,
+            "api",
+            tls,
+            self.limits,
+            Arc::new(self.metrics),
+            cancel,
+        )
+        .await;
         Ok(())
     }
 }
 
-/// What every connection of the listener shares.
-struct Connections {
+/// The KMS port's handshake: TLS with an optional client certificate, attached to the
+/// connection's requests as [`PeerCert`].
+struct RaTls {
     acceptor: TlsAcceptor,
     router: Router,
     metrics: KmsMetrics,
-    handshake_timeout: Duration,
-    header_read_timeout: Duration,
+    timeout: Duration,
 }
 
-impl Connections {
-    /// One connection: the TLS handshake, then HTTP/1.1 until it ends or the service stops;
-    /// `busy` counts its requests in flight.
-    async fn serve(
+impl Handshake for RaTls {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+
+    async fn handshake(
         &self,
-        tcp: tokio::net::TcpStream,
-        peer_addr: std::net::SocketAddr,
-        cancel: &CancellationToken,
-        busy: Arc<AtomicUsize>,
-    ) {
-        let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp))
-            .await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                self.metrics.handshake(false);
-                tracing::warn!(peer = %peer_addr, error = %e, "RA-TLS handshake failed");
-                return;
+        tcp: TcpStream,
+        peer: std::net::SocketAddr,
+    ) -> Option<(Self::Io, Router)> {
+        let error = match tokio::time::timeout(self.timeout, self.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                self.metrics.handshake(true);
+                let cert = PeerCert(
+                    tls.get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| Arc::new(c.to_vec())),
+                );
+                return Some((tls, self.router.clone().layer(axum::Extension(cert))));
             }
-            Err(_) => {
-                self.metrics.handshake(false);
-                tracing::warn!(peer = %peer_addr, error = "handshake timed out", "RA-TLS handshake failed");
-                return;
-            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "handshake timed out".to_owned(),
         };
-        self.metrics.handshake(true);
-        let peer = PeerCert(
-            tls.get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| Arc::new(c.to_vec())),
-        );
-        let service =
-            TowerToHyperService::new(self.router.clone().layer(axum::Extension(peer)).layer(
-                axum::middleware::from_fn(
-                    move |req: axum::extract::Request, next: axum::middleware::Next| {
-                        let busy = Arc::clone(&busy);
-                        async move {
-                            busy.fetch_add(1, Ordering::Relaxed);
-                            let response = next.run(req).await;
-                            busy.fetch_sub(1, Ordering::Relaxed);
-                            response
-                        }
-                    },
-                ),
-            ));
-        // ALPN offers only http/1.1: HTTP/2 with prior knowledge is not served.
-        // A slow or silent client (partial headers, an idle keep-alive) is closed after
-        // the header-read timeout, so it cannot hold a connection and a file descriptor.
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
-            .serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(conn);
-        tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(peer = %peer_addr, error = %e, "KMS connection ended with an error");
-                }
-            }
-            () = cancel.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        self.metrics.handshake(false);
+        tracing::warn!(peer = %peer, error = %error, "RA-TLS handshake failed");
+        None
     }
 }

@@ -11,7 +11,7 @@ mod process;
 
 use prometheus_client::registry::Registry;
 
-pub use process::{Listener, ProcessMetrics};
+pub use process::{ConnectionEvent, Listener, ProcessMetrics};
 
 /// Target of audit records: security-relevant events that may be routed to their own file.
 pub const AUDIT_TARGET: &str = "audit";

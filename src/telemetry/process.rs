@@ -64,6 +64,26 @@ pub struct ProcessMetrics {
     startup_duration: Gauge<f64, AtomicU64>,
     handler_panics: Family<ListenerLabels, Counter>,
     task_panics: Family<TaskLabels, Counter>,
+    open_connections: Family<ListenerLabels, Gauge>,
+    connections_shed: Family<ListenerLabels, Counter>,
+    connections_refused: Family<ListenerLabels, Counter>,
+    accept_errors: Family<ListenerLabels, Counter>,
+}
+
+/// What happened to a connection of the metrics or admin listener (the KMS listener counts its
+/// own as `dstack_kms_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// Admitted.
+    Opened,
+    /// Closed.
+    Closed,
+    /// Closed while idle to make room for a new one.
+    Shed,
+    /// Refused: every open connection had a request in flight.
+    Refused,
+    /// `accept` failed.
+    AcceptFailed,
 }
 
 impl ProcessMetrics {
@@ -86,7 +106,31 @@ impl ProcessMetrics {
             startup_duration: Gauge::default(),
             handler_panics: Family::default(),
             task_panics: Family::default(),
+            open_connections: Family::default(),
+            connections_shed: Family::default(),
+            connections_refused: Family::default(),
+            accept_errors: Family::default(),
         };
+        registry.register(
+            "keywarden_http_open_connections",
+            "Open connections on the metrics and admin listeners, by listener",
+            m.open_connections.clone(),
+        );
+        registry.register(
+            "keywarden_http_connections_shed",
+            "Idle connections closed to make room on the metrics and admin listeners, by listener",
+            m.connections_shed.clone(),
+        );
+        registry.register(
+            "keywarden_http_connections_refused",
+            "Connections refused at the cap on the metrics and admin listeners (every one busy), by listener",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "keywarden_http_accept_errors",
+            "Failed accepts on the metrics and admin listeners (e.g. out of file descriptors), by listener",
+            m.accept_errors.clone(),
+        );
         registry.register(
             "keywarden_healthy",
             "1 when the database answers and every component is ready, else 0",
@@ -111,6 +155,13 @@ impl ProcessMetrics {
         for listener in [Listener::Api, Listener::Metrics, Listener::Admin] {
             let _ = m.handler_panics.get_or_create(&ListenerLabels { listener });
         }
+        for listener in [Listener::Metrics, Listener::Admin] {
+            let labels = ListenerLabels { listener };
+            let _ = m.open_connections.get_or_create(&labels);
+            let _ = m.connections_shed.get_or_create(&labels);
+            let _ = m.connections_refused.get_or_create(&labels);
+            let _ = m.accept_errors.get_or_create(&labels);
+        }
         registry.register_collector(Box::new(ProcessCollector {
             started: Arc::new(Instant::now()),
         }));
@@ -125,6 +176,28 @@ impl ProcessMetrics {
     /// Records the start-up duration.
     pub fn set_startup_duration(&self, seconds: f64) {
         self.startup_duration.set(seconds);
+    }
+
+    /// Records a connection event of `listener`.
+    pub fn connection(&self, listener: Listener, event: ConnectionEvent) {
+        let labels = ListenerLabels { listener };
+        match event {
+            ConnectionEvent::Opened => {
+                self.open_connections.get_or_create(&labels).inc();
+            }
+            ConnectionEvent::Closed => {
+                self.open_connections.get_or_create(&labels).dec();
+            }
+            ConnectionEvent::Shed => {
+                self.connections_shed.get_or_create(&labels).inc();
+            }
+            ConnectionEvent::Refused => {
+                self.connections_refused.get_or_create(&labels).inc();
+            }
+            ConnectionEvent::AcceptFailed => {
+                self.accept_errors.get_or_create(&labels).inc();
+            }
+        }
     }
 
     /// Counts a handler panic on `listener`.

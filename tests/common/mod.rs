@@ -88,6 +88,10 @@ pub async fn serve_router(router: axum::Router) -> SocketAddr {
     addr
 }
 
+/// Harness-only key of [`Keywarden::start`]'s `env`: the open-file limit (`SOFT:HARD`) the
+/// service starts under.
+pub const NOFILE: &str = "NOFILE";
+
 /// The binary under test.
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keywarden"))
@@ -130,7 +134,19 @@ impl Keywarden {
     pub fn start(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let (api, metrics, admin) = (free_addr(), free_addr(), free_addr());
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/keywarden.toml");
-        let mut cmd = bin();
+        // `NOFILE` (SOFT:HARD) is for the harness, not the service: the open-file limit the
+        // service starts under, set by util-linux `prlimit`, which then execs it (same PID).
+        let nofile = env.iter().find(|(k, _)| *k == NOFILE).map(|(_, v)| *v);
+        let mut cmd = match nofile {
+            Some(limits) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={limits}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_keywarden"));
+                cmd
+            }
+            None => bin(),
+        };
         cmd.arg("--config")
             .arg(&config)
             .arg("serve")
@@ -144,7 +160,7 @@ impl Keywarden {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        for (k, v) in env {
+        for (k, v) in env.iter().filter(|(k, _)| *k != NOFILE) {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
@@ -163,6 +179,11 @@ impl Keywarden {
             metrics,
             admin,
         }
+    }
+
+    /// The service's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
     }
 
     /// Polls `/readyz` until it answers 200 (at most 10 s); panics with the logs otherwise.
