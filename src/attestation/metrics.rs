@@ -132,6 +132,14 @@ impl AttestationMetrics {
             "Collateral fetches not attempted: every fetch slot taken (busy), or the platform's last fetch failed within attestation.collateral_failure_ttl (recent_failure)",
             m.collateral_fetches_skipped.clone(),
         );
+        for why in [
+            super::collateral::FetchSkipped::Busy,
+            super::collateral::FetchSkipped::RecentFailure,
+        ] {
+            let _ = m.collateral_fetches_skipped.get_or_create(&SkippedLabels {
+                reason: why.as_str(),
+            });
+        }
         // Success series start at 0 so dashboards and ratios see them before the first request.
         for tee in [TeeLabel::tdx, TeeLabel::nitro] {
             let _ = m.verifications.get_or_create(&VerificationLabels {

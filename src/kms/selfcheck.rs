@@ -9,11 +9,15 @@
 //! key is released, the configured [`Authorizer`] is asked about that boot info as a KMS. On the
 //! chain backend that is a lookup in the current mirror snapshot, evaluated on every request, so
 //! a governance change applies to the next request once the mirror has it; a webhook answer is
-//! reused for `auth.kms_self_check_cache_ttl`. Every failure refuses (fail closed); each change
+//! reused for `auth.kms_self_check_cache_ttl` counted from when it was fetched, and requests
+//! that find no answer share one question. Every failure refuses (fail closed); each change
 //! between admitted and refused is logged once and shown by `dstack_kms_self_check_allowed`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
 
 use super::authz::{AuthDecision, Authorizer};
 use super::dispatch::{CollateralSource, Refused};
@@ -137,10 +141,19 @@ pub struct SelfCheck {
     bootstrap_attestation: Vec<u8>,
     authorizer: Arc<dyn Authorizer>,
     cache_ttl: Duration,
+    /// The last answer and when it was fetched (never when it was last used).
     cached: Mutex<Option<(Instant, AuthDecision)>>,
+    /// The question being asked, shared by every request that needs an answer meanwhile.
+    asking: Mutex<Option<Question>>,
     last_allowed: Mutex<Option<bool>>,
     metrics: KmsMetrics,
 }
+
+/// An answer of the authorizer (or why there is none) and when it arrived.
+type Answer = (Instant, Result<AuthDecision, (Refusal, String)>);
+
+/// One question to the authorizer, awaited by every request that needs its answer.
+type Question = Shared<BoxFuture<'static, Answer>>;
 
 impl std::fmt::Debug for SelfCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,8 +165,8 @@ impl std::fmt::Debug for SelfCheck {
 }
 
 impl SelfCheck {
-    /// Gates on `identity` as `authorizer` judges it; an answer is reused for `cache_ttl` (zero:
-    /// asked on every request).
+    /// Gates on `identity` as `authorizer` judges it; an answer is reused for `cache_ttl` after
+    /// it was fetched (zero: asked for every request).
     pub fn new(
         identity: OwnIdentity,
         authorizer: Arc<dyn Authorizer>,
@@ -166,6 +179,7 @@ impl SelfCheck {
             authorizer,
             cache_ttl,
             cached: Mutex::new(None),
+            asking: Mutex::new(None),
             last_allowed: Mutex::new(None),
             metrics,
         }
@@ -181,33 +195,63 @@ impl SelfCheck {
     pub async fn gate(&self) -> Result<(), Refused> {
         let decision = match self.fresh_cached() {
             Some(d) => Ok(d),
-            None => self.authorizer.authorize(&self.boot, true).await,
+            None => self.ask().await,
         };
         match decision {
             Ok(d) => {
-                if !self.cache_ttl.is_zero() {
-                    *self.cached.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some((Instant::now(), d.clone()));
-                }
                 self.observe(d.allowed, &d.reason);
                 if d.allowed {
                     Ok(())
                 } else {
-                    Err(Refused {
-                        reason: Refusal::KmsNotAllowed,
-                        message: format!("KMS is not allowed: {}", d.reason),
-                    })
+                    Err(Refused::new(
+                        Refusal::KmsNotAllowed,
+                        format!("KMS is not allowed: {}", d.reason),
+                    ))
                 }
             }
-            Err(e) => {
-                let message = format!("KMS is not allowed: {e}");
-                self.observe(false, &e.to_string());
-                Err(Refused {
-                    reason: e.refusal(),
-                    message,
-                })
+            Err((reason, why)) => {
+                self.observe(false, &why);
+                Err(Refused::new(reason, format!("KMS is not allowed: {why}")))
             }
         }
+    }
+
+    /// Asks the authorizer, or joins the question already being asked, so concurrent misses
+    /// cost one call; a decision is cached with the time it arrived.
+    async fn ask(&self) -> Result<AuthDecision, (Refusal, String)> {
+        let question = {
+            let mut asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());
+            asking
+                .get_or_insert_with(|| {
+                    let (authorizer, boot) = (Arc::clone(&self.authorizer), self.boot.clone());
+                    let question: BoxFuture<'static, Answer> = Box::pin(async move {
+                        let answer = authorizer
+                            .authorize(&boot, true)
+                            .await
+                            .map_err(|e| (e.refusal(), e.to_string()));
+                        (Instant::now(), answer)
+                    });
+                    question.shared()
+                })
+                .clone()
+        };
+        let (at, answer) = question.clone().await;
+        {
+            let mut asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());
+            if asking.as_ref().is_some_and(|q| q.ptr_eq(&question)) {
+                *asking = None;
+            }
+        }
+        if let Ok(d) = &answer
+            && !self.cache_ttl.is_zero()
+        {
+            let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+            // A slow waiter of an older question never replaces a newer answer.
+            if cached.as_ref().is_none_or(|(newest, _)| *newest < at) {
+                *cached = Some((at, d.clone()));
+            }
+        }
+        answer
     }
 
     fn fresh_cached(&self) -> Option<AuthDecision> {
@@ -245,9 +289,7 @@ impl SelfCheck {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-    use futures::future::BoxFuture;
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
     use super::*;
     use crate::kms::authz::AuthError;
@@ -258,6 +300,8 @@ mod tests {
         allowed: AtomicBool,
         unavailable: AtomicBool,
         kms_calls: AtomicUsize,
+        /// How long an answer takes.
+        delay_ms: AtomicU64,
     }
 
     impl Authorizer for Flip {
@@ -270,7 +314,9 @@ mod tests {
             self.kms_calls.fetch_add(1, Ordering::SeqCst);
             let allowed = self.allowed.load(Ordering::SeqCst);
             let unavailable = self.unavailable.load(Ordering::SeqCst);
+            let delay = Duration::from_millis(self.delay_ms.load(Ordering::SeqCst));
             Box::pin(async move {
+                tokio::time::sleep(delay).await;
                 if unavailable {
                     return Err(AuthError::Unavailable("down".into()));
                 }
@@ -351,6 +397,54 @@ mod tests {
         auth.allowed.store(false, Ordering::SeqCst);
         check.gate().await.unwrap();
         assert_eq!(auth.kms_calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// Under steady use the cached answer still expires `ttl` after it was fetched, so a
+    /// revocation refuses within the TTL plus one request.
+    #[tokio::test]
+    async fn a_revocation_refuses_within_the_ttl_under_steady_load() {
+        let auth = Arc::new(Flip::default());
+        auth.allowed.store(true, Ordering::SeqCst);
+        let ttl = Duration::from_millis(300);
+        let (check, _registry) = self_check(auth.clone(), ttl);
+        check.gate().await.unwrap();
+        auth.allowed.store(false, Ordering::SeqCst);
+        let revoked = Instant::now();
+        let refused_after = loop {
+            if check.gate().await.is_err() {
+                break revoked.elapsed();
+            }
+            assert!(revoked.elapsed() < Duration::from_secs(3), "never refused");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            refused_after <= ttl + Duration::from_millis(100),
+            "{refused_after:?}"
+        );
+        assert_eq!(auth.kms_calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Concurrent requests that find no answer share one question.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_ask_once() {
+        let auth = Arc::new(Flip::default());
+        auth.allowed.store(true, Ordering::SeqCst);
+        auth.delay_ms.store(100, Ordering::SeqCst);
+        for ttl in [Duration::ZERO, Duration::from_secs(60)] {
+            auth.kms_calls.store(0, Ordering::SeqCst);
+            let (check, _registry) = self_check(auth.clone(), ttl);
+            let check = Arc::new(check);
+            let gates: Vec<_> = (0..20)
+                .map(|_| {
+                    let check = Arc::clone(&check);
+                    tokio::spawn(async move { check.gate().await })
+                })
+                .collect();
+            for gate in gates {
+                gate.await.unwrap().unwrap();
+            }
+            assert_eq!(auth.kms_calls.load(Ordering::SeqCst), 1, "ttl {ttl:?}");
+        }
     }
 
     #[tokio::test]
