@@ -80,23 +80,39 @@ impl AppState {
     }
 }
 
-/// Writes an audit record to the `audit` log target and the store. A store failure is logged,
-/// never silently dropped.
+/// Stores an audit record, then writes its line to the `audit` log target ([`log_audit`]).
 pub async fn audit(store: &Store, kind: &str, outcome: &str, detail: serde_json::Value) {
     let rec = audit_record(kind, outcome, &detail);
-    if let Err(e) = store.append_audit(&rec).await {
-        tracing::error!(error = %e, kind, "audit record could not be stored");
-    }
+    let stored = store.append_audit(&rec).await.err().map(|e| e.to_string());
+    log_audit(&rec, stored.as_deref());
 }
 
-/// Writes the audit line to the `audit` log target and returns the record to store.
+/// An audit record, not yet stored or logged.
 pub fn audit_record(kind: &str, outcome: &str, detail: &serde_json::Value) -> AuditRecord {
-    tracing::info!(target: AUDIT_TARGET, kind, outcome, detail = %detail, "audit");
     AuditRecord {
         at: unix_now(),
         kind: kind.to_owned(),
         outcome: outcome.to_owned(),
         detail: detail.to_string(),
+    }
+}
+
+/// The `audit` log line of `rec`, written once storing it was attempted: what was stored, or an
+/// ERROR line with the `error` that kept it from being stored. An `ok` that could not be recorded is logged as `failed`,
+/// because whatever it allowed is withheld.
+pub fn log_audit(rec: &AuditRecord, error: Option<&str>) {
+    let (kind, detail) = (rec.kind.as_str(), rec.detail.as_str());
+    match error {
+        None => {
+            tracing::info!(target: AUDIT_TARGET, kind, outcome = rec.outcome, detail, "audit");
+        }
+        Some(error) => {
+            let outcome = match rec.outcome.as_str() {
+                "ok" => "failed",
+                other => other,
+            };
+            tracing::error!(target: AUDIT_TARGET, kind, outcome, detail, error, "audit record could not be stored");
+        }
     }
 }
 

@@ -443,14 +443,38 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
         .filter(|r| r.kind == "key_request")
         .map(|r| r.outcome.as_str())
         .collect();
-    // Refused: the denied app, the two OS image refusals and the malformed boot info.
-    for (outcome, n) in [("ok", 2), ("refused", 4), ("security_incident", 1)] {
+    for (outcome, n) in [("ok", 2), ("refused", 9), ("security_incident", 1)] {
         assert_eq!(
             outcomes.iter().filter(|o| **o == outcome).count(),
             n,
             "{outcome}: {outcomes:?}"
         );
     }
+    // Every request that reached the attestation step, with its typed reason.
+    let mut reasons: Vec<String> = audit
+        .iter()
+        .filter(|r| r.kind == "key_request" && r.outcome != "ok")
+        .map(|r| {
+            let detail: serde_json::Value = serde_json::from_str(&r.detail).unwrap();
+            detail["reason"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "attestation_rejected", // debug TD
+            "attestation_rejected", // report data bound to another key
+            "bad_request",          // malformed boot info
+            "bad_request",          // vm_config with a duplicate key
+            "bad_request",          // 33-byte os_image_hash
+            "canary",
+            "no_attestation",
+            "not_authorized",
+            "os_image_rejected", // unknown image
+            "os_image_rejected", // MRTD differs
+        ]
+    );
     store.close().await;
 }
 
@@ -1191,4 +1215,235 @@ async fn a_thousand_slow_header_connections_under_nofile_1024_leave_the_service_
             .any(|l| l.contains("api.max_connections lowered to fit the open-file limit")),
         "no line about the lowered cap"
     );
+}
+
+/// An attested KMS admitted by a webhook, under steady load (a key request every 100 ms): once
+/// the auth server revokes the KMS, refusal comes within `auth.kms_self_check_cache_ttl` plus
+/// one request, however steadily the cached answer is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_kms_stops_releasing_keys_within_the_self_check_ttl_under_steady_load() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let kms_allowed = Arc::new(AtomicBool::new(true));
+    let kms_calls = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/bootAuth/{kind}",
+        axum::routing::post({
+            let (kms_allowed, kms_calls) = (kms_allowed.clone(), kms_calls.clone());
+            move |axum::extract::Path(kind): axum::extract::Path<String>| {
+                let allowed = kind != "kms" || kms_allowed.load(Ordering::SeqCst);
+                if kind == "kms" {
+                    kms_calls.fetch_add(1, Ordering::SeqCst);
+                }
+                async move {
+                    axum::Json(serde_json::json!({
+                        "isAllowed": allowed,
+                        "gatewayAppId": "",
+                        "reason": if allowed { "" } else { "Aggregated MR not allowed" },
+                    }))
+                }
+            }
+        }),
+    );
+    let auth = format!("http://{}", common::serve_router(app).await);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut kw, pki) = start(
+        dir.path(),
+        &[
+            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
+            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth),
+            ("KEYWARDEN_AUTH__KMS_SELF_CHECK_CACHE_TTL", "1s"),
+            ("KEYWARDEN_KMS__INSECURE_SELF_ATTEST_WITH_TEST_PKI", "true"),
+        ],
+    );
+    kw.wait_ready().await;
+    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
+    let client = https_with_identity(&data, Some(&identity));
+    let url = format!("{}/prpc/KMS.GetAppKey?json", kw.api_url());
+    let body = serde_json::json!({"api_version": 1, "vm_config": test_vm_config()});
+    let mut revoked_at = None;
+    let started = std::time::Instant::now();
+    let refused_after = loop {
+        let (status, answer) = post_json(&client, url.clone(), body.clone()).await;
+        match (status, revoked_at) {
+            (200, _) => {}
+            (503, Some(at)) => break std::time::Instant::elapsed(&at),
+            _ => panic!("{status}: {answer}"),
+        }
+        if revoked_at.is_none() && started.elapsed() > Duration::from_millis(1500) {
+            kms_allowed.store(false, Ordering::SeqCst);
+            revoked_at = Some(std::time::Instant::now());
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        refused_after <= Duration::from_millis(1000 + 100 + 300),
+        "refused {refused_after:?} after the revocation"
+    );
+    // About one question per TTL, not one per request.
+    let calls = kms_calls.load(Ordering::SeqCst);
+    assert!((2..=5).contains(&calls), "{calls} bootAuth/kms calls");
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+}
+
+/// Opens the SQLite store a stopped service left in `data`.
+async fn stopped_store(data: &Path) -> keywarden::store::Store {
+    keywarden::store::Store::open(
+        &keywarden::config::StorageConfig::default(),
+        &keywarden::config::DatabaseTarget::Sqlite(data.join("keywarden.db")),
+    )
+    .await
+    .unwrap()
+}
+
+/// A client certificate from the temp CA whose attestation extension is garbage.
+async fn garbage_identity(kw: &Keywarden, data: &Path) -> String {
+    let (status, temp) = post_json(
+        &https(data),
+        format!("{}/prpc/KMS.GetTempCaCert?json", kw.api_url()),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{temp}");
+    let ca_der = pem::parse(temp["temp_ca_cert"].as_str().unwrap())
+        .unwrap()
+        .into_contents();
+    let ca_key = rcgen::KeyPair::from_pem(temp["temp_ca_key"].as_str().unwrap()).unwrap();
+    let key = keywarden::attestation::ratls::CertBuilder::new_key().unwrap();
+    let cert = keywarden::attestation::ratls::CertBuilder::new("dstack guest")
+        .attestation(b"not an attestation at all")
+        .signed_by(&key, &ca_der, &ca_key)
+        .unwrap();
+    format!("{}{}", cert.cert_pem, cert.key_pem)
+}
+
+/// Each refused key request that reached the attestation step leaves exactly one audit record
+/// (stored and logged) with its final outcome and typed reason: a garbage client certificate,
+/// an app the authorizer denies, and a canary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_key_request_leaves_one_audit_record_with_its_reason() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let auth = format!("http://{}", auth_server(calls).await);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let canaries = format!("[\"{}\"]", hex::encode(CANARY_APP));
+    let (mut kw, pki) = start(
+        dir.path(),
+        &[
+            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
+            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth),
+            ("KEYWARDEN_KMS__CANARY_APP_IDS", &canaries),
+        ],
+    );
+    kw.wait_ready().await;
+    let url = format!("{}/prpc/KMS.GetAppKey?json", kw.api_url());
+    let body = serde_json::json!({"api_version": 1, "vm_config": test_vm_config()});
+    let garbage = garbage_identity(&kw, &data).await;
+    let denied = guest_identity(&kw, &data, &pki, &guest(DENIED_APP)).await;
+    let canary = guest_identity(&kw, &data, &pki, &guest(CANARY_APP)).await;
+    for (identity, status) in [(&garbage, 400), (&denied, 400), (&canary, 400)] {
+        let (got, err) = post_json(
+            &https_with_identity(&data, Some(identity)),
+            url.clone(),
+            body.clone(),
+        )
+        .await;
+        assert_eq!(got, status, "{err}");
+    }
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+    let store = stopped_store(&data).await;
+    let audit = store.recent_audit(50).await.unwrap();
+    let rows: Vec<(String, serde_json::Value)> = audit
+        .iter()
+        .filter(|r| r.kind == "key_request")
+        .map(|r| (r.outcome.clone(), serde_json::from_str(&r.detail).unwrap()))
+        .collect();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (outcome, reason, app) in [
+        ("refused", "attestation_rejected", None),
+        ("refused", "not_authorized", Some(DENIED_APP)),
+        ("security_incident", "canary", Some(CANARY_APP)),
+    ] {
+        let found = rows.iter().filter(|(o, d)| {
+            o == outcome
+                && d["reason"] == reason
+                && app.is_none_or(|a| d["app_id"] == hex::encode(a))
+        });
+        assert_eq!(found.count(), 1, "{outcome} {reason}: {rows:?}");
+    }
+    // The log carries the same three, each once.
+    let logged = kw
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("\"target\":\"audit\"") && l.contains("key_request"))
+        .count();
+    assert_eq!(logged, 3);
+    store.close().await;
+}
+
+/// The database becomes unwritable while the service runs: the caller gets 500, no key, and
+/// no audit line says "ok".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_ledger_commit_gives_500_and_no_ok_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut kw, pki) = start(
+        dir.path(),
+        &[
+            ("KEYWARDEN_AUTH__BACKEND", "dev"),
+            ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
+            ("KEYWARDEN_STORAGE__CONNECT_TIMEOUT", "500ms"),
+        ],
+    );
+    kw.wait_ready().await;
+    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
+    let client = https_with_identity(&data, Some(&identity));
+    let body = serde_json::json!({"api_version": 1, "vm_config": test_vm_config()});
+    // Another writer holds the database under the running service: its writes fail (busy)
+    // until that lock goes.
+    use sqlx::Connection as _;
+    let db = data.join("keywarden.db");
+    let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    for method in ["GetAppKey", "GetAppBlsKey"] {
+        let (status, err) = post_json(
+            &client,
+            format!("{}/prpc/KMS.{method}?json", kw.api_url()),
+            body.clone(),
+        )
+        .await;
+        assert_eq!(status, 500, "{method}: {err}");
+        assert!(err.get("k256_key").is_none() && err.get("secret_key").is_none());
+    }
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    holder.close().await.unwrap();
+    // Writable again: served again.
+    let url = format!("{}/prpc/KMS.GetAppKey?json", kw.api_url());
+    let (status, keys) = post_json(&client, url, body).await;
+    assert_eq!(status, 200, "{keys}");
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
+    let audit: Vec<String> = kw
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("\"target\":\"audit\"") && l.contains("_request"))
+        .collect();
+    assert!(!audit.is_empty(), "the failure left no audit line");
+    // Two failures, then the one release once writable again.
+    let outcomes: Vec<String> = audit
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["fields"]["outcome"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(outcomes, ["failed", "failed", "ok"], "{audit:?}");
 }

@@ -44,21 +44,52 @@ use crate::store::BootObservation;
 #[derive(Debug, Clone, Default)]
 pub struct PeerCert(pub Option<Arc<Vec<u8>>>);
 
-/// A refused request: the reason label and the message the caller sees.
+/// A refused request: the reason label, the message the caller sees, and what its audit record
+/// is about.
 #[derive(Debug, Clone)]
 pub struct Refused {
     /// Closed-set reason.
     pub reason: Refusal,
     /// Message for the caller (upstream's wording where it has one).
     pub message: String,
+    /// What the refusal's audit record is about.
+    pub subject: Subject,
+}
+
+/// What a refused key request's audit record is about.
+#[derive(Debug, Clone, Default)]
+pub enum Subject {
+    /// Refused before the attestation step (overload, a malformed request): not audited.
+    #[default]
+    Unaudited,
+    /// Refused at the attestation step, before any boot was verified.
+    Unverified,
+    /// Refused about this verified boot.
+    Boot(Box<crate::attestation::BootInfo>),
 }
 
 impl Refused {
-    fn new(reason: Refusal, message: impl Into<String>) -> Self {
+    /// A refusal before the attestation step.
+    pub(crate) fn new(reason: Refusal, message: impl Into<String>) -> Self {
         Self {
             reason,
             message: message.into(),
+            subject: Subject::Unaudited,
         }
+    }
+
+    /// The refusal, audited as about `boot`.
+    fn about(mut self, boot: &crate::attestation::BootInfo) -> Self {
+        self.subject = Subject::Boot(Box::new(boot.clone()));
+        self
+    }
+
+    /// The refusal, audited as reached at the attestation step (unless it names a boot).
+    fn attested(mut self) -> Self {
+        if matches!(self.subject, Subject::Unaudited) {
+            self.subject = Subject::Unverified;
+        }
+        self
     }
 }
 
@@ -369,19 +400,16 @@ impl KmsRpc {
         &self,
         peer: &PeerCert,
         vm_config: &str,
-        audit_kind: &str,
         is_kms: bool,
     ) -> Result<(crate::attestation::BootInfo, AuthDecision), Refused> {
         let Some(der) = &peer.0 else {
-            return Err(Refused::new(
-                Refusal::NoAttestation,
-                "No attestation provided",
-            ));
+            return Err(Refused::new(Refusal::NoAttestation, "No attestation provided").attested());
         };
         let verified = self
             .verified(AttestationSource::ClientCert(der), vm_config)
-            .await?;
-        self.gates(&verified.evidence, verified.boot_info, audit_kind, is_kms)
+            .await
+            .map_err(Refused::attested)?;
+        self.gates(&verified.evidence, verified.boot_info, is_kms)
             .await
     }
 
@@ -398,18 +426,28 @@ impl KmsRpc {
     }
 
     /// The gates every key-releasing method shares, whatever carried the attestation: the OS
-    /// image binding, not a canary, authorized by the backend. Refusals are logged, counted
-    /// and audited.
+    /// image binding, not a canary, authorized by the backend. Refusals are logged and counted,
+    /// and name the boot for their audit record.
     async fn gates(
         &self,
         evidence: &crate::attestation::Evidence,
         boot: crate::attestation::BootInfo,
-        audit_kind: &str,
         is_kms: bool,
     ) -> Result<(crate::attestation::BootInfo, AuthDecision), Refused> {
+        match self.gate_steps(evidence, &boot, is_kms).await {
+            Ok(decision) => Ok((boot, decision)),
+            Err(refused) => Err(refused.about(&boot)),
+        }
+    }
+
+    async fn gate_steps(
+        &self,
+        evidence: &crate::attestation::Evidence,
+        boot: &crate::attestation::BootInfo,
+        is_kms: bool,
+    ) -> Result<AuthDecision, Refused> {
         if let Err(e) = boot.check_sizes() {
             tracing::warn!(reason = "bad_request", error = %e, "malformed boot info");
-            self.audit_boot(audit_kind, &boot, "refused", &e).await;
             return Err(Refused::new(
                 Refusal::BadRequest,
                 format!("malformed boot info: {e}"),
@@ -418,11 +456,7 @@ impl KmsRpc {
         if let Some(check) = &self.0.self_check {
             check.gate().await?;
         }
-        if let Err(refused) = self.ensure_registered_key() {
-            self.audit_boot(audit_kind, &boot, "refused", &refused.message)
-                .await;
-            return Err(refused);
-        }
+        self.ensure_registered_key()?;
         if let crate::attestation::Evidence::Tdx { td, .. } = evidence
             && let Err(e) = self
                 .0
@@ -430,8 +464,6 @@ impl KmsRpc {
                 .check_tdx(&boot.os_image_hash, &td.mr_td, &td.rtmr)
         {
             tracing::warn!(reason = "os_image_rejected", error = %e, "measurement not authorized");
-            self.audit_boot(audit_kind, &boot, "refused", &e.to_string())
-                .await;
             return Err(Refused::new(
                 Refusal::OsImageRejected,
                 format!("App not allowed: {e}"),
@@ -444,8 +476,6 @@ impl KmsRpc {
                 instance_id = %hex::encode(&boot.instance_id),
                 "canary app id requested keys: security incident"
             );
-            self.audit_boot(audit_kind, &boot, "security_incident", "canary app id")
-                .await;
             return Err(Refused::new(
                 Refusal::Canary,
                 "App not allowed: Boot denied",
@@ -454,7 +484,7 @@ impl KmsRpc {
         let decision = self
             .0
             .authorizer
-            .authorize(&boot, is_kms)
+            .authorize(boot, is_kms)
             .await
             .map_err(|e| {
                 let reason = e.refusal();
@@ -469,14 +499,12 @@ impl KmsRpc {
                 mr_aggregated = %hex::encode(&boot.mr_aggregated),
                 "measurement not authorized"
             );
-            self.audit_boot(audit_kind, &boot, "refused", &decision.reason)
-                .await;
             return Err(Refused::new(
                 Refusal::NotAuthorized,
                 format!("App not allowed: Boot denied: {}", decision.reason),
             ));
         }
-        Ok((boot, decision))
+        Ok(decision)
     }
 
     async fn app_key(
@@ -490,15 +518,14 @@ impl KmsRpc {
                 format!("Unsupported API version: {}", req.api_version),
             ));
         }
-        let (boot, decision) = self
-            .authorized_boot(peer, &req.vm_config, "key_request", false)
-            .await?;
+        let (boot, decision) = self.authorized_boot(peer, &req.vm_config, false).await?;
         let now = now_secs();
         let keys = self
             .derive(&boot, |root, boot| {
                 AppKeys::derive(root, &boot.app_id, &boot.instance_id)
             })
-            .await?;
+            .await
+            .map_err(|r| r.about(&boot))?;
         // No record, no keys: the boot record is what governance and CVM health rely on. It is
         // committed together with the request's audit record.
         let observation = BootObservation {
@@ -510,16 +537,13 @@ impl KmsRpc {
             os_image_hash: hex::encode(&boot.os_image_hash),
             device_id: hex::encode(&boot.device_id),
         };
-        let audit = audit_record("key_request", &boot, "ok", "");
+        let audit = audit_record(Method::GetAppKey, &boot, "ok", &serde_json::Value::Null);
         let record = self
             .0
             .ledger
             .release(observation, audit)
             .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "boot record could not be written; keys withheld");
-                Refused::new(Refusal::Internal, "could not record the key release")
-            })?;
+            .map_err(not_recorded)?;
         if record.boot_count == 1 {
             tracing::info!(
                 app_id = %hex::encode(&boot.app_id),
@@ -664,16 +688,15 @@ impl KmsRpc {
         peer: &PeerCert,
         req: proto::GetAppKeyRequest,
     ) -> Result<proto::AppBlsKeyResponse, Refused> {
-        let (boot, _) = self
-            .authorized_boot(peer, &req.vm_config, "bls_key_request", false)
-            .await?;
+        let (boot, _) = self.authorized_boot(peer, &req.vm_config, false).await?;
         let key = self
             .derive(&boot, |root, boot| {
                 super::keys::AppBlsKey::derive(root, &boot.app_id)
             })
-            .await?;
+            .await
+            .map_err(|r| r.about(&boot))?;
+        self.audit_release(Method::GetAppBlsKey, &boot).await?;
         tracing::info!(app_id = %hex::encode(&boot.app_id), kind = "bls", "key dispatched");
-        self.audit_boot("bls_key_request", &boot, "ok", "").await;
         Ok(proto::AppBlsKeyResponse {
             secret_key: key.secret_key.to_vec(),
             public_key: key.public_key.to_vec(),
@@ -694,11 +717,9 @@ impl KmsRpc {
                 "KMS key replication is disabled (kms.allow_kms_replication)",
             ));
         }
-        let (boot, _) = self
-            .authorized_boot(peer, &req.vm_config, "kms_key_request", true)
-            .await?;
+        let (boot, _) = self.authorized_boot(peer, &req.vm_config, true).await?;
+        self.audit_release(Method::GetKmsKey, &boot).await?;
         tracing::warn!(app_id = %hex::encode(&boot.app_id), "root keys released to a KMS replica");
-        self.audit_boot("kms_key_request", &boot, "ok", "").await;
         Ok(proto::KmsKeyResponse {
             temp_ca_key: self.0.keys.tmp_ca_key_pem.to_string(),
             keys: vec![proto::KmsKeys {
@@ -726,18 +747,14 @@ impl KmsRpc {
                 },
                 &req.vm_config,
             )
-            .await?;
+            .await
+            .map_err(Refused::attested)?;
         // After boot the app may extend RTMR3: authorize what was measured at boot.
         let (boot, _) = self
-            .gates(
-                &verified.evidence,
-                verified.boot_time.clone(),
-                "cert_request",
-                false,
-            )
+            .gates(&verified.evidence, verified.boot_time.clone(), false)
             .await?;
         // Verification succeeded, so the attestation parsed.
-        let attestation = attestation.map_err(|e| attestation_refused(&e))?;
+        let attestation = attestation.map_err(|e| attestation_refused(&e).about(&boot))?;
         let issued = signcert::AppCa::derive(&self.0.keys, &boot.app_id).and_then(|ca| {
             let leaf = ca.sign_leaf(
                 &csr,
@@ -748,7 +765,8 @@ impl KmsRpc {
             )?;
             Ok((leaf, ca.cert_pem))
         });
-        let (leaf, app_ca) = issued.map_err(|e| csr_refused(&e))?;
+        let (leaf, app_ca) = issued.map_err(|e| csr_refused(&e).about(&boot))?;
+        self.audit_release(Method::SignCert, &boot).await?;
         tracing::info!(
             app_id = %hex::encode(&boot.app_id),
             instance_id = %hex::encode(&boot.instance_id),
@@ -756,43 +774,67 @@ impl KmsRpc {
             csr_version = csr.version().api(),
             "certificate signed"
         );
-        self.audit_boot("cert_request", &boot, "ok", "").await;
         Ok(proto::SignCertResponse {
             certificate_chain: vec![leaf, app_ca, self.0.keys.root_ca_pem.clone()],
         })
     }
 
-    async fn audit_boot(
+    /// Records the release about `boot`; the key leaves only once it is committed.
+    async fn audit_release(
         &self,
-        kind: &str,
+        method: Method,
         boot: &crate::attestation::BootInfo,
-        outcome: &str,
-        reason: &str,
-    ) {
-        self.0
-            .ledger
-            .audit(audit_record(kind, boot, outcome, reason))
-            .await;
+    ) -> Result<(), Refused> {
+        let record = audit_record(method, boot, "ok", &serde_json::Value::Null);
+        self.0.ledger.audit(record).await.map_err(not_recorded)
+    }
+
+    /// The one audit record of a refused key request that reached the attestation step.
+    async fn audit_refusal(&self, method: Method, refused: &Refused) {
+        let outcome = match refused.reason {
+            Refusal::Canary => "security_incident",
+            _ => "refused",
+        };
+        let why = serde_json::json!({
+            "reason": refused.reason.as_str(),
+            "message": refused.message,
+        });
+        let record = match &refused.subject {
+            Subject::Unaudited => return,
+            Subject::Unverified => crate::app::audit_record(method.audit_kind(), outcome, &why),
+            Subject::Boot(boot) => audit_record(method, boot, outcome, &why),
+        };
+        // A failure is logged by the ledger, on the audit target too.
+        let _ = self.0.ledger.audit(record).await;
     }
 }
 
-/// The audit record of a request about `boot` (also written to the audit log target).
+/// The refusal of a release whose record could not be committed (the ledger logged why).
+fn not_recorded(e: super::ledger::LedgerError) -> Refused {
+    tracing::error!(error = %e, "the key release could not be recorded; keys withheld");
+    Refused::new(Refusal::Internal, "could not record the key release")
+}
+
+/// The audit record of a key request about `boot`; `why` (an object) adds the refusal's reason
+/// and message.
 fn audit_record(
-    kind: &str,
+    method: Method,
     boot: &crate::attestation::BootInfo,
     outcome: &str,
-    reason: &str,
+    why: &serde_json::Value,
 ) -> crate::store::AuditRecord {
-    let detail = serde_json::json!({
+    let mut detail = serde_json::json!({
         "app_id": hex::encode(&boot.app_id),
         "instance_id": hex::encode(&boot.instance_id),
         "compose_hash": hex::encode(&boot.compose_hash),
         "mr_aggregated": hex::encode(&boot.mr_aggregated),
         "os_image_hash": hex::encode(&boot.os_image_hash),
         "device_id": hex::encode(&boot.device_id),
-        "reason": reason,
     });
-    crate::app::audit_record(kind, outcome, &detail)
+    if let (Some(detail), Some(why)) = (detail.as_object_mut(), why.as_object()) {
+        detail.extend(why.clone());
+    }
+    crate::app::audit_record(method.audit_kind(), outcome, &detail)
 }
 
 /// Where a request's attestation comes from; the gates after it are the same.
@@ -984,6 +1026,7 @@ async fn prpc(
             rpc.0
                 .metrics
                 .request(method, Outcome::Refused(refused.reason), elapsed, trace_id);
+            rpc.audit_refusal(method, &refused).await;
             refusal_response(enc, &refused)
         }
     }

@@ -4,7 +4,8 @@
 //! [`Ledger::audit`]. The [`LedgerWriter`] task takes the first waiting entry and everything
 //! queued behind it (up to [`MAX_BATCH`]), writes them in one transaction
 //! ([`Store::record_ledger`]) and answers each caller. Keys leave only after their boot record is
-//! committed (no record, no keys); a failed commit withholds the keys of the whole batch. One
+//! committed (no record, no keys); a failed commit withholds the keys of the whole batch. Each
+//! entry's `audit` log line is written after the commit: as stored, or as not stored. One
 //! durable commit per batch instead of two per request is what lets the key path keep up with
 //! concurrent boots on a disk where each sync costs about a millisecond.
 
@@ -92,12 +93,11 @@ impl Ledger {
     }
 
     /// Records the audit record of a request that released no boot (a refusal, or a key that is
-    /// not tied to a boot). A failure is logged, never silent.
-    pub async fn audit(&self, audit: AuditRecord) {
-        let kind = audit.kind.clone();
-        if let Err(e) = self.submit(LedgerEntry { boot: None, audit }).await {
-            tracing::error!(error = %e, kind, "audit record could not be stored");
-        }
+    /// not tied to a boot); a key goes out only once this returned `Ok`.
+    pub async fn audit(&self, audit: AuditRecord) -> Result<(), LedgerError> {
+        self.submit(LedgerEntry { boot: None, audit })
+            .await
+            .map(drop)
     }
 }
 
@@ -112,6 +112,11 @@ impl LedgerWriter {
             started.elapsed().as_secs_f64(),
             result.is_ok(),
         );
+        // The audit lines follow the commit, so none claims what was not recorded.
+        let error = result.as_ref().err().map(ToString::to_string);
+        for entry in &entries {
+            crate::app::log_audit(&entry.audit, error.as_deref());
+        }
         match result {
             Ok(records) => {
                 for (reply, record) in replies.into_iter().zip(records) {
@@ -208,7 +213,7 @@ mod tests {
         });
         let records = futures::future::join_all(releases).await;
         assert!(records.iter().all(Result::is_ok));
-        ledger.audit(audit("refused")).await;
+        ledger.audit(audit("refused")).await.unwrap();
         for i in 0..10u8 {
             let rec = store
                 .boot_record(&"aa".repeat(20), &format!("{i:02x}").repeat(20))

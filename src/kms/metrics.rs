@@ -40,6 +40,19 @@ impl Method {
         )
     }
 
+    /// The `kind` of a key method's audit records.
+    pub fn audit_kind(self) -> &'static str {
+        match self {
+            Self::GetAppKey => "key_request",
+            Self::GetAppBlsKey => "bls_key_request",
+            Self::GetKmsKey => "kms_key_request",
+            Self::SignCert => "cert_request",
+            Self::GetAppEnvEncryptPubKey | Self::GetMeta | Self::GetTempCaCert | Self::Unknown => {
+                "request"
+            }
+        }
+    }
+
     /// Every method.
     pub const ALL: [Method; 8] = [
         Self::GetAppKey,
