@@ -328,7 +328,7 @@ fn load(file: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::ensure_crypto_provider();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -469,8 +469,11 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                         .map_err(usage)?;
                     crate::config::ConfigError::check(config.chain.endpoint_problems())
                         .map_err(usage)?;
-                    return Ok(runtime()?
-                        .block_on(crate::chain::cli::run_code_identity(config, address, json)));
+                    return Ok(runtime()?.block_on(crate::chain::cli::run_code_identity(
+                        &config.chain,
+                        address,
+                        json,
+                    )));
                 }
             };
             let overrides = Overrides {
@@ -479,7 +482,12 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                 ..Overrides::default()
             };
             let config = load(cli.config.as_deref(), &overrides)?;
-            Ok(runtime()?.block_on(crate::chain::cli::run_report(config, what, args.json)))
+            Ok(runtime()?.block_on(crate::chain::cli::run_report(
+                &config.storage,
+                &config.chain,
+                what,
+                args.json,
+            )))
         }
         Command::Serve(args) => {
             let overrides = Overrides {

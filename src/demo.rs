@@ -218,7 +218,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dir = &args.data_dir;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let now = crate::app::unix_now().unsigned_abs();
+    let now = crate::clock::unix_secs();
     let pki = TestPki::generate(now.saturating_sub(60))?;
     let pki_dir = dir.join("test-pki");
     pki.save(&pki_dir)?;

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tracing::Instrument as _;
 
-use crate::app::{AppState, HealthMonitor, Inner, unix_now};
+use crate::app::{AppState, HealthMonitor, Inner};
 use crate::chain::Mirror;
 use crate::chain::metrics::ChainMetrics;
+use crate::clock::unix_secs_i64 as unix_now;
 use crate::config::Config;
 use crate::http::conn::ConnLimits;
 use crate::http::{self, Limits, Server};
@@ -22,18 +23,20 @@ use crate::runtime::{ComponentState, Criticality, Outcome, Readiness, Supervisor
 
 use crate::attestation::Verifier;
 use crate::attestation::collateral::CollateralProvider;
+use crate::attestation::collateral::CollateralSource;
 use crate::attestation::testpki::TestPki;
 use crate::kms::authz::{
     AuthBackendKind, Authorizer, ChainAuthorizer, DevAuthorizer, NoMirror, WebhookAuthorizer,
 };
-use crate::kms::dispatch::{ChainMeta, CollateralSource, KmsRpc, KmsRpcParts};
+use crate::kms::dispatch::{ChainMeta, KmsRpc, KmsRpcParts};
 use crate::kms::ledger::Ledger;
 use crate::kms::root::KmsKeys;
 use crate::kms::selfcheck::{AttestationSource, SelfCheck, attest_self};
 use crate::kms::server::RpcServer;
 use crate::kms::workers::Workers;
 use crate::store::Store;
-use crate::telemetry::{self, Listener, Metrics};
+use crate::telemetry::{self, Listener, ProcessMetrics};
+use prometheus_client::registry::Registry;
 
 /// How often the health monitor re-checks.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -75,6 +78,35 @@ async fn run(config: Config, started: Instant) -> anyhow::Result<u8> {
             Err(anyhow::anyhow!("critical task {task} stopped: {reason}"))
         }
         other => Ok(other.exit_code()),
+    }
+}
+
+/// Every metric the service exports, registered on one registry.
+#[derive(Debug)]
+struct Metrics {
+    /// The registry encoded on `/metrics`.
+    pub registry: Registry,
+    /// `keywarden_*` process metrics.
+    pub process: ProcessMetrics,
+    /// `dstack_kms_*` key-dispatch metrics.
+    pub kms: crate::kms::metrics::KmsMetrics,
+    /// `dstack_kms_attestation_*` / `dstack_kms_collateral_*` metrics.
+    pub attestation: crate::attestation::AttestationMetrics,
+}
+
+impl Metrics {
+    /// Builds the registry with every subsystem's metrics.
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let process = ProcessMetrics::new(&mut registry);
+        let kms = crate::kms::metrics::KmsMetrics::new(&mut registry);
+        let attestation = crate::attestation::AttestationMetrics::new(&mut registry);
+        Self {
+            registry,
+            process,
+            kms,
+            attestation,
+        }
     }
 }
 
@@ -223,14 +255,14 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
     serve(
         "metrics_listener",
         ops,
-        http::ops_router(state.clone()),
+        crate::app::ops_router(state.clone()),
         Listener::Metrics,
     );
     if let Some(admin) = admin {
         serve(
             "admin_listener",
             admin,
-            http::admin_router(state.clone()),
+            crate::app::admin_router(state.clone()),
             Listener::Admin,
         );
     }
@@ -327,7 +359,7 @@ async fn kms_rpc(
                 &config.kms.domains,
                 &verifier,
                 &collateral,
-                u64::try_from(unix_now()).unwrap_or_default(),
+                crate::clock::unix_secs(),
             )
             .await?;
             let boot = &identity.boot;

@@ -204,13 +204,6 @@ pub fn detect(input: &[u8]) -> Result<InputKind> {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Reads at most [`MAX_INPUT_FILE`] bytes of `path` (`-`: standard input). Anything that is not a
 /// regular file (a device, a FIFO, a directory) is refused before it is opened, so `/dev/zero`
 /// or a FIFO without a writer cannot make it read forever or hang.
@@ -266,7 +259,7 @@ fn verify_input(args: &VerifyArgs, out: &mut VerifyOutput) -> Result<()> {
         Some(p) => Some(tdx::parse_collateral(&read_capped(p)?)?),
         None => None,
     };
-    let now = args.at.unwrap_or_else(unix_now);
+    let now = args.at.unwrap_or_else(crate::clock::unix_secs);
     let config = AttestationConfig {
         insecure_allow_debug: args.insecure_allow_debug,
         insecure_test_pki: args.insecure_test_pki.clone(),
@@ -413,7 +406,7 @@ pub fn run_test_pki_init(args: &TestPkiInitArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    match TestPki::generate(unix_now()).and_then(|pki| pki.save(&args.dir)) {
+    match TestPki::generate(crate::clock::unix_secs()).and_then(|pki| pki.save(&args.dir)) {
         Ok(()) => {
             println!(
                 "test attestation PKI written to {} (trust it only with attestation.insecure_test_pki)",

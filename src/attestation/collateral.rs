@@ -14,7 +14,7 @@ use dcap_qvl::QuoteCollateralV3;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use super::metrics::AttestationMetrics;
+use super::metrics::{AttestationMetrics, FetchSkipped};
 use super::reason::{Result, check_size, reject};
 use super::tdx::{self, MAX_COLLATERAL_LEN};
 
@@ -107,7 +107,7 @@ impl PccsClient {
     /// `https://api.trustedservices.intel.com`).
     pub fn new(base_url: &str, timeout: Duration) -> Result<Self> {
         // reqwest is built without a default provider: ring is the process-wide choice
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::ensure_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .build()
@@ -361,25 +361,6 @@ impl std::fmt::Debug for CollateralProvider {
     }
 }
 
-/// Why a fetch was not attempted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FetchSkipped {
-    /// Every fetch slot was taken.
-    Busy,
-    /// The platform's last fetch failed within the failure TTL.
-    RecentFailure,
-}
-
-impl FetchSkipped {
-    /// Metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Busy => "busy",
-            Self::RecentFailure => "recent_failure",
-        }
-    }
-}
-
 impl CollateralProvider {
     /// Builds a provider from the `[attestation]` config.
     pub fn new(
@@ -551,6 +532,40 @@ impl CollateralProvider {
         if let Some(m) = &self.metrics {
             m.record_cache(hit);
         }
+    }
+}
+
+/// Where TDX collateral comes from: PCCS (cached in the store), or the test PKI's own set for
+/// quotes it issued when `insecure_test_pki` is configured.
+pub struct CollateralSource {
+    pccs: CollateralProvider,
+    test: Option<QuoteCollateralV3>,
+}
+
+impl CollateralSource {
+    /// Builds the source; `test_pki` is the loaded test PKI when configured.
+    pub fn new(pccs: CollateralProvider, test_pki: Option<&super::testpki::TestPki>) -> Self {
+        Self {
+            pccs,
+            test: test_pki.map(|p| p.collateral().clone()),
+        }
+    }
+
+    /// The collateral to verify `quote` with at `now`; `check` runs before a PCCS fetch (see
+    /// [`CollateralProvider::for_quote`]).
+    pub async fn for_quote<E: From<super::reason::AttestationError>>(
+        &self,
+        quote: &[u8],
+        now: u64,
+        check: impl Future<Output = std::result::Result<(), E>>,
+    ) -> std::result::Result<QuoteCollateralV3, E> {
+        if let Some(test) = &self.test {
+            let parsed = tdx::parse_quote(quote)?;
+            if dcap_qvl::intel::quote_fmspc(&parsed).ok() == Some(super::testpki::TEST_FMSPC) {
+                return Ok(test.clone());
+            }
+        }
+        self.pccs.for_quote(quote, now, check).await
     }
 }
 

@@ -58,10 +58,10 @@ impl Default for AttestationConfig {
 impl AttestationConfig {
     /// Problems of the section, each with its fix: a test PKI directory must hold a test PKI
     /// (start-up reads it, so `config check` says so first).
-    pub fn problems(&self) -> Vec<crate::config::problem::Problem> {
+    pub fn problems(&self) -> Vec<crate::problem::Problem> {
         let mut out = Vec::new();
         if self.collateral_max_concurrent_fetches == 0 {
-            out.push(crate::config::problem::Problem {
+            out.push(crate::problem::Problem {
                 key: "attestation.collateral_max_concurrent_fetches".into(),
                 problem: "must be at least 1".into(),
                 fix: "use 4 (the default)".into(),
@@ -70,7 +70,7 @@ impl AttestationConfig {
         if let Some(dir) = &self.insecure_test_pki {
             let root = dir.join(super::testpki::ROOT_CERT_DER);
             if !root.is_file() {
-                out.push(crate::config::problem::Problem {
+                out.push(crate::problem::Problem {
                     key: "attestation.insecure_test_pki".into(),
                     problem: format!(
                         "{} holds no test PKI ({} is missing)",

@@ -57,6 +57,25 @@ pub struct VerificationLabels {
     pub reason: ReasonLabel,
 }
 
+/// Why a collateral fetch was not attempted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchSkipped {
+    /// Every fetch slot was taken.
+    Busy,
+    /// The platform's last fetch failed within the failure TTL.
+    RecentFailure,
+}
+
+impl FetchSkipped {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Busy => "busy",
+            Self::RecentFailure => "recent_failure",
+        }
+    }
+}
+
 /// Labels of `dstack_kms_collateral_fetches_skipped`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct SkippedLabels {
@@ -132,10 +151,7 @@ impl AttestationMetrics {
             "Collateral fetches not attempted: every fetch slot taken (busy), or the platform's last fetch failed within attestation.collateral_failure_ttl (recent_failure)",
             m.collateral_fetches_skipped.clone(),
         );
-        for why in [
-            super::collateral::FetchSkipped::Busy,
-            super::collateral::FetchSkipped::RecentFailure,
-        ] {
+        for why in [FetchSkipped::Busy, FetchSkipped::RecentFailure] {
             let _ = m.collateral_fetches_skipped.get_or_create(&SkippedLabels {
                 reason: why.as_str(),
             });
@@ -186,7 +202,7 @@ impl AttestationMetrics {
     }
 
     /// Records a collateral fetch that was not attempted.
-    pub fn record_fetch_skipped(&self, why: super::collateral::FetchSkipped) {
+    pub fn record_fetch_skipped(&self, why: FetchSkipped) {
         self.collateral_fetches_skipped
             .get_or_create(&SkippedLabels {
                 reason: why.as_str(),

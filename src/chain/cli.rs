@@ -63,15 +63,20 @@ pub enum Report {
 }
 
 /// Runs `chain status` or `chain state` against the configured store.
-pub async fn run_report(config: crate::config::Config, what: Report, json: bool) -> ExitCode {
+pub async fn run_report(
+    storage: &crate::store::config::StorageConfig,
+    chain: &super::ChainConfig,
+    what: Report,
+    json: bool,
+) -> ExitCode {
     let result = async {
-        let target = config.database_target().map_err(|e| e.to_string())?;
-        let store = crate::store::Store::open(&config.storage, &target)
+        let target = storage.database_target().map_err(|e| e.to_string())?;
+        let store = crate::store::Store::open(storage, &target)
             .await
             .map_err(|e| e.to_string())?;
         let out = match what {
-            Report::Status => super::report::status(&store, &config.chain).await,
-            Report::State => super::report::state(&store, &config.chain).await,
+            Report::Status => super::report::status(&store, chain).await,
+            Report::State => super::report::state(&store, chain).await,
         };
         store.close().await;
         out.map_err(|e| e.to_string())
@@ -96,17 +101,17 @@ pub async fn run_report(config: crate::config::Config, what: Report, json: bool)
 /// Runs `chain code-identity ADDRESS`: prints the identity of the code deployed there, as an
 /// entry for `[[chain.known_implementations]]` (text) or JSON.
 pub async fn run_code_identity(
-    config: crate::config::Config,
+    chain: &super::ChainConfig,
     address: alloy::primitives::Address,
     json: bool,
 ) -> ExitCode {
-    if config.chain.rpc_urls.is_empty() {
+    if chain.rpc_urls.is_empty() {
         eprintln!(
             "keywarden: error: no RPC endpoint configured (fix: set chain.rpc_urls or pass --rpc-url)"
         );
         return ExitCode::from(2);
     }
-    match super::report::code_identity(&config.chain, address).await {
+    match super::report::code_identity(chain, address).await {
         Ok(v) if json => {
             println!("{v}");
             ExitCode::SUCCESS

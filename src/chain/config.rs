@@ -1,6 +1,6 @@
 //! The `[chain]` configuration section: which chain to mirror and how to follow it.
 //!
-//! Flow: part of [`crate::config::Config`] (file ← environment ← `serve --rpc-url/--kms-contract/
+//! Flow: part of the service configuration (file ← environment ← `serve --rpc-url/--kms-contract/
 //! --start-block`); [`ChainConfig::problems`] joins the config validation; [`ChainConfig::resolve`]
 //! turns it into typed values for the sync engine. An empty `rpc_urls` turns the mirror off.
 
@@ -10,7 +10,7 @@ use alloy::primitives::{Address, B256};
 use serde::{Deserialize, Serialize};
 
 use super::code::{CodeId, CodeKind, KnownCode};
-use crate::config::problem::Problem;
+use crate::problem::{Problem, http_url};
 
 /// `[[chain.known_implementations]]`: code the operator vouches for, evaluated locally like our
 /// own (for example dstack's released DstackKms/DstackApp implementations and their proxy).
@@ -135,18 +135,13 @@ impl ChainConfig {
             })
         };
         for (i, raw) in self.rpc_urls.iter().enumerate() {
-            match url::Url::parse(raw) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-                Ok(u) => push(
-                    "rpc_urls",
-                    format!("entry {i} has unsupported scheme {:?}", u.scheme()),
-                    "use http://HOST:PORT or https://HOST/PATH",
-                ),
-                Err(e) => push(
-                    "rpc_urls",
-                    format!("entry {i} is a malformed URL: {e}"),
-                    "use http://HOST:PORT or https://HOST/PATH",
-                ),
+            if let Some(p) = http_url(
+                "chain.rpc_urls",
+                &format!("entry {i} is"),
+                raw,
+                "use http://HOST:PORT or https://HOST/PATH",
+            ) {
+                push("rpc_urls", p.problem, &p.fix);
             }
         }
         for (i, k) in self.known_implementations.iter().enumerate() {

@@ -51,15 +51,6 @@ impl fmt::Display for Deployment {
     }
 }
 
-/// Installs rustls's `ring` provider as the process default if none is installed yet: the HTTP
-/// client is built without a built-in provider.
-pub(crate) fn ensure_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        // Losing a race against another installer is fine: a provider is then installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-}
-
 /// Deploys the test contracts through the node at `rpc_url`, from its first unlocked account,
 /// which becomes the owner of the KMS and of the app.
 pub async fn deploy(rpc_url: &url::Url) -> Result<Deployment, ChainError> {
@@ -71,7 +62,7 @@ pub async fn deploy_with_timeout(
     rpc_url: &url::Url,
     receipt_timeout: Duration,
 ) -> Result<Deployment, ChainError> {
-    ensure_crypto_provider();
+    crate::tls::ensure_crypto_provider();
     let provider = ProviderBuilder::new().connect_http(rpc_url.clone());
     let owner = *provider
         .get_accounts()

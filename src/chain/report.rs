@@ -87,7 +87,7 @@ pub fn state_json(m: &MirrorState) -> Value {
 
 /// Every chain's checkpoint with lag, and the configured endpoints' health right now.
 pub async fn status(store: &Store, chain: &ChainConfig) -> Result<Value, ChainError> {
-    let now = crate::app::unix_now();
+    let now = crate::clock::unix_secs_i64();
     let chains: Vec<Value> = store
         .chain_checkpoints()
         .await?

@@ -138,7 +138,7 @@ impl RpcPool {
     /// A pool over `urls` (HTTP), each request bounded by `chain.request_timeout` and each
     /// response by `chain.max_response_bytes`.
     pub fn new(urls: &[url::Url], chain: &ChainConfig, metrics: ChainMetrics) -> Self {
-        super::deploy::ensure_crypto_provider();
+        crate::tls::ensure_crypto_provider();
         let endpoints = urls
             .iter()
             .map(|u| Endpoint {

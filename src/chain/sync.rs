@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use alloy::eips::BlockNumberOrTag;
 use alloy::primitives::{Address, B256, U256};
@@ -116,12 +116,6 @@ struct Cursor {
     batch_blocks: u64,
     /// Timestamp of the processed block (for lag in seconds).
     processed_timestamp: u64,
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn decode_stored(kms: Address, e: &StoredEvent) -> Option<Event> {
@@ -651,7 +645,7 @@ impl SyncEngine {
             processed_block: start.saturating_sub(1),
             head_block: 0,
             head_seen_at: 0,
-            updated_at: unix_now(),
+            updated_at: crate::clock::unix_secs_i64(),
         };
         let checkpoint = match self.store.chain_checkpoint(chain_id).await? {
             Some(c) if c.kms_contract == kms && c.start_block == start => c,
@@ -741,7 +735,7 @@ impl SyncEngine {
                 );
                 self.metrics.reorg(depth);
                 c.checkpoint.processed_block = number;
-                c.checkpoint.updated_at = unix_now();
+                c.checkpoint.updated_at = crate::clock::unix_secs_i64();
                 self.store.chain_rewind(&c.checkpoint).await?;
                 c.processed_timestamp = u64::try_from(timestamp).unwrap_or(0);
             }
@@ -757,7 +751,7 @@ impl SyncEngine {
                     .reorg(processed.saturating_sub(c.checkpoint.start_block));
                 self.metrics.resync();
                 c.checkpoint.processed_block = c.checkpoint.start_block.saturating_sub(1);
-                c.checkpoint.updated_at = unix_now();
+                c.checkpoint.updated_at = crate::clock::unix_secs_i64();
                 self.store.chain_reset(&c.checkpoint).await?;
                 c.processed_timestamp = 0;
             }
@@ -1017,7 +1011,7 @@ impl SyncEngine {
         let mut checkpoint = c.checkpoint.clone();
         checkpoint.processed_block = to;
         checkpoint.head_block = head.number;
-        checkpoint.head_seen_at = unix_now();
+        checkpoint.head_seen_at = crate::clock::unix_secs_i64();
         checkpoint.updated_at = checkpoint.head_seen_at;
         self.store
             .chain_commit_batch(&BatchWrite {
@@ -1137,7 +1131,7 @@ impl SyncEngine {
             );
         }
         self.store
-            .chain_record_head(c.chain_id, head.number, unix_now())
+            .chain_record_head(c.chain_id, head.number, crate::clock::unix_secs_i64())
             .await?;
         self.mirror.mark_fresh(Instant::now());
         Ok(())

@@ -6,24 +6,27 @@
 //! all named `insecure_*`, default off, and listed by [`Config::insecure_switches`] so start-up can
 //! warn about each one that is on.
 
-pub mod problem;
-mod secret;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-pub use problem::Problem;
-pub use secret::{SecretError, SecretRef, SecretValue};
+use crate::attestation::config::AttestationConfig;
+use crate::chain::config::ChainConfig;
+use crate::http::config::{AdminConfig, ApiConfig, MetricsConfig, port_conflicts};
+use crate::kms::config::{AuthConfig, KmsConfig};
+pub use crate::problem::Problem;
+use crate::runtime::config::RuntimeConfig;
+pub use crate::secret::{SecretError, SecretRef, SecretValue, redact_url};
+pub use crate::store::config::{DatabaseTarget, StorageConfig};
+use crate::telemetry::config::TelemetryConfig;
 
 /// Prefix of environment variables that override config keys.
 pub const ENV_PREFIX: &str = "KEYWARDEN_";
 
-/// The whole service configuration.
+/// The whole service configuration: one section per subsystem, each defined, defaulted and
+/// checked in its subsystem's `config.rs`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -40,212 +43,13 @@ pub struct Config {
     /// Process-level behaviour.
     pub runtime: RuntimeConfig,
     /// Attestation verification: TCB policy, collateral, Nitro PCRs.
-    pub attestation: crate::attestation::AttestationConfig,
+    pub attestation: AttestationConfig,
     /// KMS root keys and RPC certificate.
-    pub kms: crate::kms::root::KmsConfig,
+    pub kms: KmsConfig,
     /// Who authorizes boots.
-    pub auth: crate::kms::authz::AuthConfig,
+    pub auth: AuthConfig,
     /// The on-chain mirror of DstackKms and its apps.
-    pub chain: crate::chain::ChainConfig,
-}
-
-/// The API listener.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ApiConfig {
-    /// Address to listen on.
-    pub listen: SocketAddr,
-    /// Time a request may take before it is answered with 503.
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// Largest request body accepted, in bytes.
-    pub max_body_bytes: usize,
-    /// Time a client has to complete the TLS handshake.
-    #[serde(with = "humantime_serde")]
-    pub handshake_timeout: Duration,
-    /// Time a connection may take to send a request's headers, and may stay idle between
-    /// requests; then it is closed.
-    #[serde(with = "humantime_serde")]
-    pub header_read_timeout: Duration,
-    /// Connections open at once; beyond it the oldest connection with no request in flight is
-    /// closed (or the new one refused when all are busy). Keep it well under the open-file limit.
-    pub max_connections: usize,
-}
-
-impl Default for ApiConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
-            request_timeout: Duration::from_secs(30),
-            max_body_bytes: 1024 * 1024,
-            handshake_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(10),
-            max_connections: 1024,
-        }
-    }
-}
-
-/// The metrics listener (`/metrics`, `/livez`, `/readyz`), never the key-dispatch port.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    /// Address to listen on.
-    pub listen: SocketAddr,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-        }
-    }
-}
-
-/// The admin listener: disabled unless a bearer token is configured.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    /// Address to listen on.
-    pub listen: SocketAddr,
-    /// The bearer token, as a secret reference (`env:VAR` or `file:PATH`).
-    pub token: Option<SecretRef>,
-    /// Alternatively, the SHA-256 of the token (64 hex digits), so the token itself is stored nowhere.
-    pub token_sha256: Option<String>,
-    /// Allow the admin listener on a non-loopback address.
-    pub insecure_listen_public: bool,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
-            token: None,
-            token_sha256: None,
-            insecure_listen_public: false,
-        }
-    }
-}
-
-/// Persistence.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    /// Directory for the embedded database and key material (created with mode 0700).
-    pub data_dir: PathBuf,
-    /// `sqlite://PATH` or `postgres://...`; defaults to SQLite at `<data_dir>/keywarden.db`.
-    pub database_url: Option<String>,
-    /// Largest number of pooled database connections.
-    pub max_connections: u32,
-    /// How long to wait for the database when connecting or acquiring a connection.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        Self {
-            data_dir: PathBuf::from("data"),
-            database_url: None,
-            max_connections: 8,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Text with colour on a TTY, JSON lines otherwise.
-    Auto,
-    /// Human-readable text.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// OTLP transport.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum OtlpProtocol {
-    /// gRPC (default port 4317).
-    Grpc,
-    /// HTTP with protobuf bodies (default port 4318).
-    Http,
-}
-
-/// Logs, audit log and trace export.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TelemetryConfig {
-    /// Log filter in EnvFilter syntax; `RUST_LOG` overrides it.
-    pub log_level: String,
-    /// `auto`, `text` or `json`.
-    pub log_format: LogFormat,
-    /// Force colours on or off in text logs; unset means "on when stdout is a TTY".
-    pub log_color: Option<bool>,
-    /// Also append audit records (target `audit`) to this file as JSON lines.
-    pub audit_file: Option<PathBuf>,
-    /// OpenTelemetry trace export.
-    pub otlp: OtlpConfig,
-}
-
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        Self {
-            log_level: "info".into(),
-            log_format: LogFormat::Auto,
-            log_color: None,
-            audit_file: None,
-            otlp: OtlpConfig::default(),
-        }
-    }
-}
-
-/// OTLP trace export.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct OtlpConfig {
-    /// Export spans.
-    pub enabled: bool,
-    /// Collector endpoint (`http://host:4317` for gRPC, `http://host:4318` for HTTP).
-    pub endpoint: String,
-    /// `grpc` or `http`.
-    pub protocol: OtlpProtocol,
-    /// `service.name` resource attribute.
-    pub service_name: String,
-    /// Export timeout.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-impl Default for OtlpConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            endpoint: "http://localhost:4317".into(),
-            protocol: OtlpProtocol::Grpc,
-            service_name: "keywarden".into(),
-            timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Process-level behaviour.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RuntimeConfig {
-    /// How long shutdown may take to drain in-flight work before the process gives up.
-    #[serde(with = "humantime_serde")]
-    pub shutdown_timeout: Duration,
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        Self {
-            shutdown_timeout: Duration::from_secs(10),
-        }
-    }
+    pub chain: ChainConfig,
 }
 
 /// Flags given on the `serve` command line; they win over file and environment.
@@ -314,15 +118,6 @@ impl ConfigError {
     }
 }
 
-/// The database the storage section selects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DatabaseTarget {
-    /// An SQLite file.
-    Sqlite(PathBuf),
-    /// A PostgreSQL server (the URL as given).
-    Postgres(String),
-}
-
 impl Config {
     /// Loads the configuration: defaults, then `file`, then `env` overrides, then `overrides`.
     /// Does not validate; call [`Config::validate`].
@@ -339,7 +134,7 @@ impl Config {
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
             .map_err(|e| {
                 let path = e.path().to_string();
-                let inner = flatten(&e.inner().to_string());
+                let inner = crate::problem::one_line(&e.inner().to_string());
                 let source = env_keys
                     .iter()
                     .find(|(p, _)| path.starts_with(p.as_str()) || p.starts_with(path.as_str()))
@@ -392,379 +187,60 @@ impl Config {
             self.admin.insecure_listen_public,
         )];
         all.extend(self.attestation.insecure_switches());
-        all.push(("auth.insecure_dev_auth", self.auth.insecure_dev_auth));
-        all.push((
-            "kms.insecure_self_attest_with_test_pki",
-            self.kms.insecure_self_attest_with_test_pki,
-        ));
-        all.push((
-            "kms.insecure_skip_os_image_check",
-            self.kms.insecure_skip_os_image_check,
-        ));
+        all.extend(self.auth.insecure_switches());
+        all.extend(self.kms.insecure_switches());
         all
     }
 
     /// The database selected by `storage`.
     pub fn database_target(&self) -> Result<DatabaseTarget, ConfigError> {
-        let Some(raw) = &self.storage.database_url else {
-            return Ok(DatabaseTarget::Sqlite(
-                self.storage.data_dir.join("keywarden.db"),
-            ));
-        };
-        let fix = "use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE";
-        let url = url::Url::parse(raw).map_err(|e| {
-            ConfigError::one(
-                "storage.database_url",
-                format!("malformed URL {:?}: {e}", redact_url(raw)),
-                fix,
-            )
-        })?;
-        match url.scheme() {
-            "sqlite" => {
-                let path = raw
-                    .trim_start_matches("sqlite://")
-                    .trim_start_matches("sqlite:");
-                let path = path.split('?').next().unwrap_or_default();
-                if path.is_empty() {
-                    return Err(ConfigError::one(
-                        "storage.database_url",
-                        "sqlite URL names no file",
-                        fix,
-                    ));
-                }
-                Ok(DatabaseTarget::Sqlite(PathBuf::from(path)))
-            }
-            "postgres" | "postgresql" => {
-                if url.host_str().is_none_or(str::is_empty) {
-                    return Err(ConfigError::one(
-                        "storage.database_url",
-                        "postgres URL names no host",
-                        fix,
-                    ));
-                }
-                Ok(DatabaseTarget::Postgres(raw.clone()))
-            }
-            other => Err(ConfigError::one(
-                "storage.database_url",
-                format!("unsupported database scheme {other:?}"),
-                fix,
-            )),
-        }
+        self.storage
+            .database_target()
+            .map_err(|p| ConfigError::Invalid(vec![p]))
     }
 
     /// Checks everything that can be checked without touching the network or the database,
-    /// including that secrets resolve. Returns every problem at once.
+    /// including that secrets resolve: every section's problems, at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
-        let mut push = |key: &str, problem: String, fix: &str| {
-            problems.push(Problem {
-                key: key.into(),
-                problem,
-                fix: fix.into(),
-            })
-        };
-
-        if let Err(e) = self.database_target() {
-            for p in e.problems() {
-                push(&p.key, p.problem.clone(), &p.fix);
-            }
-        }
-        if self.storage.max_connections == 0 {
-            push(
-                "storage.max_connections",
-                "must be at least 1".into(),
-                "set it to 1 or more (8 is the default)",
-            );
-        }
-        if self.storage.connect_timeout.is_zero() {
-            push(
-                "storage.connect_timeout",
-                "must be positive".into(),
-                "use a duration such as \"5s\"",
-            );
-        }
-
-        let listeners = [
-            ("api.listen", self.api.listen),
-            ("metrics.listen", self.metrics.listen),
-            ("admin.listen", self.admin.listen),
-        ];
-        for (i, (ka, a)) in listeners.iter().enumerate() {
-            for (kb, b) in &listeners[i + 1..] {
-                let admin_off = *kb == "admin.listen" && !self.admin_enabled();
-                if a.port() == b.port() && a.port() != 0 && !admin_off {
-                    push(
-                        kb,
-                        format!("uses port {} already taken by {ka}", b.port()),
-                        "give each listener its own port",
-                    );
-                }
-            }
-        }
-        if self.api.max_body_bytes == 0 {
-            push(
-                "api.max_body_bytes",
-                "must be positive".into(),
-                "set a limit such as 1048576",
-            );
-        }
-        if self.api.request_timeout.is_zero() {
-            push(
-                "api.request_timeout",
-                "must be positive".into(),
-                "use a duration such as \"30s\"",
-            );
-        }
-
-        match (&self.admin.token, &self.admin.token_sha256) {
-            (Some(_), Some(_)) => push(
-                "admin.token_sha256",
-                "both admin.token and admin.token_sha256 are set".into(),
-                "keep only one of them",
-            ),
-            (Some(r), None) => {
-                if let Err(e) = r.resolve() {
-                    push(
-                        "admin.token",
-                        format!("{r}: {e}"),
-                        "point it at a readable file or a set environment variable",
-                    );
-                }
-            }
-            (None, Some(h)) => {
-                if h.len() != 64 || hex::decode(h).is_err() {
-                    push(
-                        "admin.token_sha256",
-                        "is not 64 hex digits".into(),
-                        "use the output of `printf %s TOKEN | sha256sum`",
-                    );
-                }
-            }
-            (None, None) => {}
-        }
-        if self.admin_enabled()
-            && !self.admin.listen.ip().is_loopback()
-            && !self.admin.insecure_listen_public
-        {
-            push(
-                "admin.listen",
-                format!(
-                    "{} is not a loopback address; the admin API would be reachable from the network",
-                    self.admin.listen
-                ),
-                "bind it to 127.0.0.1, or set admin.insecure_listen_public = true if that is intended",
-            );
-        }
-
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.telemetry.log_level) {
-            push(
-                "telemetry.log_level",
-                format!(
-                    "{:?} is not a valid filter: {}",
-                    self.telemetry.log_level,
-                    flatten(&e.to_string())
-                ),
-                "use a level (info, debug, ...) or EnvFilter directives such as \"info,keywarden=debug\"",
-            );
-        }
-        if self.telemetry.otlp.enabled {
-            match url::Url::parse(&self.telemetry.otlp.endpoint) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-                Ok(u) => push(
-                    "telemetry.otlp.endpoint",
-                    format!("unsupported scheme {:?}", u.scheme()),
-                    "use http://HOST:PORT or https://HOST:PORT",
-                ),
-                Err(e) => push(
-                    "telemetry.otlp.endpoint",
-                    format!("malformed URL {:?}: {e}", self.telemetry.otlp.endpoint),
-                    "use http://HOST:PORT",
-                ),
-            }
-            if self.telemetry.otlp.service_name.trim().is_empty() {
-                push(
-                    "telemetry.otlp.service_name",
-                    "is empty".into(),
-                    "set a service name such as \"keywarden\"",
-                );
-            }
-        }
-        if self.kms.insecure_self_attest_with_test_pki
-            && self.attestation.insecure_test_pki.is_none()
-        {
-            push(
-                "kms.insecure_self_attest_with_test_pki",
-                "needs a test PKI to attest with, and none is configured".into(),
-                "set attestation.insecure_test_pki (serve --insecure-test-pki DIR), or turn this off",
-            );
-        }
-        match self.auth.backend {
-            crate::kms::authz::AuthBackendKind::Dev if !self.auth.insecure_dev_auth => push(
-                "auth.backend",
-                "\"dev\" authorizes every attested boot and needs auth.insecure_dev_auth = true"
-                    .into(),
-                "use backend = \"chain\" or \"webhook\", or set auth.insecure_dev_auth = true for development",
-            ),
-            crate::kms::authz::AuthBackendKind::Webhook => {
-                match self.auth.webhook_url.as_deref().map(url::Url::parse) {
-                    Some(Ok(u)) if matches!(u.scheme(), "http" | "https") => {}
-                    Some(_) => push(
-                        "auth.webhook_url",
-                        "is not an http(s) URL".into(),
-                        "set the auth server's base URL, e.g. \"http://127.0.0.1:8090\"",
-                    ),
-                    None => push(
-                        "auth.webhook_url",
-                        "is required with auth.backend = \"webhook\"".into(),
-                        "set the auth server's base URL",
-                    ),
-                }
-            }
-            _ => {}
-        }
-        if self.api.max_connections == 0 {
-            push(
-                "api.max_connections",
-                "must be at least 1".into(),
-                "use 1024 (the default), well under the open-file limit",
-            );
-        }
-        if self.api.header_read_timeout.is_zero() {
-            push(
-                "api.header_read_timeout",
-                "must be positive".into(),
-                "use a duration such as \"10s\"",
-            );
-        }
-        if self.api.handshake_timeout.is_zero() {
-            push(
-                "api.handshake_timeout",
-                "must be positive".into(),
-                "use a duration such as \"10s\"",
-            );
-        }
-        if self.kms.domains.is_empty() || self.kms.domains.iter().any(|d| d.trim().is_empty()) {
-            push(
-                "kms.domains",
-                "must name at least one non-empty DNS name".into(),
-                "list the names clients use to reach the KMS, e.g. [\"kms.example.com\"]",
-            );
-        }
-        if let Err(e) = crate::kms::osimage::OsImagePolicy::new(&self.kms.os_images, false) {
-            push(
-                "kms.os_images",
-                e.to_string(),
-                "give hash as 64 hex digits and mrtd, rtmr0, rtmr1, rtmr2 as 96 hex digits each",
-            );
-        }
-        if self.kms.max_concurrent_requests == 0 {
-            push(
-                "kms.max_concurrent_requests",
-                "must be at least 1".into(),
-                "set it to the number of requests to process at once (32 is the default)",
-            );
-        }
-        if let Err(id) = self.kms.canary_ids() {
-            push(
-                "kms.canary_app_ids",
-                format!("{id:?} is not a 20-byte hex app id"),
-                "list app ids as 40 hex digits (0x optional)",
-            );
-        }
-        if let Some(r) = &self.kms.key_encryption_key
-            && let Err(e) = r.resolve()
-        {
-            push(
-                "kms.key_encryption_key",
-                format!("{r}: {e}"),
-                "point it at a readable file or a set environment variable",
-            );
-        }
-        if self.runtime.shutdown_timeout.is_zero()
-            || self.runtime.shutdown_timeout > Duration::from_secs(600)
-        {
-            push(
-                "runtime.shutdown_timeout",
-                format!(
-                    "{} is outside 1ms..10m",
-                    humantime::format_duration(self.runtime.shutdown_timeout)
-                ),
-                "use a duration such as \"10s\"",
-            );
-        }
-
-        problems.extend(self.chain.problems());
-        problems.extend(self.attestation.problems());
-
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        let problems = [
+            self.storage.problems(),
+            port_conflicts(&self.api, &self.metrics, &self.admin),
+            self.api.problems(),
+            self.admin.problems(),
+            self.telemetry.problems(),
+            self.kms
+                .problems(self.attestation.insecure_test_pki.is_some()),
+            self.auth.problems(),
+            self.runtime.problems(),
+            self.chain.problems(),
+            self.attestation.problems(),
+        ]
+        .concat();
+        ConfigError::check(problems)
     }
 
     /// Whether the admin listener runs (it needs a token).
     pub fn admin_enabled(&self) -> bool {
-        self.admin.token.is_some() || self.admin.token_sha256.is_some()
+        self.admin.enabled()
     }
 
-    /// The SHA-256 of the admin token, resolving the secret if needed. The plaintext is dropped
-    /// (and zeroized) before this returns.
+    /// The SHA-256 of the admin token, resolving the secret if needed.
     pub fn admin_token_hash(&self) -> Result<Option<[u8; 32]>, ConfigError> {
-        if let Some(r) = &self.admin.token {
-            let value = r.resolve().map_err(|e| {
-                ConfigError::one(
-                    "admin.token",
-                    format!("{r}: {e}"),
-                    "point it at a readable file or a set environment variable",
-                )
-            })?;
-            return Ok(Some(Sha256::digest(value.expose().as_bytes()).into()));
-        }
-        if let Some(h) = &self.admin.token_sha256 {
-            let mut out = [0u8; 32];
-            hex::decode_to_slice(h, &mut out).map_err(|_| {
-                ConfigError::one(
-                    "admin.token_sha256",
-                    "is not 64 hex digits",
-                    "use the output of `printf %s TOKEN | sha256sum`",
-                )
-            })?;
-            return Ok(Some(out));
-        }
-        Ok(None)
+        self.admin
+            .token_hash()
+            .map_err(|p| ConfigError::Invalid(vec![p]))
     }
 
     /// The effective configuration as TOML, with credentials in URLs redacted (secret references
     /// name where a secret lives, never its value).
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
-        shown.storage.database_url = shown.storage.database_url.as_deref().map(redact_url);
+        shown.storage = shown.storage.redacted();
         // RPC URLs may carry credentials in their user-info.
         shown.chain.rpc_urls = shown.chain.rpc_urls.iter().map(|u| redact_url(u)).collect();
         toml::to_string_pretty(&shown)
             .unwrap_or_else(|e| format!("# configuration could not be rendered: {e}\n"))
     }
-}
-
-/// Replaces the password in a URL's user-info with `***`.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(_) => raw.to_owned(),
-        Err(_) => match raw.find('@') {
-            Some(at) => format!("***{}", &raw[at..]),
-            None => raw.to_owned(),
-        },
-    }
-}
-
-/// Collapses a multi-line library error into one line.
-fn flatten(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn read_toml_file(path: &Path) -> Result<toml::Table, ConfigError> {
@@ -782,7 +258,7 @@ fn read_toml_file(path: &Path) -> Result<toml::Table, ConfigError> {
             .unwrap_or(0);
         ConfigError::one(
             format!("{}:{line}", path.display()),
-            format!("not valid TOML: {}", flatten(e.message())),
+            format!("not valid TOML: {}", crate::problem::one_line(e.message())),
             "correct the syntax at that line",
         )
     })
@@ -873,6 +349,22 @@ fn typed_env_value(defaults: &toml::Value, path: &[String], raw: &str) -> toml::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kms_os_images_from_the_environment_round_trip_through_the_loader() {
+        use crate::kms::osimage::{OsImage, env_value};
+        let images = vec![
+            OsImage::new(&[5; 32], &[0x11; 48], &[[0x22; 48], [0x33; 48], [0x44; 48]]),
+            OsImage::new(&[7; 32], &[1; 48], &[[2; 48], [3; 48], [4; 48]]),
+        ];
+        let cfg = Config::load(
+            None,
+            [("KEYWARDEN_KMS__OS_IMAGES".to_owned(), env_value(&images))],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.kms.os_images, images);
+    }
 
     fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
@@ -1038,7 +530,10 @@ mod tests {
         let mut c = Config::default();
         c.admin.token = Some(SecretRef::File(p));
         let h = c.admin_token_hash().unwrap().unwrap();
-        assert_eq!(h, <[u8; 32]>::from(Sha256::digest(b"tok")));
+        assert_eq!(
+            h,
+            <[u8; 32]>::from(<sha2::Sha256 as sha2::Digest>::digest(b"tok"))
+        );
     }
 
     #[test]

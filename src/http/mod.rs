@@ -7,9 +7,8 @@
 //! backoff, a connection cap shedding idle ones, a header-read timeout, HTTP/1.1, drain on
 //! shutdown); [`Server`] serves a plain-HTTP router that way as a supervised task. [`HttpError`] is the one error type that becomes a JSON response.
 
-mod admin;
+pub mod config;
 pub mod conn;
-mod ops;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,9 +24,6 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
-
-pub use admin::router as admin_router;
-pub use ops::router as ops_router;
 
 use crate::runtime::{Task, panic_message};
 use crate::telemetry::{ConnectionEvent, Listener, ProcessMetrics};

@@ -8,52 +8,10 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+pub use super::config::{AuthBackendKind, AuthConfig};
 use crate::attestation::BootInfo;
-
-/// The `[auth]` configuration section.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// `chain` (the on-chain mirror), `webhook` (upstream's auth API) or `dev`.
-    pub backend: AuthBackendKind,
-    /// Base URL of the auth server for `backend = "webhook"`.
-    pub webhook_url: Option<String>,
-    /// Timeout of one webhook call.
-    #[serde(with = "humantime_serde")]
-    pub webhook_timeout: Duration,
-    /// Allow `backend = "dev"`, which authorizes every attested boot.
-    pub insecure_dev_auth: bool,
-    /// How long a webhook answer about the KMS itself (`bootAuth/kms`, the self-check of an
-    /// attested KMS) is reused; the chain backend is asked on every request.
-    #[serde(with = "humantime_serde")]
-    pub kms_self_check_cache_ttl: Duration,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        Self {
-            backend: AuthBackendKind::Chain,
-            webhook_url: None,
-            webhook_timeout: Duration::from_secs(5),
-            insecure_dev_auth: false,
-            kms_self_check_cache_ttl: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Authorization backends.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum AuthBackendKind {
-    /// The local on-chain mirror.
-    Chain,
-    /// Upstream's auth webhook.
-    Webhook,
-    /// Allow every attested boot (development only).
-    Dev,
-}
 
 /// An authorization answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,7 +193,7 @@ struct WebhookAnswer {
 impl WebhookAuthorizer {
     /// A client for the auth server at `base_url`.
     pub fn new(base_url: &str, timeout: Duration) -> Result<Self, AuthError> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::ensure_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .build()

@@ -184,7 +184,7 @@ async fn decode<T: serde::de::DeserializeOwned>(
 }
 
 fn client_builder(timeout: Duration, fresh_connections: bool) -> reqwest::ClientBuilder {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::ensure_crypto_provider();
     let b = reqwest::Client::builder().timeout(timeout).tls_info(true);
     if fresh_connections {
         b.pool_max_idle_per_host(0)

@@ -12,7 +12,7 @@
 //! through the same gates (OS image binding, canary, authorizer).
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -20,7 +20,6 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use dcap_qvl::QuoteCollateralV3;
 use prost::Message;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -31,67 +30,18 @@ use super::keys::{AppKeys, BootstrapInfo, EnvEncryptPubKey};
 use super::ledger::Ledger;
 use super::metrics::{KmsMetrics, Method, Outcome, Refusal};
 use super::proto;
+use super::refusal::{Refused, Subject};
 use super::root::KmsKeys;
 use super::signcert::{self, SignCertError};
 use super::workers::Workers;
-use crate::attestation::collateral::CollateralProvider;
+use crate::attestation::collateral::CollateralSource;
 use crate::attestation::ratls::report_data_for_spki;
-use crate::attestation::testpki::{TEST_FMSPC, TestPki};
-use crate::attestation::{AttestationError, AttestationMetrics, Platform, Verifier, tdx};
+use crate::attestation::{AttestationError, AttestationMetrics, Platform, Verifier};
 use crate::store::BootObservation;
 
 /// The peer's client certificate (DER), attached to each request of a TLS connection.
 #[derive(Debug, Clone, Default)]
 pub struct PeerCert(pub Option<Arc<Vec<u8>>>);
-
-/// A refused request: the reason label, the message the caller sees, and what its audit record
-/// is about.
-#[derive(Debug, Clone)]
-pub struct Refused {
-    /// Closed-set reason.
-    pub reason: Refusal,
-    /// Message for the caller (upstream's wording where it has one).
-    pub message: String,
-    /// What the refusal's audit record is about.
-    pub subject: Subject,
-}
-
-/// What a refused key request's audit record is about.
-#[derive(Debug, Clone, Default)]
-pub enum Subject {
-    /// Refused before the attestation step (overload, a malformed request): not audited.
-    #[default]
-    Unaudited,
-    /// Refused at the attestation step, before any boot was verified.
-    Unverified,
-    /// Refused about this verified boot.
-    Boot(Box<crate::attestation::BootInfo>),
-}
-
-impl Refused {
-    /// A refusal before the attestation step.
-    pub(crate) fn new(reason: Refusal, message: impl Into<String>) -> Self {
-        Self {
-            reason,
-            message: message.into(),
-            subject: Subject::Unaudited,
-        }
-    }
-
-    /// The refusal, audited as about `boot`.
-    fn about(mut self, boot: &crate::attestation::BootInfo) -> Self {
-        self.subject = Subject::Boot(Box::new(boot.clone()));
-        self
-    }
-
-    /// The refusal, audited as reached at the attestation step (unless it names a boot).
-    fn attested(mut self) -> Self {
-        if matches!(self.subject, Subject::Unaudited) {
-            self.subject = Subject::Unverified;
-        }
-        self
-    }
-}
 
 /// Why a quote got no collateral: the attestation's fault (a counted verification failure), or
 /// the service's.
@@ -103,40 +53,6 @@ enum Before {
 impl From<AttestationError> for Before {
     fn from(e: AttestationError) -> Self {
         Self::Attestation(e)
-    }
-}
-
-/// Where TDX collateral comes from: PCCS (cached in the store), or the test PKI's own set for
-/// quotes it issued when `insecure_test_pki` is configured.
-pub struct CollateralSource {
-    pccs: CollateralProvider,
-    test: Option<QuoteCollateralV3>,
-}
-
-impl CollateralSource {
-    /// Builds the source; `test_pki` is the loaded test PKI when configured.
-    pub fn new(pccs: CollateralProvider, test_pki: Option<&TestPki>) -> Self {
-        Self {
-            pccs,
-            test: test_pki.map(|p| p.collateral().clone()),
-        }
-    }
-
-    /// The collateral to verify `quote` with at `now`; `check` runs before a PCCS fetch (see
-    /// [`CollateralProvider::for_quote`]).
-    pub async fn for_quote<E: From<AttestationError>>(
-        &self,
-        quote: &[u8],
-        now: u64,
-        check: impl std::future::Future<Output = Result<(), E>>,
-    ) -> Result<QuoteCollateralV3, E> {
-        if let Some(test) = &self.test {
-            let parsed = tdx::parse_quote(quote)?;
-            if dcap_qvl::intel::quote_fmspc(&parsed).ok() == Some(TEST_FMSPC) {
-                return Ok(test.clone());
-            }
-        }
-        self.pccs.for_quote(quote, now, check).await
     }
 }
 
@@ -252,12 +168,6 @@ fn scopeguard_dec(counter: &std::sync::atomic::AtomicUsize) -> impl Drop + '_ {
         }
     }
     Dec(counter)
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl KmsRpc {
@@ -384,7 +294,7 @@ impl KmsRpc {
         if req.app_id.len() != 20 {
             return Err(Refused::new(Refusal::BadRequest, "app_id must be 20 bytes"));
         }
-        let k = EnvEncryptPubKey::derive(&self.0.keys.root, &req.app_id, now_secs())
+        let k = EnvEncryptPubKey::derive(&self.0.keys.root, &req.app_id, crate::clock::unix_secs())
             .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
         Ok(proto::PublicKeyResponse {
             public_key: k.public_key.to_vec(),
@@ -422,7 +332,8 @@ impl KmsRpc {
         let os_image_hash = crate::attestation::identity::os_image_hash_from_config(vm_config)
             .map_err(|e| Refused::new(Refusal::BadRequest, format!("malformed vm_config: {e}")))?
             .map(|h| h.to_vec());
-        self.verify(source, now_secs(), os_image_hash).await
+        self.verify(source, crate::clock::unix_secs(), os_image_hash)
+            .await
     }
 
     /// The gates every key-releasing method shares, whatever carried the attestation: the OS
@@ -519,7 +430,7 @@ impl KmsRpc {
             ));
         }
         let (boot, decision) = self.authorized_boot(peer, &req.vm_config, false).await?;
-        let now = now_secs();
+        let now = crate::clock::unix_secs();
         let keys = self
             .derive(&boot, |root, boot| {
                 AppKeys::derive(root, &boot.app_id, &boot.instance_id)
@@ -761,7 +672,7 @@ impl KmsRpc {
                 &attestation,
                 &verified.boot_info,
                 &boot.app_id,
-                now_secs(),
+                crate::clock::unix_secs(),
             )?;
             Ok((leaf, ca.cert_pem))
         });
@@ -801,7 +712,9 @@ impl KmsRpc {
         });
         let record = match &refused.subject {
             Subject::Unaudited => return,
-            Subject::Unverified => crate::app::audit_record(method.audit_kind(), outcome, &why),
+            Subject::Unverified => {
+                crate::store::AuditRecord::new(method.audit_kind(), outcome, &why)
+            }
             Subject::Boot(boot) => audit_record(method, boot, outcome, &why),
         };
         // A failure is logged by the ledger, on the audit target too.
@@ -834,7 +747,7 @@ fn audit_record(
     if let (Some(detail), Some(why)) = (detail.as_object_mut(), why.as_object()) {
         detail.extend(why.clone());
     }
-    crate::app::audit_record(method.audit_kind(), outcome, &detail)
+    crate::store::AuditRecord::new(method.audit_kind(), outcome, &detail)
 }
 
 /// Where a request's attestation comes from; the gates after it are the same.

@@ -115,7 +115,7 @@ impl LedgerWriter {
         // The audit lines follow the commit, so none claims what was not recorded.
         let error = result.as_ref().err().map(ToString::to_string);
         for entry in &entries {
-            crate::app::log_audit(&entry.audit, error.as_deref());
+            entry.audit.log(error.as_deref());
         }
         match result {
             Ok(records) => {
@@ -168,7 +168,7 @@ impl Task for LedgerWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DatabaseTarget, StorageConfig};
+    use crate::store::config::{DatabaseTarget, StorageConfig};
 
     async fn store(dir: &std::path::Path) -> Store {
         let cfg = StorageConfig::default();

@@ -11,6 +11,7 @@
 
 pub mod authz;
 pub mod client;
+pub mod config;
 pub mod dispatch;
 pub mod keys;
 pub mod ledger;
@@ -18,6 +19,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod osimage;
 pub mod proto;
+pub mod refusal;
 pub mod root;
 pub mod selfcheck;
 pub mod server;

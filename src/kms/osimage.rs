@@ -183,21 +183,6 @@ mod tests {
     }
 
     #[test]
-    fn env_value_round_trips_through_the_config_loader() {
-        let images = vec![
-            image(),
-            OsImage::new(&[7; 32], &[1; 48], &[[2; 48], [3; 48], [4; 48]]),
-        ];
-        let cfg = crate::config::Config::load(
-            None,
-            [("KEYWARDEN_KMS__OS_IMAGES".to_owned(), env_value(&images))],
-            &Default::default(),
-        )
-        .unwrap();
-        assert_eq!(cfg.kms.os_images, images);
-    }
-
-    #[test]
     fn skipping_is_explicit() {
         let p = OsImagePolicy::new(&[], true).unwrap();
         assert_eq!(p.check_tdx(&[0x06; 32], &[0; 48], &[[0; 48]; 4]), Ok(()));

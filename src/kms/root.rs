@@ -15,12 +15,11 @@ use k256::ecdsa::SigningKey as K256SigningKey;
 use p256::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use super::config::KmsConfig;
 use super::keys::RootKeys;
 use crate::attestation::ratls::CertBuilder;
-use crate::config::SecretRef;
 
 /// Magic prefix of a sealed key file.
 const SEALED_MAGIC: &[u8] = b"KWSEAL1\0";
@@ -44,64 +43,6 @@ const KEY_FILES: [&str; 7] = [
     RPC_KEY,
     RPC_CERT,
 ];
-
-/// The `[kms]` configuration section.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct KmsConfig {
-    /// DNS name(s) the RPC server certificate is issued for.
-    pub domains: Vec<String>,
-    /// Secret (`env:VAR` / `file:PATH`) under which key files are encrypted at rest.
-    pub key_encryption_key: Option<SecretRef>,
-    /// KMS requests processed at once; more wait in the queue.
-    pub max_concurrent_requests: usize,
-    /// Requests allowed to wait for a slot; beyond it, requests are answered 503 at once.
-    pub max_queued_requests: usize,
-    /// Known OS images: `os_image_hash` → expected MRTD and RTMR0-2 of a TDX boot.
-    pub os_images: Vec<super::osimage::OsImage>,
-    /// Accept a TDX boot whatever OS image it claims (no binding of `os_image_hash` to MRTD/RTMR0-2).
-    pub insecure_skip_os_image_check: bool,
-    /// Hand the root keys to another attested KMS that `isKmsAllowed` admits (`GetKmsKey`).
-    pub allow_kms_replication: bool,
-    /// App ids (hex, 20 bytes) that must never receive keys: a request from one is refused and
-    /// audited as a security incident.
-    pub canary_app_ids: Vec<String>,
-    /// Attest the KMS itself as a simulated guest of the test PKI (`attestation.insecure_test_pki`)
-    /// running the simulated OS image, and gate every key release on its own `isKmsAllowed`.
-    pub insecure_self_attest_with_test_pki: bool,
-}
-
-impl Default for KmsConfig {
-    fn default() -> Self {
-        Self {
-            domains: vec!["localhost".into()],
-            key_encryption_key: None,
-            max_concurrent_requests: 32,
-            max_queued_requests: 256,
-            canary_app_ids: Vec::new(),
-            allow_kms_replication: false,
-            os_images: Vec::new(),
-            insecure_skip_os_image_check: false,
-            insecure_self_attest_with_test_pki: false,
-        }
-    }
-}
-
-impl KmsConfig {
-    /// `canary_app_ids` as 20-byte ids; `Err` names the first entry that is not 40 hex digits
-    /// (`0x` optional). Validation and the KMS both read the list through this.
-    pub fn canary_ids(&self) -> Result<Vec<Vec<u8>>, String> {
-        self.canary_app_ids
-            .iter()
-            .map(|id| {
-                hex::decode(id.strip_prefix("0x").unwrap_or(id))
-                    .ok()
-                    .filter(|b| b.len() == 20)
-                    .ok_or_else(|| id.clone())
-            })
-            .collect()
-    }
-}
 
 /// Why root key material could not be created or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -649,6 +590,7 @@ fn write_private(path: &Path, content: &[u8]) -> Result<(), RootKeyError> {
 mod tests {
     use super::*;
     use crate::kms::keys::BootstrapInfo;
+    use crate::secret::SecretRef;
 
     #[test]
     fn keys_are_created_once_with_private_modes_and_reloaded_identically() {

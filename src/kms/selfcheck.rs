@@ -20,9 +20,10 @@ use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 
 use super::authz::{AuthDecision, Authorizer};
-use super::dispatch::{CollateralSource, Refused};
 use super::metrics::{KmsMetrics, Refusal};
+use super::refusal::Refused;
 use super::root::{KmsKeys, RootKeyError};
+use crate::attestation::collateral::CollateralSource;
 use crate::attestation::testpki::{GuestSpec, TestPki};
 use crate::attestation::{AttestationError, BootInfo, Platform, Verifier};
 

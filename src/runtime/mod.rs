@@ -6,6 +6,7 @@
 //! exits non-zero. SIGTERM / Ctrl-C cancel every task, and [`Supervisor::wait`] drains them
 //! within the configured deadline.
 
+pub mod config;
 pub mod limits;
 mod readiness;
 

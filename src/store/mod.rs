@@ -14,6 +14,7 @@
 
 mod boots;
 mod collateral;
+pub mod config;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -28,7 +29,8 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use crate::config::{DatabaseTarget, StorageConfig, redact_url};
+use crate::secret::redact_url;
+use config::{DatabaseTarget, StorageConfig};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +176,37 @@ pub struct AuditRecord {
     pub outcome: String,
     /// JSON object with the details.
     pub detail: String,
+}
+
+impl AuditRecord {
+    /// A record of `kind` with `outcome` now, not yet stored or logged.
+    pub fn new(kind: &str, outcome: &str, detail: &serde_json::Value) -> Self {
+        Self {
+            at: crate::clock::unix_secs_i64(),
+            kind: kind.to_owned(),
+            outcome: outcome.to_owned(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// The record's line on the audit log target, written once storing it was attempted: as
+    /// stored, or an ERROR line with the `error` that kept it from being stored. An `ok` that
+    /// could not be recorded is logged as `failed`, because whatever it allowed is withheld.
+    pub fn log(&self, error: Option<&str>) {
+        let (kind, detail) = (self.kind.as_str(), self.detail.as_str());
+        match error {
+            None => {
+                tracing::info!(target: crate::telemetry::AUDIT_TARGET, kind, outcome = self.outcome, detail, "audit");
+            }
+            Some(error) => {
+                let outcome = match self.outcome.as_str() {
+                    "ok" => "failed",
+                    other => other,
+                };
+                tracing::error!(target: crate::telemetry::AUDIT_TARGET, kind, outcome, detail, error, "audit record could not be stored");
+            }
+        }
+    }
 }
 
 impl Store {

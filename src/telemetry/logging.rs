@@ -27,7 +27,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::{LogFormat, OtlpProtocol, TelemetryConfig};
+use super::config::{LogFormat, OtlpProtocol, TelemetryConfig};
 
 /// Why logging could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::HttpError;
-use crate::app::AppState;
+use super::AppState;
+use crate::http::{HttpError, not_found};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -17,7 +17,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .fallback(super::not_found)
+        .fallback(not_found)
         .with_state(state)
 }
 

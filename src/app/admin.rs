@@ -11,8 +11,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::HttpError;
-use crate::app::AppState;
+use super::AppState;
+use crate::http::{HttpError, not_found};
 
 /// Routes of the admin listener.
 pub fn router(state: AppState) -> Router {
@@ -23,7 +23,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/chain/status", get(chain_status))
         .route("/admin/chain/state", get(chain_state))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
-        .fallback(super::not_found)
+        .fallback(not_found)
         .with_state(state)
 }
 

@@ -135,6 +135,21 @@ impl fmt::Display for SecretValue {
     }
 }
 
+/// Replaces the password in a URL's user-info with `***`.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(_) => raw.to_owned(),
+        Err(_) => match raw.find('@') {
+            Some(at) => format!("***{}", &raw[at..]),
+            None => raw.to_owned(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

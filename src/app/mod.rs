@@ -1,10 +1,18 @@
-//! Application state shared by listeners and background tasks, and the health check.
+//! Application state shared by listeners and background tasks, the health check, and the
+//! routers that serve it: the metrics listener's (`ops`: `/metrics`, `/livez`, `/readyz`) and the
+//! admin listener's (`admin`: bearer-token auth, audit and chain reports).
 //!
-//! Built once by [`crate::service`] at start-up; handlers receive it as axum state. The health
+//! Built once by `service` at start-up; handlers receive it as axum state. The health
 //! check (database ping + every registered component) feeds `/readyz` and `keywarden_healthy`.
 
+mod admin;
+mod ops;
+
+pub use admin::router as admin_router;
+pub use ops::router as ops_router;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -12,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::runtime::{NotReady, Readiness, Task};
 use crate::store::{AuditRecord, RunStart, Store};
-use crate::telemetry::{AUDIT_TARGET, ProcessMetrics};
+use crate::telemetry::ProcessMetrics;
 
 /// How long `/readyz` waits for the database.
 const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -80,47 +88,11 @@ impl AppState {
     }
 }
 
-/// Stores an audit record, then writes its line to the `audit` log target ([`log_audit`]).
+/// Stores an audit record, then writes its line to the `audit` log target.
 pub async fn audit(store: &Store, kind: &str, outcome: &str, detail: serde_json::Value) {
-    let rec = audit_record(kind, outcome, &detail);
+    let rec = AuditRecord::new(kind, outcome, &detail);
     let stored = store.append_audit(&rec).await.err().map(|e| e.to_string());
-    log_audit(&rec, stored.as_deref());
-}
-
-/// An audit record, not yet stored or logged.
-pub fn audit_record(kind: &str, outcome: &str, detail: &serde_json::Value) -> AuditRecord {
-    AuditRecord {
-        at: unix_now(),
-        kind: kind.to_owned(),
-        outcome: outcome.to_owned(),
-        detail: detail.to_string(),
-    }
-}
-
-/// The `audit` log line of `rec`, written once storing it was attempted: what was stored, or an
-/// ERROR line with the `error` that kept it from being stored. An `ok` that could not be recorded is logged as `failed`,
-/// because whatever it allowed is withheld.
-pub fn log_audit(rec: &AuditRecord, error: Option<&str>) {
-    let (kind, detail) = (rec.kind.as_str(), rec.detail.as_str());
-    match error {
-        None => {
-            tracing::info!(target: AUDIT_TARGET, kind, outcome = rec.outcome, detail, "audit");
-        }
-        Some(error) => {
-            let outcome = match rec.outcome.as_str() {
-                "ok" => "failed",
-                other => other,
-            };
-            tracing::error!(target: AUDIT_TARGET, kind, outcome, detail, error, "audit record could not be stored");
-        }
-    }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    rec.log(stored.as_deref());
 }
 
 /// Re-evaluates health periodically so `keywarden_healthy` is current between `/readyz` calls,
