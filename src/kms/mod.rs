@@ -9,16 +9,20 @@
 //! [`signcert`] serves `SignCert`: a CSR whose attestation binds its key, authorized with the
 //! boot-time identity, answered with a leaf under the app's CA.
 
+pub mod audit;
 pub mod authz;
 pub mod client;
 pub mod config;
 pub mod dispatch;
+pub mod gates;
 pub mod keys;
 pub mod ledger;
+pub mod limiter;
 pub mod loadgen;
 pub mod metrics;
 pub mod osimage;
 pub mod proto;
+pub mod prpc;
 pub mod refusal;
 pub mod root;
 pub mod selfcheck;

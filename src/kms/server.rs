@@ -17,8 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::dispatch::PeerCert;
 use super::metrics::KmsMetrics;
+use super::prpc::PeerCert;
 use super::root::KmsKeys;
 use crate::http::conn::{self, ConnLimits, Handshake};
 use crate::runtime::Task;
