@@ -28,9 +28,9 @@ use crate::attestation::testpki::TestPki;
 use crate::kms::authz::{
     AuthBackendKind, Authorizer, ChainAuthorizer, DevAuthorizer, NoMirror, WebhookAuthorizer,
 };
-use crate::kms::dispatch::{ChainMeta, KmsRpc, KmsRpcParts};
 use crate::kms::ledger::Ledger;
 use crate::kms::root::KmsKeys;
+use crate::kms::rpc::{ChainMeta, KmsRpc, KmsRpcParts};
 use crate::kms::selfcheck::{AttestationSource, SelfCheck, attest_self};
 use crate::kms::server::RpcServer;
 use crate::kms::workers::Workers;

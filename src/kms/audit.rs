@@ -2,9 +2,9 @@
 //! its final outcome and typed reason, written through the ledger (a released key's record is
 //! committed before the key leaves).
 
-use super::dispatch::KmsRpc;
 use super::metrics::{Method, Refusal};
 use super::refusal::{Refused, Subject};
+use super::rpc::KmsRpc;
 
 impl KmsRpc {
     /// Records the release about `boot`; the key leaves only once it is committed.

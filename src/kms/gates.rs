@@ -5,10 +5,9 @@
 //! a typed [`Refused`] naming the boot for its audit record.
 
 use super::authz::AuthDecision;
-use super::dispatch::KmsRpc;
 use super::metrics::Refusal;
-use super::prpc::PeerCert;
 use super::refusal::Refused;
+use super::rpc::{KmsRpc, PeerCert};
 use crate::attestation::ratls::report_data_for_spki;
 use crate::attestation::{AttestationError, Platform};
 

@@ -25,6 +25,7 @@ pub mod proto;
 pub mod prpc;
 pub mod refusal;
 pub mod root;
+pub mod rpc;
 pub mod selfcheck;
 pub mod server;
 pub mod signcert;

@@ -3,7 +3,6 @@
 //! the handler that frames a method call: limiter slot for key methods, decode, call, encode,
 //! and one place where a refusal becomes the error body, the metric label and the audit record.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -17,14 +16,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument as _;
 
-use super::dispatch::KmsRpc;
 use super::metrics::{Method, Outcome, Refusal};
 use super::proto;
 use super::refusal::Refused;
-
-/// The peer's client certificate (DER), attached to each request of a TLS connection.
-#[derive(Debug, Clone, Default)]
-pub struct PeerCert(pub Option<Arc<Vec<u8>>>);
+use super::rpc::{KmsRpc, PeerCert};
 
 impl KmsRpc {
     /// The routes of the KMS listener: `/health` and `/prpc/{method}`. Anything else is

@@ -18,8 +18,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::KmsMetrics;
-use super::prpc::PeerCert;
 use super::root::KmsKeys;
+use super::rpc::PeerCert;
 use crate::http::conn::{self, ConnLimits, Handshake};
 use crate::runtime::Task;
 
