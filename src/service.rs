@@ -1,42 +1,30 @@
 //! `keywarden serve`: start-up, supervision and shutdown of the whole service.
 //!
-//! Order: logging → insecure-switch warnings → store (migrated) → run record → metrics (and the
-//! chain mirror, registered not ready, when `[chain]` is configured) → listeners bound (a taken
-//! port fails start-up before anything serves) → tasks spawned → ready. On shutdown: tasks
-//! drained within `runtime.shutdown_timeout`, the run marked clean, the store closed, pending
-//! spans exported.
+//! Order: logging → the registry and the supervisor → insecure-switch warnings → open-file limit
+//! and connection caps → listeners bound (a taken port fails start-up before anything is
+//! written) → store (migrated) → data-directory lock → KMS keys → run record → the subsystems,
+//! each built in one call that registers its metrics and returns its tasks and admin routes
+//! (`chain::subsystem`, then `kms::subsystem::subsystem`, which reads the chain's mirror) →
+//! application state → tasks spawned → ready. On shutdown: tasks drained within
+//! `runtime.shutdown_timeout`, the KMS crypto worker threads joined, the run marked clean, the
+//! store closed, pending spans exported.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use prometheus_client::registry::Registry;
 use tracing::Instrument as _;
 
 use crate::app::{AppState, HealthMonitor, Inner};
-use crate::chain::Mirror;
-use crate::chain::metrics::ChainMetrics;
 use crate::clock::unix_secs_i64 as unix_now;
 use crate::config::Config;
 use crate::http::conn::ConnLimits;
 use crate::http::{self, Limits, Server};
+use crate::kms::subsystem::{Listening, Settings};
+use crate::kms::workers::WorkerThreads;
 use crate::runtime::{ComponentState, Criticality, Outcome, Readiness, Supervisor};
-
-use crate::attestation::Verifier;
-use crate::attestation::collateral::CollateralProvider;
-use crate::attestation::collateral::CollateralSource;
-use crate::attestation::testpki::TestPki;
-use crate::kms::authz::{
-    AuthBackendKind, Authorizer, ChainAuthorizer, DevAuthorizer, NoMirror, WebhookAuthorizer,
-};
-use crate::kms::ledger::Ledger;
-use crate::kms::root::KmsKeys;
-use crate::kms::rpc::{ChainMeta, KmsRpc, KmsRpcParts};
-use crate::kms::selfcheck::{AttestationSource, SelfCheck, attest_self};
-use crate::kms::server::RpcServer;
-use crate::kms::workers::Workers;
 use crate::store::Store;
 use crate::telemetry::{self, Listener, ProcessMetrics};
-use prometheus_client::registry::Registry;
 
 /// How often the health monitor re-checks.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -50,10 +38,15 @@ pub async fn serve(config: Config, started: Instant) -> anyhow::Result<u8> {
 }
 
 async fn run(config: Config, started: Instant) -> anyhow::Result<u8> {
-    let (state, supervisor) = start(config, started)
+    let (state, supervisor, workers) = start(config, started)
         .instrument(tracing::info_span!("keywarden.startup"))
         .await?;
-    let outcome = supervisor.wait(state.config.runtime.shutdown_timeout).await;
+    let deadline = state.config.runtime.shutdown_timeout;
+    let outcome = supervisor.wait(deadline).await;
+    // After the listener has drained, nothing holds the KMS state, so its worker threads end.
+    if !workers.join(deadline).await {
+        tracing::warn!("the KMS crypto workers did not stop within the shutdown deadline");
+    }
     match &outcome {
         Outcome::Clean => {
             if let Err(e) = state.store.end_run(state.run.run_id, unix_now()).await {
@@ -78,35 +71,6 @@ async fn run(config: Config, started: Instant) -> anyhow::Result<u8> {
             Err(anyhow::anyhow!("critical task {task} stopped: {reason}"))
         }
         other => Ok(other.exit_code()),
-    }
-}
-
-/// Every metric the service exports, registered on one registry.
-#[derive(Debug)]
-struct Metrics {
-    /// The registry encoded on `/metrics`.
-    pub registry: Registry,
-    /// `keywarden_*` process metrics.
-    pub process: ProcessMetrics,
-    /// `dstack_kms_*` key-dispatch metrics.
-    pub kms: crate::kms::metrics::KmsMetrics,
-    /// `dstack_kms_attestation_*` / `dstack_kms_collateral_*` metrics.
-    pub attestation: crate::attestation::AttestationMetrics,
-}
-
-impl Metrics {
-    /// Builds the registry with every subsystem's metrics.
-    fn new() -> Self {
-        let mut registry = Registry::default();
-        let process = ProcessMetrics::new(&mut registry);
-        let kms = crate::kms::metrics::KmsMetrics::new(&mut registry);
-        let attestation = crate::attestation::AttestationMetrics::new(&mut registry);
-        Self {
-            registry,
-            process,
-            kms,
-            attestation,
-        }
     }
 }
 
@@ -139,10 +103,14 @@ fn connection_caps(config: &Config) -> ConnectionCaps {
     ConnectionCaps { api, plain }
 }
 
-async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Supervisor)> {
+async fn start(
+    config: Config,
+    started: Instant,
+) -> anyhow::Result<(AppState, Supervisor, WorkerThreads)> {
     // First, so a SIGTERM during start-up is handled as a shutdown request.
-    let mut metrics = Metrics::new();
-    let supervisor = Supervisor::new(metrics.process.clone());
+    let mut registry = Registry::default();
+    let process = ProcessMetrics::new(&mut registry);
+    let supervisor = Supervisor::new(process.clone());
     for (key, on) in config.insecure_switches() {
         if on {
             tracing::warn!(key, "insecure setting enabled; do not use in production");
@@ -159,6 +127,10 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
     } else {
         None
     };
+    let addr =
+        |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let (api_addr, ops_addr) = (addr(&api), addr(&ops));
+    let admin_addr = admin.as_ref().map(addr);
 
     let store = Store::open(&config.storage, &target).await?;
     // Before anything is written (run record, keys): a second service on this data directory
@@ -176,82 +148,73 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         tracing::warn!("the previous run did not shut down cleanly");
     }
 
-    let chain_metrics = ChainMetrics::new(&mut metrics.registry, config.chain.rpc_urls.len());
     let readiness = Readiness::default();
     readiness.register("listeners");
-    // Registered (not ready) before the listeners serve, so /readyz never reports a mirror that
-    // has not caught up.
-    let chain = config.chain.resolve().map(|resolved| {
-        crate::chain::follow(
-            resolved,
-            store.clone(),
-            readiness.clone(),
-            chain_metrics.clone(),
-        )
-    });
-    let (mirror, engine) = chain.unzip();
-    let (ledger, ledger_writer) = Ledger::new(store.clone(), metrics.kms.clone());
-    let kms_rpc = kms_rpc(&config, kms_keys, &store, ledger, &metrics, mirror.clone()).await?;
-    let tls = crate::kms::server::tls_config(kms_rpc.keys())?;
-    let addr =
-        |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let (api_addr, ops_addr) = (addr(&api), addr(&ops));
-    let admin_addr = admin.as_ref().map(addr);
-
     let limits = Limits {
         request_timeout: config.api.request_timeout,
         max_body_bytes: config.api.max_body_bytes,
     };
+    // The subsystems, each built in one call with its metrics on the one registry. The chain
+    // mirror registers itself (not ready) before any listener serves, so /readyz never reports
+    // a mirror that has not caught up.
+    let chain = crate::chain::subsystem(
+        &config.chain,
+        store.clone(),
+        readiness.clone(),
+        &mut registry,
+    );
+    let kms = crate::kms::subsystem::subsystem(
+        Settings {
+            kms: &config.kms,
+            auth: &config.auth,
+            attestation: &config.attestation,
+            chain: &config.chain,
+            api: &config.api,
+        },
+        kms_keys,
+        &store,
+        chain.mirror.clone(),
+        Listening {
+            socket: api,
+            max_connections: caps.api,
+            limits,
+            process: process.clone(),
+        },
+        &mut registry,
+    )
+    .await?;
+
+    let header_read_timeout = config.api.header_read_timeout;
     let state = AppState::new(Inner {
         config,
         store,
-        registry: metrics.registry,
-        process: metrics.process.clone(),
+        registry,
+        process: process.clone(),
         readiness: readiness.clone(),
         admin_token_hash,
         node_id,
         run,
         started,
-        chain: mirror,
         data_dir_lock,
     });
-
-    let header_read_timeout = state.config.api.header_read_timeout;
+    kms.tasks.spawn_on(&supervisor);
+    chain.tasks.spawn_on(&supervisor);
     let serve = |name, socket, router, listener| {
         supervisor.spawn(
             Server {
                 name,
                 listener,
                 socket,
-                router: http::harden(router, listener, limits, metrics.process.clone()),
+                router: http::harden(router, listener, limits, process.clone()),
                 limits: ConnLimits {
                     max_connections: caps.plain,
                     header_read_timeout,
                 },
-                metrics: metrics.process.clone(),
+                metrics: process.clone(),
             },
             Criticality::Critical,
         );
     };
-    supervisor.spawn(
-        RpcServer {
-            listener: api,
-            tls,
-            router: http::harden(
-                kms_rpc.router(),
-                Listener::Api,
-                limits,
-                metrics.process.clone(),
-            ),
-            metrics: metrics.kms.clone(),
-            handshake_timeout: state.config.api.handshake_timeout,
-            limits: ConnLimits {
-                max_connections: caps.api,
-                header_read_timeout,
-            },
-        },
-        Criticality::Critical,
-    );
     serve(
         "metrics_listener",
         ops,
@@ -262,15 +225,10 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         serve(
             "admin_listener",
             admin,
-            crate::app::admin_router(state.clone()),
+            crate::app::admin_router(state.clone(), chain.admin),
             Listener::Admin,
         );
     }
-    if let Some(engine) = engine {
-        supervisor.spawn(engine, Criticality::Critical);
-    }
-    // Critical: without it no key can be released.
-    supervisor.spawn(ledger_writer, Criticality::Critical);
     supervisor.spawn(
         HealthMonitor {
             state: state.clone(),
@@ -286,7 +244,7 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         .context("database did not answer right after start-up")?;
 
     let startup = started.elapsed();
-    metrics.process.set_startup_duration(startup.as_secs_f64());
+    process.set_startup_duration(startup.as_secs_f64());
     if kms_created {
         state
             .audit(
@@ -315,107 +273,5 @@ async fn start(config: Config, started: Instant) -> anyhow::Result<(AppState, Su
         startup_ms = startup.as_millis() as u64,
         "keywarden ready"
     );
-    Ok((state, supervisor))
-}
-
-/// Assembles the KMS RPC: verifier (with the test PKI when configured), collateral from PCCS via
-/// the store's cache, the configured authorization backend, and the KMS's own attestation and
-/// self-check when it runs attested.
-async fn kms_rpc(
-    config: &Config,
-    mut keys: KmsKeys,
-    store: &Store,
-    ledger: Ledger,
-    metrics: &Metrics,
-    mirror: Option<Arc<Mirror>>,
-) -> anyhow::Result<KmsRpc> {
-    let verifier = Verifier::new(config.attestation.clone())?;
-    let test_pki = match &config.attestation.insecure_test_pki {
-        Some(dir) => Some(TestPki::load(dir)?),
-        None => None,
-    };
-    let pccs = CollateralProvider::new(
-        &config.attestation,
-        Arc::new(store.clone()),
-        Some(metrics.attestation.clone()),
-    )?;
-    let authorizer: Arc<dyn Authorizer> = match config.auth.backend {
-        AuthBackendKind::Dev => Arc::new(DevAuthorizer),
-        AuthBackendKind::Webhook => Arc::new(WebhookAuthorizer::new(
-            config.auth.webhook_url.as_deref().unwrap_or_default(),
-            config.auth.webhook_timeout,
-        )?),
-        AuthBackendKind::Chain => match &mirror {
-            Some(m) => Arc::new(ChainAuthorizer::new(m.clone())),
-            None => Arc::new(NoMirror),
-        },
-    };
-    let collateral = CollateralSource::new(pccs, test_pki.as_ref());
-    let self_check = match test_pki.filter(|_| config.kms.insecure_self_attest_with_test_pki) {
-        Some(pki) => {
-            let identity = attest_self(
-                &AttestationSource::simulated(pki),
-                &mut keys,
-                &config.kms.domains,
-                &verifier,
-                &collateral,
-                crate::clock::unix_secs(),
-            )
-            .await?;
-            let boot = &identity.boot;
-            tracing::info!(
-                mr_aggregated = %hex::encode(&boot.mr_aggregated),
-                os_image_hash = %hex::encode(&boot.os_image_hash),
-                device_id = %hex::encode(&boot.device_id),
-                tcb_status = %boot.tcb_status,
-                "KMS attested itself (simulated, test PKI); it serves keys only while DstackKms allows these"
-            );
-            // A chain answer is a lookup in the current mirror: asked on every request.
-            let cache_ttl = match config.auth.backend {
-                AuthBackendKind::Webhook => config.auth.kms_self_check_cache_ttl,
-                AuthBackendKind::Chain | AuthBackendKind::Dev => Duration::ZERO,
-            };
-            Some(SelfCheck::new(
-                identity,
-                authorizer.clone(),
-                cache_ttl,
-                metrics.kms.clone(),
-            ))
-        }
-        None => {
-            // No TEE here: the RPC certificate is issued by our root CA without an attestation.
-            tracing::warn!(
-                "KMS is not running attested; its RPC certificate carries no attestation"
-            );
-            None
-        }
-    };
-    Ok(KmsRpc::new(KmsRpcParts {
-        keys,
-        verifier,
-        collateral,
-        authorizer,
-        self_check,
-        metrics: metrics.kms.clone(),
-        attestation_metrics: metrics.attestation.clone(),
-        ledger,
-        // One per core: the work is CPU-bound.
-        workers: Workers::start(std::thread::available_parallelism().map_or(2, usize::from))
-            .context("cannot start the KMS crypto workers")?,
-        chain: ChainMeta {
-            kms_contract_address: config.chain.kms_contract.clone(),
-            chain_id: config.chain.chain_id,
-            mirror: mirror.clone(),
-        },
-        max_concurrent: config.kms.max_concurrent_requests,
-        allow_kms_replication: config.kms.allow_kms_replication,
-        os_images: crate::kms::osimage::OsImagePolicy::new(
-            &config.kms.os_images,
-            config.kms.insecure_skip_os_image_check,
-        )?,
-        max_queued: config.kms.max_queued_requests,
-        canaries: config.kms.canary_ids().map_err(|id| {
-            anyhow::anyhow!("kms.canary_app_ids: {id:?} is not a 20-byte hex app id")
-        })?,
-    }))
+    Ok((state, supervisor, kms.workers))
 }

@@ -14,17 +14,17 @@ use subtle::ConstantTimeEq;
 use super::AppState;
 use crate::http::{HttpError, not_found};
 
-/// Routes of the admin listener.
-pub fn router(state: AppState) -> Router {
+/// Routes of the admin listener: its own, plus each subsystem's `subsystems` routes, all
+/// behind the token.
+pub fn router(state: AppState, subsystems: Router) -> Router {
     Router::new()
         .route("/admin/status", get(status))
         .route("/admin/config", get(config))
         .route("/admin/audit", get(audit))
-        .route("/admin/chain/status", get(chain_status))
-        .route("/admin/chain/state", get(chain_state))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state.clone())
+        .merge(subsystems)
+        .route_layer(middleware::from_fn_with_state(state, require_token))
         .fallback(not_found)
-        .with_state(state)
 }
 
 /// True when `presented` hashes to `expected`, compared without early exit.
@@ -96,46 +96,6 @@ async fn audit(
         HttpError::Unavailable("database unavailable".into())
     })?;
     Ok(axum::Json(serde_json::json!({ "records": records })))
-}
-
-fn chain_unavailable(e: crate::chain::ChainError) -> HttpError {
-    tracing::error!(error = %e, "chain report failed");
-    HttpError::Unavailable("database unavailable".into())
-}
-
-/// The stored checkpoints and endpoint probes (as `keywarden chain status`), plus the running
-/// engine's live view.
-async fn chain_status(
-    State(state): State<AppState>,
-) -> Result<axum::Json<serde_json::Value>, HttpError> {
-    let mut report = crate::chain::report::status(&state.store, &state.config.chain)
-        .await
-        .map_err(chain_unavailable)?;
-    report["live"] = match &state.chain {
-        Some(m) => serde_json::json!({
-            "fresh": m.is_fresh(),
-            "staleness_seconds": m.staleness().map(|s| s.as_secs_f64()),
-            "progress": m.progress(),
-        }),
-        None => serde_json::Value::Null,
-    };
-    Ok(axum::Json(report))
-}
-
-/// The mirror's allow-lists, apps and owners: the live snapshot when the engine runs, else
-/// rebuilt from the store (as `keywarden chain state`).
-async fn chain_state(
-    State(state): State<AppState>,
-) -> Result<axum::Json<serde_json::Value>, HttpError> {
-    let report = match &state.chain {
-        Some(m) => serde_json::json!({
-            "chains": [crate::chain::report::state_json(&m.snapshot())],
-        }),
-        None => crate::chain::report::state(&state.store, &state.config.chain)
-            .await
-            .map_err(chain_unavailable)?,
-    };
-    Ok(axum::Json(report))
 }
 
 #[cfg(test)]

@@ -49,8 +49,6 @@ pub struct Inner {
     pub run: RunStart,
     /// When the process started.
     pub started: Instant,
-    /// The on-chain mirror, when `[chain]` is configured.
-    pub chain: Option<Arc<crate::chain::Mirror>>,
     /// This process's hold on the data directory, for as long as the state lives.
     pub data_dir_lock: crate::store::DataDirLock,
 }

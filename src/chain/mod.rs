@@ -25,6 +25,7 @@
 //! - [`store`]: the chain tables of the store.
 //! - [`metrics`]: `dstack_chain_*` / `dstack_kms_*` metrics.
 //! - [`report`]: operator reports (`chain status`, `chain state`, admin API).
+//! - [`admin`]: the admin routes (`/admin/chain/*`).
 //!
 //! Flow: `contracts/src/*.sol` (our own Solidity, same ABI and check order as dstack's contracts)
 //! → `node contracts/build.mjs` (offline solc) → `contracts/out/*.json` + `contracts-abi/*.json`
@@ -32,6 +33,7 @@
 //! block hashes, checkpoint) → mirror → authorization, locally for known code, by `eth_call` for
 //! the rest.
 
+pub mod admin;
 pub mod authz;
 pub mod cli;
 pub mod code;
@@ -54,6 +56,39 @@ pub use deploy::{Deployment, deploy, deploy_with_timeout};
 pub use view::Mirror;
 
 use std::sync::Arc;
+
+/// The chain subsystem as the service runs it: the mirror the KMS reads (when `[chain]` is set),
+/// its supervised tasks and its admin routes.
+pub struct Subsystem {
+    /// The published mirror.
+    pub mirror: Option<Arc<Mirror>>,
+    /// The sync engine (critical), when `[chain]` is set.
+    pub tasks: crate::runtime::Tasks,
+    /// `/admin/chain/*`.
+    pub admin: axum::Router,
+}
+
+/// Builds the chain subsystem: registers `dstack_chain_*` on `registry`; when `[chain]` is set,
+/// the mirror and its engine, registered (not ready) with `readiness` until caught up.
+pub fn subsystem(
+    cfg: &ChainConfig,
+    store: crate::store::Store,
+    readiness: crate::runtime::Readiness,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Subsystem {
+    let metrics = metrics::ChainMetrics::new(registry, cfg.rpc_urls.len());
+    let mut tasks = crate::runtime::Tasks::default();
+    let mirror = cfg.resolve().map(|resolved| {
+        let (mirror, engine) = follow(resolved, store.clone(), readiness, metrics);
+        tasks.add(engine, crate::runtime::Criticality::Critical);
+        mirror
+    });
+    Subsystem {
+        admin: admin::routes(store, cfg.clone(), mirror.clone()),
+        mirror,
+        tasks,
+    }
+}
 
 /// The published mirror of `chain` and the engine that feeds it, sharing one RPC pool with the
 /// live authorization path.

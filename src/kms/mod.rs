@@ -29,6 +29,7 @@ pub mod rpc;
 pub mod selfcheck;
 pub mod server;
 pub mod signcert;
+pub mod subsystem;
 pub mod workers;
 
 /// Errors of the KMS module.

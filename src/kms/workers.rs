@@ -6,7 +6,9 @@
 //! result. Why a pool of its own: under overload the runtime's threads must win the CPU for TLS
 //! handshakes and the fast 503s of the backpressure limit, so that what the KMS cannot serve is
 //! refused quickly; the key work uses the rest (a lower priority is a smaller share, never none).
-//! How much key work is queued is bounded by the KMS's concurrency limit, not here.
+//! How much key work is queued is bounded by the KMS's concurrency limit, not here. The threads
+//! are the one piece of work outside the supervisor; they exit when the last [`Workers`] handle is
+//! dropped, and `service` joins them ([`WorkerThreads::join`]) at shutdown.
 
 use std::panic::AssertUnwindSafe;
 
@@ -33,17 +35,36 @@ pub struct Workers {
     queue: crossbeam_channel::Sender<Job>,
 }
 
+/// The worker threads themselves, joined at shutdown.
+#[derive(Debug)]
+pub struct WorkerThreads(Vec<std::thread::JoinHandle<()>>);
+
+impl WorkerThreads {
+    /// Waits, at most `deadline`, for every worker to exit (they do once the last [`Workers`]
+    /// handle is gone); `false` when some still run then.
+    pub async fn join(self, deadline: std::time::Duration) -> bool {
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in self.0 {
+                let _ = thread.join();
+            }
+        });
+        matches!(tokio::time::timeout(deadline, joined).await, Ok(Ok(())))
+    }
+}
+
 impl Workers {
     /// Starts `threads` workers (at least one).
-    pub fn start(threads: usize) -> std::io::Result<Self> {
+    pub fn start(threads: usize) -> std::io::Result<(Self, WorkerThreads)> {
         let (queue, jobs) = crossbeam_channel::unbounded::<Job>();
-        for i in 0..threads.max(1) {
-            let jobs = jobs.clone();
-            std::thread::Builder::new()
-                .name(format!("kms-crypto-{i}"))
-                .spawn(move || work(&jobs))?;
-        }
-        Ok(Self { queue })
+        let handles = (0..threads.max(1))
+            .map(|i| {
+                let jobs = jobs.clone();
+                std::thread::Builder::new()
+                    .name(format!("kms-crypto-{i}"))
+                    .spawn(move || work(&jobs))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok((Self { queue }, WorkerThreads(handles)))
     }
 
     /// Runs `job` on a worker and returns its result.
@@ -89,7 +110,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_run_on_lower_priority_workers_and_a_panic_is_survived() {
-        let workers = Workers::start(1).unwrap();
+        let (workers, threads) = Workers::start(1).unwrap();
         let nice = workers
             .run(|| {
                 // Linux: field 19 of the thread's stat is its nice value.
@@ -112,5 +133,8 @@ mod tests {
         assert!(matches!(err, WorkersError::Panicked), "{err}");
         // The single worker survived the panic.
         assert_eq!(workers.run(|| 6 * 7).await.unwrap(), 42);
+        // Stopped at shutdown: the thread exits once the last handle is gone.
+        drop(workers);
+        assert!(threads.join(std::time::Duration::from_secs(5)).await);
     }
 }

@@ -30,6 +30,29 @@ pub trait Task: Send + 'static {
     fn run(self, cancel: CancellationToken) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
+/// Starts one task under a supervisor.
+type Spawn = Box<dyn FnOnce(&Supervisor) + Send>;
+
+/// A subsystem's supervised tasks, handed to the [`Supervisor`] by `service` in one call.
+#[derive(Default)]
+pub struct Tasks(Vec<Spawn>);
+
+impl Tasks {
+    /// Adds `task`, to be supervised as `criticality` says.
+    pub fn add<T: Task>(&mut self, task: T, criticality: Criticality) {
+        self.0.push(Box::new(move |supervisor| {
+            supervisor.spawn(task, criticality)
+        }));
+    }
+
+    /// Starts every task under `supervisor`.
+    pub fn spawn_on(self, supervisor: &Supervisor) {
+        for spawn in self.0 {
+            spawn(supervisor);
+        }
+    }
+}
+
 /// Whether a task's death stops the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Criticality {
