@@ -34,10 +34,10 @@ use axum::Json;
 use axum::extract::State;
 use axum::routing::post;
 use common::Keywarden;
-use keywarden::attestation::testpki::TestPki;
 use keywarden::chain::contracts::DstackKms;
-use keywarden::kms::client::{self, Guest};
-use keywarden::kms::loadgen::{self, Load, Report};
+use keywarden::sim::client::{self, Guest};
+use keywarden::sim::loadgen::{self, Load, Report};
+use keywarden::sim::testpki::TestPki;
 
 const COMPOSE: &[u8] = b"{\"name\":\"kms-bench\"}";
 

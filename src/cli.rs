@@ -175,7 +175,7 @@ fn failure(code: u8) -> impl Fn(&dyn std::fmt::Display) -> Failure {
 }
 
 /// Enrolls the simulated guest described by `args`.
-async fn enroll(args: &GuestArgs, fresh: bool) -> Result<crate::kms::client::Guest, Failure> {
+async fn enroll(args: &GuestArgs, fresh: bool) -> Result<crate::sim::client::Guest, Failure> {
     let usage = failure(2);
     let app_id: [u8; 20] = hex::decode(args.app_id.trim_start_matches("0x"))
         .ok()
@@ -204,7 +204,7 @@ async fn enroll(args: &GuestArgs, fresh: bool) -> Result<crate::kms::client::Gue
         ),
         None => None,
     };
-    let pki = crate::attestation::testpki::TestPki::load(&args.test_pki)
+    let pki = crate::sim::testpki::TestPki::load(&args.test_pki)
         .map_err(|e| usage(&format!("--test-pki {}: {e}", args.test_pki.display())))?;
     let ppid = match &args.ppid {
         Some(h) => Some(
@@ -215,15 +215,15 @@ async fn enroll(args: &GuestArgs, fresh: bool) -> Result<crate::kms::client::Gue
         ),
         None => None,
     };
-    let spec = crate::attestation::testpki::GuestSpec {
+    let spec = crate::sim::testpki::GuestSpec {
         tcb: match args.tcb.as_str() {
-            "out-of-date" => crate::attestation::testpki::TestTcb::OutOfDate,
-            _ => crate::attestation::testpki::TestTcb::UpToDate,
+            "out-of-date" => crate::sim::testpki::TestTcb::OutOfDate,
+            _ => crate::sim::testpki::TestTcb::UpToDate,
         },
         ppid,
-        ..crate::kms::client::guest_spec(app_id, &compose, instance_id)
+        ..crate::sim::client::guest_spec(app_id, &compose, instance_id)
     };
-    crate::kms::client::Guest::enroll(&args.url, ca, &pki, &spec, fresh)
+    crate::sim::client::Guest::enroll(&args.url, ca, &pki, &spec, fresh)
         .await
         .map_err(|e| failure(1)(&e))
 }
@@ -241,7 +241,7 @@ pub enum AttestCommand {
 pub enum DevCommand {
     /// Deploy our DstackKms/DstackApp test contracts to a development node (e.g. anvil) and
     /// print their addresses and the deployment block.
-    Deploy(crate::chain::cli::DeployArgs),
+    Deploy(crate::sim::cli::DeployArgs),
     /// Test attestation PKI (an Intel-like root trusted only with `insecure_test_pki`).
     #[command(name = "test-pki", subcommand)]
     TestPki(TestPkiCommand),
@@ -251,7 +251,7 @@ pub enum DevCommand {
 #[derive(Debug, Subcommand)]
 pub enum TestPkiCommand {
     /// Generate a test PKI (root, PCK chain, TCB info, QE identity, collateral) into a directory.
-    Init(crate::attestation::cli::TestPkiInitArgs),
+    Init(crate::sim::cli::TestPkiInitArgs),
 }
 
 /// `keywarden serve` flags (they override file and environment).
@@ -385,7 +385,7 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                     &args
                         .vm_config
                         .clone()
-                        .unwrap_or_else(crate::kms::client::simulated_vm_config),
+                        .unwrap_or_else(crate::sim::client::simulated_vm_config),
                 )
                 .await
                 .map_err(|e| failure(1)(&e))?;
@@ -416,15 +416,15 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                         "--rate {rate}: must be a positive number of requests per second"
                     )));
                 }
-                Some(rate) => crate::kms::loadgen::Load::Open {
+                Some(rate) => crate::sim::loadgen::Load::Open {
                     rate,
                     max_in_flight: args.concurrency,
                 },
-                None => crate::kms::loadgen::Load::Closed {
+                None => crate::sim::loadgen::Load::Closed {
                     concurrency: args.concurrency,
                 },
             };
-            let report = crate::kms::loadgen::run(
+            let report = crate::sim::loadgen::run(
                 guest,
                 load,
                 std::time::Duration::from_secs(args.duration),
@@ -445,10 +445,10 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
             Ok(crate::attestation::cli::run_verify(&args))
         }
         Command::Dev(DevCommand::TestPki(TestPkiCommand::Init(args))) => {
-            Ok(crate::attestation::cli::run_test_pki_init(&args))
+            Ok(crate::sim::cli::run_test_pki_init(&args))
         }
         Command::Dev(DevCommand::Deploy(args)) => {
-            Ok(runtime()?.block_on(crate::chain::cli::run_deploy(args)))
+            Ok(runtime()?.block_on(crate::sim::cli::run_deploy(args)))
         }
         Command::Chain(cmd) => {
             let (args, what) = match cmd {

@@ -17,9 +17,9 @@ use alloy::providers::{Provider, ProviderBuilder};
 use anyhow::{Context as _, bail};
 use sha2::{Digest as _, Sha256};
 
-use crate::attestation::testpki::TestPki;
 use crate::chain::contracts::{DstackApp, DstackKms};
-use crate::kms::client::{self, Guest};
+use crate::sim::client::{self, Guest};
+use crate::sim::testpki::TestPki;
 
 /// The demo app's docker-compose (its SHA-256 is the compose hash allowed on-chain).
 const DEMO_COMPOSE: &str = r#"{"manifest_version":2,"name":"keywarden-demo","runner":"docker-compose","docker_compose_file":"services:\n  app:\n    image: nginx:stable\n"}"#;
@@ -174,7 +174,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (mut anvil, rpc) = start_anvil(&anvil_bin)?;
     step(format!("anvil running at {rpc} (1 s blocks)"));
 
-    let deployment = crate::chain::deploy(&rpc).await?;
+    let deployment = crate::sim::deploy::deploy(&rpc).await?;
     step(format!(
         "deployed DstackKms {} and demo app {} at block {}",
         deployment.kms, deployment.app, deployment.block

@@ -16,6 +16,7 @@ pub mod problem;
 pub mod runtime;
 pub mod secret;
 pub mod service;
+pub mod sim;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

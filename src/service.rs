@@ -74,6 +74,23 @@ async fn run(config: Config, started: Instant) -> anyhow::Result<u8> {
     }
 }
 
+/// Where the KMS's own attestation comes from. The simulated KMS guest is the one place the
+/// service reaches into `sim`, behind `kms.insecure_self_attest_with_test_pki`.
+fn own_attestation(
+    config: &Config,
+) -> anyhow::Result<Option<Box<dyn crate::kms::selfcheck::AttestationSource>>> {
+    match (
+        config.kms.insecure_self_attest_with_test_pki,
+        &config.attestation.insecure_test_pki,
+    ) {
+        (true, Some(dir)) => {
+            let pki = crate::sim::testpki::TestPki::load(dir)?;
+            Ok(Some(Box::new(crate::sim::kms::SimulatedKms::new(pki))))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Connections the metrics and admin listeners each keep open (scrapers and operators).
 const PLAIN_MAX_CONNECTIONS: usize = 64;
 
@@ -172,6 +189,7 @@ async fn start(
             api: &config.api,
         },
         kms_keys,
+        own_attestation(&config)?,
         &store,
         chain.mirror.clone(),
         Listening {

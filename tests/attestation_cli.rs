@@ -4,10 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use keywarden::attestation::cli::{
-    TestPkiInitArgs, VerifyArgs, VerifyOutput, evaluate, run_test_pki_init, run_verify,
-};
-use keywarden::attestation::testpki::{GuestSpec, TestPki, TestTcb};
+use keywarden::attestation::cli::{VerifyArgs, VerifyOutput, evaluate, run_verify};
+use keywarden::sim::cli::{TestPkiInitArgs, run_test_pki_init};
+use keywarden::sim::testpki::{GuestSpec, TestPki, TestTcb};
 
 fn fixtures() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");

@@ -14,8 +14,8 @@ use axum::routing::get;
 use keywarden::attestation::collateral::{
     CollateralCache, CollateralProvider, MemoryCollateralCache, collateral_next_update,
 };
-use keywarden::attestation::testpki::{QuoteMeasurements, TestPki};
 use keywarden::attestation::{AttestationConfig, AttestationMetrics, RejectReason, Verifier};
+use keywarden::sim::testpki::{QuoteMeasurements, TestPki};
 
 const NOW: u64 = 1_800_000_000;
 

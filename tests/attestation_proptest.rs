@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use keywarden::attestation::nitro::NitroVerifier;
-use keywarden::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 use keywarden::attestation::{cli, eventlog, nitro, ratls, tdx, versioned};
+use keywarden::sim::testpki::{GuestSpec, TestPki, TestTcb};
 use proptest::prelude::*;
 
 fn sample_cert() -> Vec<u8> {

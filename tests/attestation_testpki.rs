@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use keywarden::attestation::ratls;
-use keywarden::attestation::testpki::{GuestSpec, QuoteMeasurements, TestPki, TestTcb};
 use keywarden::attestation::{AttestationConfig, RejectReason, Verifier, VerifyRequest, versioned};
+use keywarden::sim::testpki::{GuestSpec, QuoteMeasurements, TestPki, TestTcb};
 
 const NOW: u64 = 1_800_000_000;
 
@@ -327,7 +327,7 @@ fn certificate_size_and_shape_limits() {
 #[test]
 fn v1_msgpack_attestation_with_v2_events_verifies() {
     use keywarden::attestation::eventlog::{EventVersion, TdxEvent, replay};
-    use keywarden::attestation::testpki::QuoteMeasurements;
+    use keywarden::sim::testpki::QuoteMeasurements;
     let pki = pki();
     let g = guest();
     let events = vec![

@@ -14,7 +14,7 @@ use keywarden::chain::contracts::{
     Artifact, DstackApp, DstackKms, IMPLEMENTATION_SLOT, TCB_UP_TO_DATE, policy, policy_id, reason,
     revert,
 };
-use keywarden::chain::{Deployment, deploy};
+use keywarden::sim::deploy::{Deployment, deploy};
 use support::anvil::Anvil;
 
 const OS: B256 = b256!("0000000000000000000000000000000000000000000000000000000000000051");

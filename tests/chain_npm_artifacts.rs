@@ -14,8 +14,8 @@ use alloy::providers::{Provider, ProviderBuilder};
 use alloy::rpc::types::TransactionRequest;
 use alloy::sol_types::SolValue;
 use clap::Parser;
-use keywarden::chain::cli::{DeployArgs, run_deploy};
 use keywarden::chain::contracts::{SafeL2, TimelockController};
+use keywarden::sim::cli::{DeployArgs, run_deploy};
 use support::anvil::Anvil;
 
 /// Canonical SafeL2 1.4.1 singleton address.
@@ -132,10 +132,12 @@ async fn dev_deploy_command_succeeds_and_fails_cleanly() {
 async fn deploy_fails_instead_of_hanging_when_nothing_is_mined() {
     let anvil = Anvil::spawn_with(&["--no-mining"]);
     let started = std::time::Instant::now();
-    let err =
-        keywarden::chain::deploy_with_timeout(&anvil.url(), std::time::Duration::from_secs(1))
-            .await
-            .unwrap_err();
+    let err = keywarden::sim::deploy::deploy_with_timeout(
+        &anvil.url(),
+        std::time::Duration::from_secs(1),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(err, keywarden::chain::ChainError::PendingTransaction(_)),
         "{err}"

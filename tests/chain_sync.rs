@@ -27,10 +27,10 @@ use alloy::sol_types::{SolCall, SolValue};
 use chain_engine::{Chain, WAIT, chain, deployed_app, engine, h, sqlite_store};
 use keywarden::chain::authz::{AuthQuery, Reason, Source};
 use keywarden::chain::contracts::{DstackApp, DstackKms, IMPLEMENTATION_SLOT, TCB_UP_TO_DATE};
-use keywarden::chain::deploy;
 use keywarden::chain::mirror::{Evaluation, MirrorState};
 use keywarden::chain::sync::rebuild;
 use keywarden::config::{DatabaseTarget, StorageConfig};
+use keywarden::sim::deploy::deploy;
 use keywarden::store::Store;
 
 /// Asserts that the mirror equals the chain's getters for every value the test touched, and that

@@ -17,10 +17,10 @@ use alloy::primitives::{Address, FixedBytes};
 use alloy::providers::DynProvider;
 use common::Keywarden;
 use guest_chain::{GuestChain, allow_simulated_guest};
-use keywarden::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 use keywarden::attestation::{AttestationConfig, BootInfo, Verifier};
 use keywarden::chain::contracts::{DstackApp, DstackKms};
-use keywarden::kms::client::{self, ClientError, Guest};
+use keywarden::sim::client::{self, ClientError, Guest};
+use keywarden::sim::testpki::{GuestSpec, TestPki, TestTcb};
 use sha2::{Digest as _, Sha256};
 use support::anvil::Anvil;
 

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Keywarden, http, https, https_with_identity};
-use keywarden::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 use keywarden::kms::keys::AppKeys;
 use keywarden::kms::osimage::OsImage;
 use keywarden::kms::proto;
+use keywarden::sim::testpki::{GuestSpec, TestPki, TestTcb};
 use prost::Message as _;
 
 const ALLOWED_APP: [u8; 20] = [0xa1; 20];
@@ -93,7 +93,7 @@ fn start(dir: &Path, env: &[(&str, &str)]) -> (Keywarden, TestPki) {
             &[0x11; 48],
             &[[0x22; 48], [0x33; 48], [0x44; 48]],
         ),
-        keywarden::kms::client::simulated_os_image(),
+        keywarden::sim::client::simulated_os_image(),
     ];
     common::start_with_test_pki_and_images(dir, &images, env)
 }
@@ -165,7 +165,7 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
     assert_eq!(keys["os_image_hash"], hex::encode([0x05; 32]));
     assert_eq!(keys["ca_cert"], root.root_ca_pem);
     // The host claims another OS image than the one the quote measured: refused.
-    let lying = serde_json::json!({"api_version": 1, "vm_config": keywarden::kms::client::simulated_vm_config()});
+    let lying = serde_json::json!({"api_version": 1, "vm_config": keywarden::sim::client::simulated_vm_config()});
     let (status, err) = post_json(&client, url("KMS.GetAppKey"), lying).await;
     assert_eq!(status, 400);
     assert!(
@@ -920,7 +920,7 @@ async fn accepted_out_of_date_boot_reaches_the_webhook_with_its_tcb_status_and_a
     assert_eq!(boot["tcbStatus"], "OutOfDate");
     assert_eq!(
         boot["advisoryIds"],
-        serde_json::json!([keywarden::attestation::testpki::OUT_OF_DATE_ADVISORY])
+        serde_json::json!([keywarden::sim::testpki::OUT_OF_DATE_ADVISORY])
     );
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
 }
@@ -1003,25 +1003,30 @@ async fn slow_header_connection(
     tls
 }
 
-/// A flood of slow-header connections beyond `api.max_connections`: the oldest idle ones are
-/// shed, and `/health` and a key request are still answered at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_header_flood_sheds_idle_connections_and_keys_are_still_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (mut kw, pki) = start(
-        dir.path(),
-        &[
-            ("KEYWARDEN_API__MAX_CONNECTIONS", "8"),
-            ("KEYWARDEN_API__HEADER_READ_TIMEOUT", "60s"),
-            ("KEYWARDEN_AUTH__BACKEND", "dev"),
-            ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
-        ],
-    );
+/// Starts a dev-auth service under `env`, opens `connections` slow-header connections, and
+/// checks that `/health` and a key request are still answered within 5 s. Returns the service,
+/// its metrics then, and the flood (still open).
+async fn answered_under_a_slow_header_flood(
+    dir: &Path,
+    env: &[(&str, &str)],
+    connections: usize,
+) -> (
+    Keywarden,
+    String,
+    Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+) {
+    let data = dir.join("data");
+    let mut all = vec![
+        ("KEYWARDEN_API__HEADER_READ_TIMEOUT", "60s"),
+        ("KEYWARDEN_AUTH__BACKEND", "dev"),
+        ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
+    ];
+    all.extend_from_slice(env);
+    let (mut kw, pki) = start(dir, &all);
     kw.wait_ready().await;
     let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
     let mut flood = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..connections {
         flood.push(slow_header_connection(&kw, &data).await);
     }
     let started = std::time::Instant::now();
@@ -1040,6 +1045,20 @@ async fn a_slow_header_flood_sheds_idle_connections_and_keys_are_still_served() 
     assert_eq!(status, 200, "{keys}");
     assert!(started.elapsed() < Duration::from_secs(5));
     let text = kw.metrics_text().await;
+    (kw, text, flood)
+}
+
+/// A flood of slow-header connections beyond `api.max_connections`: the oldest idle ones are
+/// shed, and `/health` and a key request are still answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_header_flood_sheds_idle_connections_and_keys_are_still_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut kw, text, flood) = answered_under_a_slow_header_flood(
+        dir.path(),
+        &[("KEYWARDEN_API__MAX_CONNECTIONS", "8")],
+        40,
+    )
+    .await;
     let shed = keywarden::telemetry::sample_value(&text, "dstack_kms_connections_shed_total")
         .unwrap_or(0.0);
     assert!(shed >= 32.0, "{shed}");
@@ -1165,38 +1184,9 @@ async fn the_open_file_limit_is_raised_to_the_hard_limit_at_start_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_slow_header_connections_under_nofile_1024_leave_the_service_answering() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (mut kw, pki) = start(
-        dir.path(),
-        &[
-            (common::NOFILE, "1024:1024"),
-            ("KEYWARDEN_API__HEADER_READ_TIMEOUT", "60s"),
-            ("KEYWARDEN_AUTH__BACKEND", "dev"),
-            ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
-        ],
-    );
-    kw.wait_ready().await;
-    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
-    let mut flood = Vec::new();
-    for _ in 0..1000 {
-        flood.push(slow_header_connection(&kw, &data).await);
-    }
-    let started = std::time::Instant::now();
-    let health = https(&data)
-        .get(format!("{}/health", kw.api_url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200);
-    let (status, keys) = post_json(
-        &https_with_identity(&data, Some(&identity)),
-        format!("{}/prpc/KMS.GetAppKey?json", kw.api_url()),
-        serde_json::json!({"api_version": 1, "vm_config": test_vm_config()}),
-    )
-    .await;
-    assert_eq!(status, 200, "{keys}");
-    let text = kw.metrics_text().await;
-    assert!(started.elapsed() < Duration::from_secs(5));
+    let (mut kw, text, flood) =
+        answered_under_a_slow_header_flood(dir.path(), &[(common::NOFILE, "1024:1024")], 1000)
+            .await;
     let value = |name: &str| keywarden::telemetry::sample_value(&text, name).unwrap_or(-1.0);
     assert_eq!(value("dstack_kms_accept_errors_total"), 0.0);
     // 1024 - 128 reserved - 2 × 64 for the other listeners.

@@ -138,7 +138,7 @@ async fn data_dir_under_a_file_is_a_clear_error() {
 
 on_both_backends!(collateral_cache_round_trips_and_replaces, |open| {
     use keywarden::attestation::collateral::{CachedCollateral, CollateralCache};
-    use keywarden::attestation::testpki::TestPki;
+    use keywarden::sim::testpki::TestPki;
     let s = open().await.unwrap();
     assert!(s.get("00906ED50000", "platform").await.unwrap().is_none());
     let pki = TestPki::generate(1_700_000_000).unwrap();

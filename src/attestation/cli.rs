@@ -8,7 +8,6 @@ use serde::Serialize;
 
 use super::reason::{AttestationError, Result, reject};
 use super::tdx::{self, TdMeasurements};
-use super::testpki::TestPki;
 use super::{
     Attestation, AttestationConfig, BootInfo, Evidence, Platform, Verified, Verifier,
     VerifyRequest, eventlog, nitro, ratls, versioned,
@@ -43,16 +42,6 @@ pub struct VerifyArgs {
     /// Also trust the test attestation PKI in this directory.
     #[arg(long)]
     pub insecure_test_pki: Option<PathBuf>,
-}
-
-/// `dev test-pki init`: generate a test attestation PKI into a directory.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TestPkiInitArgs {
-    /// Output directory (created if missing).
-    pub dir: PathBuf,
-    /// Overwrite an existing PKI in the directory.
-    #[arg(long)]
-    pub force: bool,
 }
 
 /// The `--json` output of `attest verify`; absent fields are omitted.
@@ -393,30 +382,6 @@ fn print_human(out: &VerifyOutput) {
                 other => other.to_string(),
             };
             println!("{k:<14} {v}");
-        }
-    }
-}
-
-/// `dev test-pki init`: generates a test PKI into `args.dir`.
-pub fn run_test_pki_init(args: &TestPkiInitArgs) -> ExitCode {
-    if !args.force && args.dir.join(super::testpki::ROOT_CERT_DER).exists() {
-        eprintln!(
-            "{} already holds a test PKI (use --force to replace it)",
-            args.dir.display()
-        );
-        return ExitCode::from(2);
-    }
-    match TestPki::generate(crate::clock::unix_secs()).and_then(|pki| pki.save(&args.dir)) {
-        Ok(()) => {
-            println!(
-                "test attestation PKI written to {} (trust it only with attestation.insecure_test_pki)",
-                args.dir.display()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("test PKI generation failed: {e}");
-            ExitCode::from(1)
         }
     }
 }

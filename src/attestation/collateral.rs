@@ -543,12 +543,10 @@ pub struct CollateralSource {
 }
 
 impl CollateralSource {
-    /// Builds the source; `test_pki` is the loaded test PKI when configured.
-    pub fn new(pccs: CollateralProvider, test_pki: Option<&super::testpki::TestPki>) -> Self {
-        Self {
-            pccs,
-            test: test_pki.map(|p| p.collateral().clone()),
-        }
+    /// Builds the source; `test` is the test PKI's collateral when `insecure_test_pki` is set
+    /// ([`super::testroot::load_collateral`]).
+    pub fn new(pccs: CollateralProvider, test: Option<QuoteCollateralV3>) -> Self {
+        Self { pccs, test }
     }
 
     /// The collateral to verify `quote` with at `now`; `check` runs before a PCCS fetch (see
@@ -561,7 +559,7 @@ impl CollateralSource {
     ) -> std::result::Result<QuoteCollateralV3, E> {
         if let Some(test) = &self.test {
             let parsed = tdx::parse_quote(quote)?;
-            if dcap_qvl::intel::quote_fmspc(&parsed).ok() == Some(super::testpki::TEST_FMSPC) {
+            if dcap_qvl::intel::quote_fmspc(&parsed).ok() == Some(super::testroot::TEST_FMSPC) {
                 return Ok(test.clone());
             }
         }

@@ -68,7 +68,7 @@ impl AttestationConfig {
             });
         }
         if let Some(dir) = &self.insecure_test_pki {
-            let root = dir.join(super::testpki::ROOT_CERT_DER);
+            let root = dir.join(super::testroot::ROOT_CERT_DER);
             if !root.is_file() {
                 out.push(crate::problem::Problem {
                     key: "attestation.insecure_test_pki".into(),

@@ -33,7 +33,7 @@ pub mod ratls;
 pub mod reason;
 pub(crate) mod scale;
 pub mod tdx;
-pub mod testpki;
+pub mod testroot;
 pub mod versioned;
 
 use dcap_qvl::QuoteCollateralV3;
@@ -113,7 +113,7 @@ impl Verifier {
     /// Builds a verifier; loads the test PKI root when `insecure_test_pki` is set.
     pub fn new(config: AttestationConfig) -> Result<Self> {
         let test_root = match &config.insecure_test_pki {
-            Some(dir) => Some(testpki::TestPki::load_root_der(dir)?),
+            Some(dir) => Some(testroot::load_root_der(dir)?),
             None => None,
         };
         Self::with_test_root(config, test_root)

@@ -1,4 +1,5 @@
-//! The on-chain side of keywarden: contract bindings and the test-chain deployment.
+//! The on-chain side of keywarden: contract bindings, the mirror of DstackKms and its apps, and
+//! the reports on it.
 //!
 //! What this module owns:
 //!
@@ -6,9 +7,7 @@
 //!   TimelockController, generated from the JSON ABIs in `contracts-abi/`; the reason strings that
 //!   `isKmsAllowed` / `isAppAllowed` return; the `PolicyChanged` labels; the compiled bytecode of
 //!   our own test contracts.
-//! - [`deploy`]: deploys our test contracts (DstackKms behind an ERC-1967 proxy, a DstackApp
-//!   implementation, one registered app) to a development node such as anvil.
-//! - [`cli`]: the `dev deploy`, `chain status` and `chain state` commands.
+//! - [`cli`]: the `chain status`, `chain state` and `chain code-identity` commands.
 //! - [`config`]: the `[chain]` section.
 //! - [`events`]: raw logs → typed [`events::Event`]s (by topic0 and emitter).
 //! - [`mirror`]: the pure in-memory [`mirror::MirrorState`] that events are applied to.
@@ -39,7 +38,6 @@ pub mod cli;
 pub mod code;
 pub mod config;
 pub mod contracts;
-pub mod deploy;
 pub mod events;
 pub mod live;
 pub mod metrics;
@@ -52,7 +50,6 @@ pub mod transport;
 pub mod view;
 
 pub use config::ChainConfig;
-pub use deploy::{Deployment, deploy, deploy_with_timeout};
 pub use view::Mirror;
 
 use std::sync::Arc;

@@ -11,14 +11,12 @@
 
 pub mod audit;
 pub mod authz;
-pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod gates;
 pub mod keys;
 pub mod ledger;
 pub mod limiter;
-pub mod loadgen;
 pub mod metrics;
 pub mod osimage;
 pub mod proto;

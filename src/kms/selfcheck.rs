@@ -24,7 +24,6 @@ use super::metrics::{KmsMetrics, Refusal};
 use super::refusal::Refused;
 use super::root::{KmsKeys, RootKeyError};
 use crate::attestation::collateral::CollateralSource;
-use crate::attestation::testpki::{GuestSpec, TestPki};
 use crate::attestation::{AttestationError, BootInfo, Platform, Verifier};
 
 /// Why the KMS could not attest itself at start-up.
@@ -44,46 +43,14 @@ pub enum SelfCheckError {
     Bootstrap(#[from] super::KmsError),
 }
 
-/// Where the KMS's own attestation comes from. Only the simulated source exists; a real one (the
-/// dstack guest agent of the CVM the KMS runs in) would be another variant.
-pub enum AttestationSource {
-    /// A simulated KMS guest of the test PKI, running the simulated OS image
-    /// (`kms.insecure_self_attest_with_test_pki`).
-    TestPki {
-        /// The test PKI that issues the quotes.
-        pki: TestPki,
-        /// The simulated guest the KMS claims to be.
-        guest: GuestSpec,
-    },
-}
-
-/// The compose file of the simulated KMS guest (its compose hash is the sha256 of this).
-const SIMULATED_KMS_COMPOSE: &[u8] = br#"{"name":"keywarden-kms"}"#;
-
-impl AttestationSource {
-    /// The simulated KMS guest of `pki`: app id zero, no instance id, the simulated OS image.
-    pub fn simulated(pki: TestPki) -> Self {
-        Self::TestPki {
-            pki,
-            guest: super::client::guest_spec([0; 20], SIMULATED_KMS_COMPOSE, Vec::new()),
-        }
-    }
-
+/// Where the KMS's own attestation comes from: the dstack guest agent of the CVM the KMS runs in
+/// (a later issue), or a simulated KMS guest (`sim::kms`, behind
+/// `kms.insecure_self_attest_with_test_pki`).
+pub trait AttestationSource: Send + Sync {
     /// A dstack attestation over `report_data`.
-    fn attest(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, SelfCheckError> {
-        match self {
-            Self::TestPki { pki, guest } => pki
-                .dstack_attestation(guest, report_data)
-                .map_err(SelfCheckError::Source),
-        }
-    }
-
+    fn attest(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestationError>;
     /// The OS image hash our host claims for us (what a guest's vm_config carries).
-    fn os_image_hash(&self) -> Vec<u8> {
-        match self {
-            Self::TestPki { .. } => super::client::SIMULATED_OS_IMAGE_HASH.to_vec(),
-        }
-    }
+    fn os_image_hash(&self) -> Vec<u8>;
 }
 
 /// What the KMS learnt about itself at start-up.
@@ -99,7 +66,7 @@ pub struct OwnIdentity {
 /// key (in memory only: an attestation belongs to one boot), verifies it and attests the
 /// bootstrap report data.
 pub async fn attest_self(
-    source: &AttestationSource,
+    source: &dyn AttestationSource,
     keys: &mut KmsKeys,
     domains: &[String],
     verifier: &Verifier,
@@ -107,7 +74,9 @@ pub async fn attest_self(
     now: u64,
 ) -> Result<OwnIdentity, SelfCheckError> {
     let report_data = crate::attestation::ratls::report_data_for_spki(&keys.rpc_spki()?);
-    let attestation = source.attest(&report_data)?;
+    let attestation = source
+        .attest(&report_data)
+        .map_err(SelfCheckError::Source)?;
     let cert_der = keys.reissue_rpc_cert(domains, &attestation)?;
     let collateral = match crate::attestation::versioned::parse(&attestation)
         .map_err(SelfCheckError::Verify)?
@@ -132,7 +101,9 @@ pub async fn attest_self(
     let bootstrap = super::keys::BootstrapInfo::of(&keys.root)?;
     Ok(OwnIdentity {
         boot: verified.boot_info,
-        bootstrap_attestation: source.attest(&bootstrap.report_data)?,
+        bootstrap_attestation: source
+            .attest(&bootstrap.report_data)
+            .map_err(SelfCheckError::Source)?,
     })
 }
 

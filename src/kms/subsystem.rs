@@ -1,5 +1,6 @@
-//! The KMS as the service runs it, built in one call: the verifier (with the test PKI when the
-//! `insecure_*` switches name one), collateral from the PCCS through the store's cache, the
+//! The KMS as the service runs it, built in one call: the verifier (trusting the test PKI's
+//! root when `attestation.insecure_test_pki` names one), collateral from the PCCS through the
+//! store's cache (or the test PKI's own set), the
 //! configured authorizer, the KMS's own attestation and self-check when it runs attested, the
 //! crypto workers, the ledger, and the RA-TLS listener. `dstack_kms_*` metrics are registered
 //! on the service's registry here.
@@ -29,7 +30,6 @@ use super::server::RpcServer;
 use super::workers::{WorkerThreads, Workers};
 use crate::attestation::collateral::{CollateralProvider, CollateralSource};
 use crate::attestation::config::AttestationConfig;
-use crate::attestation::testpki::TestPki;
 use crate::attestation::{AttestationMetrics, Verifier};
 use crate::chain::{ChainConfig, Mirror};
 use crate::http::config::ApiConfig;
@@ -98,11 +98,12 @@ pub struct Subsystem {
     pub workers: WorkerThreads,
 }
 
-/// Builds the KMS from its sections, its key material and the chain mirror (when `[chain]` is
-/// set), serving on `api`.
+/// Builds the KMS from its sections, its key material, where its own attestation comes from
+/// (when it runs attested), and the chain mirror (when `[chain]` is set), serving on `api`.
 pub async fn subsystem(
     settings: Settings<'_>,
     mut keys: KmsKeys,
+    own_attestation: Option<Box<dyn AttestationSource>>,
     store: &Store,
     mirror: Option<Arc<Mirror>>,
     api: Listening,
@@ -118,8 +119,9 @@ pub async fn subsystem(
         api: api_config,
     } = settings;
     let verifier = Verifier::new(attestation.clone())?;
-    let test_pki = match &attestation.insecure_test_pki {
-        Some(dir) => Some(TestPki::load(dir)?),
+    // The insecure bridge: the test PKI's collateral for its own platform.
+    let test_collateral = match &attestation.insecure_test_pki {
+        Some(dir) => Some(crate::attestation::testroot::load_collateral(dir)?),
         None => None,
     };
     let pccs = CollateralProvider::new(
@@ -138,11 +140,11 @@ pub async fn subsystem(
             None => Arc::new(NoMirror),
         },
     };
-    let collateral = CollateralSource::new(pccs, test_pki.as_ref());
-    let self_check = match test_pki.filter(|_| kms.insecure_self_attest_with_test_pki) {
-        Some(pki) => {
+    let collateral = CollateralSource::new(pccs, test_collateral);
+    let self_check = match own_attestation {
+        Some(source) => {
             let identity = attest_self(
-                &AttestationSource::simulated(pki),
+                source.as_ref(),
                 &mut keys,
                 &kms.domains,
                 &verifier,

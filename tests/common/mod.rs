@@ -301,8 +301,8 @@ impl PgDb {
 pub fn start_with_test_pki(
     dir: &Path,
     env: &[(&str, &str)],
-) -> (Keywarden, keywarden::attestation::testpki::TestPki) {
-    start_with_test_pki_and_images(dir, &[keywarden::kms::client::simulated_os_image()], env)
+) -> (Keywarden, keywarden::sim::testpki::TestPki) {
+    start_with_test_pki_and_images(dir, &[keywarden::sim::client::simulated_os_image()], env)
 }
 
 /// Like [`start_with_test_pki`], knowing the OS images `images`.
@@ -310,12 +310,12 @@ pub fn start_with_test_pki_and_images(
     dir: &Path,
     images: &[keywarden::kms::osimage::OsImage],
     env: &[(&str, &str)],
-) -> (Keywarden, keywarden::attestation::testpki::TestPki) {
+) -> (Keywarden, keywarden::sim::testpki::TestPki) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let pki = keywarden::attestation::testpki::TestPki::generate(now - 60).unwrap();
+    let pki = keywarden::sim::testpki::TestPki::generate(now - 60).unwrap();
     let pki_dir = dir.join("pki");
     pki.save(&pki_dir).unwrap();
     let images = keywarden::kms::osimage::env_value(images);

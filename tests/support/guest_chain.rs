@@ -4,9 +4,9 @@
 
 use alloy::primitives::{Address, FixedBytes};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
-use keywarden::chain::Deployment;
 use keywarden::chain::contracts::{DstackApp, DstackKms};
-use keywarden::kms::client;
+use keywarden::sim::client;
+use keywarden::sim::deploy::Deployment;
 use sha2::{Digest as _, Sha256};
 
 /// Sends a contract call and requires it to succeed.
@@ -30,7 +30,7 @@ pub struct GuestChain {
 
 /// Deploys our contracts at `url` and allows the simulated guest running `compose`.
 pub async fn allow_simulated_guest(url: &url::Url, compose: &[u8]) -> GuestChain {
-    let deployment = keywarden::chain::deploy(url).await.unwrap();
+    let deployment = keywarden::sim::deploy::deploy(url).await.unwrap();
     let provider = ProviderBuilder::new().connect_http(url.clone()).erased();
     let owner = provider.get_accounts().await.unwrap()[0];
     let kms = DstackKms::new(deployment.kms, &provider);

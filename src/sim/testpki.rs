@@ -29,13 +29,16 @@ use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
 use sha2::{Digest, Sha256};
 
-use super::eventlog::{EventVersion, TdxEvent, replay};
-use super::ratls::{CertBuilder, GeneratedCert, der_tlv as tlv, report_data_for_spki};
-use super::reason::{AttestationError, Result, reject};
-use super::versioned::{self, Attestation, Platform};
+use crate::attestation::eventlog::{EventVersion, TdxEvent, replay};
+use crate::attestation::ratls::{CertBuilder, GeneratedCert, der_tlv as tlv, report_data_for_spki};
+use crate::attestation::reason::{AttestationError, Result, reject};
+use crate::attestation::versioned::{self, Attestation, Platform};
 
-/// File name of the root certificate (DER) in a saved test PKI.
-pub const ROOT_CERT_DER: &str = "root_ca.der";
+use crate::attestation::testroot::COLLATERAL;
+pub use crate::attestation::testroot::{ROOT_CERT_DER, TEST_FMSPC};
+
+/// How long generated collateral stays valid.
+pub const COLLATERAL_LIFETIME: u64 = 30 * 24 * 3600;
 const ROOT_CERT_PEM: &str = "root_ca.pem";
 const ROOT_KEY: &str = "root_ca.key";
 const PCK_CA_CERT: &str = "pck_ca.pem";
@@ -48,12 +51,7 @@ const ATTESTATION_KEY: &str = "attestation.key";
 const PCK_CHAIN: &str = "pck_chain.pem";
 const TCB_INFO: &str = "tcb_info.json";
 const QE_IDENTITY: &str = "qe_identity.json";
-const COLLATERAL: &str = "collateral.json";
 
-/// FMSPC of the test platform (`KWT` ‖ 00 00 01): recognisable, and no Intel FMSPC.
-pub const TEST_FMSPC: [u8; 6] = [0x4b, 0x57, 0x54, 0x00, 0x00, 0x01];
-/// How long generated collateral stays valid.
-pub const COLLATERAL_LIFETIME: u64 = 30 * 24 * 3600;
 const CERT_LIFETIME: u64 = 10 * 365 * 24 * 3600;
 const QE_MRSIGNER: [u8; 32] = [0x5a; 32];
 const QE_PROD_ID: u16 = 2;
@@ -737,12 +735,6 @@ impl TestPki {
             attestation_key: key(ATTESTATION_KEY)?,
             collateral,
         })
-    }
-
-    /// Reads only the root certificate of a saved PKI (what the verifier trusts).
-    pub fn load_root_der(dir: &Path) -> Result<Vec<u8>> {
-        let path = dir.join(ROOT_CERT_DER);
-        std::fs::read(&path).map_err(|e| reject!(ConfigInvalid, "{}: {e}", path.display()))
     }
 }
 

@@ -13,11 +13,11 @@ use sha2::{Digest as _, Sha256};
 
 use p256::pkcs8::DecodePrivateKey as _;
 
-use super::proto;
-use super::signcert::{CONFIRM, CertConfig, Csr, CsrEvidence, CsrVersion};
+use super::testpki::{GuestSpec, TestPki, TestTcb};
 use crate::attestation::ratls::{CertBuilder, report_data_for_spki};
-use crate::attestation::testpki::{GuestSpec, TestPki, TestTcb};
 use crate::attestation::versioned::{self, Platform};
+use crate::kms::proto;
+use crate::kms::signcert::{CONFIRM, CertConfig, Csr, CsrEvidence, CsrVersion};
 
 /// Why the guest could not get its keys.
 #[derive(Debug, thiserror::Error)]

@@ -23,8 +23,8 @@ use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::sol_types::{SolCall, SolValue};
 use serde::{Deserialize, Serialize};
 
-use super::ChainError;
-use super::contracts::{Artifact, DstackKms};
+use crate::chain::ChainError;
+use crate::chain::contracts::{Artifact, DstackKms};
 
 /// How long each step of [`deploy`] waits for its transaction to be mined.
 pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(60);
