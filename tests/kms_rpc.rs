@@ -98,6 +98,18 @@ fn start(dir: &Path, env: &[(&str, &str)]) -> (Keywarden, TestPki) {
     common::start_with_test_pki_and_images(dir, &images, env)
 }
 
+/// [`start`] with the `dev` authorizer (every attested boot allowed) and `env`, once ready.
+async fn start_dev_auth(dir: &Path, env: &[(&str, &str)]) -> (Keywarden, TestPki) {
+    let mut all = vec![
+        ("KEYWARDEN_AUTH__BACKEND", "dev"),
+        ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
+    ];
+    all.extend_from_slice(env);
+    let (mut kw, pki) = start(dir, &all);
+    kw.wait_ready().await;
+    (kw, pki)
+}
+
 async fn post_json(
     client: &reqwest::Client,
     url: String,
@@ -700,15 +712,11 @@ async fn beyond_the_queue_key_requests_get_a_fast_503_and_other_methods_are_serv
 async fn kms_client_and_loadgen_get_keys_like_a_guest() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (mut kw, _pki) = start(
+    let (mut kw, _pki) = start_dev_auth(
         dir.path(),
-        &[
-            ("KEYWARDEN_AUTH__BACKEND", "dev"),
-            ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
-            ("KEYWARDEN_KMS__ALLOW_KMS_REPLICATION", "true"),
-        ],
-    );
-    kw.wait_ready().await;
+        &[("KEYWARDEN_KMS__ALLOW_KMS_REPLICATION", "true")],
+    )
+    .await;
     let pki_dir = dir.path().join("pki");
     let ca = data.join("kms/root-ca.pem");
     let url = kw.api_url();
@@ -1016,14 +1024,9 @@ async fn answered_under_a_slow_header_flood(
     Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
 ) {
     let data = dir.join("data");
-    let mut all = vec![
-        ("KEYWARDEN_API__HEADER_READ_TIMEOUT", "60s"),
-        ("KEYWARDEN_AUTH__BACKEND", "dev"),
-        ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
-    ];
+    let mut all = vec![("KEYWARDEN_API__HEADER_READ_TIMEOUT", "60s")];
     all.extend_from_slice(env);
-    let (mut kw, pki) = start(dir, &all);
-    kw.wait_ready().await;
+    let (kw, pki) = start_dev_auth(dir, &all).await;
     let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
     let mut flood = Vec::new();
     for _ in 0..connections {
@@ -1102,15 +1105,11 @@ async fn made_up_platforms_never_reach_a_stalling_pccs_and_real_guests_are_serve
     });
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (mut kw, pki) = start(
+    let (mut kw, pki) = start_dev_auth(
         dir.path(),
-        &[
-            ("KEYWARDEN_AUTH__BACKEND", "dev"),
-            ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
-            ("KEYWARDEN_ATTESTATION__PCCS_URL", &pccs_url),
-        ],
-    );
-    kw.wait_ready().await;
+        &[("KEYWARDEN_ATTESTATION__PCCS_URL", &pccs_url)],
+    )
+    .await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -1378,15 +1377,11 @@ async fn every_refused_key_request_leaves_one_audit_record_with_its_reason() {
 async fn a_failed_ledger_commit_gives_500_and_no_ok_anywhere() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (mut kw, pki) = start(
+    let (mut kw, pki) = start_dev_auth(
         dir.path(),
-        &[
-            ("KEYWARDEN_AUTH__BACKEND", "dev"),
-            ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
-            ("KEYWARDEN_STORAGE__CONNECT_TIMEOUT", "500ms"),
-        ],
-    );
-    kw.wait_ready().await;
+        &[("KEYWARDEN_STORAGE__CONNECT_TIMEOUT", "500ms")],
+    )
+    .await;
     let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
     let client = https_with_identity(&data, Some(&identity));
     let body = serde_json::json!({"api_version": 1, "vm_config": test_vm_config()});
