@@ -98,16 +98,34 @@ fn start(dir: &Path, env: &[(&str, &str)]) -> (Keywarden, TestPki) {
     common::start_with_test_pki_and_images(dir, &images, env)
 }
 
-/// [`start`] with the `dev` authorizer (every attested boot allowed) and `env`, once ready.
-async fn start_dev_auth(dir: &Path, env: &[(&str, &str)]) -> (Keywarden, TestPki) {
-    let mut all = vec![
-        ("KEYWARDEN_AUTH__BACKEND", "dev"),
-        ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
-    ];
-    all.extend_from_slice(env);
+/// [`start`] with the authorizer settings `auth` and `env` on top, once ready.
+async fn start_ready(
+    dir: &Path,
+    auth: &[(&str, &str)],
+    env: &[(&str, &str)],
+) -> (Keywarden, TestPki) {
+    let all = [auth, env].concat();
     let (mut kw, pki) = start(dir, &all);
     kw.wait_ready().await;
     (kw, pki)
+}
+
+/// [`start_ready`] with the `dev` authorizer (every attested boot allowed).
+async fn start_dev_auth(dir: &Path, env: &[(&str, &str)]) -> (Keywarden, TestPki) {
+    let dev = [
+        ("KEYWARDEN_AUTH__BACKEND", "dev"),
+        ("KEYWARDEN_AUTH__INSECURE_DEV_AUTH", "true"),
+    ];
+    start_ready(dir, &dev, env).await
+}
+
+/// [`start_ready`] asking the auth server at `url` (upstream's webhook API).
+async fn start_with_webhook(dir: &Path, url: &str, env: &[(&str, &str)]) -> (Keywarden, TestPki) {
+    let webhook = [
+        ("KEYWARDEN_AUTH__BACKEND", "webhook"),
+        ("KEYWARDEN_AUTH__WEBHOOK_URL", url),
+    ];
+    start_ready(dir, &webhook, env).await
 }
 
 async fn post_json(
@@ -123,6 +141,22 @@ async fn post_json(
 /// vm_config naming the test guest's OS image.
 fn test_vm_config() -> String {
     serde_json::json!({"os_image_hash": hex::encode([0x05; 32])}).to_string()
+}
+
+/// A GetAppKey request for the test guest's OS image.
+fn app_key_body() -> serde_json::Value {
+    serde_json::json!({"api_version": 1, "vm_config": test_vm_config()})
+}
+
+/// An HTTPS client presenting the RA-TLS identity of the test guest of `app`.
+async fn guest_client(
+    kw: &Keywarden,
+    data: &Path,
+    pki: &TestPki,
+    app: [u8; 20],
+) -> reqwest::Client {
+    let identity = guest_identity(kw, data, pki, &guest(app)).await;
+    https_with_identity(data, Some(&identity))
 }
 
 /// The guest flow: temp CA, then an RA-TLS identity for `spec`.
@@ -149,22 +183,18 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
     let data = dir.path().join("data");
     let auth_url = format!("http://{auth}");
     let canaries = format!("[\"{}\"]", hex::encode(CANARY_APP));
-    let (mut kw, pki) = start(
+    let (mut kw, pki) = start_with_webhook(
         dir.path(),
-        &[
-            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
-            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth_url),
-            ("KEYWARDEN_KMS__CANARY_APP_IDS", &canaries),
-        ],
-    );
-    kw.wait_ready().await;
+        &auth_url,
+        &[("KEYWARDEN_KMS__CANARY_APP_IDS", &canaries)],
+    )
+    .await;
     let url = |m: &str| format!("{}/prpc/{m}?json", kw.api_url());
     let vm_config = serde_json::json!({"os_image_hash": hex::encode([0x05; 32])}).to_string();
     let request = serde_json::json!({"api_version": 1, "vm_config": vm_config});
 
     // Allowed boot: keys equal the derivation from the root keys on disk.
-    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
-    let client = https_with_identity(&data, Some(&identity));
+    let client = guest_client(&kw, &data, &pki, ALLOWED_APP).await;
     let (status, keys) = post_json(&client, url("KMS.GetAppKey"), request.clone()).await;
     assert_eq!(status, 200, "{keys}");
     let root = keywarden::kms::root::load_existing(&data, &Default::default()).unwrap();
@@ -269,8 +299,7 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
     assert_eq!(status, 200);
 
     // Not authorized: the webhook's reason comes back.
-    let identity = guest_identity(&kw, &data, &pki, &guest(DENIED_APP)).await;
-    let denied = https_with_identity(&data, Some(&identity));
+    let denied = guest_client(&kw, &data, &pki, DENIED_APP).await;
     let (status, err) = post_json(&denied, url("KMS.GetAppKey"), request.clone()).await;
     assert_eq!(status, 400);
     assert_eq!(
@@ -280,8 +309,7 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
 
     // A canary app id never gets keys, even though the auth server would allow it.
     let before = calls.load(std::sync::atomic::Ordering::SeqCst);
-    let identity = guest_identity(&kw, &data, &pki, &guest(CANARY_APP)).await;
-    let canary = https_with_identity(&data, Some(&identity));
+    let canary = guest_client(&kw, &data, &pki, CANARY_APP).await;
     let (status, err) = post_json(&canary, url("KMS.GetAppKey"), request.clone()).await;
     assert_eq!(status, 400, "{err}");
     assert_eq!(
@@ -496,12 +524,11 @@ async fn chain_backend_without_a_mirror_fails_closed() {
     let data = dir.path().join("data");
     let (mut kw, pki) = start(dir.path(), &[]);
     kw.wait_ready().await;
-    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
-    let client = https_with_identity(&data, Some(&identity));
+    let client = guest_client(&kw, &data, &pki, ALLOWED_APP).await;
     let (status, err) = post_json(
         &client,
         format!("{}/prpc/KMS.GetAppKey?json", kw.api_url()),
-        serde_json::json!({"api_version": 1, "vm_config": test_vm_config()}),
+        app_key_body(),
     )
     .await;
     assert_eq!(status, 503, "{err}");
@@ -641,20 +668,18 @@ async fn beyond_the_queue_key_requests_get_a_fast_503_and_other_methods_are_serv
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let auth_url = format!("http://{auth}");
-    let (mut kw, pki) = start(
+    let (mut kw, pki) = start_with_webhook(
         dir.path(),
+        &auth_url,
         &[
-            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
-            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth_url),
             ("KEYWARDEN_KMS__MAX_CONCURRENT_REQUESTS", "1"),
             ("KEYWARDEN_KMS__MAX_QUEUED_REQUESTS", "0"),
         ],
-    );
-    kw.wait_ready().await;
-    let identity = guest_identity(&kw, &data, &pki, &guest(SLOW_APP)).await;
-    let slow = https_with_identity(&data, Some(&identity));
+    )
+    .await;
+    let slow = guest_client(&kw, &data, &pki, SLOW_APP).await;
     let url = format!("{}/prpc/KMS.GetAppKey?json", kw.api_url());
-    let body = serde_json::json!({"api_version": 1, "vm_config": test_vm_config()});
+    let body = app_key_body();
     let holder = tokio::spawn({
         let (slow, url, body) = (slow.clone(), url.clone(), body.clone());
         async move { post_json(&slow, url, body).await }
@@ -802,8 +827,7 @@ async fn kms_client_and_loadgen_get_keys_like_a_guest() {
 
     // With replication on, an attested and admitted replica receives the root keys.
     let pki = TestPki::load(&pki_dir).unwrap();
-    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
-    let replica = https_with_identity(&data, Some(&identity));
+    let replica = guest_client(&kw, &data, &pki, ALLOWED_APP).await;
     let (status, got) = post_json(
         &replica,
         format!("{url}/prpc/KMS.GetKmsKey?json"),
@@ -863,7 +887,7 @@ async fn out_of_date_get_app_key(
     post_json(
         &https_with_identity(data, Some(&identity)),
         format!("{}/prpc/KMS.GetAppKey?json", kw.api_url()),
-        serde_json::json!({"api_version": 1, "vm_config": test_vm_config()}),
+        app_key_body(),
     )
     .await
 }
@@ -875,13 +899,7 @@ async fn start_with_recording_webhook(
 ) -> (Keywarden, TestPki, Asked) {
     let asked = Asked::default();
     let auth = format!("http://{}", recording_auth_server(asked.clone()).await);
-    let mut all = vec![
-        ("KEYWARDEN_AUTH__BACKEND", "webhook"),
-        ("KEYWARDEN_AUTH__WEBHOOK_URL", auth.as_str()),
-    ];
-    all.extend_from_slice(env);
-    let (mut kw, pki) = start(dir, &all);
-    kw.wait_ready().await;
+    let (kw, pki) = start_with_webhook(dir, &auth, env).await;
     (kw, pki, asked)
 }
 
@@ -1042,7 +1060,7 @@ async fn answered_under_a_slow_header_flood(
     let (status, keys) = post_json(
         &https_with_identity(&data, Some(&identity)),
         format!("{}/prpc/KMS.GetAppKey?json", kw.api_url()),
-        serde_json::json!({"api_version": 1, "vm_config": test_vm_config()}),
+        app_key_body(),
     )
     .await;
     assert_eq!(status, 200, "{keys}");
@@ -1116,7 +1134,7 @@ async fn made_up_platforms_never_reach_a_stalling_pccs_and_real_guests_are_serve
         .as_secs();
     let foreign = TestPki::generate(now).unwrap();
     let url = format!("{}/prpc/KMS.GetAppKey?json", kw.api_url());
-    let body = serde_json::json!({"api_version": 1, "vm_config": test_vm_config()});
+    let body = app_key_body();
     let started = std::time::Instant::now();
     let mut attacks = Vec::new();
     for i in 0..40u8 {
@@ -1236,20 +1254,18 @@ async fn a_revoked_kms_stops_releasing_keys_within_the_self_check_ttl_under_stea
     let auth = format!("http://{}", common::serve_router(app).await);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (mut kw, pki) = start(
+    let (mut kw, pki) = start_with_webhook(
         dir.path(),
+        &auth,
         &[
-            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
-            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth),
             ("KEYWARDEN_AUTH__KMS_SELF_CHECK_CACHE_TTL", "1s"),
             ("KEYWARDEN_KMS__INSECURE_SELF_ATTEST_WITH_TEST_PKI", "true"),
         ],
-    );
-    kw.wait_ready().await;
-    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
-    let client = https_with_identity(&data, Some(&identity));
+    )
+    .await;
+    let client = guest_client(&kw, &data, &pki, ALLOWED_APP).await;
     let url = format!("{}/prpc/KMS.GetAppKey?json", kw.api_url());
-    let body = serde_json::json!({"api_version": 1, "vm_config": test_vm_config()});
+    let body = app_key_body();
     let mut revoked_at = None;
     let started = std::time::Instant::now();
     let refused_after = loop {
@@ -1317,17 +1333,14 @@ async fn every_refused_key_request_leaves_one_audit_record_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let canaries = format!("[\"{}\"]", hex::encode(CANARY_APP));
-    let (mut kw, pki) = start(
+    let (mut kw, pki) = start_with_webhook(
         dir.path(),
-        &[
-            ("KEYWARDEN_AUTH__BACKEND", "webhook"),
-            ("KEYWARDEN_AUTH__WEBHOOK_URL", &auth),
-            ("KEYWARDEN_KMS__CANARY_APP_IDS", &canaries),
-        ],
-    );
-    kw.wait_ready().await;
+        &auth,
+        &[("KEYWARDEN_KMS__CANARY_APP_IDS", &canaries)],
+    )
+    .await;
     let url = format!("{}/prpc/KMS.GetAppKey?json", kw.api_url());
-    let body = serde_json::json!({"api_version": 1, "vm_config": test_vm_config()});
+    let body = app_key_body();
     let garbage = garbage_identity(&kw, &data).await;
     let denied = guest_identity(&kw, &data, &pki, &guest(DENIED_APP)).await;
     let canary = guest_identity(&kw, &data, &pki, &guest(CANARY_APP)).await;
@@ -1382,9 +1395,8 @@ async fn a_failed_ledger_commit_gives_500_and_no_ok_anywhere() {
         &[("KEYWARDEN_STORAGE__CONNECT_TIMEOUT", "500ms")],
     )
     .await;
-    let identity = guest_identity(&kw, &data, &pki, &guest(ALLOWED_APP)).await;
-    let client = https_with_identity(&data, Some(&identity));
-    let body = serde_json::json!({"api_version": 1, "vm_config": test_vm_config()});
+    let client = guest_client(&kw, &data, &pki, ALLOWED_APP).await;
+    let body = app_key_body();
     // Another writer holds the database under the running service: its writes fail (busy)
     // until that lock goes.
     use sqlx::Connection as _;
