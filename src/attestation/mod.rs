@@ -3,8 +3,9 @@
 //!
 //! This module owns everything between "bytes a workload presented" and "the `BootInfo` the
 //! authorization step consumes". Parsing, verification and derivation are pure functions of
-//! their inputs and an explicit `now`; I/O lives at the edges: the PCCS client
-//! ([`collateral`]), test PKI files ([`testpki`]) and the operator commands ([`cli`]).
+//! their inputs and an explicit `now`; I/O lives at the edges: the PCCS client and the collateral
+//! source ([`collateral`]), a test PKI's root and collateral ([`testroot`]) and the operator
+//! commands ([`cli`]).
 //!
 //! Flow of [`Verifier::verify_attestation`] (and [`Verifier::verify_ratls_cert`], which first
 //! reads the certificate's 62397 extensions and derives the expected report data from its key):
@@ -20,7 +21,8 @@
 //!
 //! Every refusal is an [`AttestationError`] with a closed [`RejectReason`], used as the metric
 //! label ([`metrics`]) and the `reason` field of the `attestation verification failed` log line.
-//! The test attestation PKI ([`testpki`]) is trusted only through `insecure_test_pki`.
+//! A test attestation PKI ([`testroot`]; issued by `sim::testpki`) is trusted only through
+//! `insecure_test_pki`.
 
 pub mod cli;
 pub mod collateral;

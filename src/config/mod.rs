@@ -1,4 +1,6 @@
-//! Configuration: what the operator can set, where it comes from, and whether it is safe.
+//! Configuration: what the operator can set, where it comes from, and whether it is safe. The
+//! tree has one section per subsystem, each defined, defaulted and checked in that subsystem's
+//! `config.rs`; this module merges the sources and collects the sections' problems.
 //!
 //! Flow: built-in defaults ← TOML file (`--config`) ← environment (`KEYWARDEN_<SECTION>__<KEY>`)
 //! ← command-line flags. The merged tree is deserialized with unknown keys refused, then

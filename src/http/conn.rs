@@ -2,8 +2,8 @@
 //! (TLS on the KMS port), then HTTP/1.1 with a header-read timeout, drained on shutdown.
 //!
 //! Flow: [`serve`] accepts; a failed accept (out of file descriptors and the like) pauses with
-//! a doubling backoff and is logged once per [`LOG_EVERY`] with the count, never once per
-//! failure. An accepted connection is admitted by [`Open`]: at the cap, the oldest connection
+//! a doubling backoff and is logged once per 10 s with the count, never once per
+//! failure. An accepted connection is admitted under the cap: at the cap, the oldest connection
 //! with no request in flight (a slow or idle client) is closed to make room, or the new one is
 //! refused when every connection is busy. The [`Handshake`] turns the TCP stream into what HTTP
 //! runs on, and the router that serves it. A client must send a request's headers within the

@@ -1,11 +1,14 @@
-//! HTTP listeners: the API (KMS RPC) port, the metrics/health port and the admin port.
+//! What every listener (the API/KMS port, the metrics port, the admin port) shares below its
+//! router: binding, hardening, connection handling, the error type, and the `[api]`,
+//! `[metrics]` and `[admin]` sections ([`config`]). The routers are the KMS's and `app`'s.
 //!
 //! Flow: [`bind`] claims each address before anything starts (a taken port is a start-up
 //! error naming the fix); each router gets the same hardening ([`harden`]: panic catching that
 //! counts `keywarden_handler_panics_total`, a request timeout, a body-size cap, a request span,
 //! and the `X-App-Version` header); [`conn::serve`] runs every listener's connections (accept
 //! backoff, a connection cap shedding idle ones, a header-read timeout, HTTP/1.1, drain on
-//! shutdown); [`Server`] serves a plain-HTTP router that way as a supervised task. [`HttpError`] is the one error type that becomes a JSON response.
+//! shutdown); [`Server`] serves a plain-HTTP router that way as a supervised task.
+//! [`HttpError`] is the one error type that becomes a JSON response.
 
 pub mod config;
 pub mod conn;

@@ -3,7 +3,7 @@
 //!
 //! Flow of a key method: [`super::gates`] (the attestation, then the `ensure_*` steps) gives the
 //! authorized boot → the key is derived on the crypto workers → its record is committed by the
-//! [`Ledger`] ([`super::audit`]) → the response. Framing, encodings and the error shape are
+//! [`super::ledger::Ledger`] ([`super::audit`]) → the response. Framing, encodings and the error shape are
 //! [`super::prpc`]'s; backpressure is [`super::limiter`]'s; every refusal is a
 //! [`super::refusal::Refused`].
 //!

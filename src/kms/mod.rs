@@ -1,13 +1,19 @@
-//! The KMS: root key material and the per-app key derivations dstack workloads receive.
+//! The KMS: root key material, the per-app key derivations dstack workloads receive, and the
+//! RA-TLS key-dispatch service.
 //!
 //! What it owns: [`keys`], the pure derivations, byte-compatible with upstream dstack's KMS
 //! (HKDF-SHA256 with salt `RATLS`, P-256 derived keys and their PKCS#8-hash "DH secrets",
 //! secp256k1 app keys with recoverable signatures by the root k256 key, the env-encryption X25519
-//! key, and the bootstrap report data). Flow of a key request, as it lands piece by piece:
-//! RA-TLS client certificate → attestation verified → boot info → mirror authorization →
-//! [`keys::AppKeys::derive`] → boot record committed by the [`ledger`] → response.
-//! [`signcert`] serves `SignCert`: a CSR whose attestation binds its key, authorized with the
-//! boot-time identity, answered with a leaf under the app's CA.
+//! key, and the bootstrap report data); [`root`], the key files; the `[kms]` and `[auth]`
+//! sections ([`config`]); and the service, built in one call by [`subsystem`].
+//!
+//! Flow of a key request: [`server`] (TLS, RA-TLS client certificate) → [`prpc`] (framing,
+//! [`limiter`]) → a method of [`dispatch`] → [`gates`] (attestation, then the `ensure_*` steps:
+//! field sizes, [`selfcheck`], registered key, [`osimage`], canaries, [`authz`]) →
+//! [`keys::AppKeys::derive`] on the [`workers`] → boot and audit record committed by the
+//! [`ledger`] ([`audit`]) → response; a refusal is a [`refusal::Refused`]. [`signcert`] serves
+//! `SignCert`: a CSR whose attestation binds its key, authorized with the boot-time identity,
+//! answered with a leaf under the app's CA.
 
 pub mod audit;
 pub mod authz;

@@ -1,7 +1,9 @@
-//! Runtime: task supervision, readiness, and orderly shutdown.
+//! Runtime: task supervision, readiness, orderly shutdown, the process's open-file limit
+//! ([`limits`]) and the `[runtime]` section ([`config`]).
 //!
 //! Flow: every long-running piece of work implements [`Task`] (`run(self, cancel)`) and is
-//! started with [`Supervisor::spawn`] on one task tracker. A critical task that returns or
+//! started with [`Supervisor::spawn`] on one task tracker (a subsystem hands its tasks over as
+//! one [`Tasks`]). A critical task that returns or
 //! panics before shutdown was requested is fatal: the supervisor logs which one and the process
 //! exits non-zero. SIGTERM / Ctrl-C cancel every task, and [`Supervisor::wait`] drains them
 //! within the configured deadline.

@@ -10,7 +10,8 @@
 //! the key path's tail under load); reads use the other pool concurrently (WAL).
 //! Other modules' tables are served from child modules here (`collateral`: the TDX collateral
 //! cache behind `attestation::collateral::CollateralCache`; `boots`: the KMS's boot records), so
-//! the backend stays private.
+//! the backend stays private. [`config`] is the `[storage]` section and the database it
+//! selects; [`AuditRecord`] is written to the `audit` log target once storing it was tried.
 
 mod boots;
 mod collateral;
