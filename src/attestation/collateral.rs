@@ -402,10 +402,11 @@ impl CollateralProvider {
             .map_err(|e| reject!(QuoteMalformed, "PCK certificate CA: {e:#}"))?
             .as_id_str();
         let platform = (hex::encode_upper(fmspc), ca.to_owned());
-        if let Some(c) = self.fresh(&platform, now).await {
+        let hit = self.fresh(self.cached(&platform).await.as_ref(), now);
+        self.record_cache(hit.is_some());
+        if let Some(c) = hit {
             return Ok(c);
         }
-        self.record_cache(false);
         check.await?;
         let flight = {
             let mut flights = self
@@ -417,10 +418,13 @@ impl CollateralProvider {
         };
         let _flight = flight.lock().await;
         // The request that held the lock may have fetched it meanwhile.
-        if let Some(c) = self.fresh(&platform, now).await {
+        let cached = self.cached(&platform).await;
+        if let Some(c) = self.fresh(cached.as_ref(), now) {
             return Ok(c);
         }
-        let result = self.fetch(&platform, parsed.header.is_sgx(), now).await;
+        let result = self
+            .fetch(&platform, parsed.header.is_sgx(), now, cached)
+            .await;
         self.fetches
             .flights
             .lock()
@@ -429,28 +433,29 @@ impl CollateralProvider {
         Ok(result?)
     }
 
-    /// The cached set when it is not yet due for refresh.
-    async fn fresh(&self, (fmspc, ca): &Platform, now: u64) -> Option<QuoteCollateralV3> {
-        // an unreadable cache entry is treated as a miss, never as valid collateral
-        let cached = self.cache.get(fmspc, ca).await.ok().flatten()?;
-        let fresh = now.saturating_add(self.refresh_margin) < cached.next_update;
-        if fresh {
-            self.record_cache(true);
-        }
-        fresh.then_some(cached.collateral)
+    /// The stored set for `platform`; an unreadable entry is a miss, never valid collateral.
+    async fn cached(&self, (fmspc, ca): &Platform) -> Option<CachedCollateral> {
+        self.cache.get(fmspc, ca).await.ok().flatten()
     }
 
-    /// Fetches the platform's collateral (one flight holds it); a still-valid cached set is
+    /// The stored set when it is not yet due for refresh.
+    fn fresh(&self, cached: Option<&CachedCollateral>, now: u64) -> Option<QuoteCollateralV3> {
+        cached
+            .filter(|c| now.saturating_add(self.refresh_margin) < c.next_update)
+            .map(|c| c.collateral.clone())
+    }
+
+    /// Fetches the platform's collateral (one flight holds it); `cached`, while still valid, is
     /// served when the fetch fails or is not attempted.
-    async fn fetch(&self, platform: &Platform, sgx: bool, now: u64) -> Result<QuoteCollateralV3> {
+    async fn fetch(
+        &self,
+        platform: &Platform,
+        sgx: bool,
+        now: u64,
+        cached: Option<CachedCollateral>,
+    ) -> Result<QuoteCollateralV3> {
         let (fmspc, ca) = (platform.0.as_str(), platform.1.as_str());
-        let cached = self
-            .cache
-            .get(fmspc, ca)
-            .await
-            .ok()
-            .flatten()
-            .filter(|old| now < old.next_update);
+        let cached = cached.filter(|old| now < old.next_update);
         let skipped = |why: FetchSkipped, detail: String| {
             if let Some(m) = &self.metrics {
                 m.record_fetch_skipped(why);
