@@ -16,9 +16,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use alloy::network::TransactionBuilder;
+use alloy::network::{Ethereum, TransactionBuilder};
 use alloy::primitives::{Address, B256, Bytes};
-use alloy::providers::{Provider, ProviderBuilder};
+use alloy::providers::{PendingTransactionBuilder, Provider, ProviderBuilder};
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::sol_types::{SolCall, SolValue};
 use serde::{Deserialize, Serialize};
@@ -112,25 +112,19 @@ pub async fn deploy_with_timeout(
     .0;
 
     let kms_contract = DstackKms::new(kms, &provider);
-    let receipt = kms_contract
+    let pending = kms_contract
         .setAppImplementation(app_implementation)
         .from(owner)
         .send()
-        .await?
-        .with_timeout(Some(receipt_timeout))
-        .get_receipt()
         .await?;
-    ensure_success("setAppImplementation", &receipt)?;
+    confirmed("setAppImplementation", pending, receipt_timeout).await?;
 
-    let receipt = kms_contract
+    let pending = kms_contract
         .deployAndRegisterApp_1(owner, false, false, false, B256::ZERO, B256::ZERO)
         .from(owner)
         .send()
-        .await?
-        .with_timeout(Some(receipt_timeout))
-        .get_receipt()
         .await?;
-    ensure_success("deployAndRegisterApp", &receipt)?;
+    let receipt = confirmed("deployAndRegisterApp", pending, receipt_timeout).await?;
     let app = receipt
         .inner
         .logs()
@@ -170,13 +164,7 @@ async fn create<P: Provider>(
     let tx = TransactionRequest::default()
         .with_from(from)
         .with_deploy_code(code);
-    let receipt = provider
-        .send_transaction(tx)
-        .await?
-        .with_timeout(Some(receipt_timeout))
-        .get_receipt()
-        .await?;
-    ensure_success(step, &receipt)?;
+    let receipt = confirmed(step, provider.send_transaction(tx).await?, receipt_timeout).await?;
     let address = receipt
         .contract_address
         .ok_or(ChainError::IncompleteReceipt {
@@ -187,9 +175,15 @@ async fn create<P: Provider>(
     Ok((address, receipt))
 }
 
-fn ensure_success(step: &'static str, receipt: &TransactionReceipt) -> Result<(), ChainError> {
+/// The receipt of the sent transaction `step`, waited for at most `timeout`; a revert is an error.
+async fn confirmed(
+    step: &'static str,
+    pending: PendingTransactionBuilder<Ethereum>,
+    timeout: Duration,
+) -> Result<TransactionReceipt, ChainError> {
+    let receipt = pending.with_timeout(Some(timeout)).get_receipt().await?;
     if receipt.status() {
-        Ok(())
+        Ok(receipt)
     } else {
         Err(ChainError::Reverted {
             step,
