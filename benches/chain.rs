@@ -29,6 +29,7 @@ use keywarden::chain::contracts::{DstackApp, DstackKms, TCB_UP_TO_DATE};
 use keywarden::chain::events::Event;
 use keywarden::chain::metrics::ChainMetrics;
 use keywarden::chain::mirror::MirrorState;
+use keywarden::chain::status::SyncStatus;
 use keywarden::chain::{ChainConfig, Mirror};
 use keywarden::config::{DatabaseTarget, StorageConfig};
 use keywarden::runtime::{Readiness, Task};
@@ -323,13 +324,9 @@ fn lookup() {
         apps.push(app);
     }
     let mut registry = Registry::default();
-    let mirror = Mirror::new(
-        state,
-        Duration::from_secs(60),
-        ChainMetrics::new(&mut registry, 1),
-        None,
-    );
-    mirror.mark_fresh(Instant::now());
+    let status = std::sync::Arc::new(SyncStatus::new(Duration::from_secs(60)));
+    status.mark_fresh(Instant::now());
+    let mirror = Mirror::new(state, status, ChainMetrics::new(&mut registry, 1), None);
     let queries: Vec<AuthQuery> = apps
         .iter()
         .enumerate()

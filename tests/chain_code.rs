@@ -313,8 +313,10 @@ async fn entries_removed_silently_by_unknown_code_are_not_trusted_after_upgradin
     );
     // A restart rebuilds the same state from the store.
     let chain_id = c.provider.get_chain_id().await.unwrap();
-    let rebuilt =
-        keywarden::chain::sync::rebuild(c.d.kms, &store.chain_events(chain_id).await.unwrap());
+    let rebuilt = keywarden::chain::kms_projection::rebuild(
+        c.d.kms,
+        &store.chain_events(chain_id, "kms").await.unwrap(),
+    );
     assert_eq!(rebuilt.apps[&c.d.app], m.apps[&c.d.app]);
     assert_eq!(rebuilt.kms.os_images, m.kms.os_images);
     e.stop().await;
@@ -382,7 +384,7 @@ async fn previous_release_store(db: Option<&common::PgDb>) {
     e.caught_up_to(head).await;
     let chain_id = c.provider.get_chain_id().await.unwrap();
     let logs_before: Vec<_> = store
-        .chain_events(chain_id)
+        .chain_events(chain_id, "kms")
         .await
         .unwrap()
         .into_iter()
@@ -410,8 +412,10 @@ async fn previous_release_store(db: Option<&common::PgDb>) {
         }
     }
     let store = store_on(db, dir.path()).await;
-    let old =
-        keywarden::chain::sync::rebuild(c.d.kms, &store.chain_events(chain_id).await.unwrap());
+    let old = keywarden::chain::kms_projection::rebuild(
+        c.d.kms,
+        &store.chain_events(chain_id, "kms").await.unwrap(),
+    );
     assert!(
         !old.apps[&strict].require_tcb_up_to_date,
         "the old mirror had the flag wrong"
@@ -434,7 +438,7 @@ async fn previous_release_store(db: Option<&common::PgDb>) {
     assert_eq!(e.metric("dstack_chain_resyncs_total"), 0.0);
     // Every log kept once; the classification only added synthetic rows.
     let logs_after: Vec<_> = store
-        .chain_events(chain_id)
+        .chain_events(chain_id, "kms")
         .await
         .unwrap()
         .into_iter()

@@ -27,8 +27,8 @@ use alloy::sol_types::{SolCall, SolValue};
 use chain_engine::{Chain, WAIT, chain, deployed_app, engine, h, sqlite_store};
 use keywarden::chain::authz::{AuthQuery, Reason, Source};
 use keywarden::chain::contracts::{DstackApp, DstackKms, IMPLEMENTATION_SLOT, TCB_UP_TO_DATE};
+use keywarden::chain::kms_projection::rebuild;
 use keywarden::chain::mirror::{Evaluation, MirrorState};
-use keywarden::chain::sync::rebuild;
 use keywarden::config::{DatabaseTarget, StorageConfig};
 use keywarden::sim::deploy::deploy;
 use keywarden::store::Store;
@@ -115,7 +115,7 @@ async fn assert_mirror_matches_chain(
         }
     }
     let chain_id = c.provider.get_chain_id().await.unwrap();
-    let rebuilt = rebuild(c.d.kms, &store.chain_events(chain_id).await.unwrap());
+    let rebuilt = rebuild(c.d.kms, &store.chain_events(chain_id, "kms").await.unwrap());
     assert_eq!(&rebuilt, m, "the store rebuilds the live mirror");
 }
 
@@ -436,7 +436,7 @@ fn add_compose_tx(c: &Chain, hash: B256) -> TransactionData {
 /// Stored events all belong to the canonical chain.
 async fn assert_no_orphans(c: &Chain, store: &Store) {
     let chain_id = c.provider.get_chain_id().await.unwrap();
-    for ev in store.chain_events(chain_id).await.unwrap() {
+    for ev in store.chain_events(chain_id, "kms").await.unwrap() {
         let b = c
             .provider
             .get_block_by_number(ev.block_number.into())
@@ -562,7 +562,7 @@ async fn killed_engines_resume_without_duplicates_or_gaps() {
     e.caught_up_to(head).await;
     // Exactly the chain's logs: same count as eth_getLogs over the whole range, nothing twice.
     let chain_id = c.provider.get_chain_id().await.unwrap();
-    let stored = store.chain_events(chain_id).await.unwrap();
+    let stored = store.chain_events(chain_id, "kms").await.unwrap();
     let filter = alloy::rpc::types::Filter::new()
         .address(vec![c.d.kms, c.d.app])
         .from_block(c.d.block)

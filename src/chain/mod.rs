@@ -39,13 +39,16 @@ pub mod code;
 pub mod config;
 pub mod contracts;
 pub mod events;
+pub mod follower;
+pub mod kms_projection;
 pub mod live;
 pub mod metrics;
 pub mod mirror;
+pub mod projection;
 pub mod report;
 pub mod rpc;
+pub mod status;
 pub mod store;
-pub mod sync;
 pub mod transport;
 pub mod view;
 
@@ -87,25 +90,31 @@ pub fn subsystem(
     }
 }
 
-/// The published mirror of `chain` and the engine that feeds it, sharing one RPC pool with the
-/// live authorization path.
+/// The published mirror of `chain` and the follower that feeds it (the mirror is its first
+/// projection), sharing one RPC pool with the live authorization path.
 pub fn follow(
     chain: config::ResolvedChain,
     store: crate::store::Store,
     readiness: crate::runtime::Readiness,
     metrics: metrics::ChainMetrics,
-) -> (Arc<Mirror>, sync::SyncEngine) {
+) -> (Arc<Mirror>, follower::Follower) {
     let rpc = Arc::new(rpc::RpcPool::new(&chain.urls, &chain.cfg, metrics.clone()));
     rpc.expect_chain_id(chain.cfg.chain_id);
+    let status = Arc::new(status::SyncStatus::new(chain.cfg.max_staleness));
     let live = live::LiveAuthz::new(rpc.clone(), chain.kms, metrics.clone());
     let mirror = Arc::new(Mirror::new(
         mirror::MirrorState::with_known(chain.kms, Arc::new(chain.known.clone())),
-        chain.cfg.max_staleness,
+        status.clone(),
         metrics.clone(),
         Some(live),
     ));
-    let engine = sync::SyncEngine::new(chain, store, rpc, mirror.clone(), readiness, metrics);
-    (mirror, engine)
+    let projections: follower::Projections = vec![Box::new(kms_projection::KmsProjection::new(
+        chain.kms,
+        mirror.clone(),
+    ))];
+    let follower =
+        follower::Follower::new(chain, store, rpc, projections, status, readiness, metrics);
+    (mirror, follower)
 }
 
 /// Errors of the on-chain module.

@@ -14,10 +14,10 @@ use serde_json::{Value, json};
 use super::ChainError;
 use super::code::identify;
 use super::config::ChainConfig;
+use super::kms_projection::{self, rebuild_with};
 use super::metrics::{ChainMetrics, Method};
 use super::mirror::{Answering, Evaluation, MirrorState};
 use super::rpc::RpcPool;
-use super::sync::rebuild_with;
 use crate::store::Store;
 
 fn sorted<T: ToString>(items: &HashSet<T>) -> Vec<String> {
@@ -88,24 +88,31 @@ pub fn state_json(m: &MirrorState) -> Value {
 /// Every chain's checkpoint with lag, and the configured endpoints' health right now.
 pub async fn status(store: &Store, chain: &ChainConfig) -> Result<Value, ChainError> {
     let now = crate::clock::unix_secs_i64();
-    let chains: Vec<Value> = store
-        .chain_checkpoints()
-        .await?
-        .into_iter()
-        .map(|c| {
-            json!({
+    let mut chains: Vec<Value> = Vec::new();
+    for c in store.chain_checkpoints().await? {
+        let kms = mirrored_kms(store, c.chain_id).await?;
+        chains.push(json!({
                 "chain_id": c.chain_id,
-                "kms_contract": c.kms_contract.to_string(),
+                "kms_contract": kms.map(|a| a.to_string()),
                 "start_block": c.start_block,
                 "processed_block": c.processed_block,
                 "head_block": c.head_block,
                 "lag_blocks": c.head_block.saturating_sub(c.processed_block),
                 "backfill_percent": backfill_percent(&c),
                 "head_seen_seconds_ago": now.saturating_sub(c.head_seen_at),
-            })
-        })
-        .collect();
+        }));
+    }
     Ok(json!({ "chains": chains, "endpoints": probe(chain).await }))
+}
+
+/// The KMS contract whose mirror the store holds for `chain_id`, if any.
+async fn mirrored_kms(store: &Store, chain_id: u64) -> Result<Option<Address>, ChainError> {
+    Ok(store
+        .chain_projections(chain_id)
+        .await?
+        .into_iter()
+        .find(|p| p.name == kms_projection::NAME)
+        .and_then(|p| Address::try_from(p.identity.as_slice()).ok()))
 }
 
 /// Share of `start_block..=head_block` processed, in percent (one decimal).
@@ -149,8 +156,11 @@ pub async fn state(store: &Store, chain: &ChainConfig) -> Result<Value, ChainErr
     let known = std::sync::Arc::new(chain.known_code());
     let mut chains = Vec::new();
     for c in store.chain_checkpoints().await? {
-        let events = store.chain_events(c.chain_id).await?;
-        let mirror = rebuild_with(c.kms_contract, known.clone(), &events);
+        let Some(kms) = mirrored_kms(store, c.chain_id).await? else {
+            continue;
+        };
+        let events = store.chain_events(c.chain_id, kms_projection::NAME).await?;
+        let mirror = rebuild_with(kms, known.clone(), &events);
         let mut v = state_json(&mirror);
         v["chain_id"] = json!(c.chain_id);
         v["processed_block"] = json!(c.processed_block);

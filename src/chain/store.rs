@@ -1,11 +1,15 @@
-//! The chain tables of the store: stored events, recent block hashes, checkpoints.
+//! The chain tables of the store: stored events (tagged by projection), recent block hashes, one
+//! checkpoint per chain and each projection's configuration identity.
 //!
-//! Flow: the sync engine reads the checkpoint and events on start-up ([`Store::chain_checkpoint`],
-//! [`Store::chain_events`]), then commits each batch with [`Store::chain_commit_batch`] (events,
-//! the batch's block hashes and the checkpoint in one transaction, so an interrupted batch
-//! leaves nothing behind). A reorg is undone by [`Store::chain_rewind`] (events and hashes above
-//! the common ancestor deleted in the same transaction that moves the checkpoint back); a reorg
-//! deeper than the retained hashes, or another KMS address, by [`Store::chain_reset`].
+//! Flow: the follower reads the checkpoint, the projections' identities and each projection's
+//! events on start-up ([`Store::chain_checkpoint`], [`Store::chain_projections`],
+//! [`Store::chain_events`]), then commits each batch with [`Store::chain_commit_batch`] (every
+//! projection's events, the batch's block hashes and the checkpoint in one transaction, so an
+//! interrupted batch leaves nothing behind; a projection whose identity is new or changed has its
+//! rows replaced in that same transaction). A reorg is undone by [`Store::chain_rewind`] (events
+//! and hashes above the common ancestor deleted in the same transaction that moves the checkpoint
+//! back); a reorg deeper than the retained hashes, or another start block, by
+//! [`Store::chain_reset`].
 
 use alloy::primitives::{Address, B256};
 use serde::Serialize;
@@ -18,8 +22,6 @@ use crate::store::{Backend, Store, StoreError, on_backend, on_writer, write_tx};
 pub struct Checkpoint {
     /// Chain id.
     pub chain_id: u64,
-    /// The watched DstackKms.
-    pub kms_contract: Address,
     /// First block synced.
     pub start_block: u64,
     /// Every block up to and including this one is in the store (`start_block - 1` before the
@@ -52,13 +54,35 @@ pub struct StoredEvent {
     pub data: Vec<u8>,
 }
 
+/// A projection's configuration identity as stored: its name and what its events were gathered
+/// for (the KMS mirror: its contract address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionIdentity {
+    /// [`super::projection::Projection::name`].
+    pub name: String,
+    /// [`super::projection::Projection::identity`].
+    pub identity: Vec<u8>,
+}
+
+/// One projection's rows of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct ProjectionRows<'a> {
+    /// The projection's name.
+    pub projection: &'a str,
+    /// Its rows, in chain order.
+    pub events: &'a [StoredEvent],
+}
+
 /// What one batch commits.
 #[derive(Debug, Clone)]
 pub struct BatchWrite<'a> {
     /// The new checkpoint.
     pub checkpoint: &'a Checkpoint,
-    /// Events in the batch, in chain order.
-    pub events: &'a [StoredEvent],
+    /// Each projection's rows of the batch.
+    pub events: &'a [ProjectionRows<'a>],
+    /// Projections whose stored rows this batch replaces (their history was fetched again for a
+    /// new identity), with the identity recorded for them.
+    pub replace: &'a [(&'a str, &'a [u8])],
     /// Blocks of the batch whose hashes are kept (its last block, plus those within the reorg
     /// window of the head): number, hash, timestamp.
     pub blocks: &'a [(u64, B256, i64)],
@@ -86,14 +110,13 @@ fn address(raw: &[u8]) -> Result<Address, sqlx::Error> {
 const EVENTS_PER_INSERT: usize = 1000;
 
 const CHECKPOINT_COLUMNS: &str =
-    "chain_id, kms_contract, start_block, processed_block, head_block, head_seen_at, updated_at";
+    "chain_id, start_block, processed_block, head_block, head_seen_at, updated_at";
 
 /// Reads a [`Checkpoint`] from a row of either backend.
 macro_rules! checkpoint_row {
     ($r:expr) => {
         Checkpoint {
             chain_id: to_u64($r.try_get("chain_id")?),
-            kms_contract: address(&$r.try_get::<Vec<u8>, _>("kms_contract")?)?,
             start_block: to_u64($r.try_get("start_block")?),
             processed_block: to_u64($r.try_get("processed_block")?),
             head_block: to_u64($r.try_get("head_block")?),
@@ -107,14 +130,13 @@ macro_rules! checkpoint_row {
 macro_rules! upsert_checkpoint {
     ($tx:expr, $c:expr) => {
         sqlx::query(
-            "INSERT INTO chain_checkpoints (chain_id, kms_contract, start_block, processed_block, head_block, head_seen_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (chain_id) DO UPDATE SET \
-             kms_contract = excluded.kms_contract, start_block = excluded.start_block, \
+            "INSERT INTO chain_checkpoints (chain_id, start_block, processed_block, head_block, head_seen_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (chain_id) DO UPDATE SET \
+             start_block = excluded.start_block, \
              processed_block = excluded.processed_block, head_block = excluded.head_block, \
              head_seen_at = excluded.head_seen_at, updated_at = excluded.updated_at",
         )
         .bind(to_i64($c.chain_id))
-        .bind($c.kms_contract.as_slice().to_vec())
         .bind(to_i64($c.start_block))
         .bind(to_i64($c.processed_block))
         .bind(to_i64($c.head_block))
@@ -145,14 +167,42 @@ impl Store {
         Ok(all.into_iter().find(|c| c.chain_id == chain_id))
     }
 
-    /// Every stored event of `chain_id`, in chain order.
-    pub async fn chain_events(&self, chain_id: u64) -> Result<Vec<StoredEvent>, StoreError> {
+    /// The identities of `chain_id`'s projections, by name.
+    pub async fn chain_projections(
+        &self,
+        chain_id: u64,
+    ) -> Result<Vec<ProjectionIdentity>, StoreError> {
+        Ok(on_backend!(self, pool => {
+            sqlx::query(
+                "SELECT projection, identity FROM chain_projections WHERE chain_id = $1 ORDER BY projection",
+            )
+            .bind(to_i64(chain_id))
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(ProjectionIdentity {
+                    name: r.try_get("projection")?,
+                    identity: r.try_get("identity")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?
+        }))
+    }
+
+    /// The stored rows of `projection` on `chain_id`, in chain order.
+    pub async fn chain_events(
+        &self,
+        chain_id: u64,
+        projection: &str,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         Ok(on_backend!(self, pool => {
             sqlx::query(
                 "SELECT block_number, log_index, block_hash, address, kind, topics, data FROM chain_events \
-                 WHERE chain_id = $1 ORDER BY block_number, log_index",
+                 WHERE chain_id = $1 AND projection = $2 ORDER BY block_number, log_index",
             )
             .bind(to_i64(chain_id))
+            .bind(projection.to_owned())
             .fetch_all(pool)
             .await?
             .iter()
@@ -197,18 +247,40 @@ impl Store {
         }))
     }
 
-    /// Commits one batch: its events, its last block's hash and the checkpoint, atomically.
+    /// Commits one batch: its projections' rows (replacing those of projections with a new
+    /// identity), its block hashes and the checkpoint, atomically.
     pub async fn chain_commit_batch(&self, b: &BatchWrite<'_>) -> Result<(), StoreError> {
         let chain_id = to_i64(b.checkpoint.chain_id);
         write_tx!(self, tx => {
+            for &(name, identity) in b.replace {
+                sqlx::query("DELETE FROM chain_events WHERE chain_id = $1 AND projection = $2")
+                    .bind(chain_id)
+                    .bind(name.to_owned())
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO chain_projections (chain_id, projection, identity) VALUES ($1, $2, $3) \
+                     ON CONFLICT (chain_id, projection) DO UPDATE SET identity = excluded.identity",
+                )
+                .bind(chain_id)
+                .bind(name.to_owned())
+                .bind(identity.to_vec())
+                .execute(&mut *tx)
+                .await?;
+            }
             // Multi-row inserts: one statement per chunk instead of one per event.
-            for chunk in b.events.chunks(EVENTS_PER_INSERT) {
+            for (projection, chunk) in b
+                .events
+                .iter()
+                .flat_map(|p| std::iter::repeat(p.projection).zip(p.events.chunks(EVENTS_PER_INSERT)))
+            {
                 let mut q = sqlx::QueryBuilder::new(
-                    "INSERT INTO chain_events (chain_id, block_number, log_index, block_hash, address, kind, topics, data) ",
+                    "INSERT INTO chain_events (chain_id, projection, block_number, log_index, block_hash, address, kind, topics, data) ",
                 );
                 q.push_values(chunk, |mut row, e| {
                     let topics: Vec<u8> = e.topics.iter().flat_map(|t| t.0).collect();
                     row.push_bind(chain_id)
+                        .push_bind(projection.to_owned())
                         .push_bind(to_i64(e.block_number))
                         .push_bind(to_i64(e.log_index))
                         .push_bind(e.block_hash.as_slice().to_vec())
@@ -220,16 +292,16 @@ impl Store {
                 q.build().execute(&mut *tx).await?;
             }
             for &(number, hash, timestamp) in b.blocks {
-            sqlx::query(
-                "INSERT INTO chain_blocks (chain_id, block_number, block_hash, timestamp) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (chain_id, block_number) DO UPDATE SET block_hash = excluded.block_hash, timestamp = excluded.timestamp",
-            )
-            .bind(chain_id)
-            .bind(to_i64(number))
-            .bind(hash.as_slice().to_vec())
-            .bind(timestamp)
-            .execute(&mut *tx)
-            .await?;
+                sqlx::query(
+                    "INSERT INTO chain_blocks (chain_id, block_number, block_hash, timestamp) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (chain_id, block_number) DO UPDATE SET block_hash = excluded.block_hash, timestamp = excluded.timestamp",
+                )
+                .bind(chain_id)
+                .bind(to_i64(number))
+                .bind(hash.as_slice().to_vec())
+                .bind(timestamp)
+                .execute(&mut *tx)
+                .await?;
             }
             sqlx::query("DELETE FROM chain_blocks WHERE chain_id = $1 AND block_number < $2")
                 .bind(chain_id)
@@ -261,11 +333,12 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets everything synced for `checkpoint.chain_id` and starts over at `checkpoint`.
+    /// Forgets everything synced for `checkpoint.chain_id` (every projection's rows and
+    /// identity) and starts over at `checkpoint`.
     pub async fn chain_reset(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
         let chain_id = to_i64(checkpoint.chain_id);
         write_tx!(self, tx => {
-            for table in ["chain_events", "chain_blocks"] {
+            for table in ["chain_events", "chain_blocks", "chain_projections"] {
                 sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE chain_id = $1")))
                     .bind(chain_id)
                     .execute(&mut *tx)

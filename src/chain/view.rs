@@ -1,8 +1,8 @@
 //! The published mirror: what the KMS path reads, and how fresh it is.
 //!
-//! Flow: the sync engine [`Mirror::publish`]es a new [`MirrorState`] snapshot after every committed
-//! batch and [`Mirror::mark_fresh`] whenever it read the head and had processed everything up to
-//! the confirmed target. The KMS path calls [`Mirror::authorize_kms`] / [`Mirror::authorize_app`]:
+//! Flow: the KMS projection ([`super::kms_projection`]) [`Mirror::publish`]es a new
+//! [`MirrorState`] snapshot after every committed batch; how fresh it is comes from the chain's
+//! follower ([`SyncStatus`]). The KMS path calls [`Mirror::authorize_kms`] / [`Mirror::authorize_app`]:
 //! one read lock to clone an `Arc`, never waiting on the engine's I/O; beyond `max_staleness` the
 //! answer is a refusal with [`Reason::ChainStateStale`]. When the code answering for the KMS
 //! contract or the app is not known, the snapshot says so ([`MirrorState::app_evaluation`]) and the
@@ -10,40 +10,22 @@
 //! refusal with [`Reason::AuthUnavailable`]. A snapshot whose batch applied an upgrade already
 //! carries the new evaluation mode, so no request is answered from stale local state after it.
 
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use alloy::primitives::Address;
-use serde::Serialize;
 
 use super::authz::{self, AuthQuery, Decision, Reason};
 use super::live::LiveAuthz;
 use super::metrics::{ChainMetrics, Check};
 use super::mirror::{Evaluation, MirrorState};
-use super::rpc::EndpointHealth;
-
-/// The engine's progress, as shown by the admin API.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct SyncProgress {
-    /// Chain id (0 until read).
-    pub chain_id: u64,
-    /// Newest head seen.
-    pub head_block: u64,
-    /// Confirmed target the engine syncs to.
-    pub target_block: u64,
-    /// Newest processed block.
-    pub processed_block: u64,
-    /// Endpoint health, in configuration order.
-    pub endpoints: Vec<EndpointHealth>,
-}
+use super::status::{SyncProgress, SyncStatus};
 
 /// Shared handle on the mirror. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Mirror {
     state: RwLock<Arc<MirrorState>>,
-    fresh_at: Mutex<Option<Instant>>,
-    progress: RwLock<SyncProgress>,
-    max_staleness: Duration,
+    status: Arc<SyncStatus>,
     metrics: ChainMetrics,
     live: Option<LiveAuthz>,
     /// Whether a state was published yet (the first one is compared with "all local", so
@@ -52,19 +34,17 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    /// An empty, never-fresh mirror. Without `live`, contracts whose code is not known are refused
-    /// with [`Reason::AuthUnavailable`].
+    /// A mirror as fresh as `status` says. Without `live`, contracts whose code is not known are
+    /// refused with [`Reason::AuthUnavailable`].
     pub fn new(
         initial: MirrorState,
-        max_staleness: Duration,
+        status: Arc<SyncStatus>,
         metrics: ChainMetrics,
         live: Option<LiveAuthz>,
     ) -> Self {
         Self {
             state: RwLock::new(Arc::new(initial)),
-            fresh_at: Mutex::new(None),
-            progress: RwLock::new(SyncProgress::default()),
-            max_staleness,
+            status,
             metrics,
             live,
             published: std::sync::atomic::AtomicBool::new(false),
@@ -92,35 +72,24 @@ impl Mirror {
         log_mode_changes((!first).then_some(&*previous), &state);
     }
 
-    /// Records that the engine saw the head and had caught up with it.
-    pub fn mark_fresh(&self, at: Instant) {
-        *self.fresh_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+    /// The follower's freshness this mirror's decisions follow.
+    pub fn status(&self) -> &SyncStatus {
+        &self.status
     }
 
-    /// Time since the engine last caught up; `None` if it never did.
+    /// Time since the follower last caught up; `None` if it never did.
     pub fn staleness(&self) -> Option<Duration> {
-        self.fresh_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map(|t| t.elapsed())
+        self.status.staleness()
     }
 
-    /// Whether decisions are made (caught up within `max_staleness`).
+    /// Whether decisions are made (the follower caught up within `max_staleness`).
     pub fn is_fresh(&self) -> bool {
-        self.staleness().is_some_and(|s| s <= self.max_staleness)
+        self.status.is_fresh()
     }
 
-    /// Replaces the progress shown to operators.
-    pub fn set_progress(&self, p: SyncProgress) {
-        *self.progress.write().unwrap_or_else(|e| e.into_inner()) = p;
-    }
-
-    /// The engine's progress.
+    /// The follower's progress.
     pub fn progress(&self) -> SyncProgress {
-        self.progress
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.status.progress()
     }
 
     async fn decide(&self, check: Check, q: &AuthQuery) -> Decision {

@@ -1,0 +1,147 @@
+//! What a projection is: one piece of state that the chain's follower feeds from the logs of the
+//! contracts it watches. The KMS mirror ([`super::kms_projection`]) is the first; the governance
+//! watcher is the next.
+//!
+//! Flow, per batch (driven by [`super::follower`]): the follower asks every projection for the
+//! addresses it watches ([`Projection::addresses`]) and fetches all of them in one `eth_getLogs`
+//! round → each projection keeps the logs of its addresses that it uses ([`Projection::decode`])
+//! and names the addresses they bring in ([`Projection::discover`]; the follower fetches those
+//! addresses' logs for the range, and their earlier history when asked) → it reads, at the block
+//! of each trigger, what events cannot tell ([`Projection::complete`], synthetic rows) → the
+//! follower commits every projection's rows with the checkpoint in one transaction → each
+//! projection [`Projection::apply`]s its rows to its pure state and [`Projection::publish`]es.
+//! After a rewind or at start-up a projection is [`Projection::rebuild`]t from its stored rows.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::providers::Provider;
+use alloy::sol_types::SolCall;
+use futures::future::BoxFuture;
+
+use super::ChainError;
+use super::code::{CodeId, identify};
+use super::metrics::Method;
+use super::rpc::RpcPool;
+use super::store::StoredEvent;
+
+/// Synthetic rows sort after every real log of their block.
+pub const SYNTHETIC_LOG_INDEX: u64 = 1 << 32;
+
+/// An address a batch's rows bring into a projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Discovered {
+    /// The new address.
+    pub address: Address,
+    /// Whether its logs before the range belong to the projection's state (fetched from the
+    /// start block when it holds code), or it starts in this range.
+    pub history: bool,
+}
+
+/// The block a batch ends at, or a start-up reconciliation is made at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct At {
+    /// Block number.
+    pub number: u64,
+    /// Block hash.
+    pub hash: B256,
+}
+
+/// One consumer of the follower's batches. Object safe: a follower runs a list of them.
+pub trait Projection: Send + Sync {
+    /// Stable name, stored with the projection's rows and identity.
+    fn name(&self) -> &'static str;
+
+    /// What the stored rows were gathered for (the KMS mirror: its contract's address). Another
+    /// identity at start-up makes the follower fetch this projection's history again, up to the
+    /// checkpoint, leaving the other projections as they are.
+    fn identity(&self) -> Vec<u8>;
+
+    /// The addresses watched now.
+    fn addresses(&self) -> BTreeSet<Address>;
+
+    /// The row kind of a log of one of [`Self::addresses`] (or of an address discovered in the
+    /// same batch) if the projection uses it.
+    fn decode(&self, emitter: Address, topics: &[B256], data: &[u8]) -> Option<&'static str>;
+
+    /// Addresses `rows` (a batch's, in chain order) bring in that are not watched yet.
+    fn discover(&self, rows: &[StoredEvent]) -> Vec<Discovered>;
+
+    /// Synthetic rows (log index from [`SYNTHETIC_LOG_INDEX`]) for what `rows` imply but events
+    /// cannot tell, read from the chain at the block of each trigger. `last` is the range's last
+    /// block.
+    fn complete<'a>(
+        &'a self,
+        reads: &'a ChainReads,
+        rows: &'a [StoredEvent],
+        last: At,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, ChainError>>;
+
+    /// At start-up, after [`Self::rebuild`]: synthetic rows for what a store written by an older
+    /// release never observed, read at the processed block `at` (`stored`: the rows the state was
+    /// rebuilt from). Empty when nothing is missing.
+    fn reconcile<'a>(
+        &'a self,
+        reads: &'a ChainReads,
+        stored: &'a [StoredEvent],
+        at: At,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, ChainError>>;
+
+    /// Applies committed rows (pure) and moves the state to `processed`.
+    fn apply(&mut self, rows: &[StoredEvent], processed: u64);
+
+    /// Replaces the state with one rebuilt from stored rows, at `processed`.
+    fn rebuild(&mut self, stored: &[StoredEvent], processed: u64);
+
+    /// Hands the current state to its readers.
+    fn publish(&self);
+}
+
+/// The chain reads projections (and the follower's discovery) make at a given block, through
+/// the follower's RPC pool.
+#[derive(Clone)]
+pub struct ChainReads {
+    rpc: Arc<RpcPool>,
+}
+
+impl ChainReads {
+    /// Reads through `rpc`.
+    pub fn new(rpc: Arc<RpcPool>) -> Self {
+        Self { rpc }
+    }
+
+    /// The runtime code at `at` as of `block`.
+    pub async fn code(&self, at: Address, block: u64) -> Result<Bytes, ChainError> {
+        self.rpc
+            .call(Method::EthGetCode, |p| async move {
+                p.get_code_at(at).number(block).await
+            })
+            .await
+    }
+
+    /// The identity of the code at `at` as of `block` (`None`: no code).
+    pub async fn code_id(&self, at: Address, block: u64) -> Result<Option<CodeId>, ChainError> {
+        Ok(identify(&self.code(at, block).await?, at))
+    }
+
+    /// One storage slot of `at` as of `block`.
+    pub async fn storage(&self, at: Address, slot: U256, block: u64) -> Result<U256, ChainError> {
+        self.rpc
+            .call(Method::EthGetStorageAt, |p| async move {
+                p.get_storage_at(at, slot).number(block).await
+            })
+            .await
+    }
+
+    /// A view call on `at` as of `block` returning one bool.
+    pub async fn flag<C: SolCall<Return = bool>>(
+        &self,
+        at: Address,
+        call: C,
+        block: u64,
+    ) -> Result<bool, ChainError> {
+        let raw = self.rpc.eth_call(at, call.abi_encode(), block).await?;
+        C::abi_decode_returns(&raw).map_err(|e| ChainError::UndecodableAnswer(e.to_string()))
+    }
+}

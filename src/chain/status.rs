@@ -1,0 +1,93 @@
+//! The follower's freshness and progress, shared with whoever reads its projections.
+//!
+//! Flow: the follower ([`super::follower`]) [`SyncStatus::set_progress`]es after every committed
+//! batch and [`SyncStatus::mark_fresh`]es whenever it read the head and had processed everything
+//! up to the confirmed target. Readers (the KMS mirror's decisions, readiness, the admin API) ask
+//! [`SyncStatus::is_fresh`]: one lock, never waiting on the follower's I/O.
+
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::rpc::EndpointHealth;
+
+/// The follower's progress, as shown by the admin API.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SyncProgress {
+    /// Chain id (0 until read).
+    pub chain_id: u64,
+    /// Newest head seen.
+    pub head_block: u64,
+    /// Confirmed target the follower syncs to.
+    pub target_block: u64,
+    /// Newest processed block.
+    pub processed_block: u64,
+    /// Endpoint health, in configuration order.
+    pub endpoints: Vec<EndpointHealth>,
+}
+
+/// How fresh one chain's follower is, and how far it got.
+#[derive(Debug)]
+pub struct SyncStatus {
+    fresh_at: Mutex<Option<Instant>>,
+    progress: RwLock<SyncProgress>,
+    max_staleness: Duration,
+}
+
+impl SyncStatus {
+    /// Never fresh until the follower first catches up; stale `max_staleness` after it last did.
+    pub fn new(max_staleness: Duration) -> Self {
+        Self {
+            fresh_at: Mutex::new(None),
+            progress: RwLock::new(SyncProgress::default()),
+            max_staleness,
+        }
+    }
+
+    /// Records that the follower saw the head and had caught up with it.
+    pub fn mark_fresh(&self, at: Instant) {
+        *self.fresh_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+    }
+
+    /// Time since the follower last caught up; `None` if it never did.
+    pub fn staleness(&self) -> Option<Duration> {
+        self.fresh_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed())
+    }
+
+    /// Whether projections may be relied on (caught up within `max_staleness`).
+    pub fn is_fresh(&self) -> bool {
+        self.staleness().is_some_and(|s| s <= self.max_staleness)
+    }
+
+    /// Replaces the progress shown to operators.
+    pub fn set_progress(&self, p: SyncProgress) {
+        *self.progress.write().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    /// The follower's progress.
+    pub fn progress(&self) -> SyncProgress {
+        self.progress
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_is_fresh_only_after_catching_up_and_within_max_staleness() {
+        let s = SyncStatus::new(Duration::from_secs(10));
+        assert!(!s.is_fresh() && s.staleness().is_none());
+        s.mark_fresh(Instant::now());
+        assert!(s.is_fresh());
+        s.mark_fresh(Instant::now() - Duration::from_secs(11));
+        assert!(!s.is_fresh());
+    }
+}
