@@ -90,6 +90,7 @@ fn start(
         store.clone(),
         Readiness::default(),
         metrics,
+        Vec::new(),
     );
     let cancel = CancellationToken::new();
     tokio::spawn(engine.run(cancel.clone()));

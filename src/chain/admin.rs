@@ -1,6 +1,6 @@
 //! The chain's admin routes, served behind the admin listener's token: `/admin/chain/status`
 //! (stored checkpoints and endpoint probes, as `keywarden chain status`, plus the running
-//! engine's live view) and `/admin/chain/state` (the mirror's allow-lists, apps and owners).
+//! follower's live view) and `/admin/chain/state` (the mirror's allow-lists, apps and owners).
 
 use std::sync::Arc;
 
@@ -52,7 +52,7 @@ async fn status(State(a): State<Admin>) -> Result<axum::Json<serde_json::Value>,
     Ok(axum::Json(report))
 }
 
-/// The live snapshot when the engine runs, else rebuilt from the store.
+/// The live snapshot when the follower runs, else rebuilt from the store.
 async fn state(State(a): State<Admin>) -> Result<axum::Json<serde_json::Value>, HttpError> {
     let report = match &a.mirror {
         Some(m) => serde_json::json!({

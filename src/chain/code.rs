@@ -1,7 +1,7 @@
 //! Code identity: which code answers for the KMS contract and for each app, and whether the mirror
 //! knows its semantics.
 //!
-//! Flow: the sync engine reads a contract's runtime code (`eth_getCode`) and [`identify`]s it: the
+//! Flow: the follower reads a contract's runtime code (`eth_getCode`) and [`identify`]s it: the
 //! keccak256 of the code with every 32-byte word holding the contract's own address zeroed (UUPS
 //! implementations embed their own address as an immutable, so the same source deployed at two
 //! addresses differs only there), plus the offsets that were zeroed. The resulting [`CodeId`] is

@@ -2,7 +2,7 @@
 //!
 //! Flow: part of the service configuration (file ← environment ← `serve --rpc-url/--kms-contract/
 //! --start-block`); [`ChainConfig::problems`] joins the config validation; [`ChainConfig::resolve`]
-//! turns it into typed values for the sync engine. An empty `rpc_urls` turns the mirror off.
+//! turns it into typed values for the follower. An empty `rpc_urls` turns the mirror off.
 
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ pub struct KnownImplementation {
     pub immutable_offsets: Vec<u32>,
 }
 
-/// Which block the engine treats as final enough to apply.
+/// Which block the follower treats as final enough to apply.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Finality {
@@ -66,7 +66,7 @@ pub struct ChainConfig {
     /// Recent blocks whose hashes are kept to find the common ancestor after a reorg; a deeper
     /// reorg triggers a full resync.
     pub reorg_window: u64,
-    /// Authorization fails closed (`chain_state_stale`) when the engine has not seen the head and
+    /// Authorization fails closed (`chain_state_stale`) when the follower has not seen the head and
     /// caught up for this long.
     #[serde(with = "humantime_serde")]
     pub max_staleness: Duration,

@@ -1,9 +1,9 @@
 //! Typed events of DstackKms and DstackApp, decoded from raw logs.
 //!
-//! Flow: the sync engine fetches logs of the KMS and of every known app; [`decode`] looks at topic0
+//! Flow: the follower fetches logs of the KMS and of every known app for the KMS projection; [`decode`] looks at topic0
 //! and the emitting address (KMS-only events count only when the KMS emitted them, app events only
 //! when an app did) and yields an [`Event`] the mirror applies. Unknown topics, and known topics
-//! from the wrong emitter, yield `None`. The engine stores raw logs and re-decodes them on start-up,
+//! from the wrong emitter, yield `None`. The follower stores raw logs and re-decodes them on start-up,
 //! so adding a variant here never needs a data migration.
 
 use alloy::primitives::{Address, B256, Bytes};
@@ -60,9 +60,9 @@ pub enum Event {
     /// idempotently next to the typed event it duplicates.
     PolicyChanged(Address, B256, B256, bool),
     /// `Initialized(version)` from an app or the KMS: an initialiser ran, and may have set flags
-    /// without events, so the engine reads them again.
+    /// without events, so the follower reads them again.
     Initialized(Address),
-    /// Not a log: the engine saw code at this app address with `eth_getCode` (an app registered
+    /// Not a log: the follower saw code at this app address with `eth_getCode` (an app registered
     /// with `registerApp` that has emitted nothing yet). Stored as a synthetic row by releases
     /// before code identities; still read.
     CodeObserved(Address),

@@ -1,7 +1,8 @@
-//! `dstack_chain_*` (sync engine, RPC pool) and `dstack_kms_*` (mirror) metrics.
+//! `dstack_chain_*` (the chain follower, its RPC pool and the live path) and `dstack_kms_*` (the KMS
+//! mirror projection) metrics.
 //!
 //! Flow: [`ChainMetrics::new`] registers every series at start-up with every closed label set
-//! pre-initialised to 0 (endpoints by index, never by URL); the RPC pool, the sync engine and
+//! pre-initialised to 0 (endpoints by index, never by URL); the RPC pool, the follower and
 //! [`super::Mirror`] update clones of it.
 
 use std::sync::atomic::AtomicU64;
@@ -16,7 +17,7 @@ use prometheus_client::registry::Registry;
 use super::authz::{Decision, Reason, Source};
 use super::mirror::MirrorSizes;
 
-/// JSON-RPC methods the engine calls.
+/// JSON-RPC methods the follower and the live path call.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Method {
     /// `eth_chainId`.
@@ -274,10 +275,10 @@ impl ChainMetrics {
             live_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
         };
         let r = registry;
-        r.register("dstack_chain_head_block", "Newest block number the sync engine saw at the chain head (latest, before confirmations)", m.head_block.clone());
+        r.register("dstack_chain_head_block", "Newest block number the chain follower saw at the chain head (latest, before confirmations)", m.head_block.clone());
         r.register(
             "dstack_chain_processed_block",
-            "Newest block whose events are committed to the store and applied to the mirror",
+            "Newest block whose events are committed to the store and applied to every projection",
             m.processed_block.clone(),
         );
         r.register(
@@ -286,7 +287,7 @@ impl ChainMetrics {
             m.lag_blocks.clone(),
         );
         r.register("dstack_chain_lag_seconds", "On-chain sync lag: block timestamp of the newest head seen minus block timestamp of the processed block (chain time, includes the confirmation depth)", m.lag_seconds.clone());
-        r.register("dstack_chain_staleness_seconds", "Wall-clock seconds since the engine last read the head and had processed everything up to its confirmed target; authorization fails closed above chain.max_staleness", m.staleness_seconds.clone());
+        r.register("dstack_chain_staleness_seconds", "Wall-clock seconds since the follower last read the head and had processed everything up to its confirmed target; authorization fails closed above chain.max_staleness", m.staleness_seconds.clone());
         r.register("dstack_chain_backfill_progress_ratio", "Share of the blocks from start_block to the confirmed target that are processed (1 when caught up)", m.backfill_progress.clone());
         r.register(
             "dstack_chain_batches",
@@ -308,7 +309,7 @@ impl ChainMetrics {
             "Depth of each detected reorg: processed block minus common ancestor",
             m.reorg_depth.clone(),
         );
-        r.register("dstack_chain_resyncs", "Full resyncs from start_block (reorg deeper than chain.reorg_window, or another KMS contract configured)", m.resyncs.clone());
+        r.register("dstack_chain_resyncs", "Full resyncs from start_block, every projection (reorg deeper than chain.reorg_window, or another start block configured); another KMS contract refetches the KMS projection alone", m.resyncs.clone());
         r.register(
             "dstack_chain_rpc_requests",
             "JSON-RPC requests by endpoint index (position in chain.rpc_urls), method and outcome",

@@ -1,7 +1,7 @@
 //! The in-memory mirror of DstackKms and its apps: what the contracts' state is after the events
 //! seen so far.
 //!
-//! Flow: the sync engine rebuilds a [`MirrorState`] from the stored events on start-up (and after a
+//! Flow: the follower rebuilds a [`MirrorState`] from the stored events on start-up (and after a
 //! rewind), then [`MirrorState::apply`]s each committed batch and publishes a snapshot through
 //! [`super::Mirror`]. Applying is pure (no I/O) and idempotent per event, so `PolicyChanged` can be
 //! applied next to the typed event it duplicates.
@@ -325,7 +325,7 @@ impl MirrorState {
             Event::PolicyChanged(e, id, value, enabled) => {
                 self.apply_policy(*e, *id, *value, *enabled)
             }
-            // The engine reads the flags again at this block (a `FlagsObserved` row).
+            // The follower reads the flags again at this block (a `FlagsObserved` row).
             Event::Initialized(_) => {}
             Event::CodeIdentity(a, id) => self.observe_code(*a, id),
             Event::ImplementationObserved(e, imp) => {

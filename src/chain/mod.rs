@@ -19,8 +19,14 @@
 //!   answering code is not known, cached per block.
 //! - [`view`]: the published [`Mirror`] the KMS path reads, with its freshness bound.
 //! - [`rpc`]: the endpoint pool (health-scored failover, backoff, per-request timeout).
-//! - [`sync`]: the sync engine task (bounded `eth_getLogs` ranges, one transaction per batch,
-//!   reorg rewind, app discovery).
+//! - [`follower`]: the follower task of one chain (finality, reorg rewind, bounded `eth_getLogs`
+//!   ranges for every projection in one round, one transaction per batch, the checkpoint, sync
+//!   metrics and readiness).
+//! - [`projection`]: the [`projection::Projection`] trait a follower feeds, and the chain reads
+//!   projections make.
+//! - [`kms_projection`]: the KMS mirror as the first projection (app discovery, code and flag
+//!   observations, publishing into [`Mirror`]).
+//! - [`status`]: the follower's freshness and progress, read by the mirror and readiness.
 //! - [`store`]: the chain tables of the store.
 //! - [`metrics`]: `dstack_chain_*` / `dstack_kms_*` metrics.
 //! - [`report`]: operator reports (`chain status`, `chain state`, admin API).
@@ -28,8 +34,8 @@
 //!
 //! Flow: `contracts/src/*.sol` (our own Solidity, same ABI and check order as dstack's contracts)
 //! → `node contracts/build.mjs` (offline solc) → `contracts/out/*.json` + `contracts-abi/*.json`
-//! (committed) → `sol!` bindings here. At run time: RPC pool → sync engine → store (events,
-//! block hashes, checkpoint) → mirror → authorization, locally for known code, by `eth_call` for
+//! (committed) → `sol!` bindings here. At run time: RPC pool → follower → store (events
+//! tagged by projection, block hashes, checkpoint) → projections (the mirror) → authorization, locally for known code, by `eth_call` for
 //! the rest.
 
 pub mod admin;
@@ -62,14 +68,14 @@ use std::sync::Arc;
 pub struct Subsystem {
     /// The published mirror.
     pub mirror: Option<Arc<Mirror>>,
-    /// The sync engine (critical), when `[chain]` is set.
+    /// The follower (critical), when `[chain]` is set.
     pub tasks: crate::runtime::Tasks,
     /// `/admin/chain/*`.
     pub admin: axum::Router,
 }
 
 /// Builds the chain subsystem: registers `dstack_chain_*` on `registry`; when `[chain]` is set,
-/// the mirror and its engine, registered (not ready) with `readiness` until caught up.
+/// the mirror and its follower, registered (not ready) with `readiness` until caught up.
 pub fn subsystem(
     cfg: &ChainConfig,
     store: crate::store::Store,
@@ -79,8 +85,8 @@ pub fn subsystem(
     let metrics = metrics::ChainMetrics::new(registry, cfg.rpc_urls.len());
     let mut tasks = crate::runtime::Tasks::default();
     let mirror = cfg.resolve().map(|resolved| {
-        let (mirror, engine) = follow(resolved, store.clone(), readiness, metrics);
-        tasks.add(engine, crate::runtime::Criticality::Critical);
+        let (mirror, follower) = follow(resolved, store.clone(), readiness, metrics, Vec::new());
+        tasks.add(follower, crate::runtime::Criticality::Critical);
         mirror
     });
     Subsystem {
@@ -90,13 +96,15 @@ pub fn subsystem(
     }
 }
 
-/// The published mirror of `chain` and the follower that feeds it (the mirror is its first
-/// projection), sharing one RPC pool with the live authorization path.
+/// The published mirror of `chain` and the follower that feeds it: the mirror is its first
+/// projection, `others` follow it in order. The follower shares one RPC pool with the live
+/// authorization path.
 pub fn follow(
     chain: config::ResolvedChain,
     store: crate::store::Store,
     readiness: crate::runtime::Readiness,
     metrics: metrics::ChainMetrics,
+    others: follower::Projections,
 ) -> (Arc<Mirror>, follower::Follower) {
     let rpc = Arc::new(rpc::RpcPool::new(&chain.urls, &chain.cfg, metrics.clone()));
     rpc.expect_chain_id(chain.cfg.chain_id);
@@ -108,10 +116,10 @@ pub fn follow(
         metrics.clone(),
         Some(live),
     ));
-    let projections: follower::Projections = vec![Box::new(kms_projection::KmsProjection::new(
-        chain.kms,
-        mirror.clone(),
-    ))];
+    let mut projections: follower::Projections = vec![Box::new(
+        kms_projection::KmsProjection::new(chain.kms, mirror.clone()),
+    )];
+    projections.extend(others);
     let follower =
         follower::Follower::new(chain, store, rpc, projections, status, readiness, metrics);
     (mirror, follower)

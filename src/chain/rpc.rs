@@ -7,7 +7,7 @@
 //! over a minute without failures, so a recovered primary is preferred again. When every endpoint is
 //! backed off, the one that recovers first is tried anyway, so the pool never stops trying. An
 //! `eth_getLogs` refusal for too many results is returned as [`ChainError::TooManyResults`]
-//! without blaming the endpoint: the engine shrinks its range instead. Every request is counted
+//! without blaming the endpoint: the follower shrinks its range instead. Every request is counted
 //! and timed by endpoint index, method and outcome.
 //!
 //! No endpoint is used before it has shown, with `eth_chainId`, that it serves the pool's chain

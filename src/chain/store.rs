@@ -27,7 +27,7 @@ pub struct Checkpoint {
     /// Every block up to and including this one is in the store (`start_block - 1` before the
     /// first batch).
     pub processed_block: u64,
-    /// Newest head the engine saw.
+    /// Newest head the follower saw.
     pub head_block: u64,
     /// When it saw it (Unix seconds).
     pub head_seen_at: i64,

@@ -3,7 +3,7 @@
 //! Flow: the KMS projection ([`super::kms_projection`]) [`Mirror::publish`]es a new
 //! [`MirrorState`] snapshot after every committed batch; how fresh it is comes from the chain's
 //! follower ([`SyncStatus`]). The KMS path calls [`Mirror::authorize_kms`] / [`Mirror::authorize_app`]:
-//! one read lock to clone an `Arc`, never waiting on the engine's I/O; beyond `max_staleness` the
+//! one read lock to clone an `Arc`, never waiting on the follower's I/O; beyond `max_staleness` the
 //! answer is a refusal with [`Reason::ChainStateStale`]. When the code answering for the KMS
 //! contract or the app is not known, the snapshot says so ([`MirrorState::app_evaluation`]) and the
 //! question goes to the chain ([`super::live::LiveAuthz`]) at the snapshot's block; no answer is a

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use alloy::primitives::{Address, B256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use keywarden::chain::contracts::{DstackApp, DstackKms};
+use keywarden::chain::follower::Projections;
 use keywarden::chain::metrics::ChainMetrics;
 use keywarden::chain::mirror::MirrorState;
 use keywarden::chain::{ChainConfig, Mirror};
@@ -114,6 +115,17 @@ pub fn engine(
     store: &Store,
     tweak: impl FnOnce(&mut ChainConfig),
 ) -> Engine {
+    engine_with(urls, d, store, Vec::new(), tweak)
+}
+
+/// An engine whose follower also feeds `others` after the KMS mirror.
+pub fn engine_with(
+    urls: &[url::Url],
+    d: &Deployment,
+    store: &Store,
+    others: Projections,
+    tweak: impl FnOnce(&mut ChainConfig),
+) -> Engine {
     let mut cfg = ChainConfig {
         rpc_urls: urls.iter().map(ToString::to_string).collect(),
         kms_contract: Some(d.kms.to_string()),
@@ -128,8 +140,13 @@ pub fn engine(
     let resolved = cfg.resolve().unwrap();
     let mut registry = Registry::default();
     let metrics = ChainMetrics::new(&mut registry, urls.len());
-    let (mirror, task) =
-        keywarden::chain::follow(resolved, store.clone(), Readiness::default(), metrics);
+    let (mirror, task) = keywarden::chain::follow(
+        resolved,
+        store.clone(),
+        Readiness::default(),
+        metrics,
+        others,
+    );
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(task.run(cancel.clone()));
     Engine {
@@ -166,6 +183,19 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("mirror never satisfied: {what}");
+    }
+
+    /// Sum of a metric family's series whose labels contain `label` (e.g. `method="eth_getLogs"`).
+    pub fn metric_with(&self, name: &str, label: &str) -> f64 {
+        let text = keywarden::telemetry::encode(&self.registry).unwrap();
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{'))
+            })
+            .filter(|l| l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     /// Sum of every series of a metric family.
