@@ -111,6 +111,9 @@ struct Cursor {
     batch_blocks: u64,
     /// Timestamp of the processed block (for lag in seconds).
     processed_timestamp: u64,
+    /// Projections (by position) whose identity is new to the store: their history up to the
+    /// checkpoint is still to be fetched.
+    pending: Vec<usize>,
 }
 
 /// Every address the projections watch.
@@ -211,19 +214,10 @@ impl Follower {
             }
         };
         let processed = checkpoint.processed_block;
-        let recent = self.store.chain_recent_blocks(chain_id).await?;
-        // The processed block, once anything was processed: where start-up reads are made.
-        let at = recent
-            .first()
-            .filter(|_| processed >= start)
-            .map(|&(number, hash, timestamp)| BlockRef {
-                number,
-                hash,
-                parent_hash: B256::ZERO,
-                timestamp: u64::try_from(timestamp).unwrap_or(0),
-            });
+        let at = self.processed_ref(&checkpoint).await?;
         let identities = self.store.chain_projections(chain_id).await?;
-        for p in ps.iter_mut() {
+        let mut pending = Vec::new();
+        for (i, p) in ps.iter_mut().enumerate() {
             let identity = p.identity();
             let known = identities.iter().find(|i| i.name == p.name());
             if known.is_some_and(|i| i.identity == identity) {
@@ -252,27 +246,10 @@ impl Follower {
                         "the projection's configuration changed (for the KMS mirror: chain.kms_contract): fetching its history again up to the checkpoint; the other projections keep theirs"
                     );
                 }
+                // Its history is fetched by the first poll, after the reorg check, so that it is
+                // read against the canonical chain.
                 p.rebuild(&[], processed);
-                let rows = match &at {
-                    Some(at) => {
-                        let mut fetched = p.addresses();
-                        let list: Vec<Address> = fetched.iter().copied().collect();
-                        let mut logs = self.history(&list, start, at.number + 1).await?;
-                        self.gather(&**p, &mut logs, &mut fetched, start, at)
-                            .await?
-                    }
-                    None => Vec::new(),
-                };
-                self.write_at_checkpoint(&checkpoint, &**p, &rows, Some(&identity))
-                    .await?;
-                p.apply(&rows, processed);
-                tracing::info!(
-                    chain_id,
-                    projection = p.name(),
-                    processed_block = processed,
-                    events = rows.len(),
-                    "chain projection's history fetched up to the checkpoint"
-                );
+                pending.push(i);
             }
             p.publish();
         }
@@ -281,7 +258,61 @@ impl Follower {
             checkpoint,
             batch_blocks: self.chain.cfg.max_batch_blocks,
             processed_timestamp: at.map_or(0, |b| b.timestamp),
+            pending,
         })
+    }
+
+    /// The processed block as stored (the newest kept hash), once anything was processed: where
+    /// reads on behalf of the stored state are made.
+    async fn processed_ref(&self, c: &Checkpoint) -> Result<Option<BlockRef>, ChainError> {
+        let recent = self.store.chain_recent_blocks(c.chain_id).await?;
+        Ok(recent
+            .first()
+            .filter(|_| c.processed_block >= c.start_block)
+            .map(|&(number, hash, timestamp)| BlockRef {
+                number,
+                hash,
+                parent_hash: B256::ZERO,
+                timestamp: u64::try_from(timestamp).unwrap_or(0),
+            }))
+    }
+
+    /// Gives each projection whose identity is new to the store its addresses' history up to the
+    /// checkpoint, committed with its identity in one transaction (the checkpoint unchanged).
+    async fn catch_up_pending(
+        &self,
+        c: &mut Cursor,
+        ps: &mut Projections,
+    ) -> Result<(), ChainError> {
+        let start = c.checkpoint.start_block;
+        let processed = c.checkpoint.processed_block;
+        let at = self.processed_ref(&c.checkpoint).await?;
+        while let Some(&i) = c.pending.first() {
+            let p = &mut ps[i];
+            let rows = match &at {
+                Some(at) => {
+                    let mut fetched = p.addresses();
+                    let list: Vec<Address> = fetched.iter().copied().collect();
+                    let mut logs = self.history(&list, start, at.number + 1).await?;
+                    self.gather(&**p, &mut logs, &mut fetched, start, at)
+                        .await?
+                }
+                None => Vec::new(),
+            };
+            self.write_at_checkpoint(&c.checkpoint, &**p, &rows, Some(&p.identity()))
+                .await?;
+            p.apply(&rows, processed);
+            p.publish();
+            c.pending.remove(0);
+            tracing::info!(
+                chain_id = c.chain_id,
+                projection = p.name(),
+                processed_block = processed,
+                events = rows.len(),
+                "chain projection's history fetched up to the checkpoint"
+            );
+        }
+        Ok(())
     }
 
     /// Commits one projection's rows with the checkpoint unchanged; with `identity`, they replace
@@ -372,7 +403,11 @@ impl Follower {
                 c.processed_timestamp = 0;
             }
         }
-        for p in ps.iter_mut() {
+        for (i, p) in ps.iter_mut().enumerate() {
+            // A pending projection's stored rows are another identity's: it is caught up next.
+            if c.pending.contains(&i) {
+                continue;
+            }
             let stored = self.store.chain_events(c.chain_id, p.name()).await?;
             p.rebuild(&stored, c.checkpoint.processed_block);
             p.publish();
@@ -672,6 +707,7 @@ impl Follower {
         let head = self.required_block(BlockNumberOrTag::Latest).await?;
         let target = self.target(&head).await?;
         self.check_reorg(c, ps).await?;
+        self.catch_up_pending(c, ps).await?;
         self.report(c, &head, target);
         let max = self.chain.cfg.max_batch_blocks;
         // The next range is fetched while the current one is stored and applied.
