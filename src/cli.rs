@@ -1,6 +1,7 @@
 //! Command line: parses arguments, loads configuration, and runs the chosen command.
 //!
-//! Exit codes: 0 success, 1 runtime failure, 2 unusable input (bad flags or configuration).
+//! Exit codes: 0 success, 1 runtime failure, 2 unusable input (bad flags or configuration), 3 a
+//! critical finding (`governance verify`).
 //! Every failure is printed as one line on stderr naming the problem and its fix.
 
 use std::net::SocketAddr;
@@ -49,6 +50,18 @@ pub enum Command {
     /// Inspect the on-chain mirror in the store (works whether or not the service runs).
     #[command(subcommand)]
     Chain(ChainCommand),
+    /// What a Safe proposal would really do, before anyone signs it.
+    #[command(subcommand)]
+    Governance(GovernanceCommand),
+}
+
+/// `keywarden governance ...`
+#[derive(Debug, Subcommand)]
+pub enum GovernanceCommand {
+    /// Everything a signer compares with the hardware wallet before signing: domain hash,
+    /// message hash and safeTxHash, the calls decoded in plain words, and the findings. Exits 3
+    /// on a critical finding.
+    Verify(crate::governance::cli::VerifyArgs),
 }
 
 /// `keywarden chain ...`
@@ -449,6 +462,9 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
         }
         Command::Dev(DevCommand::Deploy(args)) => {
             Ok(runtime()?.block_on(crate::sim::cli::run_deploy(args)))
+        }
+        Command::Governance(GovernanceCommand::Verify(args)) => {
+            Ok(crate::governance::cli::run_verify(args))
         }
         Command::Chain(cmd) => {
             let (args, what) = match cmd {

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod governance;
 pub mod http;
 pub mod kms;
 pub mod problem;

@@ -284,6 +284,9 @@ impl Follower {
         c: &mut Cursor,
         ps: &mut Projections,
     ) -> Result<(), ChainError> {
+        if c.pending.is_empty() {
+            return Ok(());
+        }
         let start = c.checkpoint.start_block;
         let processed = c.checkpoint.processed_block;
         let at = self.processed_ref(&c.checkpoint).await?;
