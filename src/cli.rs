@@ -61,7 +61,11 @@ pub enum GovernanceCommand {
     /// Everything a signer compares with the hardware wallet before signing: domain hash,
     /// message hash and safeTxHash, the calls decoded in plain words, and the findings. Exits 3
     /// on a critical finding.
-    Verify(crate::governance::cli::VerifyArgs),
+    Verify(Box<crate::governance::cli::VerifyArgs>),
+    /// Who governs DstackKms and its apps: owners and pending owners, what they are (Safe,
+    /// timelock, EOA), a timelock's proposers, executors and cancellers, with findings; read
+    /// from the store, whether or not the service runs.
+    Topology(crate::chain::cli::StoreArgs),
 }
 
 /// `keywarden chain ...`
@@ -178,6 +182,15 @@ pub struct LoadgenArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The overrides of a command that reads the store.
+fn store_overrides(args: &crate::chain::cli::StoreArgs) -> Overrides {
+    Overrides {
+        data_dir: args.data_dir.clone(),
+        database_url: args.database_url.clone(),
+        ..Overrides::default()
+    }
 }
 
 fn failure(code: u8) -> impl Fn(&dyn std::fmt::Display) -> Failure {
@@ -464,7 +477,14 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
             Ok(runtime()?.block_on(crate::sim::cli::run_deploy(args)))
         }
         Command::Governance(GovernanceCommand::Verify(args)) => {
-            Ok(crate::governance::cli::run_verify(args))
+            Ok(crate::governance::cli::run_verify(*args))
+        }
+        Command::Governance(GovernanceCommand::Topology(args)) => {
+            let config = load(cli.config.as_deref(), &store_overrides(&args))?;
+            Ok(runtime()?.block_on(crate::governance::cli::run_topology(
+                &config.storage,
+                args.json,
+            )))
         }
         Command::Chain(cmd) => {
             let (args, what) = match cmd {
@@ -492,12 +512,7 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                     )));
                 }
             };
-            let overrides = Overrides {
-                data_dir: args.data_dir.clone(),
-                database_url: args.database_url.clone(),
-                ..Overrides::default()
-            };
-            let config = load(cli.config.as_deref(), &overrides)?;
+            let config = load(cli.config.as_deref(), &store_overrides(&args))?;
             Ok(runtime()?.block_on(crate::chain::cli::run_report(
                 &config.storage,
                 &config.chain,

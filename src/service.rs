@@ -174,11 +174,18 @@ async fn start(
     // The subsystems, each built in one call with its metrics on the one registry. The chain
     // mirror registers itself (not ready) before any listener serves, so /readyz never reports
     // a mirror that has not caught up.
+    let governance = crate::governance::subsystem(
+        &config.governance,
+        &config.chain,
+        store.clone(),
+        &mut registry,
+    );
     let chain = crate::chain::subsystem(
         &config.chain,
         store.clone(),
         readiness.clone(),
         &mut registry,
+        governance.projection.into_iter().collect(),
     );
     let kms = crate::kms::subsystem::subsystem(
         Settings {
@@ -243,7 +250,7 @@ async fn start(
         serve(
             "admin_listener",
             admin,
-            crate::app::admin_router(state.clone(), chain.admin),
+            crate::app::admin_router(state.clone(), chain.admin.merge(governance.admin)),
             Listener::Admin,
         );
     }

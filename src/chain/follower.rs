@@ -222,15 +222,7 @@ impl Follower {
             let known = identities.iter().find(|i| i.name == p.name());
             if known.is_some_and(|i| i.identity == identity) {
                 let stored = self.store.chain_events(chain_id, p.name()).await?;
-                p.rebuild(&stored, processed);
-                if let Some(at) = at {
-                    let rows = p.reconcile(&self.reads, &stored, at.at()).await?;
-                    if !rows.is_empty() {
-                        self.write_at_checkpoint(&checkpoint, &**p, &rows, None)
-                            .await?;
-                        p.apply(&rows, processed);
-                    }
-                }
+                self.restore_at(&checkpoint, &mut **p, &stored, at).await?;
                 tracing::info!(
                     chain_id,
                     projection = p.name(),
@@ -314,6 +306,26 @@ impl Follower {
                 events = rows.len(),
                 "chain projection's history fetched up to the checkpoint"
             );
+        }
+        Ok(())
+    }
+
+    /// Rebuilds `p` from its stored rows and reconciles it with the chain at the processed block
+    /// (start-up and rewinds), committing what the reconciliation adds.
+    async fn restore_at(
+        &self,
+        checkpoint: &Checkpoint,
+        p: &mut dyn Projection,
+        stored: &[StoredEvent],
+        at: Option<BlockRef>,
+    ) -> Result<(), ChainError> {
+        p.rebuild(stored, checkpoint.processed_block);
+        if let Some(at) = at {
+            let rows = p.reconcile(&self.reads, stored, at.at()).await?;
+            if !rows.is_empty() {
+                self.write_at_checkpoint(checkpoint, p, &rows, None).await?;
+                p.apply(&rows, checkpoint.processed_block);
+            }
         }
         Ok(())
     }
@@ -406,13 +418,15 @@ impl Follower {
                 c.processed_timestamp = 0;
             }
         }
+        let at = self.processed_ref(&c.checkpoint).await?;
         for (i, p) in ps.iter_mut().enumerate() {
             // A pending projection's stored rows are another identity's: it is caught up next.
             if c.pending.contains(&i) {
                 continue;
             }
             let stored = self.store.chain_events(c.chain_id, p.name()).await?;
-            p.rebuild(&stored, c.checkpoint.processed_block);
+            self.restore_at(&c.checkpoint, &mut **p, &stored, at)
+                .await?;
             p.publish();
         }
         Ok(true)

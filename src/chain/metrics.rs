@@ -68,6 +68,8 @@ pub enum RpcOutcome {
     Timeout,
     /// `eth_getLogs` refused the range as too large (the range shrinks; not the endpoint's fault).
     TooManyResults,
+    /// `eth_call` reverted: the chain's answer, not the endpoint's fault.
+    Reverted,
 }
 
 impl RpcOutcome {
@@ -78,10 +80,17 @@ impl RpcOutcome {
             Self::Error => "error",
             Self::Timeout => "timeout",
             Self::TooManyResults => "too_many_results",
+            Self::Reverted => "reverted",
         }
     }
 
-    const ALL: [RpcOutcome; 4] = [Self::Ok, Self::Error, Self::Timeout, Self::TooManyResults];
+    const ALL: [RpcOutcome; 5] = [
+        Self::Ok,
+        Self::Error,
+        Self::Timeout,
+        Self::TooManyResults,
+        Self::Reverted,
+    ];
 }
 
 /// Which check a decision answered.

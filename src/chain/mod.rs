@@ -75,17 +75,19 @@ pub struct Subsystem {
 }
 
 /// Builds the chain subsystem: registers `dstack_chain_*` on `registry`; when `[chain]` is set,
-/// the mirror and its follower, registered (not ready) with `readiness` until caught up.
+/// the mirror and its follower (feeding `others` after the mirror), registered (not ready) with
+/// `readiness` until caught up.
 pub fn subsystem(
     cfg: &ChainConfig,
     store: crate::store::Store,
     readiness: crate::runtime::Readiness,
     registry: &mut prometheus_client::registry::Registry,
+    others: follower::Projections,
 ) -> Subsystem {
     let metrics = metrics::ChainMetrics::new(registry, cfg.rpc_urls.len());
     let mut tasks = crate::runtime::Tasks::default();
     let mirror = cfg.resolve().map(|resolved| {
-        let (mirror, follower) = follow(resolved, store.clone(), readiness, metrics, Vec::new());
+        let (mirror, follower) = follow(resolved, store.clone(), readiness, metrics, others);
         tasks.add(follower, crate::runtime::Criticality::Critical);
         mirror
     });
@@ -193,6 +195,9 @@ pub enum ChainError {
     /// An address holds no code.
     #[error("{0} holds no code at the latest block")]
     NoCode(alloy::primitives::Address),
+    /// An `eth_call` reverted (the chain's answer; no endpoint is blamed).
+    #[error("the call reverted: {0}")]
+    CallReverted(String),
     /// A live `eth_call` answered something that is not `(bool, string)`.
     #[error("the chain's answer does not decode as (bool, string): {0}")]
     UndecodableAnswer(String),

@@ -141,7 +141,32 @@ impl ChainReads {
         call: C,
         block: u64,
     ) -> Result<bool, ChainError> {
+        self.call(at, call, block).await
+    }
+
+    /// A view call on `at` as of `block` ([`ChainError::CallReverted`] when it reverts).
+    pub async fn call<C: SolCall>(
+        &self,
+        at: Address,
+        call: C,
+        block: u64,
+    ) -> Result<C::Return, ChainError> {
         let raw = self.rpc.eth_call(at, call.abi_encode(), block).await?;
         C::abi_decode_returns(&raw).map_err(|e| ChainError::UndecodableAnswer(e.to_string()))
+    }
+
+    /// Like [`Self::call`], with `None` for a revert or an answer that does not decode: the
+    /// contract does not answer this function (probing what a contract is).
+    pub async fn probe<C: SolCall>(
+        &self,
+        at: Address,
+        call: C,
+        block: u64,
+    ) -> Result<Option<C::Return>, ChainError> {
+        match self.call(at, call, block).await {
+            Ok(v) => Ok(Some(v)),
+            Err(ChainError::CallReverted(_) | ChainError::UndecodableAnswer(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }

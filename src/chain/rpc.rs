@@ -56,6 +56,13 @@ const TOO_MANY_RESULTS: [&str; 8] = [
 ];
 
 /// Whether `err` is a node refusing an `eth_getLogs` range as too large.
+/// Whether a node's error answer says the call reverted.
+fn is_revert(e: &alloy::transports::TransportError) -> bool {
+    e.as_error_resp()
+        .is_some_and(|p| p.code == 3 || p.message.to_ascii_lowercase().contains("revert"))
+}
+
+/// Whether an error is a node refusing an `eth_getLogs` range as too large.
 pub fn is_too_many_results(err: &dyn std::fmt::Display) -> bool {
     let text = err.to_string().to_ascii_lowercase();
     TOO_MANY_RESULTS.iter().any(|p| text.contains(p))
@@ -314,7 +321,7 @@ impl RpcPool {
                 .attempt(i, method, &request)
                 .await
                 .map_err(|e| match e {
-                    Attempt::TooManyResults(m) | Attempt::Failed(m) => m,
+                    Attempt::TooManyResults(m) | Attempt::Failed(m) | Attempt::Reverted(m) => m,
                 });
             out.push((i, answer));
         }
@@ -433,6 +440,10 @@ impl RpcPool {
                     Err(Attempt::TooManyResults(one_line(&e))),
                 )
             }
+            // A revert is the chain's answer: every endpoint would give it.
+            Ok(Err(e)) if method == Method::EthCall && is_revert(&e) => {
+                (RpcOutcome::Reverted, Err(Attempt::Reverted(one_line(&e))))
+            }
             Ok(Err(e)) => (RpcOutcome::Error, Err(Attempt::Failed(one_line(&e)))),
             Err(_) => (
                 RpcOutcome::Timeout,
@@ -444,7 +455,7 @@ impl RpcPool {
         };
         self.metrics.rpc(label, method, outcome, seconds);
         match &answer {
-            Ok(_) => self.record(i, Ok(())),
+            Ok(_) | Err(Attempt::Reverted(_)) => self.record(i, Ok(())),
             Err(Attempt::Failed(m)) => self.record(i, Err(m.clone())),
             Err(Attempt::TooManyResults(_)) => {}
         }
@@ -477,6 +488,7 @@ impl RpcPool {
             match self.attempt(i, method, &request).await {
                 Ok(v) => return Ok(v),
                 Err(Attempt::TooManyResults(m)) => return Err(ChainError::TooManyResults(m)),
+                Err(Attempt::Reverted(m)) => return Err(ChainError::CallReverted(m)),
                 Err(Attempt::Failed(m)) => last = format!("endpoint {i}: {m}"),
             }
         }
@@ -509,6 +521,8 @@ impl RpcPool {
 enum Attempt {
     /// `eth_getLogs` refused the range as too large.
     TooManyResults(String),
+    /// `eth_call` reverted.
+    Reverted(String),
     /// Any other error or a timeout.
     Failed(String),
 }

@@ -52,6 +52,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The on-chain mirror of DstackKms and its apps.
     pub chain: ChainConfig,
+    /// Governance watching.
+    pub governance: crate::governance::config::GovernanceConfig,
 }
 
 /// Flags given on the `serve` command line; they win over file and environment.
@@ -215,6 +217,7 @@ impl Config {
             self.auth.problems(),
             self.runtime.problems(),
             self.chain.problems(),
+            self.governance.problems(),
             self.attestation.problems(),
         ]
         .concat();

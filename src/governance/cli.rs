@@ -1,8 +1,7 @@
-//! `keywarden governance verify --offline`: everything a signer compares with the hardware
-//! wallet's screen, from the transaction's fields alone (no node, no Transaction Service), for
-//! air-gapped machines.
-//!
-//! Exit codes: 0 no critical finding, 3 a critical finding, 2 unusable input.
+//! The `governance` commands. `governance verify --offline`: everything a signer compares with
+//! the hardware wallet's screen, from the transaction's fields alone (no node, no Transaction
+//! Service), for air-gapped machines; exit codes 0 no critical finding, 3 a critical finding, 2
+//! unusable input. `governance topology`: who governs the contracts, from the store.
 
 use std::process::ExitCode;
 
@@ -156,5 +155,41 @@ pub fn run_verify(args: VerifyArgs) -> ExitCode {
         ExitCode::from(EXIT_CRITICAL)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Runs `governance topology` against the configured store.
+pub async fn run_topology(storage: &crate::store::config::StorageConfig, json: bool) -> ExitCode {
+    let result = async {
+        let target = storage.database_target().map_err(|e| e.to_string())?;
+        let store = crate::store::Store::open(storage, &target)
+            .await
+            .map_err(|e| e.to_string())?;
+        let out = super::report::topology(&store).await;
+        store.close().await;
+        out.map_err(|e| e.to_string())
+    }
+    .await;
+    match result {
+        Ok(v) if json => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            let chains = v["chains"].as_array().cloned().unwrap_or_default();
+            if chains.is_empty() {
+                println!(
+                    "No governance state in the store yet (the watcher follows it once [chain] is set)."
+                );
+            }
+            for c in chains {
+                print!("{}", super::topology::render_text(&c));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keywarden: error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

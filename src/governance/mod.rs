@@ -1,7 +1,7 @@
 //! Governance awareness: what a Safe proposal (or a timelock operation) would really do, before
 //! anyone signs it.
 //!
-//! What this module owns today (pure, no I/O):
+//! What this module owns today:
 //!
 //! - [`safe_tx`]: Safe transactions and their hashes per Safe version (domain hash, message hash,
 //!   safeTxHash).
@@ -12,15 +12,83 @@
 //! - [`classify`]: severity rules and their reasons, joined with how many instances use a
 //!   measurement a proposal removes.
 //! - [`verify`]: the report a signer compares with the hardware wallet.
-//! - [`cli`]: `keywarden governance verify --offline`.
+//! - [`events`], [`state`]: governance events (Safe 1.3.0 / 1.4.1 layouts, TimelockController,
+//!   ownership of the KMS and its apps) and the pure state they build.
+//! - [`watch`]: the projection on the chain's follower that discovers and follows the governance
+//!   topology (owners → timelock → Safe), and the published [`watch::GovernanceView`].
+//! - [`topology`]: the governance tree and its findings.
+//! - [`metrics`]: the `dstack_governance_*` metrics.
+//! - [`config`]: the `[governance]` section.
+//! - [`admin`], [`report`]: `/admin/governance/*`, and reports rebuilt from the store.
+//! - [`cli`]: `keywarden governance verify --offline` and `governance topology`.
 //!
-//! Flow: transaction fields → hashes + decoded calls → findings (with the KMS's usage counts
-//! when at hand) → report. The watcher that follows Safes, the timelock queue and the Transaction
-//! Service, simulates proposals and alerts signers builds on these pieces.
+//! Flow: on-chain, the chain's follower → [`watch`] (events + observations, reorg-safe) →
+//! [`state`] → view, metrics, topology. Per transaction: fields → hashes + decoded calls →
+//! findings (with the KMS's usage counts when at hand) → report. The Transaction Service queue,
+//! simulation and alerts to signers build on these pieces.
 
+pub mod admin;
 pub mod classify;
 pub mod cli;
+pub mod config;
 pub mod decode;
+pub mod events;
+pub mod metrics;
+pub mod report;
 pub mod safe_tx;
 pub mod signatures;
+pub mod state;
+pub mod topology;
 pub mod verify;
+pub mod watch;
+
+use std::sync::Arc;
+
+use crate::chain::projection::Projection;
+
+/// Errors of the governance module's I/O edges (reports read from the store).
+#[derive(Debug, thiserror::Error)]
+pub enum GovernanceError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The chain side failed.
+    #[error(transparent)]
+    Chain(#[from] crate::chain::ChainError),
+}
+
+/// The governance subsystem as the service runs it.
+pub struct Subsystem {
+    /// The projection the chain's follower feeds, when `[chain]` is set.
+    pub projection: Option<Box<dyn Projection>>,
+    /// The published state.
+    pub view: Arc<watch::GovernanceView>,
+    /// `/admin/governance/*`.
+    pub admin: axum::Router,
+}
+
+/// Builds the governance subsystem: registers `dstack_governance_*` on `registry`; when `[chain]`
+/// is set, the projection that follows the contracts' governance.
+pub fn subsystem(
+    cfg: &config::GovernanceConfig,
+    chain: &crate::chain::ChainConfig,
+    store: crate::store::Store,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Subsystem {
+    let metrics = metrics::GovernanceMetrics::new(registry);
+    let view = Arc::new(watch::GovernanceView::default());
+    let projection = chain.resolve().map(|r| {
+        Box::new(watch::GovernanceProjection::new(
+            r.kms,
+            cfg.safe_addresses(),
+            view.clone(),
+            metrics,
+        )) as Box<dyn Projection>
+    });
+    let live = projection.is_some().then(|| view.clone());
+    Subsystem {
+        admin: admin::routes(store, live),
+        projection,
+        view,
+    }
+}

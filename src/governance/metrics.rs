@@ -1,0 +1,125 @@
+//! `dstack_governance_*` metrics: what governs the contracts and the timelock queue. No address or
+//! hash is ever a label.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use super::state::{GovernanceState, Role};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+const KINDS: [(Role, &str); 4] = [
+    (Role::Safe, "safe"),
+    (Role::Timelock, "timelock"),
+    (Role::Eoa, "eoa"),
+    (Role::Contract, "contract"),
+];
+
+/// Governance metrics. Cheap to clone; clones update the same series.
+#[derive(Clone, Debug)]
+pub struct GovernanceMetrics {
+    contracts: Family<KindLabels, Gauge>,
+    ungoverned: Gauge,
+    queue_depth: Gauge,
+    next_ready: Gauge<f64, AtomicU64>,
+    min_delay: Gauge<f64, AtomicU64>,
+    min_threshold_ratio: Gauge<f64, AtomicU64>,
+}
+
+impl GovernanceMetrics {
+    /// Registers the families on `registry`, every series initialised.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            contracts: Family::default(),
+            ungoverned: Gauge::default(),
+            queue_depth: Gauge::default(),
+            next_ready: Gauge::default(),
+            min_delay: Gauge::default(),
+            min_threshold_ratio: Gauge::default(),
+        };
+        for (_, kind) in KINDS {
+            let _ = m.contracts.get_or_create(&KindLabels { kind });
+        }
+        m.next_ready.set(f64::INFINITY);
+        m.min_delay.set(f64::INFINITY);
+        m.min_threshold_ratio.set(f64::INFINITY);
+        registry.register(
+            "dstack_governance_contracts",
+            "Addresses that own or govern DstackKms and its apps, by what they are (safe, timelock, eoa, contract)",
+            m.contracts.clone(),
+        );
+        registry.register(
+            "dstack_governance_ungoverned_contracts",
+            "DstackKms and apps whose owner is an externally owned account: no multisig or timelock governs them",
+            m.ungoverned.clone(),
+        );
+        registry.register(
+            "dstack_governance_timelock_queue_depth",
+            "Timelock operations scheduled and neither executed nor cancelled",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "dstack_governance_timelock_next_ready_timestamp_seconds",
+            "When the next pending timelock operation becomes executable (Unix seconds; +Inf when none is pending)",
+            m.next_ready.clone(),
+        );
+        registry.register(
+            "dstack_governance_timelock_min_delay_seconds",
+            "Smallest minimum delay among the timelocks found (+Inf when there is none)",
+            m.min_delay.clone(),
+        );
+        registry.register(
+            "dstack_governance_safe_min_threshold_ratio",
+            "Smallest threshold / owner count among the Safes found (+Inf when there is none)",
+            m.min_threshold_ratio.clone(),
+        );
+        m
+    }
+
+    /// Exports `state`.
+    pub fn update(&self, state: &GovernanceState) {
+        for (role, kind) in KINDS {
+            let n = state.roles.values().filter(|r| **r == role).count();
+            self.contracts
+                .get_or_create(&KindLabels { kind })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let ungoverned = state
+            .owned
+            .values()
+            .filter(|o| o.owner.and_then(|a| state.roles.get(&a)) == Some(&Role::Eoa))
+            .count();
+        self.ungoverned
+            .set(i64::try_from(ungoverned).unwrap_or(i64::MAX));
+        let queue = state.queue();
+        self.queue_depth
+            .set(i64::try_from(queue.len()).unwrap_or(i64::MAX));
+        let next = queue
+            .iter()
+            .filter_map(|(_, _, op)| op.ready_at)
+            .min()
+            .map_or(f64::INFINITY, |t| t as f64);
+        self.next_ready.set(next);
+        let min_delay = state
+            .timelocks
+            .iter()
+            .filter(|(a, _)| state.roles.get(*a) == Some(&Role::Timelock))
+            .map(|(_, t)| t.min_delay)
+            .min()
+            .map_or(f64::INFINITY, |d| d as f64);
+        self.min_delay.set(min_delay);
+        let ratio = state
+            .safes
+            .values()
+            .filter(|s| !s.owners.is_empty())
+            .map(|s| s.threshold as f64 / s.owners.len() as f64)
+            .fold(f64::INFINITY, f64::min);
+        self.min_threshold_ratio.set(ratio);
+    }
+}

@@ -1,0 +1,381 @@
+//! The governance watcher on a real anvil with the real Safe 1.4.1 (SafeL2 behind a SafeProxy, from
+//! npm) and the real OpenZeppelin TimelockController, governing our DstackKms: the topology
+//! Safe → timelock → DstackKms is discovered from the chain alone; the timelock queue follows
+//! scheduling, readiness and execution, and a reorg that drops the execution puts the operation
+//! back in the queue; the state survives a restart (rebuilt and checked against the chain) and
+//! `governance topology` prints it from the store. SQLite and PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod support;
+#[macro_use]
+#[path = "support/chain_engine.rs"]
+mod chain_engine;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy::network::TransactionBuilder;
+use alloy::primitives::{Address, B256, Bytes, U256, address};
+use alloy::providers::ext::AnvilApi;
+use alloy::providers::{DynProvider, Provider};
+use alloy::rpc::types::TransactionRequest;
+use alloy::rpc::types::anvil::ReorgOptions;
+use alloy::sol_types::{SolCall, SolValue};
+use chain_engine::{Chain, Engine, WAIT, chain, engine_with, sqlite_store};
+use keywarden::chain::contracts::{DstackKms, SafeL2, TimelockController};
+use keywarden::config::{DatabaseTarget, StorageConfig};
+use keywarden::governance::metrics::GovernanceMetrics;
+use keywarden::governance::state::{GovernanceState, OperationStatus, Role};
+use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
+use keywarden::store::Store;
+use prometheus_client::registry::Registry;
+
+const SAFE_L2: Address = address!("29fcB43b46531BcA003ddC8FCB67FFE91900C762");
+const DELAY: u64 = 60;
+
+fn npm(path: &str, field: &str) -> Bytes {
+    let full = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("node_modules")
+        .join(path);
+    let text = std::fs::read_to_string(&full).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {}: {e}; run the suite with scripts/test, which installs it (npm ci)",
+            full.display()
+        )
+    });
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json[field].as_str().unwrap().parse().unwrap()
+}
+
+async fn deploy_code(p: &DynProvider, from: Address, code: Vec<u8>) -> Address {
+    let tx = TransactionRequest::default()
+        .with_from(from)
+        .with_deploy_code(code);
+    let r = tokio::time::timeout(WAIT, p.send_transaction(tx).await.unwrap().get_receipt())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.status());
+    r.contract_address.unwrap()
+}
+
+/// A Safe 1.4.1 (SafeL2 behind a SafeProxy) owned by `owners` with `threshold`.
+async fn safe(c: &Chain, owners: &[Address], threshold: u64) -> Address {
+    c.provider
+        .anvil_set_code(
+            SAFE_L2,
+            npm(
+                "@safe-global/safe-contracts/build/artifacts/contracts/SafeL2.sol/SafeL2.json",
+                "deployedBytecode",
+            ),
+        )
+        .await
+        .unwrap();
+    let mut code = npm(
+        "@safe-global/safe-contracts/build/artifacts/contracts/proxies/SafeProxy.sol/SafeProxy.json",
+        "bytecode",
+    )
+    .to_vec();
+    code.extend_from_slice(&SAFE_L2.abi_encode());
+    let proxy = deploy_code(&c.provider, c.owner, code).await;
+    send!(
+        SafeL2::new(proxy, c.provider.clone()).setup(
+            owners.to_vec(),
+            U256::from(threshold),
+            Address::ZERO,
+            Bytes::new(),
+            Address::ZERO,
+            Address::ZERO,
+            U256::ZERO,
+            Address::ZERO,
+        ),
+        c.owner
+    );
+    proxy
+}
+
+/// An OpenZeppelin TimelockController with `proposer`, open execution and no admin.
+async fn timelock(c: &Chain, proposer: Address) -> Address {
+    let mut code = npm(
+        "@openzeppelin/contracts/build/contracts/TimelockController.json",
+        "bytecode",
+    )
+    .to_vec();
+    code.extend_from_slice(
+        &(
+            U256::from(DELAY),
+            vec![proposer],
+            vec![Address::ZERO],
+            Address::ZERO,
+        )
+            .abi_encode_params(),
+    );
+    deploy_code(&c.provider, c.owner, code).await
+}
+
+/// Executes `data` on `to` from `safe` (owners `signers`, all approving: the first executes, the
+/// others approve its hash on-chain first).
+async fn exec(c: &Chain, safe: Address, signers: &[Address], to: Address, data: Vec<u8>) {
+    let s = SafeL2::new(safe, c.provider.clone());
+    let nonce = s.nonce().call().await.unwrap();
+    let hash = s
+        .getTransactionHash(
+            to,
+            U256::ZERO,
+            data.clone().into(),
+            0,
+            U256::ZERO,
+            U256::ZERO,
+            U256::ZERO,
+            Address::ZERO,
+            Address::ZERO,
+            nonce,
+        )
+        .call()
+        .await
+        .unwrap();
+    for a in &signers[1..] {
+        send!(s.approveHash(hash), *a);
+    }
+    let mut sorted = signers.to_vec();
+    sorted.sort();
+    let mut signatures = Vec::new();
+    for a in sorted {
+        signatures.extend_from_slice(a.into_word().as_slice());
+        signatures.extend_from_slice(&[0; 32]);
+        signatures.push(1);
+    }
+    send!(
+        s.execTransaction(
+            to,
+            U256::ZERO,
+            data.into(),
+            0,
+            U256::ZERO,
+            U256::ZERO,
+            U256::ZERO,
+            Address::ZERO,
+            Address::ZERO,
+            signatures.into(),
+        ),
+        signers[0]
+    );
+}
+
+struct Watched {
+    engine: Engine,
+    view: Arc<GovernanceView>,
+    registry: Registry,
+}
+
+fn watch(c: &Chain, store: &Store) -> Watched {
+    let mut registry = Registry::default();
+    let view = Arc::new(GovernanceView::default());
+    let projection = GovernanceProjection::new(
+        c.d.kms,
+        Vec::new(),
+        view.clone(),
+        GovernanceMetrics::new(&mut registry),
+    );
+    let engine = engine_with(
+        &[c.anvil.url()],
+        &c.d,
+        store,
+        vec![Box::new(projection)],
+        |_| {},
+    );
+    Watched {
+        engine,
+        view,
+        registry,
+    }
+}
+
+impl Watched {
+    async fn until(&self, what: &str, f: impl Fn(&GovernanceState) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !f(&self.view.snapshot()) {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn gauge(&self, name: &str) -> f64 {
+        let text = keywarden::telemetry::encode(&self.registry).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+async fn store_on(db: Option<&common::PgDb>, dir: &std::path::Path) -> Store {
+    match db {
+        None => sqlite_store(dir).await,
+        Some(db) => Store::open(
+            &StorageConfig::default(),
+            &DatabaseTarget::Postgres(db.url.clone()),
+        )
+        .await
+        .unwrap(),
+    }
+}
+
+async fn safe_timelock_kms(db: Option<&common::PgDb>) {
+    let c = chain().await;
+    let accounts = c.provider.get_accounts().await.unwrap();
+    let signers = [accounts[2], accounts[3]];
+    let safe = safe(&c, &[accounts[2], accounts[3], accounts[4]], 2).await;
+    let timelock = timelock(&c, safe).await;
+    // Two-step ownership: the timelock is pending owner until it accepts.
+    send!(c.kms().transferOwnership(timelock), c.owner);
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_on(db, dir.path()).await;
+    let w = watch(&c, &store);
+    w.until("the timelock and the Safe are found", |s| {
+        s.roles.get(&timelock) == Some(&Role::Timelock) && s.roles.get(&safe) == Some(&Role::Safe)
+    })
+    .await;
+    let s = w.view.snapshot();
+    assert_eq!(s.owned[&c.d.kms].pending, Some(timelock));
+    assert_eq!(s.owned[&c.d.kms].owner, Some(c.owner));
+    assert_eq!(s.roles.get(&c.owner), Some(&Role::Eoa));
+    assert_eq!(s.timelocks[&timelock].min_delay, DELAY);
+    let safe_state = &s.safes[&safe];
+    assert_eq!(safe_state.threshold, 2);
+    assert_eq!(
+        safe_state.owners,
+        vec![accounts[2], accounts[3], accounts[4]]
+    );
+    assert_eq!(safe_state.version.as_deref(), Some("1.4.1"));
+    let topology = keywarden::governance::topology::topology(&s);
+    assert_eq!(topology["kms"]["owner"]["kind"], "eoa");
+    assert_eq!(topology["kms"]["pending_owner"]["kind"], "timelock");
+    assert_eq!(
+        topology["kms"]["pending_owner"]["timelock"]["proposers"][0]["safe"]["threshold"],
+        2
+    );
+    assert_eq!(w.gauge("dstack_governance_ungoverned_contracts"), 2.0);
+
+    // The Safe schedules the timelock's acceptOwnership.
+    let accept = DstackKms::acceptOwnershipCall {}.abi_encode();
+    let salt = B256::repeat_byte(0x5a);
+    let schedule = TimelockController::scheduleCall {
+        target: c.d.kms,
+        value: U256::ZERO,
+        data: accept.clone().into(),
+        predecessor: B256::ZERO,
+        salt,
+        delay: U256::from(DELAY),
+    }
+    .abi_encode();
+    exec(&c, safe, &signers, timelock, schedule).await;
+    w.until("the operation is queued", |s| s.queue().len() == 1)
+        .await;
+    let queued = w.view.snapshot();
+    let (_, id, op) = queued.queue()[0];
+    let ready_at = op.ready_at.expect("ready time read from the timelock");
+    let scheduled_at = c
+        .provider
+        .get_block_by_number(op.scheduled_block.into())
+        .await
+        .unwrap()
+        .unwrap()
+        .header
+        .timestamp;
+    assert_eq!(ready_at, scheduled_at + DELAY);
+    assert_eq!(w.gauge("dstack_governance_timelock_queue_depth"), 1.0);
+    assert_eq!(
+        w.gauge("dstack_governance_timelock_next_ready_timestamp_seconds"),
+        ready_at as f64
+    );
+    assert_eq!(queued.safes[&safe].nonce, 1);
+    let execution = queued.safes[&safe].executions.last().unwrap();
+    assert!(execution.success);
+    let mut expected_signers = signers.to_vec();
+    expected_signers.sort();
+    assert_eq!(
+        execution.details.as_ref().unwrap().signers,
+        expected_signers
+    );
+
+    // Once ready, anyone executes it: the KMS is owned by the timelock, the queue is empty.
+    c.provider.anvil_increase_time(DELAY + 1).await.unwrap();
+    c.provider.anvil_mine(Some(1), None).await.unwrap();
+    let t = TimelockController::new(timelock, c.provider.clone());
+    send!(
+        t.execute(c.d.kms, U256::ZERO, accept.into(), B256::ZERO, salt),
+        c.other
+    );
+    w.until(
+        "the operation executed and the KMS is the timelock's",
+        |s| s.queue().is_empty() && s.owned[&c.d.kms].owner == Some(timelock),
+    )
+    .await;
+    assert_eq!(
+        w.view.snapshot().timelocks[&timelock].operations[&id].status,
+        OperationStatus::Done
+    );
+    assert_eq!(w.gauge("dstack_governance_timelock_queue_depth"), 0.0);
+    assert_eq!(w.gauge("dstack_governance_ungoverned_contracts"), 1.0);
+
+    // A reorg drops the execution: the operation is pending again, the KMS pending-owned.
+    c.provider
+        .anvil_reorg(ReorgOptions {
+            depth: 1,
+            tx_block_pairs: vec![],
+        })
+        .await
+        .unwrap();
+    w.until("the dropped execution is undone", |s| {
+        s.queue().len() == 1 && s.owned[&c.d.kms].pending == Some(timelock)
+    })
+    .await;
+    let before = w.view.snapshot();
+    w.engine.stop().await;
+
+    // A restart rebuilds the same state (checked against the chain: nothing differs).
+    let w = watch(&c, &store);
+    w.engine.caught_up_to(c.head().await).await;
+    let after = w.view.snapshot();
+    assert_eq!(after.safes, before.safes);
+    assert_eq!(after.timelocks, before.timelocks);
+    assert_eq!(after.owned, before.owned);
+    assert_eq!(w.engine.metric("dstack_chain_resyncs_total"), 0.0);
+    w.engine.stop().await;
+
+    // The same tree from the store, as the command prints it.
+    let report = keywarden::governance::report::topology(&store)
+        .await
+        .unwrap();
+    assert_eq!(
+        report["chains"][0]["kms"]["pending_owner"]["kind"],
+        "timelock"
+    );
+    if db.is_none() {
+        let url = format!("sqlite://{}", dir.path().join("kw.db").display());
+        let (code, out, err) =
+            common::run_to_end(&["governance", "topology", "--database-url", &url], &[]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("pending owner"), "{out}");
+        assert!(out.contains("proposer"), "{out}");
+        assert!(out.contains("no multisig governs it"), "{out}");
+    }
+    store.close().await;
+}
+
+#[tokio::test]
+async fn safe_timelock_kms_governance_is_followed_on_sqlite() {
+    safe_timelock_kms(None).await;
+}
+
+#[tokio::test]
+async fn safe_timelock_kms_governance_is_followed_on_postgres() {
+    let db = common::PgDb::create().await;
+    safe_timelock_kms(Some(&db)).await;
+    db.drop_now().await;
+}
