@@ -3,6 +3,7 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map of modules and how data flows between them.
 
+pub mod alerts;
 pub mod app;
 pub mod attestation;
 pub mod chain;

@@ -174,10 +174,13 @@ async fn start(
     // The subsystems, each built in one call with its metrics on the one registry. The chain
     // mirror registers itself (not ready) before any listener serves, so /readyz never reports
     // a mirror that has not caught up.
+    let alerts = crate::alerts::subsystem(&config.alerts, store.clone(), &mut registry)
+        .map_err(|e| crate::config::ConfigError::Invalid(vec![e.0]))?;
     let governance = crate::governance::subsystem(
         &config.governance,
         &config.chain,
         store.clone(),
+        alerts.outbox.clone(),
         &mut registry,
     );
     let chain = crate::chain::subsystem(
@@ -224,6 +227,8 @@ async fn start(
     });
     kms.tasks.spawn_on(&supervisor);
     chain.tasks.spawn_on(&supervisor);
+    governance.tasks.spawn_on(&supervisor);
+    alerts.tasks.spawn_on(&supervisor);
     let serve = |name, socket, router, listener| {
         supervisor.spawn(
             Server {

@@ -20,7 +20,7 @@ use alloy::providers::ext::AnvilApi;
 use chain_engine::{Chain, WAIT, chain, deployed_app, engine, engine_with, h, sqlite_store};
 use futures::future::BoxFuture;
 use keywarden::chain::ChainError;
-use keywarden::chain::projection::{At, ChainReads, Discovered, Projection};
+use keywarden::chain::projection::{At, ChainReads, Discovered, Processed, Projection};
 use keywarden::chain::store::StoredEvent;
 use keywarden::config::{DatabaseTarget, StorageConfig};
 use keywarden::store::Store;
@@ -78,10 +78,10 @@ impl Projection for EveryLog {
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, ChainError>> {
         Box::pin(async { Ok(Vec::new()) })
     }
-    fn apply(&mut self, rows: &[StoredEvent], _: u64) {
+    fn apply(&mut self, rows: &[StoredEvent], _: Processed) {
         self.rows.extend_from_slice(rows);
     }
-    fn rebuild(&mut self, stored: &[StoredEvent], _: u64) {
+    fn rebuild(&mut self, stored: &[StoredEvent], _: Processed) {
         self.rows = stored.to_vec();
     }
     fn publish(&self) {

@@ -11,158 +11,26 @@ mod support;
 #[macro_use]
 #[path = "support/chain_engine.rs"]
 mod chain_engine;
+#[path = "support/governance.rs"]
+mod governance;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use alloy::network::TransactionBuilder;
-use alloy::primitives::{Address, B256, Bytes, U256, address};
+use alloy::primitives::{B256, U256};
+use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
-use alloy::providers::{DynProvider, Provider};
-use alloy::rpc::types::TransactionRequest;
 use alloy::rpc::types::anvil::ReorgOptions;
-use alloy::sol_types::{SolCall, SolValue};
+use alloy::sol_types::SolCall;
 use chain_engine::{Chain, Engine, WAIT, chain, engine_with, sqlite_store};
-use keywarden::chain::contracts::{DstackKms, SafeL2, TimelockController};
+use governance::{DELAY, exec, safe, timelock};
+use keywarden::chain::contracts::{DstackKms, TimelockController};
 use keywarden::config::{DatabaseTarget, StorageConfig};
 use keywarden::governance::metrics::GovernanceMetrics;
 use keywarden::governance::state::{GovernanceState, OperationStatus, Role};
 use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
 use keywarden::store::Store;
 use prometheus_client::registry::Registry;
-
-const SAFE_L2: Address = address!("29fcB43b46531BcA003ddC8FCB67FFE91900C762");
-const DELAY: u64 = 60;
-
-fn npm(path: &str, field: &str) -> Bytes {
-    let full = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("node_modules")
-        .join(path);
-    let text = std::fs::read_to_string(&full).unwrap_or_else(|e| {
-        panic!(
-            "cannot read {}: {e}; run the suite with scripts/test, which installs it (npm ci)",
-            full.display()
-        )
-    });
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json[field].as_str().unwrap().parse().unwrap()
-}
-
-async fn deploy_code(p: &DynProvider, from: Address, code: Vec<u8>) -> Address {
-    let tx = TransactionRequest::default()
-        .with_from(from)
-        .with_deploy_code(code);
-    let r = tokio::time::timeout(WAIT, p.send_transaction(tx).await.unwrap().get_receipt())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(r.status());
-    r.contract_address.unwrap()
-}
-
-/// A Safe 1.4.1 (SafeL2 behind a SafeProxy) owned by `owners` with `threshold`.
-async fn safe(c: &Chain, owners: &[Address], threshold: u64) -> Address {
-    c.provider
-        .anvil_set_code(
-            SAFE_L2,
-            npm(
-                "@safe-global/safe-contracts/build/artifacts/contracts/SafeL2.sol/SafeL2.json",
-                "deployedBytecode",
-            ),
-        )
-        .await
-        .unwrap();
-    let mut code = npm(
-        "@safe-global/safe-contracts/build/artifacts/contracts/proxies/SafeProxy.sol/SafeProxy.json",
-        "bytecode",
-    )
-    .to_vec();
-    code.extend_from_slice(&SAFE_L2.abi_encode());
-    let proxy = deploy_code(&c.provider, c.owner, code).await;
-    send!(
-        SafeL2::new(proxy, c.provider.clone()).setup(
-            owners.to_vec(),
-            U256::from(threshold),
-            Address::ZERO,
-            Bytes::new(),
-            Address::ZERO,
-            Address::ZERO,
-            U256::ZERO,
-            Address::ZERO,
-        ),
-        c.owner
-    );
-    proxy
-}
-
-/// An OpenZeppelin TimelockController with `proposer`, open execution and no admin.
-async fn timelock(c: &Chain, proposer: Address) -> Address {
-    let mut code = npm(
-        "@openzeppelin/contracts/build/contracts/TimelockController.json",
-        "bytecode",
-    )
-    .to_vec();
-    code.extend_from_slice(
-        &(
-            U256::from(DELAY),
-            vec![proposer],
-            vec![Address::ZERO],
-            Address::ZERO,
-        )
-            .abi_encode_params(),
-    );
-    deploy_code(&c.provider, c.owner, code).await
-}
-
-/// Executes `data` on `to` from `safe` (owners `signers`, all approving: the first executes, the
-/// others approve its hash on-chain first).
-async fn exec(c: &Chain, safe: Address, signers: &[Address], to: Address, data: Vec<u8>) {
-    let s = SafeL2::new(safe, c.provider.clone());
-    let nonce = s.nonce().call().await.unwrap();
-    let hash = s
-        .getTransactionHash(
-            to,
-            U256::ZERO,
-            data.clone().into(),
-            0,
-            U256::ZERO,
-            U256::ZERO,
-            U256::ZERO,
-            Address::ZERO,
-            Address::ZERO,
-            nonce,
-        )
-        .call()
-        .await
-        .unwrap();
-    for a in &signers[1..] {
-        send!(s.approveHash(hash), *a);
-    }
-    let mut sorted = signers.to_vec();
-    sorted.sort();
-    let mut signatures = Vec::new();
-    for a in sorted {
-        signatures.extend_from_slice(a.into_word().as_slice());
-        signatures.extend_from_slice(&[0; 32]);
-        signatures.push(1);
-    }
-    send!(
-        s.execTransaction(
-            to,
-            U256::ZERO,
-            data.into(),
-            0,
-            U256::ZERO,
-            U256::ZERO,
-            U256::ZERO,
-            Address::ZERO,
-            Address::ZERO,
-            signatures.into(),
-        ),
-        signers[0]
-    );
-}
 
 struct Watched {
     engine: Engine,

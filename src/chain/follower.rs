@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::ChainError;
 use super::config::{Finality, ResolvedChain};
 use super::metrics::{ChainMetrics, Method};
-use super::projection::{At, ChainReads, Projection};
+use super::projection::{At, ChainReads, Processed, Projection};
 use super::rpc::RpcPool;
 use super::status::{SyncProgress, SyncStatus};
 use super::store::{BatchWrite, Checkpoint, ProjectionRows, StoredEvent};
@@ -76,6 +76,15 @@ impl BlockRef {
             number: self.number,
             hash: self.hash,
         }
+    }
+}
+
+/// The processed block `number`, with the timestamp of `at` (the stored processed block) when
+/// known.
+fn processed_at(number: u64, at: Option<BlockRef>) -> Processed {
+    Processed {
+        number,
+        timestamp: at.map_or(0, |b| b.timestamp),
     }
 }
 
@@ -240,7 +249,7 @@ impl Follower {
                 }
                 // Its history is fetched by the first poll, after the reorg check, so that it is
                 // read against the canonical chain.
-                p.rebuild(&[], processed);
+                p.rebuild(&[], processed_at(processed, at));
                 pending.push(i);
             }
             p.publish();
@@ -296,7 +305,7 @@ impl Follower {
             };
             self.write_at_checkpoint(&c.checkpoint, &**p, &rows, Some(&p.identity()))
                 .await?;
-            p.apply(&rows, processed);
+            p.apply(&rows, processed_at(processed, at));
             p.publish();
             c.pending.remove(0);
             tracing::info!(
@@ -319,12 +328,13 @@ impl Follower {
         stored: &[StoredEvent],
         at: Option<BlockRef>,
     ) -> Result<(), ChainError> {
-        p.rebuild(stored, checkpoint.processed_block);
+        let processed = processed_at(checkpoint.processed_block, at);
+        p.rebuild(stored, processed);
         if let Some(at) = at {
             let rows = p.reconcile(&self.reads, stored, at.at()).await?;
             if !rows.is_empty() {
                 self.write_at_checkpoint(checkpoint, p, &rows, None).await?;
-                p.apply(&rows, checkpoint.processed_block);
+                p.apply(&rows, processed);
             }
         }
         Ok(())
@@ -684,7 +694,13 @@ impl Follower {
         c.checkpoint = checkpoint;
         c.processed_timestamp = last.timestamp;
         for (p, r) in ps.iter_mut().zip(&rows) {
-            p.apply(r, to);
+            p.apply(
+                r,
+                Processed {
+                    number: to,
+                    timestamp: last.timestamp,
+                },
+            );
             p.publish();
         }
         Ok(rows.iter().map(Vec::len).sum())

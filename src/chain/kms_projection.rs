@@ -27,7 +27,7 @@ use super::code::{CodeKind, KnownCode};
 use super::contracts::{DstackApp, IMPLEMENTATION_SLOT};
 use super::events::{self, AppFlags, Event, SetEntry};
 use super::mirror::MirrorState;
-use super::projection::{At, ChainReads, Discovered, Projection, SYNTHETIC_LOG_INDEX};
+use super::projection::{At, ChainReads, Discovered, Processed, Projection, SYNTHETIC_LOG_INDEX};
 use super::store::StoredEvent;
 use super::view::Mirror;
 
@@ -229,7 +229,7 @@ impl Projection for KmsProjection {
         })
     }
 
-    fn apply(&mut self, rows: &[StoredEvent], processed: u64) {
+    fn apply(&mut self, rows: &[StoredEvent], processed: Processed) {
         let mut next = (*self.state).clone();
         for e in rows.iter().filter_map(|s| decode_stored(self.kms, s)) {
             if let Some(app) = e.discovered_app() {
@@ -237,14 +237,14 @@ impl Projection for KmsProjection {
             }
             next.apply(&e);
         }
-        next.block = processed;
+        next.block = processed.number;
         self.state = Arc::new(next);
     }
 
-    fn rebuild(&mut self, stored: &[StoredEvent], processed: u64) {
+    fn rebuild(&mut self, stored: &[StoredEvent], processed: Processed) {
         let mut state = rebuild_with(self.kms, self.known.clone(), stored);
         // Live calls are made at the processed block, which may hold no stored event.
-        state.block = processed;
+        state.block = processed.number;
         self.addresses = addresses_of(&state);
         self.state = Arc::new(state);
     }

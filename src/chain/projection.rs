@@ -48,6 +48,15 @@ pub struct At {
     pub hash: B256,
 }
 
+/// The block a projection's state is at after applying rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Processed {
+    /// Block number.
+    pub number: u64,
+    /// Its timestamp (Unix seconds; 0 when not known): chain time, for what depends on it.
+    pub timestamp: u64,
+}
+
 /// One consumer of the follower's batches. Object safe: a follower runs a list of them.
 pub trait Projection: Send + Sync {
     /// Stable name, stored with the projection's rows and identity.
@@ -89,10 +98,10 @@ pub trait Projection: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, ChainError>>;
 
     /// Applies committed rows (pure) and moves the state to `processed`.
-    fn apply(&mut self, rows: &[StoredEvent], processed: u64);
+    fn apply(&mut self, rows: &[StoredEvent], processed: Processed);
 
     /// Replaces the state with one rebuilt from stored rows, at `processed`.
-    fn rebuild(&mut self, stored: &[StoredEvent], processed: u64);
+    fn rebuild(&mut self, stored: &[StoredEvent], processed: Processed);
 
     /// Hands the current state to its readers.
     fn publish(&self);

@@ -54,6 +54,8 @@ pub struct Config {
     pub chain: ChainConfig,
     /// Governance watching.
     pub governance: crate::governance::config::GovernanceConfig,
+    /// Where alerts go.
+    pub alerts: crate::alerts::config::AlertsConfig,
 }
 
 /// Flags given on the `serve` command line; they win over file and environment.
@@ -218,6 +220,7 @@ impl Config {
             self.runtime.problems(),
             self.chain.problems(),
             self.governance.problems(),
+            self.alerts.problems(),
             self.attestation.problems(),
         ]
         .concat();

@@ -13,28 +13,7 @@ use serde::Serialize;
 use super::decode::{Action, DecodeError, Decoded};
 use super::safe_tx::{Operation, SafeTx};
 
-/// How bad a finding is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    /// Worth knowing.
-    Info,
-    /// Worth a second look.
-    Warning,
-    /// Do not sign before understanding it.
-    Critical,
-}
-
-impl Severity {
-    /// Metric label and text.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Info => "info",
-            Self::Warning => "warning",
-            Self::Critical => "critical",
-        }
-    }
-}
+pub use crate::alerts::Severity;
 
 /// Why a finding was raised (closed: metric labels, dedup keys, alert names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -154,6 +133,53 @@ pub struct Context<'a> {
     pub window: &'a str,
 }
 
+/// The measurement `call` removes, if it is a removal.
+fn removed(call: &Decoded) -> Option<Measurement> {
+    Some(match &call.action {
+        Action::RemoveKmsAggregatedMr { mr } => Measurement::KmsAggregatedMr { mr: *mr },
+        Action::RemoveKmsDevice { device } => Measurement::KmsDevice { device: *device },
+        Action::RemoveOsImageHash { image } => Measurement::OsImage { image: *image },
+        Action::RemoveComposeHash { hash } => Measurement::ComposeHash {
+            app: call.to,
+            hash: *hash,
+        },
+        Action::RemoveDevice { device } => Measurement::Device {
+            app: call.to,
+            device: *device,
+        },
+        _ => return None,
+    })
+}
+
+impl Measurement {
+    /// In words, as removed from `on`.
+    fn removal_words(&self, on: Address) -> String {
+        match self {
+            Self::KmsAggregatedMr { mr } => format!("removes KMS aggregated MR {mr} on {on}"),
+            Self::KmsDevice { device } => format!("removes KMS device {device} on {on}"),
+            Self::OsImage { image } => format!("removes OS image {image} on {on}"),
+            Self::ComposeHash { app, hash } => {
+                format!("removes compose hash {hash} from app {app}")
+            }
+            Self::Device { app, device } => format!("removes device {device} from app {app}"),
+        }
+    }
+}
+
+/// The measurements the calls under `root` would remove.
+pub fn removals(root: &Decoded) -> Vec<Measurement> {
+    root.walk().into_iter().filter_map(removed).collect()
+}
+
+/// Usage counted beforehand (by the caller, from the boot records).
+pub struct Counted(pub std::collections::HashMap<Measurement, u64>);
+
+impl Usage for Counted {
+    fn instances(&self, m: &Measurement) -> Option<u64> {
+        self.0.get(m).copied()
+    }
+}
+
 /// Delegatecall targets Safe's own tooling uses (1.4.1 MultiSendCallOnly, SignMessageLib,
 /// SafeMigration; 1.3.0 MultiSendCallOnly, both deployments).
 pub const TRUSTED_DELEGATECALL: [Address; 5] = [
@@ -258,27 +284,16 @@ fn call_findings(call: &Decoded, ctx: &Context<'_>) -> Vec<Finding> {
         }
     };
     let f = |rule, severity, detail: String| finding(rule, severity, detail);
+    if let Some(m) = removed(call) {
+        out.push(removal(m, m.removal_words(to)));
+        return out;
+    }
     match &call.action {
-        Action::RemoveKmsAggregatedMr { mr } => out.push(removal(
-            Measurement::KmsAggregatedMr { mr: *mr },
-            format!("removes KMS aggregated MR {mr} on {to}"),
-        )),
-        Action::RemoveKmsDevice { device } => out.push(removal(
-            Measurement::KmsDevice { device: *device },
-            format!("removes KMS device {device} on {to}"),
-        )),
-        Action::RemoveOsImageHash { image } => out.push(removal(
-            Measurement::OsImage { image: *image },
-            format!("removes OS image {image} on {to}"),
-        )),
-        Action::RemoveComposeHash { hash } => out.push(removal(
-            Measurement::ComposeHash { app: to, hash: *hash },
-            format!("removes compose hash {hash} from app {to}"),
-        )),
-        Action::RemoveDevice { device } => out.push(removal(
-            Measurement::Device { app: to, device: *device },
-            format!("removes device {device} from app {to}"),
-        )),
+        Action::RemoveKmsAggregatedMr { .. }
+        | Action::RemoveKmsDevice { .. }
+        | Action::RemoveOsImageHash { .. }
+        | Action::RemoveComposeHash { .. }
+        | Action::RemoveDevice { .. } => {}
         Action::AddKmsAggregatedMr { .. }
         | Action::AddKmsDevice { .. }
         | Action::AddOsImageHash { .. }

@@ -1,9 +1,12 @@
-//! `[governance]`: Safes watched besides those discovered from the contracts' owners.
+//! `[governance]`: Safes watched besides those discovered from the contracts' owners, and how far
+//! back "in use" looks.
+
+use std::time::Duration;
 
 use alloy::primitives::Address;
 use serde::{Deserialize, Serialize};
 
-use crate::problem::Problem;
+use crate::problem::{Problem, positive};
 
 /// One `[[governance.safes]]` entry.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -14,12 +17,24 @@ pub struct SafeEntry {
 }
 
 /// `[governance]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GovernanceConfig {
     /// Safes watched besides those found by following `owner()` / `pendingOwner()` and the
     /// timelocks' roles.
     pub safes: Vec<SafeEntry>,
+    /// A measurement is in use when an instance received keys with it this recently.
+    #[serde(with = "humantime_serde")]
+    pub in_use_window: Duration,
+}
+
+impl Default for GovernanceConfig {
+    fn default() -> Self {
+        Self {
+            safes: Vec::new(),
+            in_use_window: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 impl GovernanceConfig {
@@ -36,6 +51,11 @@ impl GovernanceConfig {
                     "give the Safe's 0x-prefixed 20-byte address",
                 )
             })
+            .chain(positive(
+                "governance.in_use_window",
+                self.in_use_window,
+                "7d",
+            ))
             .collect()
     }
 
@@ -67,6 +87,7 @@ mod tests {
                     address: "nope".into(),
                 },
             ],
+            ..GovernanceConfig::default()
         };
         let p = cfg.problems();
         assert_eq!(p.len(), 1);

@@ -8,11 +8,19 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
 use super::state::{GovernanceState, Role};
+use crate::alerts::Severity;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SeverityLabels {
+    severity: &'static str,
+}
+
+const SEVERITIES: [Severity; 3] = [Severity::Info, Severity::Warning, Severity::Critical];
 
 const KINDS: [(Role, &str); 4] = [
     (Role::Safe, "safe"),
@@ -30,6 +38,8 @@ pub struct GovernanceMetrics {
     next_ready: Gauge<f64, AtomicU64>,
     min_delay: Gauge<f64, AtomicU64>,
     min_threshold_ratio: Gauge<f64, AtomicU64>,
+    findings: Family<SeverityLabels, Gauge>,
+    affected: Gauge,
 }
 
 impl GovernanceMetrics {
@@ -42,7 +52,14 @@ impl GovernanceMetrics {
             next_ready: Gauge::default(),
             min_delay: Gauge::default(),
             min_threshold_ratio: Gauge::default(),
+            findings: Family::default(),
+            affected: Gauge::default(),
         };
+        for s in SEVERITIES {
+            let _ = m.findings.get_or_create(&SeverityLabels {
+                severity: s.label(),
+            });
+        }
         for (_, kind) in KINDS {
             let _ = m.contracts.get_or_create(&KindLabels { kind });
         }
@@ -79,7 +96,34 @@ impl GovernanceMetrics {
             "Smallest threshold / owner count among the Safes found (+Inf when there is none)",
             m.min_threshold_ratio.clone(),
         );
+        registry.register(
+            "dstack_governance_findings",
+            "Findings of the pending timelock operations, by severity (info, warning, critical)",
+            m.findings.clone(),
+        );
+        registry.register(
+            "dstack_governance_affected_instances",
+            "Instances that received keys within governance.in_use_window with a measurement the worst pending operation removes",
+            m.affected.clone(),
+        );
         m
+    }
+
+    /// Exports the findings of the pending operations and the most instances one would cut off.
+    pub fn pending_findings(
+        &self,
+        counts: &std::collections::BTreeMap<Severity, i64>,
+        affected: u64,
+    ) {
+        for s in SEVERITIES {
+            self.findings
+                .get_or_create(&SeverityLabels {
+                    severity: s.label(),
+                })
+                .set(counts.get(&s).copied().unwrap_or(0));
+        }
+        self.affected
+            .set(i64::try_from(affected).unwrap_or(i64::MAX));
     }
 
     /// Exports `state`.

@@ -19,6 +19,8 @@
 //! - [`topology`]: the governance tree and its findings.
 //! - [`metrics`]: the `dstack_governance_*` metrics.
 //! - [`config`]: the `[governance]` section.
+//! - [`notify`]: the notifier task: each timelock operation's transitions, assessed and
+//!   recorded as alerts (delivered by [`crate::alerts`]).
 //! - [`admin`], [`report`]: `/admin/governance/*`, and reports rebuilt from the store.
 //! - [`cli`]: `keywarden governance verify --offline` and `governance topology`.
 //!
@@ -34,6 +36,7 @@ pub mod config;
 pub mod decode;
 pub mod events;
 pub mod metrics;
+pub mod notify;
 pub mod report;
 pub mod safe_tx;
 pub mod signatures;
@@ -65,19 +68,34 @@ pub struct Subsystem {
     pub view: Arc<watch::GovernanceView>,
     /// `/admin/governance/*`.
     pub admin: axum::Router,
+    /// The notifier (optional), when `[chain]` is set.
+    pub tasks: crate::runtime::Tasks,
 }
 
 /// Builds the governance subsystem: registers `dstack_governance_*` on `registry`; when `[chain]`
-/// is set, the projection that follows the contracts' governance.
+/// is set, the projection that follows the contracts' governance and the notifier that records
+/// its alerts into `outbox`.
 pub fn subsystem(
     cfg: &config::GovernanceConfig,
     chain: &crate::chain::ChainConfig,
     store: crate::store::Store,
+    outbox: crate::alerts::outbox::Outbox,
     registry: &mut prometheus_client::registry::Registry,
 ) -> Subsystem {
     let metrics = metrics::GovernanceMetrics::new(registry);
     let view = Arc::new(watch::GovernanceView::default());
+    let mut tasks = crate::runtime::Tasks::default();
     let projection = chain.resolve().map(|r| {
+        tasks.add(
+            notify::Notifier::new(
+                view.clone(),
+                outbox,
+                store.clone(),
+                cfg.in_use_window,
+                metrics.clone(),
+            ),
+            crate::runtime::Criticality::Optional,
+        );
         Box::new(watch::GovernanceProjection::new(
             r.kms,
             cfg.safe_addresses(),
@@ -90,5 +108,6 @@ pub fn subsystem(
         admin: admin::routes(store, live),
         projection,
         view,
+        tasks,
     }
 }

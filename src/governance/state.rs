@@ -157,6 +157,9 @@ pub struct GovernanceState {
     pub kms: Address,
     /// Block the state is at.
     pub block: u64,
+    /// That block's timestamp (Unix seconds; 0 when not known): chain time, which decides when a
+    /// timelock operation is ready.
+    pub time: u64,
     /// Ownership of the KMS contract and of each registered app.
     pub owned: BTreeMap<Address, Ownership>,
     /// Registered apps.

@@ -25,7 +25,9 @@ use super::metrics::GovernanceMetrics;
 use super::state::GovernanceState;
 use crate::chain::ChainError;
 use crate::chain::contracts::{SafeL2 as S, TimelockController as T};
-use crate::chain::projection::{At, ChainReads, Discovered, Projection, SYNTHETIC_LOG_INDEX};
+use crate::chain::projection::{
+    At, ChainReads, Discovered, Processed, Projection, SYNTHETIC_LOG_INDEX,
+};
 use crate::chain::store::StoredEvent;
 
 /// The projection's stored name.
@@ -358,21 +360,23 @@ impl Projection for GovernanceProjection {
         })
     }
 
-    fn apply(&mut self, rows: &[StoredEvent], processed: u64) {
+    fn apply(&mut self, rows: &[StoredEvent], processed: Processed) {
         let mut next = (*self.state).clone();
         for row in rows {
             if let Some(e) = decode_row(self.kms, row) {
                 next.apply(&e, row.block_number);
             }
         }
-        next.block = processed;
+        next.block = processed.number;
+        next.time = processed.timestamp;
         self.addresses = watched(&next, &self.configured);
         self.state = Arc::new(next);
     }
 
-    fn rebuild(&mut self, stored: &[StoredEvent], processed: u64) {
+    fn rebuild(&mut self, stored: &[StoredEvent], processed: Processed) {
         let mut state = rebuild(self.kms, stored);
-        state.block = processed;
+        state.block = processed.number;
+        state.time = processed.timestamp;
         self.addresses = watched(&state, &self.configured);
         self.state = Arc::new(state);
     }

@@ -26,6 +26,30 @@ pub struct BootObservation {
     pub device_id: String,
 }
 
+/// A measurement column of `served_measurements`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServedColumn {
+    /// `mr_aggregated`.
+    MrAggregated,
+    /// `compose_hash`.
+    ComposeHash,
+    /// `os_image_hash`.
+    OsImageHash,
+    /// `device_id`.
+    DeviceId,
+}
+
+impl ServedColumn {
+    fn name(self) -> &'static str {
+        match self {
+            Self::MrAggregated => "mr_aggregated",
+            Self::ComposeHash => "compose_hash",
+            Self::OsImageHash => "os_image_hash",
+            Self::DeviceId => "device_id",
+        }
+    }
+}
+
 /// An instance's record after a boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BootRecord {
@@ -112,6 +136,32 @@ impl Store {
             }
             records
         }))
+    }
+
+    /// Instances that received keys with `value` (lowercase hex) in `column` since `since`
+    /// (Unix seconds), of app `app` (lowercase hex) when given: what "in use" means when a
+    /// governance proposal would remove a measurement.
+    pub async fn served_instances(
+        &self,
+        column: ServedColumn,
+        value: &str,
+        app: Option<&str>,
+        since: i64,
+    ) -> Result<u64, StoreError> {
+        let sql = format!(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT app_id, instance_id FROM served_measurements \
+             WHERE last_served >= $1 AND {} = $2 AND ($3 = '' OR app_id = $3)) AS used",
+            column.name()
+        );
+        let (n,): (i64,) = on_backend!(self, pool => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(since)
+                .bind(value)
+                .bind(app.unwrap_or(""))
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// The record of one instance, if it ever received keys.

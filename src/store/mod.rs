@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::Row;
 
-pub use boots::{BootObservation, BootRecord, LedgerEntry};
+pub use boots::{BootObservation, BootRecord, LedgerEntry, ServedColumn};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
