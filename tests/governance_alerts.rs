@@ -37,6 +37,7 @@ use keywarden::chain::contracts::{DstackApp, TCB_UP_TO_DATE, TimelockController}
 use keywarden::config::{DatabaseTarget, StorageConfig};
 use keywarden::governance::metrics::GovernanceMetrics;
 use keywarden::governance::notify::Notifier;
+use keywarden::governance::queue::ProposalsView;
 use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
 use keywarden::runtime::Task;
 use keywarden::store::{AuditRecord, BootObservation, LedgerEntry, Store};
@@ -162,6 +163,7 @@ fn start_notifier(
     let mut registry = Registry::default();
     let notifier = Notifier::new(
         view.clone(),
+        Arc::new(ProposalsView::default()),
         outbox.clone(),
         store.clone(),
         Duration::from_secs(7 * 86400),

@@ -6,6 +6,8 @@ CREATE TABLE alert_transitions (
     alert_key   TEXT NOT NULL,
     transition  TEXT NOT NULL,
     recorded_at BIGINT NOT NULL,
+    -- Recording order: deliveries go out in it.
+    seq         BIGINT NOT NULL,
     PRIMARY KEY (alert_key, transition)
 );
 
@@ -13,6 +15,7 @@ CREATE TABLE alert_deliveries (
     alert_key       TEXT NOT NULL,
     transition      TEXT NOT NULL,
     channel         TEXT NOT NULL,
+    seq             BIGINT NOT NULL,
     alert           TEXT NOT NULL,
     created_at      BIGINT NOT NULL,
     attempts        BIGINT NOT NULL,

@@ -85,13 +85,18 @@ impl Store {
         now: i64,
     ) -> Result<bool, StoreError> {
         Ok(write_tx!(self, tx => {
+            let (seq,): (i64,) =
+                sqlx::query_as("SELECT COALESCE(MAX(seq), 0) + 1 FROM alert_transitions")
+                    .fetch_one(&mut *tx)
+                    .await?;
             let inserted = sqlx::query(
-                "INSERT INTO alert_transitions (alert_key, transition, recorded_at) VALUES ($1, $2, $3) \
+                "INSERT INTO alert_transitions (alert_key, transition, recorded_at, seq) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (alert_key, transition) DO NOTHING",
             )
             .bind(&alert.key)
             .bind(&alert.transition)
             .bind(now)
+            .bind(seq)
             .execute(&mut *tx)
             .await?
             .rows_affected()
@@ -99,12 +104,13 @@ impl Store {
             if inserted {
                 for channel in channels {
                     sqlx::query(
-                        "INSERT INTO alert_deliveries (alert_key, transition, channel, alert, created_at, attempts, next_attempt_at) \
-                         VALUES ($1, $2, $3, $4, $5, 0, $5)",
+                        "INSERT INTO alert_deliveries (alert_key, transition, channel, seq, alert, created_at, attempts, next_attempt_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, 0, $6)",
                     )
                     .bind(&alert.key)
                     .bind(&alert.transition)
                     .bind(*channel)
+                    .bind(seq)
                     .bind(json)
                     .bind(now)
                     .execute(&mut *tx)
@@ -153,7 +159,7 @@ impl Store {
                 "SELECT d.alert, d.channel, d.attempts, COALESCE(f.starts_at, d.created_at) AS starts_at \
                  FROM alert_deliveries d LEFT JOIN alert_firing f ON f.alert_key = d.alert_key \
                  WHERE d.delivered_at IS NULL AND d.next_attempt_at <= $1 \
-                 ORDER BY d.created_at, d.alert_key, d.transition, d.channel LIMIT $2",
+                 ORDER BY d.seq, d.channel LIMIT $2",
             )
             .bind(now)
             .bind(limit)

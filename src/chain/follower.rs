@@ -79,10 +79,11 @@ impl BlockRef {
     }
 }
 
-/// The processed block `number`, with the timestamp of `at` (the stored processed block) when
-/// known.
-fn processed_at(number: u64, at: Option<BlockRef>) -> Processed {
+/// The processed block `number` of `chain_id`, with the timestamp of `at` (the stored processed
+/// block) when known.
+fn processed_at(chain_id: u64, number: u64, at: Option<BlockRef>) -> Processed {
     Processed {
+        chain_id,
         number,
         timestamp: at.map_or(0, |b| b.timestamp),
     }
@@ -249,7 +250,7 @@ impl Follower {
                 }
                 // Its history is fetched by the first poll, after the reorg check, so that it is
                 // read against the canonical chain.
-                p.rebuild(&[], processed_at(processed, at));
+                p.rebuild(&[], processed_at(chain_id, processed, at));
                 pending.push(i);
             }
             p.publish();
@@ -305,7 +306,7 @@ impl Follower {
             };
             self.write_at_checkpoint(&c.checkpoint, &**p, &rows, Some(&p.identity()))
                 .await?;
-            p.apply(&rows, processed_at(processed, at));
+            p.apply(&rows, processed_at(c.chain_id, processed, at));
             p.publish();
             c.pending.remove(0);
             tracing::info!(
@@ -328,7 +329,7 @@ impl Follower {
         stored: &[StoredEvent],
         at: Option<BlockRef>,
     ) -> Result<(), ChainError> {
-        let processed = processed_at(checkpoint.processed_block, at);
+        let processed = processed_at(checkpoint.chain_id, checkpoint.processed_block, at);
         p.rebuild(stored, processed);
         if let Some(at) = at {
             let rows = p.reconcile(&self.reads, stored, at.at()).await?;
@@ -697,6 +698,7 @@ impl Follower {
             p.apply(
                 r,
                 Processed {
+                    chain_id: c.chain_id,
                     number: to,
                     timestamp: last.timestamp,
                 },

@@ -48,9 +48,11 @@ pub struct At {
     pub hash: B256,
 }
 
-/// The block a projection's state is at after applying rows.
+/// The point of the chain a projection's state is at after applying rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Processed {
+    /// Chain id.
+    pub chain_id: u64,
     /// Block number.
     pub number: u64,
     /// Its timestamp (Unix seconds; 0 when not known): chain time, for what depends on it.

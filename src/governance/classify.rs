@@ -61,6 +61,14 @@ pub enum Rule {
     InvalidSignature,
     /// A signature by someone who is not a current owner.
     NonOwnerSignature,
+    /// A proposer who is neither an owner nor a configured delegate.
+    UnknownProposer,
+    /// The Transaction Service gives no decoding (it does not trust the target).
+    ApiDecodingMissing,
+    /// The Transaction Service's decoding names another function than the calldata's.
+    ApiDecodingMismatch,
+    /// Several proposals for one nonce.
+    NonceConflict,
     /// Calldata that cannot be what it claims.
     Undecodable,
     UnknownCall,

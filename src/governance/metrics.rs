@@ -2,8 +2,10 @@
 //! hash is ever a label.
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -21,6 +23,23 @@ struct SeverityLabels {
 }
 
 const SEVERITIES: [Severity; 3] = [Severity::Info, Severity::Warning, Severity::Critical];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// Every outcome of a Transaction Service request.
+const SERVICE_OUTCOMES: [&str; 8] = [
+    "ok",
+    "unauthorized",
+    "not_found",
+    "rate_limited",
+    "server_error",
+    "error",
+    "unreachable",
+    "undecodable",
+];
 
 const KINDS: [(Role, &str); 4] = [
     (Role::Safe, "safe"),
@@ -40,6 +59,12 @@ pub struct GovernanceMetrics {
     min_threshold_ratio: Gauge<f64, AtomicU64>,
     findings: Family<SeverityLabels, Gauge>,
     affected: Gauge,
+    service_requests: Family<OutcomeLabels, Counter>,
+    service_latency: Histogram,
+    indexing_lag: Gauge,
+    proposals_pending: Gauge,
+    proposals_executable: Gauge,
+    oldest_proposal_age: Gauge,
 }
 
 impl GovernanceMetrics {
@@ -54,7 +79,16 @@ impl GovernanceMetrics {
             min_threshold_ratio: Gauge::default(),
             findings: Family::default(),
             affected: Gauge::default(),
+            service_requests: Family::default(),
+            service_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            indexing_lag: Gauge::default(),
+            proposals_pending: Gauge::default(),
+            proposals_executable: Gauge::default(),
+            oldest_proposal_age: Gauge::default(),
         };
+        for outcome in SERVICE_OUTCOMES {
+            let _ = m.service_requests.get_or_create(&OutcomeLabels { outcome });
+        }
         for s in SEVERITIES {
             let _ = m.findings.get_or_create(&SeverityLabels {
                 severity: s.label(),
@@ -102,6 +136,36 @@ impl GovernanceMetrics {
             m.findings.clone(),
         );
         registry.register(
+            "dstack_governance_service_requests",
+            "Safe Transaction Service requests by outcome (ok, unauthorized, not_found, rate_limited, server_error, error, unreachable, undecodable)",
+            m.service_requests.clone(),
+        );
+        registry.register(
+            "dstack_governance_service_request_duration_seconds",
+            "Safe Transaction Service request latency",
+            m.service_latency.clone(),
+        );
+        registry.register(
+            "dstack_governance_service_indexing_lag_blocks",
+            "Blocks the Transaction Service's index is behind its node (largest over the services)",
+            m.indexing_lag.clone(),
+        );
+        registry.register(
+            "dstack_governance_proposals_pending",
+            "Pending Safe proposals (Transaction Service queue, nonce not yet used)",
+            m.proposals_pending.clone(),
+        );
+        registry.register(
+            "dstack_governance_proposals_executable",
+            "Pending Safe proposals whose verified confirmations reach the threshold",
+            m.proposals_executable.clone(),
+        );
+        registry.register(
+            "dstack_governance_oldest_proposal_age_seconds",
+            "Age of the oldest pending Safe proposal, from its submission (0 when none is pending)",
+            m.oldest_proposal_age.clone(),
+        );
+        registry.register(
             "dstack_governance_affected_instances",
             "Instances that received keys within governance.in_use_window with a measurement the worst pending operation removes",
             m.affected.clone(),
@@ -124,6 +188,29 @@ impl GovernanceMetrics {
         }
         self.affected
             .set(i64::try_from(affected).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one Transaction Service request.
+    pub fn service_request(&self, outcome: &'static str, took: std::time::Duration) {
+        self.service_requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.service_latency.observe(took.as_secs_f64());
+    }
+
+    /// Sets the services' indexing lag.
+    pub fn indexing_lag(&self, blocks: u64) {
+        self.indexing_lag
+            .set(i64::try_from(blocks).unwrap_or(i64::MAX));
+    }
+
+    /// Exports the pending proposals: (count, executable, oldest age in seconds).
+    pub fn proposals(&self, pending: usize, executable: usize, oldest_age: u64) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.proposals_pending.set(n(pending));
+        self.proposals_executable.set(n(executable));
+        self.oldest_proposal_age
+            .set(i64::try_from(oldest_age).unwrap_or(i64::MAX));
     }
 
     /// Exports `state`.

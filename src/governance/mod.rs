@@ -19,6 +19,8 @@
 //! - [`topology`]: the governance tree and its findings.
 //! - [`metrics`]: the `dstack_governance_*` metrics.
 //! - [`config`]: the `[governance]` section.
+//! - [`txservice`], [`proposals`], [`queue`]: the Safe Transaction Service client, the local
+//!   checks of each pending row, and the task that reads every watched Safe's queue.
 //! - [`notify`]: the notifier task: each timelock operation's transitions, assessed and
 //!   recorded as alerts (delivered by [`crate::alerts`]).
 //! - [`admin`], [`report`]: `/admin/governance/*`, and reports rebuilt from the store.
@@ -37,11 +39,15 @@ pub mod decode;
 pub mod events;
 pub mod metrics;
 pub mod notify;
+pub mod proposals;
+pub mod queue;
 pub mod report;
 pub mod safe_tx;
 pub mod signatures;
 pub mod state;
 pub mod topology;
+pub mod txservice;
+pub mod usage;
 pub mod verify;
 pub mod watch;
 
@@ -66,6 +72,8 @@ pub struct Subsystem {
     pub projection: Option<Box<dyn Projection>>,
     /// The published state.
     pub view: Arc<watch::GovernanceView>,
+    /// The pending Safe proposals, as last read and checked.
+    pub proposals: Arc<queue::ProposalsView>,
     /// `/admin/governance/*`.
     pub admin: axum::Router,
     /// The notifier (optional), when `[chain]` is set.
@@ -84,11 +92,23 @@ pub fn subsystem(
 ) -> Subsystem {
     let metrics = metrics::GovernanceMetrics::new(registry);
     let view = Arc::new(watch::GovernanceView::default());
+    let proposals = Arc::new(queue::ProposalsView::default());
     let mut tasks = crate::runtime::Tasks::default();
     let projection = chain.resolve().map(|r| {
+        let watcher = queue::QueueWatcher::new(
+            cfg,
+            view.clone(),
+            proposals.clone(),
+            store.clone(),
+            metrics.clone(),
+        );
+        if watcher.has_service() {
+            tasks.add(watcher, crate::runtime::Criticality::Optional);
+        }
         tasks.add(
             notify::Notifier::new(
                 view.clone(),
+                proposals.clone(),
                 outbox,
                 store.clone(),
                 cfg.in_use_window,
@@ -103,11 +123,14 @@ pub fn subsystem(
             metrics,
         )) as Box<dyn Projection>
     });
-    let live = projection.is_some().then(|| view.clone());
+    let live = projection
+        .is_some()
+        .then(|| (view.clone(), proposals.clone()));
     Subsystem {
         admin: admin::routes(store, live),
         projection,
         view,
+        proposals,
         tasks,
     }
 }

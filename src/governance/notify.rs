@@ -1,6 +1,7 @@
-//! Tells signers and on-call what governance is about to do: each timelock operation's
-//! transitions (scheduled → ready → executed or cancelled), with what its calls would do,
-//! decoded and classified, and how many instances received keys lately with a measurement it
+//! Tells signers and on-call what governance is about to do: each Safe proposal's transitions
+//! (proposed → each verified confirmation → executable → executed, failed or replaced) and each
+//! timelock operation's (scheduled → ready → executed or cancelled), with what its calls would
+//! do, decoded and classified, and how many instances received keys lately with a measurement it
 //! removes.
 //!
 //! Flow, per tick: the published [`GovernanceState`] → each operation's current transition →
@@ -19,16 +20,18 @@ use std::time::Duration;
 use alloy::primitives::{Address, B256};
 use tokio_util::sync::CancellationToken;
 
-use super::classify::{self, Context, Counted, Finding, Measurement, Severity};
+use super::classify::{self, Context, Finding, Severity};
 use super::decode;
 use super::metrics::GovernanceMetrics;
+use super::proposals::Proposal;
+use super::queue::ProposalsView;
 use super::safe_tx::Operation;
 use super::state::{GovernanceState, OperationStatus, TimelockOperation};
 use super::watch::GovernanceView;
 use crate::alerts::Alert;
 use crate::alerts::outbox::Outbox;
 use crate::runtime::Task;
-use crate::store::{ServedColumn, Store};
+use crate::store::Store;
 
 /// How often the state is looked at.
 const TICK: Duration = Duration::from_secs(1);
@@ -39,9 +42,15 @@ const KEY_PREFIX: &str = "governance:";
 /// The alert name of a timelock operation.
 pub const TIMELOCK_ALERT: &str = "GovernanceTimelockOperation";
 
+/// The alert name of a Safe proposal.
+pub const PROPOSAL_ALERT: &str = "GovernanceSafeProposal";
+
 /// The governance notifier task.
 pub struct Notifier {
     view: Arc<GovernanceView>,
+    proposals: Arc<ProposalsView>,
+    /// The last checked form of each proposal alerted on (for its terminal alert's words).
+    last: std::sync::Mutex<HashMap<String, Proposal>>,
     outbox: Outbox,
     store: Store,
     window: Duration,
@@ -81,15 +90,12 @@ fn transition(op: &TimelockOperation, now: u64) -> &'static str {
     }
 }
 
-fn window_words(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
-}
-
 impl Notifier {
     /// A notifier over `view`, recording into `outbox`, counting use in `store`'s boot records
     /// over `window`.
     pub fn new(
         view: Arc<GovernanceView>,
+        proposals: Arc<ProposalsView>,
         outbox: Outbox,
         store: Store,
         window: Duration,
@@ -97,38 +103,13 @@ impl Notifier {
     ) -> Self {
         Self {
             view,
+            proposals,
+            last: std::sync::Mutex::new(HashMap::new()),
             outbox,
             store,
             window,
             metrics,
         }
-    }
-
-    /// Instances that received keys with each removed measurement within the window.
-    async fn usage(&self, removed: &[Measurement]) -> anyhow::Result<Counted> {
-        let since = crate::clock::unix_secs_i64()
-            .saturating_sub(i64::try_from(self.window.as_secs()).unwrap_or(i64::MAX));
-        let hex = |b: &B256| hex::encode(b);
-        let mut counts = HashMap::new();
-        for m in removed {
-            let (column, value, app) = match m {
-                Measurement::KmsAggregatedMr { mr } => (ServedColumn::MrAggregated, hex(mr), None),
-                Measurement::KmsDevice { device } => (ServedColumn::DeviceId, hex(device), None),
-                Measurement::OsImage { image } => (ServedColumn::OsImageHash, hex(image), None),
-                Measurement::ComposeHash { app, hash } => {
-                    (ServedColumn::ComposeHash, hex(hash), Some(hex::encode(app)))
-                }
-                Measurement::Device { app, device } => {
-                    (ServedColumn::DeviceId, hex(device), Some(hex::encode(app)))
-                }
-            };
-            let n = self
-                .store
-                .served_instances(column, &value, app.as_deref(), since)
-                .await?;
-            counts.insert(*m, n);
-        }
-        Ok(Counted(counts))
     }
 
     /// Decodes and classifies the calls of `op`, as `timelock` will make them.
@@ -138,7 +119,7 @@ impl Notifier {
         timelock: Address,
         op: &TimelockOperation,
     ) -> anyhow::Result<Assessment> {
-        let window = window_words(self.window);
+        let window = super::usage::window_words(self.window);
         let min_delay = |t: Address| {
             state
                 .timelocks
@@ -150,7 +131,7 @@ impl Notifier {
         for call in op.calls.values() {
             let decoded = decode::decode(call.target, call.value, &call.data, Operation::Call);
             let removed = decoded.as_ref().map(classify::removals).unwrap_or_default();
-            let usage = self.usage(&removed).await?;
+            let usage = super::usage::counted(&self.store, self.window, &removed).await?;
             let ctx = Context {
                 safe: timelock,
                 threshold: None,
@@ -187,13 +168,6 @@ impl Notifier {
         transition: &str,
         a: &Assessment,
     ) -> Alert {
-        // The headline: the worst finding, and among those the one cutting off most instances.
-        let what = a
-            .findings
-            .iter()
-            .rev()
-            .max_by_key(|f| (f.severity, f.affected_instances.unwrap_or(0)))
-            .map_or_else(|| a.words.join("; "), |f| f.detail.clone());
         let when = match (transition, op.ready_at) {
             ("scheduled", Some(t)) => format!(
                 "; executable from {}",
@@ -202,15 +176,6 @@ impl Notifier {
             ("ready", _) => "; executable now".into(),
             _ => String::new(),
         };
-        let mut description =
-            format!("Timelock {timelock}, operation {id} ({transition}).\nCalls:\n");
-        for w in &a.words {
-            description.push_str(&format!("  {w}\n"));
-        }
-        description.push_str("Findings:\n");
-        for f in &a.findings {
-            description.push_str(&format!("  [{}] {}\n", f.severity.label(), f.detail));
-        }
         Alert {
             key: format!("{KEY_PREFIX}timelock:{timelock}:{id}"),
             transition: transition.to_owned(),
@@ -222,8 +187,15 @@ impl Notifier {
                 ("operation".to_owned(), id.to_string()),
                 ("affected_instances".to_owned(), a.affected().to_string()),
             ]),
-            summary: format!("Timelock operation {transition}: {what}{when}"),
-            description,
+            summary: format!(
+                "Timelock operation {transition}: {}{when}",
+                headline(&a.findings, &a.words)
+            ),
+            description: describe(
+                format!("Timelock {timelock}, operation {id} ({transition})."),
+                &a.words,
+                &a.findings,
+            ),
             resolved: matches!(transition, "executed" | "cancelled"),
         }
     }
@@ -259,28 +231,118 @@ impl Notifier {
                 let new = self.outbox.record(&alert, deliver).await?;
                 known.entry(key).or_default().insert(transition.to_owned());
                 if new && deliver {
-                    self.log(&alert, &a).await;
+                    self.log(&alert, a.affected(), &a.findings).await;
                 }
             }
         }
+        self.proposals_step(known, &state, &mut pending).await?;
         self.metrics.pending_findings(&pending.0, pending.1);
         Ok(())
     }
 
-    async fn log(&self, alert: &Alert, a: &Assessment) {
-        if alert.transition == "scheduled" {
+    /// Safe proposals: new transitions of the pending ones, and the end of those that left the
+    /// queue (executed, failed, or their nonce used by another transaction).
+    async fn proposals_step(
+        &self,
+        known: &mut HashMap<String, BTreeSet<String>>,
+        state: &GovernanceState,
+        pending: &mut (BTreeMap<Severity, i64>, u64),
+    ) -> anyhow::Result<()> {
+        let queues = self.proposals.snapshot();
+        for p in queues.values().flat_map(|q| &q.proposals) {
+            let key = proposal_key(p.safe, p.nonce, p.safe_tx_hash);
+            for f in &p.findings {
+                *pending.0.entry(f.severity).or_default() += 1;
+            }
+            pending.1 = pending.1.max(p.affected());
+            let confirmations = p.confirmed_by.len();
+            let mut wanted = vec!["proposed".to_owned()];
+            if confirmations > 0 {
+                wanted.push(format!("confirmations-{confirmations}"));
+            }
+            if p.executable() {
+                wanted.push("executable".to_owned());
+            }
+            self.last
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.clone(), p.clone());
+            for t in wanted {
+                if known.get(&key).is_some_and(|s| s.contains(&t)) {
+                    continue;
+                }
+                let alert = proposal_alert(&key, p, &t);
+                let new = self.outbox.record(&alert, true).await?;
+                known.entry(key.clone()).or_default().insert(t.clone());
+                if new {
+                    self.log(&alert, p.affected(), &p.findings).await;
+                }
+            }
+        }
+        let open: Vec<String> = known
+            .iter()
+            .filter(|(k, ts)| {
+                k.starts_with(PROPOSAL_PREFIX)
+                    && !ts
+                        .iter()
+                        .any(|t| matches!(t.as_str(), "executed" | "failed" | "replaced"))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in open {
+            let Some((safe, nonce, hash)) = parse_proposal_key(&key) else {
+                continue;
+            };
+            let Some(s) = state.safes.get(&safe) else {
+                continue;
+            };
+            let t = match s.executions.iter().rev().find(|e| e.safe_tx_hash == hash) {
+                Some(e) if e.success => "executed",
+                Some(_) => "failed",
+                None if s.nonce > nonce => "replaced",
+                None => continue,
+            };
+            let last = self
+                .last
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .cloned();
+            let mut alert = match &last {
+                Some(p) => proposal_alert(&key, p, t),
+                None => Alert {
+                    key: key.clone(),
+                    transition: t.to_owned(),
+                    name: PROPOSAL_ALERT.to_owned(),
+                    severity: Severity::Info,
+                    labels: proposal_labels(safe, nonce, hash),
+                    summary: format!("Safe proposal {t}: Safe {safe} nonce {nonce}"),
+                    description: format!("Safe {safe}, nonce {nonce}, safeTxHash {hash}: {t}."),
+                    resolved: true,
+                },
+            };
+            alert.resolved = true;
+            self.outbox.record(&alert, true).await?;
+            known.entry(key).or_default().insert(t.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn log(&self, alert: &Alert, affected: u64, findings: &[Finding]) {
+        let first = matches!(alert.transition.as_str(), "scheduled" | "proposed");
+        if first {
             tracing::info!(
                 key = %alert.key,
                 severity = alert.severity.label(),
-                affected_instances = a.affected(),
+                affected_instances = affected,
                 summary = %alert.summary,
                 "new governance proposal"
             );
         }
-        if alert.severity == Severity::Critical && alert.transition == "scheduled" {
+        if alert.severity == Severity::Critical && first {
             tracing::warn!(
                 key = %alert.key,
-                affected_instances = a.affected(),
+                affected_instances = affected,
                 summary = %alert.summary,
                 "governance: suspicious transaction"
             );
@@ -290,12 +352,97 @@ impl Notifier {
                 &serde_json::json!({
                     "key": alert.key,
                     "summary": alert.summary,
-                    "findings": a.findings,
+                    "findings": findings,
                 }),
             );
             let error = self.store.append_audit(&record).await.err();
             record.log(error.as_ref().map(ToString::to_string).as_deref());
         }
+    }
+}
+
+/// Subjects of Safe proposal alerts start with this.
+const PROPOSAL_PREFIX: &str = "governance:safe:";
+
+fn proposal_key(safe: Address, nonce: u64, hash: B256) -> String {
+    format!("{PROPOSAL_PREFIX}{safe}:{nonce}:{hash}")
+}
+
+fn parse_proposal_key(key: &str) -> Option<(Address, u64, B256)> {
+    let mut parts = key.strip_prefix(PROPOSAL_PREFIX)?.split(':');
+    let safe = parts.next()?.parse().ok()?;
+    let nonce = parts.next()?.parse().ok()?;
+    let hash = parts.next()?.parse().ok()?;
+    Some((safe, nonce, hash))
+}
+
+fn proposal_labels(safe: Address, nonce: u64, hash: B256) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("source".to_owned(), "governance".to_owned()),
+        ("safe".to_owned(), safe.to_string()),
+        ("nonce".to_owned(), nonce.to_string()),
+        ("safe_tx_hash".to_owned(), hash.to_string()),
+    ])
+}
+
+/// The headline of a set of findings: the worst, and among those the one cutting off most
+/// instances.
+fn headline(findings: &[Finding], words: &[String]) -> String {
+    findings
+        .iter()
+        .rev()
+        .max_by_key(|f| (f.severity, f.affected_instances.unwrap_or(0)))
+        .map_or_else(|| words.join("; "), |f| f.detail.clone())
+}
+
+fn describe(intro: String, words: &[String], findings: &[Finding]) -> String {
+    let mut d = intro;
+    d.push_str("\nCalls:\n");
+    for w in words {
+        d.push_str(&format!("  {w}\n"));
+    }
+    d.push_str("Findings:\n");
+    for f in findings {
+        d.push_str(&format!("  [{}] {}\n", f.severity.label(), f.detail));
+    }
+    d
+}
+
+fn proposal_alert(key: &str, p: &Proposal, transition: &str) -> Alert {
+    let mut labels = proposal_labels(p.safe, p.nonce, p.safe_tx_hash);
+    labels.insert("affected_instances".to_owned(), p.affected().to_string());
+    labels.insert(
+        "confirmations".to_owned(),
+        format!("{}/{}", p.confirmed_by.len(), p.threshold),
+    );
+    let proposer = p
+        .proposer
+        .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+    Alert {
+        key: key.to_owned(),
+        transition: transition.to_owned(),
+        name: PROPOSAL_ALERT.to_owned(),
+        severity: p.worst(),
+        labels,
+        summary: format!(
+            "Safe proposal {transition} ({}/{}): {}",
+            p.confirmed_by.len(),
+            p.threshold,
+            headline(&p.findings, &p.words)
+        ),
+        description: describe(
+            format!(
+                "Safe {}, nonce {}, safeTxHash {} (compare it on the signing device), proposed by {proposer}; confirmed by {} of {}.",
+                p.safe,
+                p.nonce,
+                p.safe_tx_hash,
+                p.confirmed_by.len(),
+                p.threshold
+            ),
+            &p.words,
+            &p.findings,
+        ),
+        resolved: matches!(transition, "executed" | "failed" | "replaced"),
     }
 }
 

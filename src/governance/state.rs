@@ -153,6 +153,8 @@ pub enum Role {
 /// The whole governance state of one chain.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct GovernanceState {
+    /// The chain (0 until the follower read it).
+    pub chain_id: u64,
     /// The DstackKms contract.
     pub kms: Address,
     /// Block the state is at.

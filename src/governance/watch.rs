@@ -367,6 +367,7 @@ impl Projection for GovernanceProjection {
                 next.apply(&e, row.block_number);
             }
         }
+        next.chain_id = processed.chain_id;
         next.block = processed.number;
         next.time = processed.timestamp;
         self.addresses = watched(&next, &self.configured);
@@ -375,6 +376,7 @@ impl Projection for GovernanceProjection {
 
     fn rebuild(&mut self, stored: &[StoredEvent], processed: Processed) {
         let mut state = rebuild(self.kms, stored);
+        state.chain_id = processed.chain_id;
         state.block = processed.number;
         state.time = processed.timestamp;
         self.addresses = watched(&state, &self.configured);

@@ -1,0 +1,447 @@
+//! Pending Safe proposals, checked locally: nothing the Transaction Service says is taken on
+//! trust.
+//!
+//! Flow: a [`TxRow`] from the service and what the chain says of its Safe ([`SafeState`]) →
+//! [`check`]: the safeTxHash recomputed for the Safe's version (a difference is critical); each
+//! confirmation's signature recovered against our hash and its owner checked against the current
+//! owners (forged or non-owner: critical; an approved hash counts only when the chain shows the
+//! approval; a contract signature is not counted, since only the chain can check it); the
+//! proposer an owner or a configured delegate (otherwise a warning); the service's `dataDecoded`
+//! compared with our own decoding (missing: a warning; different: critical); the calls
+//! classified → [`Proposal`]. Pure: usage counts come in through [`Usage`].
+
+use alloy::primitives::{Address, B256, U256};
+use serde::Serialize;
+
+use super::classify::{self, Context, Finding, Rule, Severity, Usage};
+use super::decode::{self, Action, Decoded};
+use super::safe_tx::{self, Operation, SafeTx};
+use super::signatures::{self, SignatureKind};
+use super::state::SafeState;
+use super::txservice::TxRow;
+
+/// One pending proposal, as checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Proposal {
+    /// The Safe.
+    pub safe: Address,
+    /// Its nonce.
+    pub nonce: u64,
+    /// The safeTxHash we computed (the service's is checked against it).
+    pub safe_tx_hash: B256,
+    /// The transaction.
+    pub transaction: SafeTx,
+    /// Who proposed it.
+    pub proposer: Option<Address>,
+    /// When (Unix seconds), as the service says.
+    pub submitted_at: Option<i64>,
+    /// Owners whose confirmation holds.
+    pub confirmed_by: Vec<Address>,
+    /// The Safe's threshold.
+    pub threshold: u64,
+    /// The calls in words.
+    pub words: Vec<String>,
+    /// Findings, worst first.
+    pub findings: Vec<Finding>,
+}
+
+impl Proposal {
+    /// Whether it has the confirmations to execute.
+    pub fn executable(&self) -> bool {
+        self.threshold > 0 && self.confirmed_by.len() as u64 >= self.threshold
+    }
+
+    /// The worst severity found.
+    pub fn worst(&self) -> Severity {
+        self.findings
+            .iter()
+            .map(|f| f.severity)
+            .max()
+            .unwrap_or(Severity::Info)
+    }
+
+    /// The most instances one of its removals would cut off.
+    pub fn affected(&self) -> u64 {
+        self.findings
+            .iter()
+            .filter_map(|f| f.affected_instances)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+fn finding(rule: Rule, severity: Severity, detail: String) -> Finding {
+    Finding {
+        rule,
+        severity,
+        detail,
+        affected_instances: None,
+    }
+}
+
+/// Whether the service's `method` names what we decoded (`None`: we cannot tell).
+fn same_method(action: &Action, method: &str) -> Option<bool> {
+    let ours = match action {
+        Action::Unknown { .. } | Action::Transfer => return None,
+        Action::Schedule { .. } => return Some(matches!(method, "schedule" | "scheduleBatch")),
+        Action::Execute { .. } => return Some(matches!(method, "execute" | "executeBatch")),
+        Action::DeployAndRegisterApp { .. } => "deployAndRegisterApp",
+        other => {
+            return serde_json::to_value(other)
+                .ok()
+                .and_then(|v| v["function"].as_str().map(|f| f == method));
+        }
+    };
+    Some(ours == method)
+}
+
+/// The transaction a row describes.
+pub fn transaction(row: &TxRow) -> Result<SafeTx, safe_tx::SafeTxError> {
+    Ok(SafeTx {
+        to: row.to,
+        value: row.value,
+        data: row.data.clone(),
+        operation: Operation::try_from(row.operation)?,
+        safe_tx_gas: row.safe_tx_gas,
+        base_gas: row.base_gas,
+        gas_price: row.gas_price,
+        gas_token: row.gas_token,
+        refund_receiver: row.refund_receiver,
+        nonce: U256::from(row.nonce),
+    })
+}
+
+/// Checks `row` of the Safe whose on-chain state is `safe` on `chain_id`.
+pub fn check(
+    row: &TxRow,
+    chain_id: u64,
+    safe: &SafeState,
+    delegates: &[Address],
+    ctx: &Context<'_>,
+) -> Result<Proposal, safe_tx::SafeTxError> {
+    let tx = transaction(row)?;
+    let mut findings = Vec::new();
+    let version = safe.version.as_deref().and_then(|v| v.parse().ok());
+    let hash = match version {
+        Some(v) => {
+            let ours = safe_tx::hashes(chain_id, row.safe, v, &tx).safe_tx_hash;
+            if ours != row.safe_tx_hash {
+                findings.push(finding(
+                    Rule::SafeTxHashMismatch,
+                    Severity::Critical,
+                    format!(
+                        "the Transaction Service says safeTxHash {} but these fields hash to {ours} for Safe {} {}: what signers would sign is not what is shown",
+                        row.safe_tx_hash, row.safe, v
+                    ),
+                ));
+            }
+            ours
+        }
+        None => {
+            findings.push(finding(
+                Rule::SafeTxHashMismatch,
+                Severity::Warning,
+                "the Safe's version is not known yet: its safeTxHash was not recomputed".into(),
+            ));
+            row.safe_tx_hash
+        }
+    };
+    let mut confirmed_by: Vec<Address> = Vec::new();
+    for c in &row.confirmations {
+        let counted = match c.signature_type.as_str() {
+            "APPROVED_HASH" => {
+                if safe.approvals.contains(&(hash, c.owner)) {
+                    true
+                } else {
+                    findings.push(finding(
+                        Rule::InvalidSignature,
+                        Severity::Warning,
+                        format!("{} is said to have approved the hash on-chain; no such approval is seen yet (not counted)", c.owner),
+                    ));
+                    false
+                }
+            }
+            "CONTRACT_SIGNATURE" => {
+                findings.push(finding(
+                    Rule::InvalidSignature,
+                    Severity::Info,
+                    format!("{} signed as a contract (EIP-1271): only the chain can check it (not counted)", c.owner),
+                ));
+                false
+            }
+            _ => match signatures::split(&c.signature, hash).as_deref() {
+                Ok([item])
+                    if item.owner == c.owner
+                        && matches!(item.kind, SignatureKind::Eoa | SignatureKind::EthSign) =>
+                {
+                    true
+                }
+                Ok(items) => {
+                    findings.push(finding(
+                        Rule::InvalidSignature,
+                        Severity::Critical,
+                        format!(
+                            "the confirmation said to be from {} is signed by {}: forged, or for another transaction",
+                            c.owner,
+                            items.first().map_or_else(|| "nobody".to_owned(), |i| i.owner.to_string())
+                        ),
+                    ));
+                    false
+                }
+                Err(e) => {
+                    findings.push(finding(
+                        Rule::InvalidSignature,
+                        Severity::Critical,
+                        format!(
+                            "the confirmation said to be from {} is not a valid signature: {e}",
+                            c.owner
+                        ),
+                    ));
+                    false
+                }
+            },
+        };
+        if counted && !safe.owners.contains(&c.owner) {
+            findings.push(finding(
+                Rule::NonOwnerSignature,
+                Severity::Critical,
+                format!(
+                    "{} confirmed but is not an owner of Safe {}",
+                    c.owner, row.safe
+                ),
+            ));
+        } else if counted && !confirmed_by.contains(&c.owner) {
+            confirmed_by.push(c.owner);
+        }
+    }
+    if let Some(p) = row.proposer
+        && !safe.owners.contains(&p)
+        && !delegates.contains(&p)
+    {
+        findings.push(finding(
+            Rule::UnknownProposer,
+            Severity::Warning,
+            format!("proposed by {p}, neither an owner nor a configured delegate"),
+        ));
+    }
+    let decoded: Result<Decoded, _> = decode::decode(tx.to, tx.value, &tx.data, tx.operation);
+    match (&row.data_decoded, &decoded) {
+        (None, _) if !tx.data.is_empty() => findings.push(finding(
+            Rule::ApiDecodingMissing,
+            Severity::Warning,
+            "the Transaction Service gives no decoding of the calldata (it does not trust the target): decoded here".into(),
+        )),
+        (Some(api), Ok(d)) if same_method(&d.action, &api.method) == Some(false) => {
+            findings.push(finding(
+                Rule::ApiDecodingMismatch,
+                Severity::Critical,
+                format!(
+                    "the Transaction Service shows {:?} but the calldata is {}",
+                    api.method,
+                    d.action.words()
+                ),
+            ));
+        }
+        _ => {}
+    }
+    findings.extend(classify::classify(&tx, &decoded, ctx));
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    Ok(Proposal {
+        safe: row.safe,
+        nonce: row.nonce,
+        safe_tx_hash: hash,
+        words: decoded.as_ref().map(Decoded::words).unwrap_or_default(),
+        transaction: tx,
+        proposer: row.proposer,
+        submitted_at: row
+            .submission_date
+            .as_deref()
+            .and_then(|d| humantime::parse_rfc3339_weak(d).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_secs()).ok()),
+        confirmed_by,
+        threshold: safe.threshold,
+        findings,
+    })
+}
+
+/// Findings across one Safe's pending proposals: several for one nonce (only one can execute).
+pub fn conflicts(proposals: &[Proposal]) -> Vec<(u64, usize)> {
+    let mut by_nonce: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+    for p in proposals {
+        *by_nonce.entry(p.nonce).or_default() += 1;
+    }
+    by_nonce.into_iter().filter(|(_, n)| *n > 1).collect()
+}
+
+/// The usage `ctx` needs for `row`'s removals (what the caller counts before [`check`]).
+pub fn removals(row: &TxRow) -> Vec<classify::Measurement> {
+    match transaction(row) {
+        Ok(tx) => decode::decode(tx.to, tx.value, &tx.data, tx.operation)
+            .map(|d| classify::removals(&d))
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Makes the [`Context`] a Safe's proposals are classified in.
+pub fn context<'a>(
+    safe: Address,
+    state: &SafeState,
+    min_delay: &'a dyn Fn(Address) -> Option<U256>,
+    usage: &'a dyn Usage,
+    window: &'a str,
+) -> Context<'a> {
+    Context {
+        safe,
+        threshold: Some(U256::from(state.threshold)),
+        min_delay,
+        usage,
+        window,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::contracts::DstackApp;
+    use crate::governance::classify::UsageUnknown;
+    use crate::governance::txservice::{Confirmation, DataDecoded};
+    use alloy::primitives::Bytes;
+    use alloy::signers::SignerSync;
+    use alloy::signers::local::PrivateKeySigner;
+    use alloy::sol_types::SolCall;
+
+    const SAFE: Address = Address::repeat_byte(0x5a);
+    const APP: Address = Address::repeat_byte(0x0b);
+
+    fn owner(i: u8) -> PrivateKeySigner {
+        PrivateKeySigner::from_bytes(&B256::repeat_byte(i)).unwrap()
+    }
+
+    fn setup() -> (SafeState, TxRow) {
+        let mut state = SafeState::default();
+        state.version = Some("1.4.1".into());
+        state.owners = vec![owner(1).address(), owner(2).address()];
+        state.threshold = 2;
+        let data = DstackApp::addComposeHashCall {
+            composeHash: B256::repeat_byte(4),
+        }
+        .abi_encode();
+        let mut row = TxRow {
+            safe: SAFE,
+            to: APP,
+            value: U256::ZERO,
+            data: Bytes::from(data),
+            operation: 0,
+            gas_token: Address::ZERO,
+            safe_tx_gas: U256::ZERO,
+            base_gas: U256::ZERO,
+            gas_price: U256::ZERO,
+            refund_receiver: Address::ZERO,
+            nonce: 3,
+            safe_tx_hash: B256::ZERO,
+            proposer: Some(owner(1).address()),
+            submission_date: Some("2026-11-29T10:00:00Z".into()),
+            is_executed: false,
+            data_decoded: Some(DataDecoded {
+                method: "addComposeHash".into(),
+            }),
+            confirmations: Vec::new(),
+        };
+        let tx = transaction(&row).unwrap();
+        row.safe_tx_hash = safe_tx::hashes(1, SAFE, "1.4.1".parse().unwrap(), &tx).safe_tx_hash;
+        (state, row)
+    }
+
+    fn confirm(row: &mut TxRow, signer: &PrivateKeySigner, claimed: Address) {
+        let sig = signer.sign_hash_sync(&row.safe_tx_hash).unwrap();
+        row.confirmations.push(Confirmation {
+            owner: claimed,
+            signature: Bytes::from(sig.as_bytes().to_vec()),
+            signature_type: "EOA".into(),
+        });
+    }
+
+    fn run(state: &SafeState, row: &TxRow) -> Proposal {
+        let none = |_: Address| None;
+        let ctx = context(SAFE, state, &none, &UsageUnknown, "7 days");
+        check(row, 1, state, &[], &ctx).unwrap()
+    }
+
+    fn rules(p: &Proposal) -> Vec<(Rule, Severity)> {
+        p.findings.iter().map(|f| (f.rule, f.severity)).collect()
+    }
+
+    #[test]
+    fn an_honest_proposal_confirmed_by_both_owners_is_executable_with_no_warning() {
+        let (state, mut row) = setup();
+        confirm(&mut row, &owner(1), owner(1).address());
+        confirm(&mut row, &owner(2), owner(2).address());
+        let p = run(&state, &row);
+        assert!(p.executable());
+        assert_eq!(rules(&p), vec![(Rule::Addition, Severity::Info)]);
+        assert_eq!(p.submitted_at, Some(1_795_946_400));
+    }
+
+    #[test]
+    fn a_tampered_hash_a_forged_and_a_stranger_confirmation_are_critical() {
+        let (state, mut row) = setup();
+        // A confirmation from a stranger, and one claimed by owner 2 but signed by owner 1.
+        confirm(&mut row, &owner(9), owner(9).address());
+        confirm(&mut row, &owner(1), owner(2).address());
+        let p = run(&state, &row);
+        assert_eq!(p.confirmed_by, Vec::<Address>::new());
+        let r = rules(&p);
+        assert!(
+            r.contains(&(Rule::NonOwnerSignature, Severity::Critical)),
+            "{r:?}"
+        );
+        assert!(
+            r.contains(&(Rule::InvalidSignature, Severity::Critical)),
+            "{r:?}"
+        );
+        // The service lies about the hash.
+        let mut lying = row.clone();
+        lying.safe_tx_hash = B256::repeat_byte(1);
+        assert_eq!(
+            run(&state, &lying).findings[0].rule,
+            Rule::SafeTxHashMismatch
+        );
+    }
+
+    #[test]
+    fn the_services_decoding_is_compared_and_a_stranger_proposer_is_named() {
+        let (state, mut row) = setup();
+        row.data_decoded = Some(DataDecoded {
+            method: "addDevice".into(),
+        });
+        row.proposer = Some(Address::repeat_byte(0x77));
+        let r = rules(&run(&state, &row));
+        assert!(
+            r.contains(&(Rule::ApiDecodingMismatch, Severity::Critical)),
+            "{r:?}"
+        );
+        assert!(
+            r.contains(&(Rule::UnknownProposer, Severity::Warning)),
+            "{r:?}"
+        );
+        row.data_decoded = None;
+        assert!(rules(&run(&state, &row)).contains(&(Rule::ApiDecodingMissing, Severity::Warning)));
+    }
+
+    #[test]
+    fn an_approval_counts_only_when_the_chain_shows_it() {
+        let (mut state, mut row) = setup();
+        row.confirmations.push(Confirmation {
+            owner: owner(2).address(),
+            signature: Bytes::new(),
+            signature_type: "APPROVED_HASH".into(),
+        });
+        assert!(run(&state, &row).confirmed_by.is_empty());
+        state
+            .approvals
+            .insert((row.safe_tx_hash, owner(2).address()));
+        assert_eq!(run(&state, &row).confirmed_by, vec![owner(2).address()]);
+    }
+}

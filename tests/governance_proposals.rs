@@ -1,0 +1,558 @@
+//! Pending Safe proposals, end to end on a real anvil with the real Safe 1.4.1 governing a
+//! DstackApp directly, and an in-test Transaction Service serving the documented JSON (v2 string
+//! numbers, paged with `next`), fed from the real on-chain Safe (the real service cannot run
+//! here): a proposal removing a compose hash twelve instances use is alerted (critical, naming
+//! the twelve) once per transition (proposed, each verified confirmation, executable, executed);
+//! a tampered safeTxHash and a forged confirmation are critical findings; a 429 storm and a 5xx
+//! service lose no proposal; after execution the mirror refuses the hash, and a reorg dropping
+//! the execution brings the proposal back to pending.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod support;
+#[macro_use]
+#[path = "support/chain_engine.rs"]
+mod chain_engine;
+#[path = "support/governance.rs"]
+mod governance;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::providers::ext::AnvilApi;
+use alloy::rpc::types::anvil::ReorgOptions;
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolCall;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chain_engine::{Chain, WAIT, chain, engine_with, h, sqlite_store};
+use keywarden::alerts::config::AlertsConfig;
+use keywarden::alerts::delivery::Deliverer;
+use keywarden::alerts::metrics::AlertMetrics;
+use keywarden::alerts::outbox::Outbox;
+use keywarden::chain::contracts::{DstackApp, SafeL2};
+use keywarden::governance::config::GovernanceConfig;
+use keywarden::governance::metrics::GovernanceMetrics;
+use keywarden::governance::notify::Notifier;
+use keywarden::governance::queue::{ProposalsView, QueueWatcher};
+use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
+use keywarden::runtime::Task;
+use keywarden::store::{AuditRecord, BootObservation, LedgerEntry, Store};
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// The in-test Transaction Service: rows as the tests put them, every field as documented.
+#[derive(Clone, Default)]
+struct Service {
+    rows: Arc<Mutex<Vec<Value>>>,
+    /// Requests still to refuse with 429, and with 503.
+    too_many: Arc<AtomicUsize>,
+    failing: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    chain: Arc<Mutex<Option<(alloy::providers::DynProvider, String)>>>,
+}
+
+async fn on_chain_nonce(s: &Service, safe: Address) -> u64 {
+    let (p, _) = s.chain.lock().unwrap().clone().unwrap();
+    SafeL2::new(safe, p)
+        .nonce()
+        .call()
+        .await
+        .unwrap()
+        .to::<u64>()
+}
+
+fn refuse(s: &Service) -> Option<Response> {
+    s.requests.fetch_add(1, Ordering::SeqCst);
+    let take = |c: &AtomicUsize| {
+        c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    };
+    if take(&s.too_many) {
+        return Some(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "1")],
+                "slow down",
+            )
+                .into_response(),
+        );
+    }
+    if take(&s.failing) {
+        return Some((StatusCode::SERVICE_UNAVAILABLE, "down").into_response());
+    }
+    None
+}
+
+async fn multisig(
+    State(s): State<Service>,
+    Path(safe): Path<Address>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(r) = refuse(&s) {
+        return r;
+    }
+    // Fed from the chain: a row is pending while its nonce is not used.
+    let nonce = on_chain_nonce(&s, safe).await;
+    let pending: Vec<Value> = s
+        .rows
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r["nonce"].as_str().unwrap().parse::<u64>().unwrap() >= nonce)
+        .cloned()
+        .collect();
+    // One row per page, to follow `next`.
+    let offset: usize = q.get("offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+    let base = s.chain.lock().unwrap().clone().unwrap().1;
+    let next = (offset + 1 < pending.len()).then(|| {
+        format!(
+            "{base}/api/v2/safes/{safe}/multisig-transactions/?executed=false&nonce__gte={nonce}&trusted=false&ordering=nonce&limit=1&offset={}",
+            offset + 1
+        )
+    });
+    axum::Json(json!({
+        "count": pending.len(),
+        "next": next,
+        "previous": null,
+        "results": pending.get(offset).cloned().into_iter().collect::<Vec<_>>(),
+        "countUniqueNonce": pending.len(),
+    }))
+    .into_response()
+}
+
+async fn indexing(State(s): State<Service>) -> Response {
+    if let Some(r) = refuse(&s) {
+        return r;
+    }
+    axum::Json(json!({
+        "currentBlockNumber": 100, "currentBlockTimestamp": "2026-11-30T00:00:00Z",
+        "erc20BlockNumber": 98, "erc20BlockTimestamp": "2026-11-30T00:00:00Z", "erc20Synced": true,
+        "masterCopiesBlockNumber": 97, "masterCopiesBlockTimestamp": "2026-11-30T00:00:00Z",
+        "masterCopiesSynced": true, "synced": true
+    }))
+    .into_response()
+}
+
+async fn service(c: &Chain) -> (String, Service) {
+    let s = Service::default();
+    let router = axum::Router::new()
+        .route(
+            "/api/v2/safes/{safe}/multisig-transactions/",
+            axum::routing::get(multisig),
+        )
+        .route("/api/v1/about/indexing/", axum::routing::get(indexing))
+        .with_state(s.clone());
+    let base = format!("http://{}", common::serve_router(router).await);
+    *s.chain.lock().unwrap() = Some((c.provider.clone(), base.clone()));
+    (base, s)
+}
+
+fn signer(i: u8) -> PrivateKeySigner {
+    PrivateKeySigner::from_bytes(&B256::repeat_byte(i)).unwrap()
+}
+
+async fn safe_tx_hash(c: &Chain, safe: Address, to: Address, data: &[u8], nonce: u64) -> B256 {
+    SafeL2::new(safe, c.provider.clone())
+        .getTransactionHash(
+            to,
+            U256::ZERO,
+            data.to_vec().into(),
+            0,
+            U256::ZERO,
+            U256::ZERO,
+            U256::ZERO,
+            Address::ZERO,
+            Address::ZERO,
+            U256::from(nonce),
+        )
+        .call()
+        .await
+        .unwrap()
+}
+
+/// EOA signatures of `signers` over `hash`, sorted by owner as the Safe requires.
+fn signatures(signers: &[&PrivateKeySigner], hash: B256) -> Bytes {
+    let mut s: Vec<&&PrivateKeySigner> = signers.iter().collect();
+    s.sort_by_key(|k| k.address());
+    s.iter()
+        .flat_map(|k| k.sign_hash_sync(&hash).unwrap().as_bytes().to_vec())
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+async fn exec_signed(
+    c: &Chain,
+    safe: Address,
+    signers: &[&PrivateKeySigner],
+    to: Address,
+    data: Vec<u8>,
+) {
+    let nonce = on_safe_nonce(c, safe).await;
+    let hash = safe_tx_hash(c, safe, to, &data, nonce).await;
+    send!(
+        SafeL2::new(safe, c.provider.clone()).execTransaction(
+            to,
+            U256::ZERO,
+            data.into(),
+            0,
+            U256::ZERO,
+            U256::ZERO,
+            U256::ZERO,
+            Address::ZERO,
+            Address::ZERO,
+            signatures(signers, hash),
+        ),
+        c.other
+    );
+}
+
+async fn on_safe_nonce(c: &Chain, safe: Address) -> u64 {
+    SafeL2::new(safe, c.provider.clone())
+        .nonce()
+        .call()
+        .await
+        .unwrap()
+        .to::<u64>()
+}
+
+/// A row as the service's v2 API has it.
+fn row(
+    safe: Address,
+    to: Address,
+    data: &[u8],
+    nonce: u64,
+    hash: B256,
+    proposer: Address,
+    confirmations: Vec<Value>,
+) -> Value {
+    json!({
+        "safe": safe.to_string(), "to": to.to_string(), "value": "0",
+        "data": format!("0x{}", hex::encode(data)), "operation": 0,
+        "gasToken": Address::ZERO.to_string(), "safeTxGas": "0", "baseGas": "0", "gasPrice": "0",
+        "refundReceiver": Address::ZERO.to_string(), "nonce": nonce.to_string(),
+        "executionDate": null, "submissionDate": "2026-11-30T00:00:00Z", "modified": "2026-11-30T00:00:00Z",
+        "blockNumber": null, "transactionHash": null, "safeTxHash": hash.to_string(),
+        "proposer": proposer.to_string(), "proposedByDelegate": null, "executor": null,
+        "isExecuted": false, "isSuccessful": null, "origin": "{}",
+        "dataDecoded": {"method": "removeComposeHash", "parameters": [{"name": "composeHash", "type": "bytes32", "value": h(4).to_string()}]},
+        "confirmationsRequired": 2, "confirmations": confirmations, "trusted": false, "signatures": null
+    })
+}
+
+fn confirmation(claimed: Address, by: &PrivateKeySigner, hash: B256) -> Value {
+    json!({
+        "owner": claimed.to_string(), "submissionDate": "2026-11-30T00:00:00Z", "transactionHash": null,
+        "signature": format!("0x{}", hex::encode(by.sign_hash_sync(&hash).unwrap().as_bytes())),
+        "signatureType": "EOA"
+    })
+}
+
+#[derive(Default)]
+struct Hook(Vec<Value>);
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
+    let c = chain().await;
+    let owners = [signer(1), signer(2), signer(3)];
+    let safe = governance::safe(
+        &c,
+        &owners.iter().map(|o| o.address()).collect::<Vec<_>>(),
+        2,
+    )
+    .await;
+    let app = c.app(c.d.app);
+    send!(app.addComposeHash(h(4)), c.owner);
+    send!(app.transferOwnership(safe), c.owner);
+    exec_signed(
+        &c,
+        safe,
+        &[&owners[0], &owners[1]],
+        c.d.app,
+        DstackApp::acceptOwnershipCall {}.abi_encode(),
+    )
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store: Store = sqlite_store(dir.path()).await;
+    let entries: Vec<LedgerEntry> = (0..12u64)
+        .map(|i| LedgerEntry {
+            boot: Some(BootObservation {
+                app_id: hex::encode(c.d.app),
+                instance_id: format!("{:040x}", i + 1),
+                at: keywarden::clock::unix_secs_i64() - 3600,
+                mr_aggregated: "aa".repeat(32),
+                compose_hash: hex::encode(h(4)),
+                os_image_hash: "bb".repeat(32),
+                device_id: "cc".repeat(32),
+            }),
+            audit: AuditRecord::new("key_request", "ok", &json!({})),
+        })
+        .collect();
+    store.record_ledger(&entries).await.unwrap();
+
+    let (base, ts) = service(&c).await;
+    let hook = Arc::new(Mutex::new(Hook::default()));
+    let got = hook.clone();
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let got = got.clone();
+            async move {
+                got.lock()
+                    .unwrap()
+                    .0
+                    .push(serde_json::from_slice(&body).unwrap());
+                StatusCode::OK
+            }
+        }),
+    );
+    let hook_url = format!("http://{}/hook", common::serve_router(receiver).await);
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s").unwrap();
+    let alerts = AlertsConfig {
+        webhook_url: Some(hook_url),
+        webhook_secret: Some(keywarden::secret::SecretRef::File(secret)),
+        ..AlertsConfig::default()
+    };
+    let gov = GovernanceConfig {
+        transaction_service: Some(base),
+        poll_interval: Duration::from_millis(200),
+        transaction_service_rate: 50.0,
+        safes: vec![keywarden::governance::config::SafeEntry {
+            address: safe.to_string(),
+            transaction_service: None,
+            api_key: None,
+        }],
+        ..GovernanceConfig::default()
+    };
+    assert!(gov.problems().is_empty(), "{:?}", gov.problems());
+
+    let mut registry = Registry::default();
+    let metrics = GovernanceMetrics::new(&mut registry);
+    let view = Arc::new(GovernanceView::default());
+    let proposals = Arc::new(ProposalsView::default());
+    let projection =
+        GovernanceProjection::new(c.d.kms, gov.safe_addresses(), view.clone(), metrics.clone());
+    let e = engine_with(
+        &[c.anvil.url()],
+        &c.d,
+        &store,
+        vec![Box::new(projection)],
+        |_| {},
+    );
+    let channels = alerts.channels().unwrap();
+    let outbox = Outbox::new(store.clone(), &channels);
+    let cancel = CancellationToken::new();
+    let watcher = QueueWatcher::new(
+        &gov,
+        view.clone(),
+        proposals.clone(),
+        store.clone(),
+        metrics.clone(),
+    );
+    let notifier = Notifier::new(
+        view.clone(),
+        proposals.clone(),
+        outbox,
+        store.clone(),
+        gov.in_use_window,
+        metrics.clone(),
+    );
+    let deliverer = Deliverer::new(
+        store.clone(),
+        channels.clone(),
+        &alerts,
+        AlertMetrics::new(&mut registry, &channels),
+    );
+    let handles = vec![
+        tokio::spawn(watcher.run(cancel.clone())),
+        tokio::spawn(notifier.run(cancel.clone())),
+        tokio::spawn(deliverer.run(cancel.clone())),
+    ];
+    let transitions = || -> Vec<String> {
+        hook.lock()
+            .unwrap()
+            .0
+            .iter()
+            .map(|v| v["transition"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // Proposed by an owner, confirmed by one: critical, naming the twelve instances.
+    let remove = DstackApp::removeComposeHashCall { composeHash: h(4) }.abi_encode();
+    let nonce = on_safe_nonce(&c, safe).await;
+    let hash = safe_tx_hash(&c, safe, c.d.app, &remove, nonce).await;
+    ts.rows.lock().unwrap().push(row(
+        safe,
+        c.d.app,
+        &remove,
+        nonce,
+        hash,
+        owners[0].address(),
+        vec![confirmation(owners[0].address(), &owners[0], hash)],
+    ));
+    until("proposed and one confirmation delivered", || {
+        let t = transitions();
+        t.contains(&"proposed".into()) && t.contains(&"confirmations-1".into())
+    })
+    .await;
+    {
+        let h = hook.lock().unwrap();
+        let proposed = h.0.iter().find(|v| v["transition"] == "proposed").unwrap();
+        assert_eq!(proposed["severity"], "critical");
+        assert_eq!(proposed["labels"]["affected_instances"], "12");
+        assert_eq!(proposed["labels"]["safe_tx_hash"], hash.to_string());
+        assert!(
+            proposed["summary"]
+                .as_str()
+                .unwrap()
+                .contains("12 instance(s)"),
+            "{proposed}"
+        );
+    }
+
+    // A second proposal for the next nonce lies about its hash; a third confirmation is forged.
+    let other = DstackApp::addComposeHashCall { composeHash: h(5) }.abi_encode();
+    let other_hash = safe_tx_hash(&c, safe, c.d.app, &other, nonce + 1).await;
+    let mut lying = row(
+        safe,
+        c.d.app,
+        &other,
+        nonce + 1,
+        B256::repeat_byte(0xee),
+        owners[0].address(),
+        vec![confirmation(owners[2].address(), &signer(9), other_hash)],
+    );
+    lying["dataDecoded"] = json!({"method": "addComposeHash", "parameters": []});
+    ts.rows.lock().unwrap().push(lying);
+    // The service storms and fails meanwhile: nothing is lost.
+    ts.too_many.store(3, Ordering::SeqCst);
+    ts.failing.store(2, Ordering::SeqCst);
+    until("the second proposal is checked", || {
+        proposals
+            .snapshot()
+            .get(&safe)
+            .is_some_and(|q| q.proposals.len() == 2)
+    })
+    .await;
+    let q = proposals.snapshot()[&safe].clone();
+    let rules = |i: usize| -> Vec<String> {
+        q.proposals[i]
+            .findings
+            .iter()
+            .map(|f| f.rule.label())
+            .collect()
+    };
+    assert!(
+        rules(1).contains(&"safe_tx_hash_mismatch".to_owned()),
+        "{:?}",
+        rules(1)
+    );
+    assert!(
+        rules(1).contains(&"invalid_signature".to_owned()),
+        "{:?}",
+        rules(1)
+    );
+    assert_eq!(q.proposals[0].confirmed_by, vec![owners[0].address()]);
+    let text = keywarden::telemetry::encode(&registry).unwrap();
+    assert!(
+        text.contains("dstack_governance_service_requests_total{outcome=\"rate_limited\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dstack_governance_proposals_pending 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dstack_governance_service_indexing_lag_blocks 3"),
+        "{text}"
+    );
+
+    // The second owner confirms: executable.
+    {
+        let mut rows = ts.rows.lock().unwrap();
+        rows[0]["confirmations"]
+            .as_array_mut()
+            .unwrap()
+            .push(confirmation(owners[1].address(), &owners[1], hash));
+    }
+    until("executable delivered", || {
+        transitions().contains(&"executable".into())
+    })
+    .await;
+
+    // Executed on-chain with those signatures: the mirror refuses h(4), the alert resolves.
+    exec_signed(&c, safe, &[&owners[0], &owners[1]], c.d.app, remove.clone()).await;
+    until("executed delivered", || {
+        transitions().contains(&"executed".into())
+    })
+    .await;
+    e.until("h(4) removed", |m| {
+        !m.apps[&c.d.app].compose_hashes.contains(&h(4))
+    })
+    .await;
+    let executed: Vec<String> = transitions()
+        .into_iter()
+        .filter(|t| t == "executed")
+        .collect();
+    assert_eq!(executed.len(), 1);
+    let proposal_alerts: Vec<String> = hook
+        .lock()
+        .unwrap()
+        .0
+        .iter()
+        .filter(|v| v["labels"]["safe_tx_hash"] == hash.to_string())
+        .map(|v| v["transition"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        proposal_alerts,
+        vec![
+            "proposed",
+            "confirmations-1",
+            "confirmations-2",
+            "executable",
+            "executed"
+        ]
+    );
+
+    // A reorg drops the execution: the proposal is pending again.
+    c.provider
+        .anvil_reorg(ReorgOptions {
+            depth: 1,
+            tx_block_pairs: vec![],
+        })
+        .await
+        .unwrap();
+    until("the proposal is pending again", || {
+        proposals
+            .snapshot()
+            .get(&safe)
+            .is_some_and(|q| q.proposals.iter().any(|p| p.safe_tx_hash == hash))
+    })
+    .await;
+    e.until("h(4) back", |m| {
+        m.apps[&c.d.app].compose_hashes.contains(&h(4))
+    })
+    .await;
+    cancel.cancel();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    e.stop().await;
+    assert!(ts.requests.load(Ordering::SeqCst) > 5);
+}
