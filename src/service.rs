@@ -174,6 +174,7 @@ async fn start(
     // The subsystems, each built in one call with its metrics on the one registry. The chain
     // mirror registers itself (not ready) before any listener serves, so /readyz never reports
     // a mirror that has not caught up.
+    let chain_connection = crate::chain::connect(&config.chain, &mut registry);
     let alerts = crate::alerts::subsystem(&config.alerts, store.clone(), &mut registry)
         .map_err(|e| crate::config::ConfigError::Invalid(vec![e.0]))?;
     let governance = crate::governance::subsystem(
@@ -181,13 +182,14 @@ async fn start(
         &config.chain,
         store.clone(),
         alerts.outbox.clone(),
+        chain_connection.reads(),
         &mut registry,
     );
     let chain = crate::chain::subsystem(
         &config.chain,
+        chain_connection,
         store.clone(),
         readiness.clone(),
-        &mut registry,
         governance.projection.into_iter().collect(),
     );
     let kms = crate::kms::subsystem::subsystem(

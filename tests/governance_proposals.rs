@@ -36,10 +36,12 @@ use keywarden::alerts::delivery::Deliverer;
 use keywarden::alerts::metrics::AlertMetrics;
 use keywarden::alerts::outbox::Outbox;
 use keywarden::chain::contracts::{DstackApp, SafeL2};
+use keywarden::chain::projection::ChainReads;
 use keywarden::governance::config::GovernanceConfig;
 use keywarden::governance::metrics::GovernanceMetrics;
 use keywarden::governance::notify::Notifier;
 use keywarden::governance::queue::{ProposalsView, QueueWatcher};
+use keywarden::governance::simulate::Simulator;
 use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
 use keywarden::runtime::Task;
 use keywarden::store::{AuditRecord, BootObservation, LedgerEntry, Store};
@@ -265,138 +267,192 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test]
-async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
-    let c = chain().await;
-    let owners = [signer(1), signer(2), signer(3)];
-    let safe = governance::safe(
-        &c,
-        &owners.iter().map(|o| o.address()).collect::<Vec<_>>(),
-        2,
-    )
-    .await;
-    let app = c.app(c.d.app);
-    send!(app.addComposeHash(h(4)), c.owner);
-    send!(app.transferOwnership(safe), c.owner);
-    exec_signed(
-        &c,
-        safe,
-        &[&owners[0], &owners[1]],
-        c.d.app,
-        DstackApp::acceptOwnershipCall {}.abi_encode(),
-    )
-    .await;
+struct Fixture {
+    c: Chain,
+    owners: [PrivateKeySigner; 3],
+    safe: Address,
+    _dir: tempfile::TempDir,
+    ts: Service,
+    hook: Arc<Mutex<Hook>>,
+    proposals: Arc<ProposalsView>,
+    registry: Registry,
+    e: chain_engine::Engine,
+    cancel: CancellationToken,
+    handles: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    let store: Store = sqlite_store(dir.path()).await;
-    let entries: Vec<LedgerEntry> = (0..12u64)
-        .map(|i| LedgerEntry {
-            boot: Some(BootObservation {
-                app_id: hex::encode(c.d.app),
-                instance_id: format!("{:040x}", i + 1),
-                at: keywarden::clock::unix_secs_i64() - 3600,
-                mr_aggregated: "aa".repeat(32),
-                compose_hash: hex::encode(h(4)),
-                os_image_hash: "bb".repeat(32),
-                device_id: "cc".repeat(32),
+impl Fixture {
+    /// A 2-of-3 Safe owning the default app, which allows h(4); twelve instances received keys
+    /// with it an hour ago; the watcher, notifier and a webhook receiver running.
+    async fn start() -> Self {
+        let c = chain().await;
+        let owners = [signer(1), signer(2), signer(3)];
+        let safe = governance::safe(
+            &c,
+            &owners.iter().map(|o| o.address()).collect::<Vec<_>>(),
+            2,
+        )
+        .await;
+        let app = c.app(c.d.app);
+        send!(app.addComposeHash(h(4)), c.owner);
+        send!(app.transferOwnership(safe), c.owner);
+        exec_signed(
+            &c,
+            safe,
+            &[&owners[0], &owners[1]],
+            c.d.app,
+            DstackApp::acceptOwnershipCall {}.abi_encode(),
+        )
+        .await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store: Store = sqlite_store(dir.path()).await;
+        let entries: Vec<LedgerEntry> = (0..12u64)
+            .map(|i| LedgerEntry {
+                boot: Some(BootObservation {
+                    app_id: hex::encode(c.d.app),
+                    instance_id: format!("{:040x}", i + 1),
+                    at: keywarden::clock::unix_secs_i64() - 3600,
+                    mr_aggregated: "aa".repeat(32),
+                    compose_hash: hex::encode(h(4)),
+                    os_image_hash: "bb".repeat(32),
+                    device_id: "cc".repeat(32),
+                }),
+                audit: AuditRecord::new("key_request", "ok", &json!({})),
+            })
+            .collect();
+        store.record_ledger(&entries).await.unwrap();
+
+        let (base, ts) = service(&c).await;
+        let hook = Arc::new(Mutex::new(Hook::default()));
+        let got = hook.clone();
+        let receiver = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let got = got.clone();
+                async move {
+                    got.lock()
+                        .unwrap()
+                        .0
+                        .push(serde_json::from_slice(&body).unwrap());
+                    StatusCode::OK
+                }
             }),
-            audit: AuditRecord::new("key_request", "ok", &json!({})),
-        })
-        .collect();
-    store.record_ledger(&entries).await.unwrap();
+        );
+        let hook_url = format!("http://{}/hook", common::serve_router(receiver).await);
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        let alerts = AlertsConfig {
+            webhook_url: Some(hook_url),
+            webhook_secret: Some(keywarden::secret::SecretRef::File(secret)),
+            ..AlertsConfig::default()
+        };
+        let gov = GovernanceConfig {
+            transaction_service: Some(base),
+            poll_interval: Duration::from_millis(200),
+            transaction_service_rate: 50.0,
+            safes: vec![keywarden::governance::config::SafeEntry {
+                address: safe.to_string(),
+                transaction_service: None,
+                api_key: None,
+            }],
+            ..GovernanceConfig::default()
+        };
+        assert!(gov.problems().is_empty(), "{:?}", gov.problems());
 
-    let (base, ts) = service(&c).await;
-    let hook = Arc::new(Mutex::new(Hook::default()));
-    let got = hook.clone();
-    let receiver = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let got = got.clone();
-            async move {
-                got.lock()
-                    .unwrap()
-                    .0
-                    .push(serde_json::from_slice(&body).unwrap());
-                StatusCode::OK
-            }
-        }),
-    );
-    let hook_url = format!("http://{}/hook", common::serve_router(receiver).await);
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "s").unwrap();
-    let alerts = AlertsConfig {
-        webhook_url: Some(hook_url),
-        webhook_secret: Some(keywarden::secret::SecretRef::File(secret)),
-        ..AlertsConfig::default()
-    };
-    let gov = GovernanceConfig {
-        transaction_service: Some(base),
-        poll_interval: Duration::from_millis(200),
-        transaction_service_rate: 50.0,
-        safes: vec![keywarden::governance::config::SafeEntry {
-            address: safe.to_string(),
-            transaction_service: None,
-            api_key: None,
-        }],
-        ..GovernanceConfig::default()
-    };
-    assert!(gov.problems().is_empty(), "{:?}", gov.problems());
+        let mut registry = Registry::default();
+        let metrics = GovernanceMetrics::new(&mut registry);
+        let view = Arc::new(GovernanceView::default());
+        let proposals = Arc::new(ProposalsView::default());
+        let projection =
+            GovernanceProjection::new(c.d.kms, gov.safe_addresses(), view.clone(), metrics.clone());
+        let e = engine_with(
+            &[c.anvil.url()],
+            &c.d,
+            &store,
+            vec![Box::new(projection)],
+            |_| {},
+        );
+        let channels = alerts.channels().unwrap();
+        let outbox = Outbox::new(store.clone(), &channels);
+        let cancel = CancellationToken::new();
+        let rpc = keywarden::chain::rpc::RpcPool::new(
+            &[c.anvil.url()],
+            &keywarden::chain::ChainConfig::default(),
+            keywarden::chain::metrics::ChainMetrics::new(&mut Registry::default(), 1),
+        );
+        let simulator = Simulator::new(ChainReads::new(Arc::new(rpc)), c.d.kms);
+        let watcher = QueueWatcher::new(
+            &gov,
+            view.clone(),
+            proposals.clone(),
+            store.clone(),
+            Some(simulator),
+            metrics.clone(),
+        );
+        let notifier = Notifier::new(
+            view.clone(),
+            proposals.clone(),
+            outbox,
+            store.clone(),
+            gov.in_use_window,
+            metrics.clone(),
+        );
+        let deliverer = Deliverer::new(
+            store.clone(),
+            channels.clone(),
+            &alerts,
+            AlertMetrics::new(&mut registry, &channels),
+        );
+        let handles = vec![
+            tokio::spawn(watcher.run(cancel.clone())),
+            tokio::spawn(notifier.run(cancel.clone())),
+            tokio::spawn(deliverer.run(cancel.clone())),
+        ];
+        Fixture {
+            c,
+            owners,
+            safe,
+            _dir: dir,
+            ts,
+            hook,
+            proposals,
+            registry,
+            e,
+            cancel,
+            handles,
+        }
+    }
 
-    let mut registry = Registry::default();
-    let metrics = GovernanceMetrics::new(&mut registry);
-    let view = Arc::new(GovernanceView::default());
-    let proposals = Arc::new(ProposalsView::default());
-    let projection =
-        GovernanceProjection::new(c.d.kms, gov.safe_addresses(), view.clone(), metrics.clone());
-    let e = engine_with(
-        &[c.anvil.url()],
-        &c.d,
-        &store,
-        vec![Box::new(projection)],
-        |_| {},
-    );
-    let channels = alerts.channels().unwrap();
-    let outbox = Outbox::new(store.clone(), &channels);
-    let cancel = CancellationToken::new();
-    let watcher = QueueWatcher::new(
-        &gov,
-        view.clone(),
-        proposals.clone(),
-        store.clone(),
-        metrics.clone(),
-    );
-    let notifier = Notifier::new(
-        view.clone(),
-        proposals.clone(),
-        outbox,
-        store.clone(),
-        gov.in_use_window,
-        metrics.clone(),
-    );
-    let deliverer = Deliverer::new(
-        store.clone(),
-        channels.clone(),
-        &alerts,
-        AlertMetrics::new(&mut registry, &channels),
-    );
-    let handles = vec![
-        tokio::spawn(watcher.run(cancel.clone())),
-        tokio::spawn(notifier.run(cancel.clone())),
-        tokio::spawn(deliverer.run(cancel.clone())),
-    ];
-    let transitions = || -> Vec<String> {
-        hook.lock()
+    fn transitions(&self) -> Vec<String> {
+        self.hook
+            .lock()
             .unwrap()
             .0
             .iter()
             .map(|v| v["transition"].as_str().unwrap().to_owned())
             .collect()
-    };
+    }
 
+    async fn stop(self) {
+        self.cancel.cancel();
+        for h in self.handles {
+            h.await.unwrap().unwrap();
+        }
+        self.e.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
+    let fx = Fixture::start().await;
+    let (c, owners, safe, ts, hook, proposals) =
+        (&fx.c, &fx.owners, fx.safe, &fx.ts, &fx.hook, &fx.proposals);
+    let transitions = || fx.transitions();
     // Proposed by an owner, confirmed by one: critical, naming the twelve instances.
     let remove = DstackApp::removeComposeHashCall { composeHash: h(4) }.abi_encode();
-    let nonce = on_safe_nonce(&c, safe).await;
-    let hash = safe_tx_hash(&c, safe, c.d.app, &remove, nonce).await;
+    let nonce = on_safe_nonce(c, safe).await;
+    let hash = safe_tx_hash(c, safe, c.d.app, &remove, nonce).await;
     ts.rows.lock().unwrap().push(row(
         safe,
         c.d.app,
@@ -428,7 +484,7 @@ async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
 
     // A second proposal for the next nonce lies about its hash; a third confirmation is forged.
     let other = DstackApp::addComposeHashCall { composeHash: h(5) }.abi_encode();
-    let other_hash = safe_tx_hash(&c, safe, c.d.app, &other, nonce + 1).await;
+    let other_hash = safe_tx_hash(c, safe, c.d.app, &other, nonce + 1).await;
     let mut lying = row(
         safe,
         c.d.app,
@@ -469,7 +525,7 @@ async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
         rules(1)
     );
     assert_eq!(q.proposals[0].confirmed_by, vec![owners[0].address()]);
-    let text = keywarden::telemetry::encode(&registry).unwrap();
+    let text = keywarden::telemetry::encode(&fx.registry).unwrap();
     assert!(
         text.contains("dstack_governance_service_requests_total{outcome=\"rate_limited\"} 3"),
         "{text}"
@@ -497,12 +553,12 @@ async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
     .await;
 
     // Executed on-chain with those signatures: the mirror refuses h(4), the alert resolves.
-    exec_signed(&c, safe, &[&owners[0], &owners[1]], c.d.app, remove.clone()).await;
+    exec_signed(c, safe, &[&owners[0], &owners[1]], c.d.app, remove.clone()).await;
     until("executed delivered", || {
         transitions().contains(&"executed".into())
     })
     .await;
-    e.until("h(4) removed", |m| {
+    fx.e.until("h(4) removed", |m| {
         !m.apps[&c.d.app].compose_hashes.contains(&h(4))
     })
     .await;
@@ -545,14 +601,113 @@ async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
             .is_some_and(|q| q.proposals.iter().any(|p| p.safe_tx_hash == hash))
     })
     .await;
-    e.until("h(4) back", |m| {
+    fx.e.until("h(4) back", |m| {
         m.apps[&c.d.app].compose_hashes.contains(&h(4))
     })
     .await;
-    cancel.cancel();
-    for h in handles {
-        h.await.unwrap().unwrap();
-    }
-    e.stop().await;
     assert!(ts.requests.load(Ordering::SeqCst) > 5);
+    fx.stop().await;
+}
+
+/// Runtime code that calls `app.removeComposeHash(h(4))`, whatever it is called with: run by
+/// a Safe's delegatecall, the call comes from the Safe.
+fn remover(app: Address) -> Bytes {
+    let call = DstackApp::removeComposeHashCall { composeHash: h(4) }.abi_encode();
+    let mut code = vec![0x7f];
+    code.extend_from_slice(&call[..32]);
+    code.extend_from_slice(&[0x60, 0x00, 0x52, 0x7f]);
+    let mut tail = call[32..].to_vec();
+    tail.resize(32, 0);
+    code.extend_from_slice(&tail);
+    code.extend_from_slice(&[0x60, 0x20, 0x52]);
+    // CALL(gas, app, 0, 0, 36, 0, 0)
+    code.extend_from_slice(&[
+        0x60, 0x00, 0x60, 0x00, 0x60, 0x24, 0x60, 0x00, 0x60, 0x00, 0x73,
+    ]);
+    code.extend_from_slice(app.as_slice());
+    code.extend_from_slice(&[0x5a, 0xf1, 0x50, 0x00]);
+    code.into()
+}
+
+#[tokio::test]
+async fn an_obfuscated_removal_is_caught_by_simulation_not_by_decoding() {
+    let fx = Fixture::start().await;
+    let (c, safe) = (&fx.c, fx.safe);
+    let evil = Address::repeat_byte(0xe5);
+    c.provider
+        .anvil_set_code(evil, remover(c.d.app))
+        .await
+        .unwrap();
+    let nonce = on_safe_nonce(c, safe).await;
+    let data = [0x12u8, 0x34, 0x56, 0x78].to_vec();
+    let hash = SafeL2::new(safe, c.provider.clone())
+        .getTransactionHash(
+            evil,
+            U256::ZERO,
+            data.clone().into(),
+            1,
+            U256::ZERO,
+            U256::ZERO,
+            U256::ZERO,
+            Address::ZERO,
+            Address::ZERO,
+            U256::from(nonce),
+        )
+        .call()
+        .await
+        .unwrap();
+    let mut r = row(
+        safe,
+        evil,
+        &data,
+        nonce,
+        hash,
+        fx.owners[0].address(),
+        vec![],
+    );
+    r["operation"] = json!(1);
+    r["dataDecoded"] = Value::Null;
+    fx.ts.rows.lock().unwrap().push(r);
+    until("the proposal is checked", || {
+        fx.proposals
+            .snapshot()
+            .get(&safe)
+            .is_some_and(|q| !q.proposals.is_empty())
+    })
+    .await;
+    let p = fx.proposals.snapshot()[&safe].proposals[0].clone();
+    // Decoding sees an unknown function; simulation sees the removal and its twelve instances.
+    assert!(
+        p.words.iter().all(|w| !w.contains("REMOVE")),
+        "{:?}",
+        p.words
+    );
+    let found = p
+        .findings
+        .iter()
+        .find(|f| f.rule.label() == "simulation_disagrees")
+        .unwrap_or_else(|| panic!("{:?}", p.findings));
+    assert_eq!(found.affected_instances, Some(12));
+    assert!(
+        found
+            .detail
+            .contains(&format!("removes compose hash {}", h(4))),
+        "{}",
+        found.detail
+    );
+    until("the critical alert names the twelve", || {
+        fx.hook.lock().unwrap().0.iter().any(|v| {
+            v["transition"] == "proposed"
+                && v["severity"] == "critical"
+                && v["labels"]["affected_instances"] == "12"
+        })
+    })
+    .await;
+    // Nothing changed on-chain.
+    assert!(
+        fx.e.mirror.snapshot().apps[&c.d.app]
+            .compose_hashes
+            .contains(&h(4))
+    );
+    fx.stop().await;
 }

@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use super::authz::{Decision, Reason, Source};
 use super::mirror::MirrorSizes;
 
-/// JSON-RPC methods the follower and the live path call.
+/// JSON-RPC methods the follower, the live path and the governance simulator call.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Method {
     /// `eth_chainId`.
@@ -32,6 +32,8 @@ pub enum Method {
     EthGetStorageAt,
     /// `eth_call`.
     EthCall,
+    /// `eth_simulateV1` (governance simulation).
+    EthSimulateV1,
 }
 
 impl Method {
@@ -44,16 +46,18 @@ impl Method {
             Self::EthGetCode => "eth_getCode",
             Self::EthGetStorageAt => "eth_getStorageAt",
             Self::EthCall => "eth_call",
+            Self::EthSimulateV1 => "eth_simulateV1",
         }
     }
 
-    const ALL: [Method; 6] = [
+    const ALL: [Method; 7] = [
         Self::EthChainId,
         Self::EthGetBlockByNumber,
         Self::EthGetLogs,
         Self::EthGetCode,
         Self::EthGetStorageAt,
         Self::EthCall,
+        Self::EthSimulateV1,
     ];
 }
 

@@ -74,20 +74,58 @@ pub struct Subsystem {
     pub admin: axum::Router,
 }
 
-/// Builds the chain subsystem: registers `dstack_chain_*` on `registry`; when `[chain]` is set,
-/// the mirror and its follower (feeding `others` after the mirror), registered (not ready) with
-/// `readiness` until caught up.
+/// The chain's RPC connection: the `dstack_chain_*` metrics and, when `[chain]` is set, the
+/// endpoint pool the follower, the live authorization path and the governance simulator share.
+#[derive(Clone)]
+pub struct Connection {
+    /// Where the chain side reports.
+    pub metrics: metrics::ChainMetrics,
+    /// The endpoints.
+    pub rpc: Option<Arc<rpc::RpcPool>>,
+}
+
+impl Connection {
+    /// Chain reads through the pool, when there is one.
+    pub fn reads(&self) -> Option<projection::ChainReads> {
+        self.rpc.clone().map(projection::ChainReads::new)
+    }
+}
+
+/// Registers `dstack_chain_*` on `registry` and, when `[chain]` is set, builds the endpoint pool.
+pub fn connect(
+    cfg: &ChainConfig,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Connection {
+    let metrics = metrics::ChainMetrics::new(registry, cfg.rpc_urls.len());
+    let rpc = cfg.resolve().map(|r| pool(&r, &metrics));
+    Connection { metrics, rpc }
+}
+
+fn pool(chain: &config::ResolvedChain, metrics: &metrics::ChainMetrics) -> Arc<rpc::RpcPool> {
+    let rpc = Arc::new(rpc::RpcPool::new(&chain.urls, &chain.cfg, metrics.clone()));
+    rpc.expect_chain_id(chain.cfg.chain_id);
+    rpc
+}
+
+/// Builds the chain subsystem on `conn`: when `[chain]` is set, the mirror and its follower
+/// (feeding `others` after the mirror), registered (not ready) with `readiness` until caught up.
 pub fn subsystem(
     cfg: &ChainConfig,
+    conn: Connection,
     store: crate::store::Store,
     readiness: crate::runtime::Readiness,
-    registry: &mut prometheus_client::registry::Registry,
     others: follower::Projections,
 ) -> Subsystem {
-    let metrics = metrics::ChainMetrics::new(registry, cfg.rpc_urls.len());
     let mut tasks = crate::runtime::Tasks::default();
-    let mirror = cfg.resolve().map(|resolved| {
-        let (mirror, follower) = follow(resolved, store.clone(), readiness, metrics, others);
+    let mirror = cfg.resolve().zip(conn.rpc).map(|(resolved, rpc)| {
+        let (mirror, follower) = follow_with(
+            resolved,
+            store.clone(),
+            readiness,
+            conn.metrics,
+            rpc,
+            others,
+        );
         tasks.add(follower, crate::runtime::Criticality::Critical);
         mirror
     });
@@ -108,8 +146,19 @@ pub fn follow(
     metrics: metrics::ChainMetrics,
     others: follower::Projections,
 ) -> (Arc<Mirror>, follower::Follower) {
-    let rpc = Arc::new(rpc::RpcPool::new(&chain.urls, &chain.cfg, metrics.clone()));
-    rpc.expect_chain_id(chain.cfg.chain_id);
+    let rpc = pool(&chain, &metrics);
+    follow_with(chain, store, readiness, metrics, rpc, others)
+}
+
+/// [`follow`] through an existing endpoint pool.
+fn follow_with(
+    chain: config::ResolvedChain,
+    store: crate::store::Store,
+    readiness: crate::runtime::Readiness,
+    metrics: metrics::ChainMetrics,
+    rpc: Arc<rpc::RpcPool>,
+    others: follower::Projections,
+) -> (Arc<Mirror>, follower::Follower) {
     let status = Arc::new(status::SyncStatus::new(chain.cfg.max_staleness));
     let live = live::LiveAuthz::new(rpc.clone(), chain.kms, metrics.clone());
     let mirror = Arc::new(Mirror::new(

@@ -166,6 +166,20 @@ impl ChainReads {
         C::abi_decode_returns(&raw).map_err(|e| ChainError::UndecodableAnswer(e.to_string()))
     }
 
+    /// `eth_simulateV1` with `params` (the simulated blocks and the base block), as the node
+    /// answers it.
+    pub async fn simulate(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ChainError> {
+        self.rpc
+            .call(Method::EthSimulateV1, |p| async move {
+                p.raw_request::<_, serde_json::Value>("eth_simulateV1".into(), params)
+                    .await
+            })
+            .await
+    }
+
     /// Like [`Self::call`], with `None` for a revert or an answer that does not decode: the
     /// contract does not answer this function (probing what a contract is).
     pub async fn probe<C: SolCall>(

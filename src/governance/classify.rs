@@ -69,6 +69,12 @@ pub enum Rule {
     ApiDecodingMismatch,
     /// Several proposals for one nonce.
     NonceConflict,
+    /// Simulated, the proposal removes a measurement its decoded calls do not show.
+    SimulationDisagrees,
+    /// Simulated at the head, the proposal's call fails.
+    SimulationFails,
+    /// Something the simulation saw the proposal do.
+    SimulatedEffect,
     /// Calldata that cannot be what it claims.
     Undecodable,
     UnknownCall,
@@ -160,8 +166,8 @@ fn removed(call: &Decoded) -> Option<Measurement> {
 }
 
 impl Measurement {
-    /// In words, as removed from `on`.
-    fn removal_words(&self, on: Address) -> String {
+    /// In words, as removed from `on` (the KMS contract for the KMS's own sets).
+    pub fn removal_words(&self, on: Address) -> String {
         match self {
             Self::KmsAggregatedMr { mr } => format!("removes KMS aggregated MR {mr} on {on}"),
             Self::KmsDevice { device } => format!("removes KMS device {device} on {on}"),

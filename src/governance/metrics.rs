@@ -65,6 +65,7 @@ pub struct GovernanceMetrics {
     proposals_pending: Gauge,
     proposals_executable: Gauge,
     oldest_proposal_age: Gauge,
+    simulations: Family<OutcomeLabels, Counter>,
 }
 
 impl GovernanceMetrics {
@@ -85,7 +86,11 @@ impl GovernanceMetrics {
             proposals_pending: Gauge::default(),
             proposals_executable: Gauge::default(),
             oldest_proposal_age: Gauge::default(),
+            simulations: Family::default(),
         };
+        for outcome in ["simulated", "unsupported", "failed"] {
+            let _ = m.simulations.get_or_create(&OutcomeLabels { outcome });
+        }
         for outcome in SERVICE_OUTCOMES {
             let _ = m.service_requests.get_or_create(&OutcomeLabels { outcome });
         }
@@ -166,6 +171,11 @@ impl GovernanceMetrics {
             m.oldest_proposal_age.clone(),
         );
         registry.register(
+            "dstack_governance_simulations",
+            "Pending proposals run in simulation, by outcome (simulated, unsupported: the node offers no eth_simulateV1, failed: retried next poll)",
+            m.simulations.clone(),
+        );
+        registry.register(
             "dstack_governance_affected_instances",
             "Instances that received keys within governance.in_use_window with a measurement the worst pending operation removes",
             m.affected.clone(),
@@ -196,6 +206,13 @@ impl GovernanceMetrics {
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
         self.service_latency.observe(took.as_secs_f64());
+    }
+
+    /// Counts one simulation.
+    pub fn simulation(&self, outcome: &'static str) {
+        self.simulations
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     /// Sets the services' indexing lag.

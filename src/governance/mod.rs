@@ -21,6 +21,8 @@
 //! - [`config`]: the `[governance]` section.
 //! - [`txservice`], [`proposals`], [`queue`]: the Safe Transaction Service client, the local
 //!   checks of each pending row, and the task that reads every watched Safe's queue.
+//! - [`simulate`]: each pending proposal run in `eth_simulateV1` (the Safe's storage overridden,
+//!   scheduled timelock calls executed as the timelock), its effects compared with the decoding.
 //! - [`notify`]: the notifier task: each timelock operation's transitions, assessed and
 //!   recorded as alerts (delivered by [`crate::alerts`]).
 //! - [`admin`], [`report`]: `/admin/governance/*`, and reports rebuilt from the store.
@@ -44,6 +46,7 @@ pub mod queue;
 pub mod report;
 pub mod safe_tx;
 pub mod signatures;
+pub mod simulate;
 pub mod state;
 pub mod topology;
 pub mod txservice;
@@ -88,6 +91,7 @@ pub fn subsystem(
     chain: &crate::chain::ChainConfig,
     store: crate::store::Store,
     outbox: crate::alerts::outbox::Outbox,
+    reads: Option<crate::chain::projection::ChainReads>,
     registry: &mut prometheus_client::registry::Registry,
 ) -> Subsystem {
     let metrics = metrics::GovernanceMetrics::new(registry);
@@ -95,11 +99,13 @@ pub fn subsystem(
     let proposals = Arc::new(queue::ProposalsView::default());
     let mut tasks = crate::runtime::Tasks::default();
     let projection = chain.resolve().map(|r| {
+        let simulator = reads.map(|reads| simulate::Simulator::new(reads, r.kms));
         let watcher = queue::QueueWatcher::new(
             cfg,
             view.clone(),
             proposals.clone(),
             store.clone(),
+            simulator,
             metrics.clone(),
         );
         if watcher.has_service() {

@@ -23,6 +23,7 @@ use super::classify::{Finding, Rule, Severity};
 use super::config::GovernanceConfig;
 use super::metrics::GovernanceMetrics;
 use super::proposals::{self, Proposal};
+use super::simulate::Simulator;
 use super::state::Role;
 use super::txservice::{ServiceError, TxService};
 use super::watch::GovernanceView;
@@ -83,6 +84,10 @@ pub struct QueueWatcher {
     service_of: HashMap<Address, String>,
     /// Base URL of the service of every other Safe.
     default_service: Option<String>,
+    /// Runs each new proposal in simulation.
+    simulator: Option<Simulator>,
+    /// Simulation findings per safeTxHash (a proposal is simulated once).
+    simulated: HashMap<alloy::primitives::B256, Vec<Finding>>,
     metrics: GovernanceMetrics,
 }
 
@@ -93,6 +98,7 @@ impl QueueWatcher {
         view: Arc<GovernanceView>,
         out: Arc<ProposalsView>,
         store: Store,
+        simulator: Option<Simulator>,
         metrics: GovernanceMetrics,
     ) -> Self {
         let mut services = HashMap::new();
@@ -138,6 +144,8 @@ impl QueueWatcher {
             services,
             service_of,
             default_service,
+            simulator,
+            simulated: HashMap::new(),
             metrics,
         }
     }
@@ -157,6 +165,48 @@ impl QueueWatcher {
                 s.retry_at = Some(Instant::now() + wait);
             }
             _ => {}
+        }
+    }
+
+    /// The simulation findings of `p` (simulated once per safeTxHash; nothing when the node
+    /// cannot simulate, or a failure, which the next poll retries).
+    async fn simulation(
+        &mut self,
+        p: &Proposal,
+        decoded: &[super::classify::Measurement],
+        window: &str,
+    ) -> Vec<Finding> {
+        if let Some(f) = self.simulated.get(&p.safe_tx_hash) {
+            return f.clone();
+        }
+        let Some(sim) = &self.simulator else {
+            return Vec::new();
+        };
+        match sim.proposal(p.safe, &p.transaction).await {
+            Ok(Some(effects)) => {
+                let usage = match super::usage::counted(&self.store, self.window, &effects.removed)
+                    .await
+                {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "governance: counting instances for a simulation failed; retrying");
+                        return Vec::new();
+                    }
+                };
+                let f = super::simulate::compare(sim.kms(), decoded, &effects, &usage, window);
+                self.simulated.insert(p.safe_tx_hash, f.clone());
+                self.metrics.simulation("simulated");
+                f
+            }
+            Ok(None) => {
+                self.metrics.simulation("unsupported");
+                Vec::new()
+            }
+            Err(e) => {
+                self.metrics.simulation("failed");
+                tracing::warn!(safe = %p.safe, nonce = p.nonce, error = %e, "governance: simulating a proposal failed; retrying next poll");
+                Vec::new()
+            }
         }
     }
 
@@ -231,9 +281,19 @@ impl QueueWatcher {
                 let usage =
                     super::usage::counted(&self.store, self.window, &proposals::removals(row))
                         .await?;
-                let ctx = proposals::context(safe, on_chain, &min_delay, &usage, &window);
-                match proposals::check(row, state.chain_id, on_chain, &self.delegates, &ctx) {
-                    Ok(p) => checked.push(p),
+                let checked_row = {
+                    let ctx = proposals::context(safe, on_chain, &min_delay, &usage, &window);
+                    proposals::check(row, state.chain_id, on_chain, &self.delegates, &ctx)
+                };
+                match checked_row {
+                    Ok(mut p) => {
+                        let simulated = self
+                            .simulation(&p, &proposals::removals(row), &window)
+                            .await;
+                        p.findings.extend(simulated);
+                        p.findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+                        checked.push(p);
+                    }
                     Err(e) => {
                         tracing::warn!(%safe, nonce = row.nonce, error = %e, "governance: a pending row is not a Safe transaction; ignored")
                     }
