@@ -66,6 +66,12 @@ pub enum GovernanceCommand {
     /// timelock, EOA), a timelock's proposers, executors and cancellers, with findings; read
     /// from the store, whether or not the service runs.
     Topology(crate::chain::cli::StoreArgs),
+    /// Every watched Safe's pending proposals, read from the Transaction Service and checked
+    /// (hashes, signatures, decoding, simulation, instances affected).
+    Proposals(crate::chain::cli::StoreArgs),
+    /// What governance did: executed Safe transactions and finished timelock operations, newest
+    /// first, from the store.
+    History(crate::chain::cli::StoreArgs),
 }
 
 /// `keywarden chain ...`
@@ -476,8 +482,28 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
         Command::Dev(DevCommand::Deploy(args)) => {
             Ok(runtime()?.block_on(crate::sim::cli::run_deploy(args)))
         }
-        Command::Governance(GovernanceCommand::Verify(args)) => {
+        Command::Governance(GovernanceCommand::Verify(args)) if args.offline => {
             Ok(crate::governance::cli::run_verify(*args))
+        }
+        Command::Governance(GovernanceCommand::Verify(args)) => {
+            let overrides = Overrides {
+                data_dir: args.data_dir.clone(),
+                database_url: args.database_url.clone(),
+                ..Overrides::default()
+            };
+            let config = load(cli.config.as_deref(), &overrides)?;
+            Ok(runtime()?.block_on(crate::governance::cli::run_verify_online(&config, &args)))
+        }
+        Command::Governance(GovernanceCommand::Proposals(args)) => {
+            let config = load(cli.config.as_deref(), &store_overrides(&args))?;
+            Ok(runtime()?.block_on(crate::governance::cli::run_proposals(&config, args.json)))
+        }
+        Command::Governance(GovernanceCommand::History(args)) => {
+            let config = load(cli.config.as_deref(), &store_overrides(&args))?;
+            Ok(runtime()?.block_on(crate::governance::cli::run_history(
+                &config.storage,
+                args.json,
+            )))
         }
         Command::Governance(GovernanceCommand::Topology(args)) => {
             let config = load(cli.config.as_deref(), &store_overrides(&args))?;

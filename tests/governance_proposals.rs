@@ -271,7 +271,7 @@ struct Fixture {
     c: Chain,
     owners: [PrivateKeySigner; 3],
     safe: Address,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     ts: Service,
     hook: Arc<Mutex<Hook>>,
     proposals: Arc<ProposalsView>,
@@ -324,6 +324,18 @@ impl Fixture {
         store.record_ledger(&entries).await.unwrap();
 
         let (base, ts) = service(&c).await;
+        let config = dir.path().join("keywarden.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[storage]\ndatabase_url = \"sqlite://{}\"\n\n[chain]\nrpc_urls = [\"{}\"]\nkms_contract = \"{}\"\nstart_block = {}\n\n[governance]\ntransaction_service = \"{base}\"\n",
+                dir.path().join("kw.db").display(),
+                c.anvil.url(),
+                c.d.kms,
+                c.d.block
+            ),
+        )
+        .unwrap();
         let hook = Arc::new(Mutex::new(Hook::default()));
         let got = hook.clone();
         let receiver = axum::Router::new().route(
@@ -413,7 +425,7 @@ impl Fixture {
             c,
             owners,
             safe,
-            _dir: dir,
+            dir,
             ts,
             hook,
             proposals,
@@ -422,6 +434,20 @@ impl Fixture {
             cancel,
             handles,
         }
+    }
+
+    /// Runs a `keywarden` command with this fixture's configuration (off the async runtime,
+    /// which serves the in-test Transaction Service).
+    async fn command(&self, args: &[&str]) -> (i32, String, String) {
+        let mut args: Vec<String> = args.iter().map(ToString::to_string).collect();
+        args.push("--config".into());
+        args.push(self.dir.path().join("keywarden.toml").display().to_string());
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            common::run_to_end(&args, &[])
+        })
+        .await
+        .unwrap()
     }
 
     fn transitions(&self) -> Vec<String> {
@@ -552,6 +578,39 @@ async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
     })
     .await;
 
+    // What a signer runs before signing, and what an operator reads: the same checks.
+    let (code, out, err) = fx
+        .command(&[
+            "governance",
+            "verify",
+            "--safe",
+            &safe.to_string(),
+            "--nonce",
+            &nonce.to_string(),
+        ])
+        .await;
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(out.contains(&hash.to_string()), "{out}");
+    assert!(out.contains("12 instance(s)"), "{out}");
+    let (code, out, err) = fx.command(&["governance", "proposals", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let queue = v["safes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(&safe.to_string()))
+        .map(|(_, q)| q.clone())
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(
+        queue["proposals"][0]["confirmed_by"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "{queue}"
+    );
+
     // Executed on-chain with those signatures: the mirror refuses h(4), the alert resolves.
     exec_signed(c, safe, &[&owners[0], &owners[1]], c.d.app, remove.clone()).await;
     until("executed delivered", || {
@@ -575,6 +634,10 @@ async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
         .filter(|v| v["labels"]["safe_tx_hash"] == hash.to_string())
         .map(|v| v["transition"].as_str().unwrap().to_owned())
         .collect();
+    let (code, out, err) = fx.command(&["governance", "history"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("executed {hash}")), "{out}");
+    assert!(out.contains("REMOVE compose hash"), "{out}");
     assert_eq!(
         proposal_alerts,
         vec![

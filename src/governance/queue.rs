@@ -210,7 +210,8 @@ impl QueueWatcher {
         }
     }
 
-    async fn poll(&mut self) -> anyhow::Result<()> {
+    /// Reads and checks every queue once (the task's step; also one-shot commands).
+    pub async fn poll_once(&mut self) -> anyhow::Result<()> {
         let state = self.view.snapshot();
         if state.chain_id == 0 {
             return Ok(());
@@ -358,7 +359,7 @@ impl Task for QueueWatcher {
             }
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
-                r = self.poll() => {
+                r = self.poll_once() => {
                     if let Err(e) = r {
                         tracing::warn!(error = %e, "governance queue poll failed; retrying");
                     }

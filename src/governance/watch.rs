@@ -55,7 +55,8 @@ impl GovernanceView {
         self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn publish(&self, state: Arc<GovernanceState>) {
+    /// Replaces the state (the projection, or a one-shot command).
+    pub fn publish(&self, state: Arc<GovernanceState>) {
         *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
     }
 }
