@@ -190,6 +190,15 @@ pub struct LoadgenArgs {
     pub json: bool,
 }
 
+/// The sections the online governance commands read.
+fn governance_sections(config: &Config) -> crate::governance::cli::Sections<'_> {
+    crate::governance::cli::Sections {
+        storage: &config.storage,
+        chain: &config.chain,
+        governance: &config.governance,
+    }
+}
+
 /// The overrides of a command that reads the store.
 fn store_overrides(args: &crate::chain::cli::StoreArgs) -> Overrides {
     Overrides {
@@ -492,11 +501,19 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                 ..Overrides::default()
             };
             let config = load(cli.config.as_deref(), &overrides)?;
-            Ok(runtime()?.block_on(crate::governance::cli::run_verify_online(&config, &args)))
+            Ok(
+                runtime()?.block_on(crate::governance::cli::run_verify_online(
+                    &governance_sections(&config),
+                    &args,
+                )),
+            )
         }
         Command::Governance(GovernanceCommand::Proposals(args)) => {
             let config = load(cli.config.as_deref(), &store_overrides(&args))?;
-            Ok(runtime()?.block_on(crate::governance::cli::run_proposals(&config, args.json)))
+            Ok(runtime()?.block_on(crate::governance::cli::run_proposals(
+                &governance_sections(&config),
+                args.json,
+            )))
         }
         Command::Governance(GovernanceCommand::History(args)) => {
             let config = load(cli.config.as_deref(), &store_overrides(&args))?;

@@ -172,10 +172,20 @@ pub fn run_verify(args: VerifyArgs) -> ExitCode {
     report(&v, args.json)
 }
 
+/// The configuration sections the online commands read.
+pub struct Sections<'a> {
+    /// `[storage]`.
+    pub storage: &'a crate::store::config::StorageConfig,
+    /// `[chain]`.
+    pub chain: &'a crate::chain::ChainConfig,
+    /// `[governance]`.
+    pub governance: &'a super::config::GovernanceConfig,
+}
+
 /// The watched Safes' pending queues, read once and checked as the watcher does, against the
 /// governance state in the store (and simulated through `[chain]`'s endpoints).
 async fn queues_once(
-    config: &crate::config::Config,
+    config: &Sections<'_>,
 ) -> Result<
     (
         super::state::GovernanceState,
@@ -210,11 +220,11 @@ async fn queues_once(
     let view = std::sync::Arc::new(super::watch::GovernanceView::default());
     view.publish(std::sync::Arc::new(state.clone()));
     let out = std::sync::Arc::new(super::queue::ProposalsView::default());
-    let simulator = crate::chain::connect(&config.chain, &mut registry)
+    let simulator = crate::chain::connect(config.chain, &mut registry)
         .reads()
         .map(|r| super::simulate::Simulator::new(r, state.kms));
     let mut watcher = super::queue::QueueWatcher::new(
-        &config.governance,
+        config.governance,
         view,
         out.clone(),
         store.clone(),
@@ -228,7 +238,7 @@ async fn queues_once(
 }
 
 /// Runs `governance verify` against the Transaction Service (not `--offline`).
-pub async fn run_verify_online(config: &crate::config::Config, args: &VerifyArgs) -> ExitCode {
+pub async fn run_verify_online(config: &Sections<'_>, args: &VerifyArgs) -> ExitCode {
     let (state, queues) = match queues_once(config).await {
         Ok(q) => q,
         Err(e) => {
@@ -296,7 +306,7 @@ pub async fn run_verify_online(config: &crate::config::Config, args: &VerifyArgs
 }
 
 /// Runs `governance proposals`: every watched Safe's pending queue, checked.
-pub async fn run_proposals(config: &crate::config::Config, json: bool) -> ExitCode {
+pub async fn run_proposals(config: &Sections<'_>, json: bool) -> ExitCode {
     let (_, queues) = match queues_once(config).await {
         Ok(q) => q,
         Err(e) => {
