@@ -206,7 +206,7 @@ async fn queues_once(
         .storage
         .database_target()
         .map_err(|e| e.to_string())?;
-    let store = crate::store::Store::open(&config.storage, &target)
+    let store = crate::store::Store::open(config.storage, &target)
         .await
         .map_err(|e| e.to_string())?;
     let state = super::report::stored_states(&store)
