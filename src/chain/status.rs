@@ -5,7 +5,8 @@
 //! up to the confirmed target. Readers (the KMS mirror's decisions, readiness, the admin API) ask
 //! [`SyncStatus::is_fresh`]: one lock, never waiting on the follower's I/O.
 
-use std::sync::{Mutex, RwLock};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -30,7 +31,11 @@ pub struct SyncProgress {
 /// How fresh one chain's follower is, and how far it got.
 #[derive(Debug)]
 pub struct SyncStatus {
-    fresh_at: Mutex<Option<Instant>>,
+    /// Instants are kept as nanoseconds since this one (a year before the status was made).
+    origin: Instant,
+    /// When the follower last caught up, in nanoseconds since `origin`, plus one; 0: never. An
+    /// atomic: every key request reads it, without a lock.
+    fresh_at: AtomicU64,
     progress: RwLock<SyncProgress>,
     max_staleness: Duration,
 }
@@ -38,8 +43,12 @@ pub struct SyncStatus {
 impl SyncStatus {
     /// Never fresh until the follower first catches up; stale `max_staleness` after it last did.
     pub fn new(max_staleness: Duration) -> Self {
+        let now = Instant::now();
         Self {
-            fresh_at: Mutex::new(None),
+            origin: now
+                .checked_sub(Duration::from_secs(365 * 24 * 3600))
+                .unwrap_or(now),
+            fresh_at: AtomicU64::new(0),
             progress: RwLock::new(SyncProgress::default()),
             max_staleness,
         }
@@ -47,15 +56,19 @@ impl SyncStatus {
 
     /// Records that the follower saw the head and had caught up with it.
     pub fn mark_fresh(&self, at: Instant) {
-        *self.fresh_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+        let nanos = at.saturating_duration_since(self.origin).as_nanos();
+        let stored = u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1;
+        self.fresh_at.store(stored, Ordering::Release);
     }
 
     /// Time since the follower last caught up; `None` if it never did.
     pub fn staleness(&self) -> Option<Duration> {
-        self.fresh_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map(|t| t.elapsed())
+        match self.fresh_at.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(
+                Instant::now().saturating_duration_since(self.origin + Duration::from_nanos(n - 1)),
+            ),
+        }
     }
 
     /// Whether projections may be relied on (caught up within `max_staleness`).
