@@ -20,12 +20,11 @@ use alloy::eips::BlockId;
 use alloy::primitives::{Address, B256, Bytes};
 use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
-use chain_engine::{Chain, Engine, WAIT, chain, deployed_app, engine, h, sqlite_store};
+use chain_engine::{Chain, Engine, WAIT, chain, deployed_app, engine, h, sqlite_store, store_on};
 use keywarden::chain::authz::{AuthQuery, Decision, Reason, Source};
 use keywarden::chain::contracts::{DstackKms, TCB_UP_TO_DATE};
 use keywarden::chain::live::boot_info;
 use keywarden::chain::mirror::Evaluation;
-use keywarden::config::{DatabaseTarget, StorageConfig};
 use keywarden::store::Store;
 
 /// A boot of `app` that the default deployment allows once `allowed` ran.
@@ -89,18 +88,6 @@ async fn on_chain(c: &Chain, q: &AuthQuery, kms_check: bool, block: u64) -> (boo
 
 fn answer(d: &Decision) -> (bool, String) {
     (d.allowed, d.reason_str().to_owned())
-}
-
-async fn store_on(db: Option<&common::PgDb>, dir: &std::path::Path) -> Store {
-    match db {
-        None => sqlite_store(dir).await,
-        Some(db) => Store::open(
-            &StorageConfig::default(),
-            &DatabaseTarget::Postgres(db.url.clone()),
-        )
-        .await
-        .unwrap(),
-    }
 }
 
 /// Upgrades the proxy at `proxy` to `to`; returns the upgrade's block.

@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex};
 use alloy::primitives::{Address, B256};
 use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
-use chain_engine::{Chain, WAIT, chain, deployed_app, engine, engine_with, h, sqlite_store};
+use chain_engine::{
+    Chain, WAIT, chain, deployed_app, engine, engine_with, h, sqlite_store, store_on,
+};
 use futures::future::BoxFuture;
 use keywarden::chain::ChainError;
 use keywarden::chain::projection::{At, ChainReads, Discovered, Processed, Projection};
 use keywarden::chain::store::StoredEvent;
-use keywarden::config::{DatabaseTarget, StorageConfig};
-use keywarden::store::Store;
 
 const GET_LOGS: &str = "method=\"eth_getLogs\"";
 
@@ -124,18 +124,6 @@ fn logs(rows: Vec<StoredEvent>) -> Vec<StoredEvent> {
 
 fn positions(rows: &[StoredEvent]) -> Vec<(u64, u64)> {
     rows.iter().map(|r| (r.block_number, r.log_index)).collect()
-}
-
-async fn store_on(db: Option<&common::PgDb>, dir: &std::path::Path) -> Store {
-    match db {
-        None => sqlite_store(dir).await,
-        Some(db) => Store::open(
-            &StorageConfig::default(),
-            &DatabaseTarget::Postgres(db.url.clone()),
-        )
-        .await
-        .unwrap(),
-    }
 }
 
 /// Writes `from`'s chain data into a database at the schema of the release before projections

@@ -25,7 +25,7 @@ use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
 use alloy::sol_types::SolCall;
 use axum::http::{HeaderMap, StatusCode};
-use chain_engine::{Chain, WAIT, chain, engine_with, h, sqlite_store};
+use chain_engine::{Chain, WAIT, chain, engine_with, h, store_on};
 use governance::{DELAY, exec, safe, timelock};
 use keywarden::alerts::channel::signature;
 use keywarden::alerts::config::AlertsConfig;
@@ -34,7 +34,6 @@ use keywarden::alerts::metrics::AlertMetrics;
 use keywarden::alerts::outbox::Outbox;
 use keywarden::chain::authz::{AuthQuery, Reason};
 use keywarden::chain::contracts::{DstackApp, TCB_UP_TO_DATE, TimelockController};
-use keywarden::config::{DatabaseTarget, StorageConfig};
 use keywarden::governance::metrics::GovernanceMetrics;
 use keywarden::governance::notify::Notifier;
 use keywarden::governance::queue::ProposalsView;
@@ -105,18 +104,6 @@ async fn receivers() -> (String, Arc<Mutex<Received>>) {
         );
     let addr = common::serve_router(router).await;
     (format!("http://{addr}"), got)
-}
-
-async fn store_on(db: Option<&common::PgDb>, dir: &std::path::Path) -> Store {
-    match db {
-        None => sqlite_store(dir).await,
-        Some(db) => Store::open(
-            &StorageConfig::default(),
-            &DatabaseTarget::Postgres(db.url.clone()),
-        )
-        .await
-        .unwrap(),
-    }
 }
 
 /// Twelve instances of `app` that received keys with compose hash h(4) a day ago.

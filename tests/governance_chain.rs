@@ -22,10 +22,9 @@ use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
 use alloy::rpc::types::anvil::ReorgOptions;
 use alloy::sol_types::SolCall;
-use chain_engine::{Chain, Engine, WAIT, chain, engine_with, sqlite_store};
+use chain_engine::{Chain, Engine, WAIT, chain, engine_with, store_on};
 use governance::{DELAY, exec, safe, timelock};
 use keywarden::chain::contracts::{DstackKms, TimelockController};
-use keywarden::config::{DatabaseTarget, StorageConfig};
 use keywarden::governance::metrics::GovernanceMetrics;
 use keywarden::governance::state::{GovernanceState, OperationStatus, Role};
 use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
@@ -77,18 +76,6 @@ impl Watched {
             .unwrap()
             .parse()
             .unwrap()
-    }
-}
-
-async fn store_on(db: Option<&common::PgDb>, dir: &std::path::Path) -> Store {
-    match db {
-        None => sqlite_store(dir).await,
-        Some(db) => Store::open(
-            &StorageConfig::default(),
-            &DatabaseTarget::Postgres(db.url.clone()),
-        )
-        .await
-        .unwrap(),
     }
 }
 

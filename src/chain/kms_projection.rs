@@ -27,7 +27,9 @@ use super::code::{CodeKind, KnownCode};
 use super::contracts::{DstackApp, IMPLEMENTATION_SLOT};
 use super::events::{self, AppFlags, Event, SetEntry};
 use super::mirror::MirrorState;
-use super::projection::{At, ChainReads, Discovered, Processed, Projection, SYNTHETIC_LOG_INDEX};
+use super::projection::{
+    self, At, ChainReads, Discovered, Processed, Projection, SYNTHETIC_LOG_INDEX, Synthetic,
+};
 use super::store::StoredEvent;
 use super::view::Mirror;
 
@@ -212,14 +214,7 @@ impl Projection for KmsProjection {
             let rows: Vec<(&StoredEvent, Event)> =
                 pseudo.into_iter().map(|e| (&trigger, e)).collect();
             let observed = observe(reads, s, &rows, &first_seen).await?;
-            let next_index = stored
-                .iter()
-                .filter(|e| e.block_number == block)
-                .map(|e| e.log_index + 1)
-                .max()
-                .unwrap_or(0)
-                .max(SYNTHETIC_LOG_INDEX);
-            let synthetic = synthetic_rows(observed, next_index);
+            let synthetic = synthetic_rows(observed, projection::synthetic_base(stored, block));
             tracing::info!(
                 block,
                 rows = synthetic.len(),
@@ -625,10 +620,8 @@ fn held_entries(
 
 /// Observations as stored rows: per block, indexes from `base` up, after every log of the block.
 fn synthetic_rows(observed: Vec<Observed>, base: u64) -> Vec<StoredEvent> {
-    let mut next: HashMap<u64, u64> = HashMap::new();
-    observed
-        .into_iter()
-        .filter_map(|o| {
+    projection::synthetic_rows(
+        observed.into_iter().filter_map(|o| {
             let data = o.event.synthetic_data()?;
             let address = match &o.event {
                 Event::CodeObserved(a)
@@ -638,18 +631,14 @@ fn synthetic_rows(observed: Vec<Observed>, base: u64) -> Vec<StoredEvent> {
                 | Event::EntriesAbsent(a, _) => *a,
                 _ => return None,
             };
-            let index = next.entry(o.block).or_insert(base);
-            let log_index = *index;
-            *index += 1;
-            Some(StoredEvent {
-                block_number: o.block,
-                log_index,
-                block_hash: o.hash,
+            Some(Synthetic {
+                block: o.block,
+                hash: o.hash,
                 address,
-                kind: o.event.kind().to_owned(),
-                topics: Vec::new(),
+                kind: o.event.kind(),
                 data,
             })
-        })
-        .collect()
+        }),
+        base,
+    )
 }

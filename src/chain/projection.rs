@@ -29,6 +29,57 @@ use super::store::StoredEvent;
 /// Synthetic rows sort after every real log of their block.
 pub const SYNTHETIC_LOG_INDEX: u64 = 1 << 32;
 
+/// One observation to store as a synthetic row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Synthetic {
+    /// Block of its trigger.
+    pub block: u64,
+    /// That block's hash.
+    pub hash: B256,
+    /// The address it is about.
+    pub address: Address,
+    /// Row kind.
+    pub kind: &'static str,
+    /// Its data.
+    pub data: Vec<u8>,
+}
+
+/// Observations as stored rows: per block, indexes from `base` up, after every log of the block.
+pub fn synthetic_rows(
+    observed: impl IntoIterator<Item = Synthetic>,
+    base: u64,
+) -> Vec<StoredEvent> {
+    let mut next: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    observed
+        .into_iter()
+        .map(|o| {
+            let index = next.entry(o.block).or_insert(base);
+            let log_index = *index;
+            *index += 1;
+            StoredEvent {
+                block_number: o.block,
+                log_index,
+                block_hash: o.hash,
+                address: o.address,
+                kind: o.kind.to_owned(),
+                topics: Vec::new(),
+                data: o.data,
+            }
+        })
+        .collect()
+}
+
+/// The first synthetic index free at `block`, after what `stored` holds there.
+pub fn synthetic_base(stored: &[StoredEvent], block: u64) -> u64 {
+    stored
+        .iter()
+        .filter(|e| e.block_number == block)
+        .map(|e| e.log_index + 1)
+        .max()
+        .unwrap_or(0)
+        .max(SYNTHETIC_LOG_INDEX)
+}
+
 /// An address a batch's rows bring into a projection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Discovered {

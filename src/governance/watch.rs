@@ -14,7 +14,7 @@
 //! after a rewind each Safe's and timelock's state is checked against the chain at the processed
 //! block; a difference is logged and the chain's answer kept.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use alloy::primitives::{Address, B256, U256, keccak256};
@@ -26,7 +26,7 @@ use super::state::GovernanceState;
 use crate::chain::ChainError;
 use crate::chain::contracts::{SafeL2 as S, TimelockController as T};
 use crate::chain::projection::{
-    At, ChainReads, Discovered, Processed, Projection, SYNTHETIC_LOG_INDEX,
+    self, At, ChainReads, Discovered, Processed, Projection, SYNTHETIC_LOG_INDEX, Synthetic,
 };
 use crate::chain::store::StoredEvent;
 
@@ -164,25 +164,19 @@ async fn observe_kind(
 
 /// Synthetic rows from `(block, hash, event)`s: per block, indexes from `base` up.
 fn synthetic_rows(observed: Vec<(u64, B256, GovEvent)>, base: u64) -> Vec<StoredEvent> {
-    let mut next: HashMap<u64, u64> = HashMap::new();
-    observed
-        .into_iter()
-        .filter_map(|(block, hash, e)| {
+    projection::synthetic_rows(
+        observed.into_iter().filter_map(|(block, hash, e)| {
             let (address, data) = e.synthetic()?;
-            let index = next.entry(block).or_insert(base);
-            let log_index = *index;
-            *index += 1;
-            Some(StoredEvent {
-                block_number: block,
-                log_index,
-                block_hash: hash,
+            Some(Synthetic {
+                block,
+                hash,
                 address,
-                kind: e.kind().to_owned(),
-                topics: Vec::new(),
+                kind: e.kind(),
                 data,
             })
-        })
-        .collect()
+        }),
+        base,
+    )
 }
 
 impl GovernanceProjection {
@@ -350,14 +344,10 @@ impl Projection for GovernanceProjection {
                     observed.push((at.number, at.hash, GovEvent::Observed { address: a, kind }));
                 }
             }
-            let base = stored
-                .iter()
-                .filter(|e| e.block_number == at.number)
-                .map(|e| e.log_index + 1)
-                .max()
-                .unwrap_or(0)
-                .max(SYNTHETIC_LOG_INDEX);
-            Ok(synthetic_rows(observed, base))
+            Ok(synthetic_rows(
+                observed,
+                projection::synthetic_base(stored, at.number),
+            ))
         })
     }
 

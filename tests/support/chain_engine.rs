@@ -102,6 +102,19 @@ pub async fn sqlite_store(dir: &std::path::Path) -> Store {
         .unwrap()
 }
 
+/// A store on SQLite in `dir`, or on the PostgreSQL database `db`.
+pub async fn store_on(db: Option<&super::common::PgDb>, dir: &std::path::Path) -> Store {
+    match db {
+        None => sqlite_store(dir).await,
+        Some(db) => Store::open(
+            &StorageConfig::default(),
+            &DatabaseTarget::Postgres(db.url.clone()),
+        )
+        .await
+        .unwrap(),
+    }
+}
+
 pub struct Engine {
     pub mirror: Arc<Mirror>,
     pub registry: Registry,
