@@ -31,6 +31,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chain_engine::{Chain, WAIT, chain, engine_with, h, sqlite_store};
+use governance::{exec_with, safe_nonce, safe_tx_hash};
 use keywarden::alerts::config::AlertsConfig;
 use keywarden::alerts::delivery::Deliverer;
 use keywarden::alerts::metrics::AlertMetrics;
@@ -160,25 +161,6 @@ fn signer(i: u8) -> PrivateKeySigner {
     PrivateKeySigner::from_bytes(&B256::repeat_byte(i)).unwrap()
 }
 
-async fn safe_tx_hash(c: &Chain, safe: Address, to: Address, data: &[u8], nonce: u64) -> B256 {
-    SafeL2::new(safe, c.provider.clone())
-        .getTransactionHash(
-            to,
-            U256::ZERO,
-            data.to_vec().into(),
-            0,
-            U256::ZERO,
-            U256::ZERO,
-            U256::ZERO,
-            Address::ZERO,
-            Address::ZERO,
-            U256::from(nonce),
-        )
-        .call()
-        .await
-        .unwrap()
-}
-
 /// EOA signatures of `signers` over `hash`, sorted by owner as the Safe requires.
 fn signatures(signers: &[&PrivateKeySigner], hash: B256) -> Bytes {
     let mut s: Vec<&&PrivateKeySigner> = signers.iter().collect();
@@ -196,32 +178,9 @@ async fn exec_signed(
     to: Address,
     data: Vec<u8>,
 ) {
-    let nonce = on_safe_nonce(c, safe).await;
+    let nonce = safe_nonce(c, safe).await;
     let hash = safe_tx_hash(c, safe, to, &data, nonce).await;
-    send!(
-        SafeL2::new(safe, c.provider.clone()).execTransaction(
-            to,
-            U256::ZERO,
-            data.into(),
-            0,
-            U256::ZERO,
-            U256::ZERO,
-            U256::ZERO,
-            Address::ZERO,
-            Address::ZERO,
-            signatures(signers, hash),
-        ),
-        c.other
-    );
-}
-
-async fn on_safe_nonce(c: &Chain, safe: Address) -> u64 {
-    SafeL2::new(safe, c.provider.clone())
-        .nonce()
-        .call()
-        .await
-        .unwrap()
-        .to::<u64>()
+    exec_with(c, safe, to, data, signatures(signers, hash), c.other).await;
 }
 
 /// A row as the service's v2 API has it.
@@ -477,7 +436,7 @@ async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
     let transitions = || fx.transitions();
     // Proposed by an owner, confirmed by one: critical, naming the twelve instances.
     let remove = DstackApp::removeComposeHashCall { composeHash: h(4) }.abi_encode();
-    let nonce = on_safe_nonce(c, safe).await;
+    let nonce = safe_nonce(c, safe).await;
     let hash = safe_tx_hash(c, safe, c.d.app, &remove, nonce).await;
     ts.rows.lock().unwrap().push(row(
         safe,
@@ -701,7 +660,7 @@ async fn an_obfuscated_removal_is_caught_by_simulation_not_by_decoding() {
         .anvil_set_code(evil, remover(c.d.app))
         .await
         .unwrap();
-    let nonce = on_safe_nonce(c, safe).await;
+    let nonce = safe_nonce(c, safe).await;
     let data = [0x12u8, 0x34, 0x56, 0x78].to_vec();
     let hash = SafeL2::new(safe, c.provider.clone())
         .getTransactionHash(

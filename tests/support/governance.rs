@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use alloy::network::TransactionBuilder;
-use alloy::primitives::{Address, Bytes, U256, address};
+use alloy::primitives::{Address, B256, Bytes, U256, address};
 use alloy::providers::ext::AnvilApi;
 use alloy::providers::{DynProvider, Provider};
 use alloy::rpc::types::TransactionRequest;
@@ -99,40 +99,47 @@ pub async fn timelock(c: &Chain, proposer: Address) -> Address {
     deploy_code(&c.provider, c.owner, code).await
 }
 
-/// Executes `data` on `to` from `safe` (owners `signers`, all approving: the first executes, the
-/// others approve its hash on-chain first).
-pub async fn exec(c: &Chain, safe: Address, signers: &[Address], to: Address, data: Vec<u8>) {
-    let s = SafeL2::new(safe, c.provider.clone());
-    let nonce = s.nonce().call().await.unwrap();
-    let hash = s
+/// The Safe's nonce.
+pub async fn safe_nonce(c: &Chain, safe: Address) -> u64 {
+    SafeL2::new(safe, c.provider.clone())
+        .nonce()
+        .call()
+        .await
+        .unwrap()
+        .to::<u64>()
+}
+
+/// The safeTxHash of a plain call of `data` on `to` at `nonce`, as the Safe computes it.
+pub async fn safe_tx_hash(c: &Chain, safe: Address, to: Address, data: &[u8], nonce: u64) -> B256 {
+    SafeL2::new(safe, c.provider.clone())
         .getTransactionHash(
             to,
             U256::ZERO,
-            data.clone().into(),
+            data.to_vec().into(),
             0,
             U256::ZERO,
             U256::ZERO,
             U256::ZERO,
             Address::ZERO,
             Address::ZERO,
-            nonce,
+            U256::from(nonce),
         )
         .call()
         .await
-        .unwrap();
-    for a in &signers[1..] {
-        send!(s.approveHash(hash), *a);
-    }
-    let mut sorted = signers.to_vec();
-    sorted.sort();
-    let mut signatures = Vec::new();
-    for a in sorted {
-        signatures.extend_from_slice(a.into_word().as_slice());
-        signatures.extend_from_slice(&[0; 32]);
-        signatures.push(1);
-    }
+        .unwrap()
+}
+
+/// Executes a plain call of `data` on `to` from `safe` with `signatures`, sent by `from`.
+pub async fn exec_with(
+    c: &Chain,
+    safe: Address,
+    to: Address,
+    data: Vec<u8>,
+    signatures: Bytes,
+    from: Address,
+) {
     send!(
-        s.execTransaction(
+        SafeL2::new(safe, c.provider.clone()).execTransaction(
             to,
             U256::ZERO,
             data.into(),
@@ -142,8 +149,27 @@ pub async fn exec(c: &Chain, safe: Address, signers: &[Address], to: Address, da
             U256::ZERO,
             Address::ZERO,
             Address::ZERO,
-            signatures.into(),
+            signatures,
         ),
-        signers[0]
+        from
     );
+}
+
+/// Executes `data` on `to` from `safe` (owners `signers`, all approving: the first executes, the
+/// others approve its hash on-chain first).
+pub async fn exec(c: &Chain, safe: Address, signers: &[Address], to: Address, data: Vec<u8>) {
+    let nonce = safe_nonce(c, safe).await;
+    let hash = safe_tx_hash(c, safe, to, &data, nonce).await;
+    for a in &signers[1..] {
+        send!(SafeL2::new(safe, c.provider.clone()).approveHash(hash), *a);
+    }
+    let mut sorted = signers.to_vec();
+    sorted.sort();
+    let mut signatures = Vec::new();
+    for a in sorted {
+        signatures.extend_from_slice(a.into_word().as_slice());
+        signatures.extend_from_slice(&[0; 32]);
+        signatures.push(1);
+    }
+    exec_with(c, safe, to, data, signatures.into(), signers[0]).await;
 }
