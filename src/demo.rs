@@ -1,10 +1,14 @@
 //! `keywarden demo`: the whole key-dispatch story on one machine, with real components.
 //!
 //! Flow: anvil (installed from npm if missing) → our DstackKms/DstackApp deployed → the demo
-//! app's compose hash and the simulated OS image allowed on-chain → a test attestation PKI →
-//! `keywarden serve` on SQLite following the chain → simulated CVMs get their keys over RA-TLS →
-//! the compose hash is removed on-chain → the next boot is refused → summary, then wait for
-//! Ctrl-C or `--duration`. Everything runs on 127.0.0.1; every process started is stopped.
+//! app's compose hash and the simulated OS image allowed on-chain → a real Safe 1.4.1 (2 of 3)
+//! and OpenZeppelin TimelockController take both contracts over → a test attestation PKI →
+//! `keywarden serve` on SQLite following the chain, alerting the signers' webhook → simulated
+//! CVMs get their keys over RA-TLS → the Safe schedules, through the timelock, the removal of the
+//! compose hash → keywarden's critical alert, naming the instances it cuts off, is printed → the
+//! delay passes (chain time advanced) and the timelock executes → the next boot is refused →
+//! summary, then wait for Ctrl-C or `--duration`. Everything runs on 127.0.0.1; every process
+//! and server started is stopped.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -12,18 +16,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Address, FixedBytes};
+use alloy::primitives::{Address, B256, Bytes, FixedBytes, U256};
 use alloy::providers::{Provider, ProviderBuilder};
+use alloy::sol_types::SolCall as _;
 use anyhow::{Context as _, bail};
 use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
 
-use crate::chain::contracts::{DstackApp, DstackKms};
+use crate::chain::contracts::{DstackApp, DstackKms, TimelockController};
 use crate::sim::client::{self, Guest};
+use crate::sim::governance as gov;
 use crate::sim::testpki::TestPki;
 
 /// The demo app's docker-compose (its SHA-256 is the compose hash allowed on-chain).
 const DEMO_COMPOSE: &str = r#"{"manifest_version":2,"name":"keywarden-demo","runner":"docker-compose","docker_compose_file":"services:\n  app:\n    image: nginx:stable\n"}"#;
 const ANVIL: &str = "node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil";
+/// The demo timelock's minimum delay; the demo advances chain time past it instead of waiting.
+const TIMELOCK_DELAY: Duration = Duration::from_secs(3600);
+/// How long the demo waits for keywarden's alerts.
+const ALERT_WAIT: Duration = Duration::from_secs(60);
 
 /// `keywarden demo` options.
 #[derive(Debug, clap::Args)]
@@ -168,6 +179,165 @@ async fn wait_processed(metrics: SocketAddr, block: u64) -> anyhow::Result<()> {
     bail!("the chain mirror did not reach block {block} within 60 s")
 }
 
+/// The demo's governance: a 2-of-3 Safe, the only proposer of a timelock that owns the contracts.
+struct Governance {
+    safe: Address,
+    timelock: Address,
+    /// The Safe's owners (anvil's accounts 1 to 3).
+    signers: Vec<Address>,
+    /// The last block of the hand-over.
+    block: u64,
+}
+
+/// Advances the node's clock by `by` and mines a block (a development node only).
+async fn advance_chain_time<P: Provider>(provider: &P, by: Duration) -> anyhow::Result<()> {
+    provider
+        .raw_request::<_, i64>("evm_increaseTime".into(), (by.as_secs(),))
+        .await?;
+    provider
+        .raw_request::<_, String>("evm_mine".into(), ())
+        .await?;
+    Ok(())
+}
+
+/// Deploys the Safe and the timelock and hands both contracts over: `owner` transfers ownership
+/// to the timelock, and the Safe has the timelock accept it (scheduled, then executed after the
+/// delay).
+async fn govern<P: Provider>(
+    provider: &P,
+    owner: Address,
+    kms: Address,
+    app: Address,
+) -> anyhow::Result<Governance> {
+    let accounts = provider.get_accounts().await?;
+    let signers = accounts
+        .get(1..4)
+        .context("anvil has fewer than 4 accounts")?
+        .to_vec();
+    let safe = gov::deploy_safe(provider, owner, &signers, 2).await?;
+    let timelock = gov::deploy_timelock(provider, owner, TIMELOCK_DELAY, &[safe]).await?;
+    DstackKms::new(kms, provider)
+        .transferOwnership(timelock)
+        .from(owner)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    DstackApp::new(app, provider)
+        .transferOwnership(timelock)
+        .from(owner)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    let accept: Bytes = DstackApp::acceptOwnershipCall {}.abi_encode().into();
+    let (targets, values, payloads) = (
+        vec![kms, app],
+        vec![U256::ZERO; 2],
+        vec![accept.clone(), accept],
+    );
+    let salt = B256::repeat_byte(1);
+    let schedule = TimelockController::scheduleBatchCall {
+        targets: targets.clone(),
+        values: values.clone(),
+        payloads: payloads.clone(),
+        predecessor: B256::ZERO,
+        salt,
+        delay: U256::from(TIMELOCK_DELAY.as_secs()),
+    }
+    .abi_encode();
+    gov::exec_approved(
+        provider,
+        safe,
+        signers[0],
+        &signers[1..2],
+        timelock,
+        schedule,
+    )
+    .await?;
+    advance_chain_time(provider, TIMELOCK_DELAY).await?;
+    let receipt = TimelockController::new(timelock, provider)
+        .executeBatch(targets, values, payloads, B256::ZERO, salt)
+        .from(owner)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    if !receipt.status() {
+        bail!("the timelock did not take the contracts over");
+    }
+    Ok(Governance {
+        safe,
+        timelock,
+        signers,
+        block: receipt.block_number.unwrap_or_default(),
+    })
+}
+
+/// The signers' inbox: a webhook receiver on 127.0.0.1 that checks each delivery's HMAC
+/// signature and hands the alert over. Stopped through the returned handle.
+async fn signers_inbox(
+    secret: Vec<u8>,
+) -> anyhow::Result<(
+    SocketAddr,
+    mpsc::UnboundedReceiver<serde_json::Value>,
+    tokio::task::JoinHandle<()>,
+)> {
+    use axum::http::{HeaderMap, StatusCode};
+    let (tx, rx) = mpsc::unbounded_channel();
+    let router = axum::Router::new().route(
+        "/alerts",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let (tx, secret) = (tx.clone(), secret.clone());
+            async move {
+                let header = |k: &str| {
+                    headers
+                        .get(k)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                let ts: i64 = header("x-keywarden-timestamp").parse().unwrap_or(0);
+                let signed = crate::alerts::channel::signature(&secret, ts, &body);
+                if header("x-keywarden-signature") != signed {
+                    return StatusCode::UNAUTHORIZED;
+                }
+                match serde_json::from_slice(&body) {
+                    Ok(alert) => {
+                        let _ = tx.send(alert);
+                        StatusCode::OK
+                    }
+                    Err(_) => StatusCode::BAD_REQUEST,
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok((addr, rx, server))
+}
+
+/// The first alert from `inbox` with `transition`, within [`ALERT_WAIT`].
+async fn wait_alert(
+    inbox: &mut mpsc::UnboundedReceiver<serde_json::Value>,
+    transition: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + ALERT_WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, inbox.recv()).await {
+            Ok(Some(alert)) if alert["transition"] == transition => return Ok(alert),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => bail!(
+                "no {transition:?} alert reached the signers' webhook within {} s; see keywarden's log",
+                ALERT_WAIT.as_secs()
+            ),
+        }
+    }
+}
+
 /// Runs the demo. Returns when the story is done and the duration passed (or Ctrl-C).
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let anvil_bin = anvil_binary()?;
@@ -214,6 +384,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         hex::encode(client::SIMULATED_OS_IMAGE_HASH),
         hex::encode(compose_hash)
     ));
+    let governance = govern(&provider, owner, deployment.kms, deployment.app).await?;
+    step(format!(
+        "governance: a 2-of-3 Safe {} (Safe 1.4.1) is the only proposer of the TimelockController {} (delay {} s), which now owns DstackKms and the app",
+        governance.safe,
+        governance.timelock,
+        TIMELOCK_DELAY.as_secs()
+    ));
 
     let dir = &args.data_dir;
     let _ = std::fs::remove_dir_all(dir);
@@ -222,6 +399,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let pki = TestPki::generate(now.saturating_sub(60))?;
     let pki_dir = dir.join("test-pki");
     pki.save(&pki_dir)?;
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let secret = hex::encode(secret);
+    let secret_file = dir.join("alerts-webhook.secret");
+    std::fs::write(&secret_file, &secret)?;
+    let (inbox_addr, mut inbox, inbox_server) = signers_inbox(secret.into_bytes()).await?;
     step(format!(
         "TEST attestation PKI in {} (simulated TDX quotes; trusted only via --insecure-test-pki)",
         pki_dir.display()
@@ -244,6 +427,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .args(["--start-block", &deployment.block.to_string()])
         .env("KEYWARDEN_KMS__OS_IMAGES", images)
         .env("KEYWARDEN_TELEMETRY__LOG_FORMAT", "json")
+        .env(
+            "KEYWARDEN_ALERTS__WEBHOOK_URL",
+            format!("http://{inbox_addr}/alerts"),
+        )
+        .env(
+            "KEYWARDEN_ALERTS__WEBHOOK_SECRET",
+            format!("file:{}", secret_file.display()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -252,10 +443,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     wait_ready(metrics, &mut keywarden).await?;
     // Ready means caught up with the confirmed head; the policy above may still be within the
     // confirmation depth.
-    wait_processed(metrics, policy_block).await?;
+    wait_processed(metrics, policy_block.max(governance.block)).await?;
     let url = format!("https://localhost:{}", api.port());
     step(format!(
-        "keywarden serving the KMS at {url}, metrics at http://{metrics}/metrics, log in {}",
+        "keywarden serving the KMS at {url}, metrics at http://{metrics}/metrics, alerts to the signers' webhook http://{inbox_addr}/alerts, log in {}",
         log_path.display()
     ));
 
@@ -280,16 +471,63 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ));
     }
 
-    let receipt = app
-        .removeComposeHash(FixedBytes(compose_hash))
+    // The Safe proposes, through the timelock, removing the compose hash the CVMs booted with.
+    let remove: Bytes = DstackApp::removeComposeHashCall {
+        composeHash: FixedBytes(compose_hash),
+    }
+    .abi_encode()
+    .into();
+    let salt = B256::repeat_byte(2);
+    let schedule = TimelockController::scheduleCall {
+        target: deployment.app,
+        value: U256::ZERO,
+        data: remove.clone(),
+        predecessor: B256::ZERO,
+        salt,
+        delay: U256::from(TIMELOCK_DELAY.as_secs()),
+    }
+    .abi_encode();
+    let signers = &governance.signers;
+    gov::exec_approved(
+        &provider,
+        governance.safe,
+        signers[0],
+        &signers[1..2],
+        governance.timelock,
+        schedule,
+    )
+    .await?;
+    step(
+        "the Safe (2 of 3 signers) scheduled, through the timelock, the removal of the compose hash",
+    );
+    let alert = wait_alert(&mut inbox, "scheduled").await?;
+    step(format!(
+        "signers alerted before execution: [{}] {} (affected_instances={})",
+        alert["severity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_uppercase(),
+        alert["summary"].as_str().unwrap_or_default(),
+        alert["labels"]["affected_instances"]
+            .as_str()
+            .unwrap_or("?"),
+    ));
+
+    advance_chain_time(&provider, TIMELOCK_DELAY).await?;
+    let receipt = TimelockController::new(governance.timelock, &provider)
+        .execute(deployment.app, U256::ZERO, remove, B256::ZERO, salt)
         .from(owner)
         .send()
         .await?
         .get_receipt()
         .await?;
+    if !receipt.status() {
+        bail!("the timelock did not execute the removal");
+    }
     let removed_at = Instant::now();
     step(format!(
-        "removed the compose hash on-chain (block {})",
+        "chain time advanced past the {} s delay; the timelock executed the removal (block {})",
+        TIMELOCK_DELAY.as_secs(),
         receipt.block_number.unwrap_or_default()
     ));
     let deadline = removed_at + Duration::from_secs(30);
@@ -309,9 +547,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "the next boot was refused {:.1} s after the revocation: {refusal}",
         removed_at.elapsed().as_secs_f64()
     ));
+    let resolved = wait_alert(&mut inbox, "executed").await?;
+    step(format!(
+        "the signers' alert resolved: {}",
+        resolved["summary"].as_str().unwrap_or_default()
+    ));
     println!();
     println!(
-        "summary: {} CVMs got keys; after removing the compose hash on-chain the next boot was refused.",
+        "summary: {} CVMs got keys; the Safe's proposal to remove their compose hash raised a critical alert naming the instances it cuts off before it was executed; after execution the next boot was refused.",
         args.cvms
     );
     println!(
@@ -333,6 +576,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     keywarden.stop();
     anvil.stop();
-    step("stopped keywarden and anvil");
+    inbox_server.abort();
+    step("stopped keywarden, anvil and the signers' webhook");
     Ok(())
 }

@@ -4,11 +4,10 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use alloy::network::TransactionBuilder;
-use alloy::primitives::{Address, Bytes, U256, address};
+use alloy::primitives::{Address, Bytes, U256};
 use alloy::providers::ext::AnvilApi;
 use alloy::providers::{Provider, ProviderBuilder};
 use alloy::rpc::types::TransactionRequest;
@@ -18,21 +17,11 @@ use keywarden::chain::contracts::{SafeL2, TimelockController};
 use keywarden::sim::cli::{DeployArgs, run_deploy};
 use support::anvil::Anvil;
 
-/// Canonical SafeL2 1.4.1 singleton address.
-const SAFE_L2: Address = address!("29fcB43b46531BcA003ddC8FCB67FFE91900C762");
+const SAFE_L2: Address = keywarden::sim::governance::SAFE_L2_141;
 
 fn npm_artifact(path: &str, field: &str) -> Bytes {
-    let full = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("node_modules")
-        .join(path);
-    let text = std::fs::read_to_string(&full).unwrap_or_else(|e| {
-        panic!(
-            "cannot read {}: {e}; run the suite with scripts/test, which installs it (npm ci)",
-            full.display()
-        )
-    });
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json[field].as_str().unwrap().parse().unwrap()
+    keywarden::sim::governance::npm_artifact(path, field)
+        .unwrap_or_else(|e| panic!("{e}; run the suite with scripts/test, which installs it"))
 }
 
 fn install_crypto_provider() {

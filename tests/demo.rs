@@ -1,5 +1,6 @@
 //! The README's first command: the whole demo (anvil, contracts, keywarden with the test PKI,
-//! simulated CVMs, on-chain revocation) runs to its end and cleans up after itself.
+//! simulated CVMs, a Safe and timelock governing the contracts, the signers' critical alert,
+//! on-chain revocation) runs to its end and cleans up after itself.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -25,12 +26,26 @@ fn demo_serves_keys_then_refuses_after_on_chain_revocation() {
         out.contains("TEST attestation PKI"),
         "the test PKI is labelled: {out}"
     );
-    assert!(out.contains("stopped keywarden and anvil"), "{out}");
+    // The signers are alerted, naming the three instances, before the timelock executes.
+    let alerted = out
+        .find("signers alerted before execution: [CRITICAL]")
+        .unwrap_or_else(|| panic!("no critical alert printed: {out}"));
+    let executed = out.find("the timelock executed the removal").unwrap();
+    assert!(alerted < executed, "{out}");
+    assert!(out.contains("(affected_instances=3)"), "{out}");
+    assert!(out[alerted..executed].contains("3 instance(s)"), "{out}");
+    assert!(out.contains("the signers' alert resolved"), "{out}");
+    assert!(
+        out.contains("stopped keywarden, anvil and the signers' webhook"),
+        "{out}"
+    );
     let log = std::fs::read_to_string(data.join("keywarden.log")).unwrap();
     for message in [
         "\"key dispatched\"",
         "\"measurement not authorized\"",
         "\"on-chain sync completed\"",
+        "\"governance: suspicious transaction\"",
+        "\"measurement registered\"",
     ] {
         assert!(
             log.contains(message),

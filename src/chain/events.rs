@@ -225,6 +225,18 @@ impl Event {
             _ => None,
         }
     }
+
+    /// The measurement this event allows, if it allows one: its kind and value.
+    pub fn registered_measurement(&self) -> Option<(&'static str, B256)> {
+        match *self {
+            Self::KmsAggregatedMr(v, true) => Some(("kms_aggregated_mr", v)),
+            Self::KmsDevice(v, true) => Some(("kms_device", v)),
+            Self::OsImage(v, true) => Some(("os_image", v)),
+            Self::ComposeHash(_, v, true) => Some(("compose_hash", v)),
+            Self::Device(_, v, true) => Some(("device", v)),
+            _ => None,
+        }
+    }
 }
 
 /// Kind of the synthetic [`Event::CodeObserved`] row.
@@ -335,6 +347,28 @@ mod tests {
 
     const KMS: Address = address!("00000000000000000000000000000000000000aa");
     const APP: Address = address!("00000000000000000000000000000000000000bb");
+
+    #[test]
+    fn only_additions_register_a_measurement() {
+        let v = B256::repeat_byte(7);
+        assert_eq!(
+            Event::ComposeHash(APP, v, true).registered_measurement(),
+            Some(("compose_hash", v))
+        );
+        assert_eq!(
+            Event::OsImage(v, true).registered_measurement(),
+            Some(("os_image", v))
+        );
+        assert_eq!(
+            Event::ComposeHash(APP, v, false).registered_measurement(),
+            None
+        );
+        assert_eq!(Event::KmsDevice(v, false).registered_measurement(), None);
+        assert_eq!(
+            Event::AllowAnyDevice(APP, true).registered_measurement(),
+            None
+        );
+    }
 
     fn raw<E: SolEvent>(e: &E) -> (Vec<B256>, Vec<u8>) {
         let data = e.encode_log_data();

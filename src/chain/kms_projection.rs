@@ -226,9 +226,21 @@ impl Projection for KmsProjection {
 
     fn apply(&mut self, rows: &[StoredEvent], processed: Processed) {
         let mut next = (*self.state).clone();
-        for e in rows.iter().filter_map(|s| decode_stored(self.kms, s)) {
+        for (row, e) in rows
+            .iter()
+            .filter_map(|s| Some((s, decode_stored(self.kms, s)?)))
+        {
             if let Some(app) = e.discovered_app() {
                 self.addresses.insert(app);
+            }
+            if let Some((kind, value)) = e.registered_measurement() {
+                tracing::info!(
+                    kind,
+                    contract = %row.address,
+                    value = %value,
+                    block = row.block_number,
+                    "measurement registered"
+                );
             }
             next.apply(&e);
         }

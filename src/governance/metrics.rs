@@ -9,6 +9,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+use super::proposals::Proposal;
 use super::state::{GovernanceState, Role};
 use crate::alerts::Severity;
 
@@ -23,6 +24,14 @@ struct SeverityLabels {
 }
 
 const SEVERITIES: [Severity; 3] = [Severity::Info, Severity::Warning, Severity::Critical];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MissingLabels {
+    missing: &'static str,
+}
+
+/// Buckets of confirmations a pending proposal still needs: closed, whatever the threshold.
+const MISSING: [&str; 4] = ["0", "1", "2", "3_or_more"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -55,6 +64,7 @@ pub struct GovernanceMetrics {
     ungoverned: Gauge,
     queue_depth: Gauge,
     next_ready: Gauge<f64, AtomicU64>,
+    next_ready_in: Gauge<f64, AtomicU64>,
     min_delay: Gauge<f64, AtomicU64>,
     min_threshold_ratio: Gauge<f64, AtomicU64>,
     findings: Family<SeverityLabels, Gauge>,
@@ -64,6 +74,7 @@ pub struct GovernanceMetrics {
     indexing_lag: Gauge,
     proposals_pending: Gauge,
     proposals_executable: Gauge,
+    missing: Family<MissingLabels, Gauge>,
     oldest_proposal_age: Gauge,
     simulations: Family<OutcomeLabels, Counter>,
 }
@@ -76,6 +87,7 @@ impl GovernanceMetrics {
             ungoverned: Gauge::default(),
             queue_depth: Gauge::default(),
             next_ready: Gauge::default(),
+            next_ready_in: Gauge::default(),
             min_delay: Gauge::default(),
             min_threshold_ratio: Gauge::default(),
             findings: Family::default(),
@@ -85,6 +97,7 @@ impl GovernanceMetrics {
             indexing_lag: Gauge::default(),
             proposals_pending: Gauge::default(),
             proposals_executable: Gauge::default(),
+            missing: Family::default(),
             oldest_proposal_age: Gauge::default(),
             simulations: Family::default(),
         };
@@ -102,7 +115,11 @@ impl GovernanceMetrics {
         for (_, kind) in KINDS {
             let _ = m.contracts.get_or_create(&KindLabels { kind });
         }
+        for missing in MISSING {
+            let _ = m.missing.get_or_create(&MissingLabels { missing });
+        }
         m.next_ready.set(f64::INFINITY);
+        m.next_ready_in.set(f64::INFINITY);
         m.min_delay.set(f64::INFINITY);
         m.min_threshold_ratio.set(f64::INFINITY);
         registry.register(
@@ -124,6 +141,11 @@ impl GovernanceMetrics {
             "dstack_governance_timelock_next_ready_timestamp_seconds",
             "When the next pending timelock operation becomes executable (Unix seconds; +Inf when none is pending)",
             m.next_ready.clone(),
+        );
+        registry.register(
+            "dstack_governance_timelock_next_ready_in_seconds",
+            "Seconds of chain time until the next pending timelock operation becomes executable (0 when one already is; +Inf when none is pending)",
+            m.next_ready_in.clone(),
         );
         registry.register(
             "dstack_governance_timelock_min_delay_seconds",
@@ -164,6 +186,11 @@ impl GovernanceMetrics {
             "dstack_governance_proposals_executable",
             "Pending Safe proposals whose verified confirmations reach the threshold",
             m.proposals_executable.clone(),
+        );
+        registry.register(
+            "dstack_governance_proposals_missing_confirmations",
+            "Pending Safe proposals by how many verified confirmations they still need to reach the threshold (missing: 0, 1, 2, 3_or_more)",
+            m.missing.clone(),
         );
         registry.register(
             "dstack_governance_oldest_proposal_age_seconds",
@@ -221,13 +248,30 @@ impl GovernanceMetrics {
             .set(i64::try_from(blocks).unwrap_or(i64::MAX));
     }
 
-    /// Exports the pending proposals: (count, executable, oldest age in seconds).
-    pub fn proposals(&self, pending: usize, executable: usize, oldest_age: u64) {
+    /// Exports the pending proposals, their ages counted to `now` (Unix seconds).
+    pub fn proposals(&self, pending: &[&Proposal], now: i64) {
         let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-        self.proposals_pending.set(n(pending));
-        self.proposals_executable.set(n(executable));
-        self.oldest_proposal_age
-            .set(i64::try_from(oldest_age).unwrap_or(i64::MAX));
+        self.proposals_pending.set(n(pending.len()));
+        self.proposals_executable
+            .set(n(pending.iter().filter(|p| p.executable()).count()));
+        let oldest = pending
+            .iter()
+            .filter_map(|p| p.submitted_at)
+            .min()
+            .map_or(0, |t| now.saturating_sub(t).max(0));
+        self.oldest_proposal_age.set(oldest);
+        let mut buckets = [0usize; MISSING.len()];
+        for p in pending {
+            let have = u64::try_from(p.confirmed_by.len()).unwrap_or(u64::MAX);
+            let missing = p.threshold.saturating_sub(have);
+            buckets[usize::try_from(missing)
+                .map_or(MISSING.len() - 1, |m| m.min(MISSING.len() - 1))] += 1;
+        }
+        for (missing, count) in MISSING.into_iter().zip(buckets) {
+            self.missing
+                .get_or_create(&MissingLabels { missing })
+                .set(n(count));
+        }
     }
 
     /// Exports `state`.
@@ -248,12 +292,12 @@ impl GovernanceMetrics {
         let queue = state.queue();
         self.queue_depth
             .set(i64::try_from(queue.len()).unwrap_or(i64::MAX));
-        let next = queue
-            .iter()
-            .filter_map(|(_, _, op)| op.ready_at)
-            .min()
-            .map_or(f64::INFINITY, |t| t as f64);
-        self.next_ready.set(next);
+        let next = queue.iter().filter_map(|(_, _, op)| op.ready_at).min();
+        self.next_ready
+            .set(next.map_or(f64::INFINITY, |t| t as f64));
+        // By chain time, as readiness is decided.
+        self.next_ready_in
+            .set(next.map_or(f64::INFINITY, |t| t.saturating_sub(state.time) as f64));
         let min_delay = state
             .timelocks
             .iter()

@@ -33,8 +33,12 @@ use crate::alerts::outbox::Outbox;
 use crate::runtime::Task;
 use crate::store::Store;
 
-/// How often the state is looked at.
+/// How often the state is looked at besides when the chain or the proposals change.
 const TICK: Duration = Duration::from_secs(1);
+
+/// How long a pending operation's assessment (decoding, and its in-use counts) is reused for the
+/// metrics before it is made again. A transition is always assessed afresh.
+const ASSESSMENT_TTL: Duration = Duration::from_secs(30);
 
 /// Subjects of this module's alerts start with this.
 const KEY_PREFIX: &str = "governance:";
@@ -55,6 +59,8 @@ pub struct Notifier {
     store: Store,
     window: Duration,
     metrics: GovernanceMetrics,
+    /// Pending operations' assessments, by alert subject, with when they were made.
+    assessed: std::sync::Mutex<HashMap<String, (std::time::Instant, Arc<Assessment>)>>,
 }
 
 /// What an operation's calls would do.
@@ -109,7 +115,34 @@ impl Notifier {
             store,
             window,
             metrics,
+            assessed: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// `op`'s assessment: made afresh for a transition, else reused within [`ASSESSMENT_TTL`].
+    async fn assessment(
+        &self,
+        state: &GovernanceState,
+        timelock: Address,
+        op: &TimelockOperation,
+        key: &str,
+        fresh: bool,
+    ) -> anyhow::Result<Arc<Assessment>> {
+        let cached = |m: &HashMap<String, (std::time::Instant, Arc<Assessment>)>| {
+            m.get(key)
+                .filter(|(at, _)| at.elapsed() < ASSESSMENT_TTL)
+                .map(|(_, a)| a.clone())
+        };
+        if !fresh && let Some(a) = cached(&self.assessed.lock().unwrap_or_else(|e| e.into_inner()))
+        {
+            return Ok(a);
+        }
+        let a = Arc::new(self.assess(state, timelock, op).await?);
+        self.assessed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned(), (std::time::Instant::now(), a.clone()));
+        Ok(a)
     }
 
     /// Decodes and classifies the calls of `op`, as `timelock` will make them.
@@ -212,10 +245,16 @@ impl Notifier {
                 let seen = known.get(&key);
                 let fresh = !seen.is_some_and(|s| s.contains(transition));
                 let is_pending = op.status == OperationStatus::Pending;
-                if !fresh && !is_pending {
-                    continue;
+                if !is_pending {
+                    self.assessed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
+                    if !fresh {
+                        continue;
+                    }
                 }
-                let a = self.assess(&state, *timelock, op).await?;
+                let a = self.assessment(&state, *timelock, op, &key, fresh).await?;
                 if is_pending {
                     for f in &a.findings {
                         *pending.0.entry(f.severity).or_default() += 1;
@@ -456,10 +495,14 @@ impl Task for Notifier {
         let mut loaded = false;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The views live as long as this task holds them, so their senders never close.
+        let (mut chain, mut queues) = (self.view.changes(), self.proposals.changes());
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
+                _ = chain.changed() => {}
+                _ = queues.changed() => {}
             }
             let step = async {
                 if !loaded {

@@ -43,9 +43,20 @@ pub struct SafeQueue {
 }
 
 /// Every watched Safe's queue.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ProposalsView {
     queues: RwLock<Arc<BTreeMap<Address, SafeQueue>>>,
+    /// Bumped on every publish: the notifier wakes on it.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for ProposalsView {
+    fn default() -> Self {
+        Self {
+            queues: RwLock::default(),
+            changed: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl ProposalsView {
@@ -59,6 +70,12 @@ impl ProposalsView {
 
     fn publish(&self, q: BTreeMap<Address, SafeQueue>) {
         *self.queues.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(q);
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Signals each publish from now on.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 }
 
@@ -328,17 +345,7 @@ impl QueueWatcher {
         }
         self.metrics.indexing_lag(lag);
         let all: Vec<&Proposal> = queues.values().flat_map(|q| &q.proposals).collect();
-        let now_secs = crate::clock::unix_secs_i64();
-        let oldest = all
-            .iter()
-            .filter_map(|p| p.submitted_at)
-            .min()
-            .map_or(0, |t| u64::try_from(now_secs - t).unwrap_or(0));
-        self.metrics.proposals(
-            all.len(),
-            all.iter().filter(|p| p.executable()).count(),
-            oldest,
-        );
+        self.metrics.proposals(&all, crate::clock::unix_secs_i64());
         self.out.publish(queues);
         Ok(())
     }

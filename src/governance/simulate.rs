@@ -323,12 +323,12 @@ mod tests {
         let m = Measurement::ComposeHash { app, hash };
         assert_eq!(e.removed, vec![m]);
         let usage = Counted(std::collections::HashMap::from([(m, 12)]));
-        let f = compare(kms, &[], &e, &usage, "7days");
+        let f = compare(kms, &[], &e, &usage, "7 days");
         assert_eq!(
             (f[0].rule, f[0].severity, f[0].affected_instances),
             (Rule::SimulationDisagrees, Severity::Critical, Some(12))
         );
         // Decoding saw it: nothing to add.
-        assert!(compare(kms, &[m], &e, &usage, "7days").is_empty());
+        assert!(compare(kms, &[m], &e, &usage, "7 days").is_empty());
     }
 }

@@ -39,7 +39,28 @@ pub async fn counted(
     Ok(Counted(counts))
 }
 
-/// A window in words ("7days").
+/// A window in words, in its largest whole unit ("7 days", "36 hours", "1 minute").
 pub fn window_words(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    let secs = d.as_secs();
+    let (n, unit) = [(86_400, "day"), (3_600, "hour"), (60, "minute")]
+        .into_iter()
+        .find(|(size, _)| secs >= *size && secs % size == 0)
+        .map_or((secs, "second"), |(size, unit)| (secs / size, unit));
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_reads_in_its_largest_whole_unit() {
+        let w = |s| window_words(Duration::from_secs(s));
+        assert_eq!(w(7 * 86_400), "7 days");
+        assert_eq!(w(86_400), "1 day");
+        assert_eq!(w(36 * 3_600), "36 hours");
+        assert_eq!(w(90 * 60), "90 minutes");
+        assert_eq!(w(61), "61 seconds");
+        assert_eq!(w(0), "0 seconds");
+    }
 }

@@ -44,9 +44,20 @@ const SENTINEL: Address = Address::with_last_byte(1);
 const MODULES_PAGE: u64 = 64;
 
 /// The published governance state. Cheap to share behind an `Arc`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GovernanceView {
     state: RwLock<Arc<GovernanceState>>,
+    /// Bumped on every publish: the notifier wakes on it.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for GovernanceView {
+    fn default() -> Self {
+        Self {
+            state: RwLock::default(),
+            changed: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl GovernanceView {
@@ -58,6 +69,12 @@ impl GovernanceView {
     /// Replaces the state (the projection, or a one-shot command).
     pub fn publish(&self, state: Arc<GovernanceState>) {
         *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Signals each publish from now on.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 }
 

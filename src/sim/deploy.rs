@@ -154,7 +154,7 @@ pub fn proxy_creation_code(implementation: Address, init: Bytes) -> Result<Bytes
 }
 
 /// Sends a contract creation from `from` and returns the new address with the receipt.
-async fn create<P: Provider>(
+pub(super) async fn create<P: Provider>(
     provider: &P,
     receipt_timeout: Duration,
     from: Address,
@@ -176,7 +176,7 @@ async fn create<P: Provider>(
 }
 
 /// The receipt of the sent transaction `step`, waited for at most `timeout`; a revert is an error.
-async fn confirmed(
+pub(super) async fn confirmed(
     step: &'static str,
     pending: PendingTransactionBuilder<Ethereum>,
     timeout: Duration,

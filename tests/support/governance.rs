@@ -1,132 +1,61 @@
-//! A real Safe 1.4.1 (SafeL2 behind a SafeProxy, from npm) and a real OpenZeppelin
-//! TimelockController on anvil, and a Safe transaction executed with on-chain approvals.
+//! A real Safe 1.4.1 and OpenZeppelin TimelockController on the test chain, through
+//! `keywarden::sim::governance` (the demo's own helpers), with test-friendly panics.
 
 // Shared by several test crates, each using a part of it.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-
-use alloy::network::TransactionBuilder;
-use alloy::primitives::{Address, B256, Bytes, U256, address};
-use alloy::providers::ext::AnvilApi;
-use alloy::providers::{DynProvider, Provider};
-use alloy::rpc::types::TransactionRequest;
-use alloy::sol_types::SolValue;
-use keywarden::chain::contracts::SafeL2;
+use alloy::primitives::{Address, B256, Bytes};
+use keywarden::sim::governance as sim;
 
 use super::chain_engine::{Chain, WAIT};
 
-pub const SAFE_L2: Address = address!("29fcB43b46531BcA003ddC8FCB67FFE91900C762");
 pub const DELAY: u64 = 60;
 
-pub fn npm(path: &str, field: &str) -> Bytes {
-    let full = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("node_modules")
-        .join(path);
-    let text = std::fs::read_to_string(&full).unwrap_or_else(|e| {
-        panic!(
-            "cannot read {}: {e}; run the suite with scripts/test, which installs it (npm ci)",
-            full.display()
-        )
-    });
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json[field].as_str().unwrap().parse().unwrap()
-}
-
-pub async fn deploy_code(p: &DynProvider, from: Address, code: Vec<u8>) -> Address {
-    let tx = TransactionRequest::default()
-        .with_from(from)
-        .with_deploy_code(code);
-    let r = tokio::time::timeout(WAIT, p.send_transaction(tx).await.unwrap().get_receipt())
+async fn within<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, keywarden::chain::ChainError>>,
+) -> T {
+    tokio::time::timeout(WAIT, f)
         .await
-        .unwrap()
-        .unwrap();
-    assert!(r.status());
-    r.contract_address.unwrap()
+        .unwrap_or_else(|_| panic!("{what}: not done within the wait bound"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
 /// A Safe 1.4.1 (SafeL2 behind a SafeProxy) owned by `owners` with `threshold`.
 pub async fn safe(c: &Chain, owners: &[Address], threshold: u64) -> Address {
-    c.provider
-        .anvil_set_code(
-            SAFE_L2,
-            npm(
-                "@safe-global/safe-contracts/build/artifacts/contracts/SafeL2.sol/SafeL2.json",
-                "deployedBytecode",
-            ),
-        )
-        .await
-        .unwrap();
-    let mut code = npm(
-        "@safe-global/safe-contracts/build/artifacts/contracts/proxies/SafeProxy.sol/SafeProxy.json",
-        "bytecode",
+    within(
+        "Safe deployment",
+        sim::deploy_safe(&c.provider, c.owner, owners, threshold),
     )
-    .to_vec();
-    code.extend_from_slice(&SAFE_L2.abi_encode());
-    let proxy = deploy_code(&c.provider, c.owner, code).await;
-    send!(
-        SafeL2::new(proxy, c.provider.clone()).setup(
-            owners.to_vec(),
-            U256::from(threshold),
-            Address::ZERO,
-            Bytes::new(),
-            Address::ZERO,
-            Address::ZERO,
-            U256::ZERO,
-            Address::ZERO,
-        ),
-        c.owner
-    );
-    proxy
+    .await
 }
 
-/// An OpenZeppelin TimelockController with `proposer`, open execution and no admin.
+/// An OpenZeppelin TimelockController with `proposer`, open execution, no admin and [`DELAY`].
 pub async fn timelock(c: &Chain, proposer: Address) -> Address {
-    let mut code = npm(
-        "@openzeppelin/contracts/build/contracts/TimelockController.json",
-        "bytecode",
+    within(
+        "timelock deployment",
+        sim::deploy_timelock(
+            &c.provider,
+            c.owner,
+            std::time::Duration::from_secs(DELAY),
+            &[proposer],
+        ),
     )
-    .to_vec();
-    code.extend_from_slice(
-        &(
-            U256::from(DELAY),
-            vec![proposer],
-            vec![Address::ZERO],
-            Address::ZERO,
-        )
-            .abi_encode_params(),
-    );
-    deploy_code(&c.provider, c.owner, code).await
+    .await
 }
 
 /// The Safe's nonce.
 pub async fn safe_nonce(c: &Chain, safe: Address) -> u64 {
-    SafeL2::new(safe, c.provider.clone())
-        .nonce()
-        .call()
-        .await
-        .unwrap()
-        .to::<u64>()
+    within("Safe nonce", sim::safe_nonce(&c.provider, safe)).await
 }
 
 /// The safeTxHash of a plain call of `data` on `to` at `nonce`, as the Safe computes it.
 pub async fn safe_tx_hash(c: &Chain, safe: Address, to: Address, data: &[u8], nonce: u64) -> B256 {
-    SafeL2::new(safe, c.provider.clone())
-        .getTransactionHash(
-            to,
-            U256::ZERO,
-            data.to_vec().into(),
-            0,
-            U256::ZERO,
-            U256::ZERO,
-            U256::ZERO,
-            Address::ZERO,
-            Address::ZERO,
-            U256::from(nonce),
-        )
-        .call()
-        .await
-        .unwrap()
+    within(
+        "safeTxHash",
+        sim::safe_tx_hash(&c.provider, safe, to, data, nonce),
+    )
+    .await
 }
 
 /// Executes a plain call of `data` on `to` from `safe` with `signatures`, sent by `from`.
@@ -138,38 +67,19 @@ pub async fn exec_with(
     signatures: Bytes,
     from: Address,
 ) {
-    send!(
-        SafeL2::new(safe, c.provider.clone()).execTransaction(
-            to,
-            U256::ZERO,
-            data.into(),
-            0,
-            U256::ZERO,
-            U256::ZERO,
-            U256::ZERO,
-            Address::ZERO,
-            Address::ZERO,
-            signatures,
-        ),
-        from
-    );
+    within(
+        "Safe execution",
+        sim::exec_with(&c.provider, safe, to, data, signatures, from),
+    )
+    .await;
 }
 
 /// Executes `data` on `to` from `safe` (owners `signers`, all approving: the first executes, the
 /// others approve its hash on-chain first).
 pub async fn exec(c: &Chain, safe: Address, signers: &[Address], to: Address, data: Vec<u8>) {
-    let nonce = safe_nonce(c, safe).await;
-    let hash = safe_tx_hash(c, safe, to, &data, nonce).await;
-    for a in &signers[1..] {
-        send!(SafeL2::new(safe, c.provider.clone()).approveHash(hash), *a);
-    }
-    let mut sorted = signers.to_vec();
-    sorted.sort();
-    let mut signatures = Vec::new();
-    for a in sorted {
-        signatures.extend_from_slice(a.into_word().as_slice());
-        signatures.extend_from_slice(&[0; 32]);
-        signatures.push(1);
-    }
-    exec_with(c, safe, to, data, signatures.into(), signers[0]).await;
+    within(
+        "Safe execution",
+        sim::exec_approved(&c.provider, safe, signers[0], &signers[1..], to, data),
+    )
+    .await;
 }
