@@ -15,9 +15,10 @@ mod support;
 mod chain_engine;
 #[path = "support/governance.rs"]
 mod governance;
+#[path = "support/txservice.rs"]
+mod txservice;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,9 +28,7 @@ use alloy::rpc::types::anvil::ReorgOptions;
 use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
-use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use chain_engine::{Chain, WAIT, chain, engine_with, h, sqlite_store};
 use governance::{exec_with, safe_nonce, safe_tx_hash};
 use keywarden::alerts::config::AlertsConfig;
@@ -49,113 +48,7 @@ use keywarden::store::{AuditRecord, BootObservation, LedgerEntry, Store};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-
-/// The in-test Transaction Service: rows as the tests put them, every field as documented.
-#[derive(Clone, Default)]
-struct Service {
-    rows: Arc<Mutex<Vec<Value>>>,
-    /// Requests still to refuse with 429, and with 503.
-    too_many: Arc<AtomicUsize>,
-    failing: Arc<AtomicUsize>,
-    requests: Arc<AtomicUsize>,
-    chain: Arc<Mutex<Option<(alloy::providers::DynProvider, String)>>>,
-}
-
-async fn on_chain_nonce(s: &Service, safe: Address) -> u64 {
-    let (p, _) = s.chain.lock().unwrap().clone().unwrap();
-    SafeL2::new(safe, p)
-        .nonce()
-        .call()
-        .await
-        .unwrap()
-        .to::<u64>()
-}
-
-fn refuse(s: &Service) -> Option<Response> {
-    s.requests.fetch_add(1, Ordering::SeqCst);
-    let take = |c: &AtomicUsize| {
-        c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-    };
-    if take(&s.too_many) {
-        return Some(
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                [("retry-after", "1")],
-                "slow down",
-            )
-                .into_response(),
-        );
-    }
-    if take(&s.failing) {
-        return Some((StatusCode::SERVICE_UNAVAILABLE, "down").into_response());
-    }
-    None
-}
-
-async fn multisig(
-    State(s): State<Service>,
-    Path(safe): Path<Address>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if let Some(r) = refuse(&s) {
-        return r;
-    }
-    // Fed from the chain: a row is pending while its nonce is not used.
-    let nonce = on_chain_nonce(&s, safe).await;
-    let pending: Vec<Value> = s
-        .rows
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|r| r["nonce"].as_str().unwrap().parse::<u64>().unwrap() >= nonce)
-        .cloned()
-        .collect();
-    // One row per page, to follow `next`.
-    let offset: usize = q.get("offset").and_then(|o| o.parse().ok()).unwrap_or(0);
-    let base = s.chain.lock().unwrap().clone().unwrap().1;
-    let next = (offset + 1 < pending.len()).then(|| {
-        format!(
-            "{base}/api/v2/safes/{safe}/multisig-transactions/?executed=false&nonce__gte={nonce}&trusted=false&ordering=nonce&limit=1&offset={}",
-            offset + 1
-        )
-    });
-    axum::Json(json!({
-        "count": pending.len(),
-        "next": next,
-        "previous": null,
-        "results": pending.get(offset).cloned().into_iter().collect::<Vec<_>>(),
-        "countUniqueNonce": pending.len(),
-    }))
-    .into_response()
-}
-
-async fn indexing(State(s): State<Service>) -> Response {
-    if let Some(r) = refuse(&s) {
-        return r;
-    }
-    axum::Json(json!({
-        "currentBlockNumber": 100, "currentBlockTimestamp": "2026-11-30T00:00:00Z",
-        "erc20BlockNumber": 98, "erc20BlockTimestamp": "2026-11-30T00:00:00Z", "erc20Synced": true,
-        "masterCopiesBlockNumber": 97, "masterCopiesBlockTimestamp": "2026-11-30T00:00:00Z",
-        "masterCopiesSynced": true, "synced": true
-    }))
-    .into_response()
-}
-
-async fn service(c: &Chain) -> (String, Service) {
-    let s = Service::default();
-    let router = axum::Router::new()
-        .route(
-            "/api/v2/safes/{safe}/multisig-transactions/",
-            axum::routing::get(multisig),
-        )
-        .route("/api/v1/about/indexing/", axum::routing::get(indexing))
-        .with_state(s.clone());
-    let base = format!("http://{}", common::serve_router(router).await);
-    *s.chain.lock().unwrap() = Some((c.provider.clone(), base.clone()));
-    (base, s)
-}
+use txservice::{Service, confirmation, row, service};
 
 fn signer(i: u8) -> PrivateKeySigner {
     PrivateKeySigner::from_bytes(&B256::repeat_byte(i)).unwrap()
@@ -183,36 +76,9 @@ async fn exec_signed(
     exec_with(c, safe, to, data, signatures(signers, hash), c.other).await;
 }
 
-/// A row as the service's v2 API has it.
-fn row(
-    safe: Address,
-    to: Address,
-    data: &[u8],
-    nonce: u64,
-    hash: B256,
-    proposer: Address,
-    confirmations: Vec<Value>,
-) -> Value {
-    json!({
-        "safe": safe.to_string(), "to": to.to_string(), "value": "0",
-        "data": format!("0x{}", hex::encode(data)), "operation": 0,
-        "gasToken": Address::ZERO.to_string(), "safeTxGas": "0", "baseGas": "0", "gasPrice": "0",
-        "refundReceiver": Address::ZERO.to_string(), "nonce": nonce.to_string(),
-        "executionDate": null, "submissionDate": "2026-11-30T00:00:00Z", "modified": "2026-11-30T00:00:00Z",
-        "blockNumber": null, "transactionHash": null, "safeTxHash": hash.to_string(),
-        "proposer": proposer.to_string(), "proposedByDelegate": null, "executor": null,
-        "isExecuted": false, "isSuccessful": null, "origin": "{}",
-        "dataDecoded": {"method": "removeComposeHash", "parameters": [{"name": "composeHash", "type": "bytes32", "value": h(4).to_string()}]},
-        "confirmationsRequired": 2, "confirmations": confirmations, "trusted": false, "signatures": null
-    })
-}
-
-fn confirmation(claimed: Address, by: &PrivateKeySigner, hash: B256) -> Value {
-    json!({
-        "owner": claimed.to_string(), "submissionDate": "2026-11-30T00:00:00Z", "transactionHash": null,
-        "signature": format!("0x{}", hex::encode(by.sign_hash_sync(&hash).unwrap().as_bytes())),
-        "signatureType": "EOA"
-    })
+/// The service's own decoding of a removal of h(4).
+fn removal_decoded() -> Value {
+    json!({"method": "removeComposeHash", "parameters": [{"name": "composeHash", "type": "bytes32", "value": h(4).to_string()}]})
 }
 
 #[derive(Default)]
@@ -282,7 +148,7 @@ impl Fixture {
             .collect();
         store.record_ledger(&entries).await.unwrap();
 
-        let (base, ts) = service(&c).await;
+        let (base, ts) = service(c.provider.clone(), 1).await;
         let config = dir.path().join("keywarden.toml");
         std::fs::write(
             &config,
@@ -446,6 +312,7 @@ async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
         hash,
         owners[0].address(),
         vec![confirmation(owners[0].address(), &owners[0], hash)],
+        removal_decoded(),
     ));
     until("proposed and one confirmation delivered", || {
         let t = transitions();
@@ -470,7 +337,7 @@ async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
     // A second proposal for the next nonce lies about its hash; a third confirmation is forged.
     let other = DstackApp::addComposeHashCall { composeHash: h(5) }.abi_encode();
     let other_hash = safe_tx_hash(c, safe, c.d.app, &other, nonce + 1).await;
-    let mut lying = row(
+    let lying = row(
         safe,
         c.d.app,
         &other,
@@ -478,8 +345,8 @@ async fn pending_safe_proposals_are_checked_and_alerted_once_per_transition() {
         B256::repeat_byte(0xee),
         owners[0].address(),
         vec![confirmation(owners[2].address(), &signer(9), other_hash)],
+        json!({"method": "addComposeHash", "parameters": []}),
     );
-    lying["dataDecoded"] = json!({"method": "addComposeHash", "parameters": []});
     ts.rows.lock().unwrap().push(lying);
     // The service storms and fails meanwhile: nothing is lost.
     ts.too_many.store(3, Ordering::SeqCst);
@@ -686,9 +553,9 @@ async fn an_obfuscated_removal_is_caught_by_simulation_not_by_decoding() {
         hash,
         fx.owners[0].address(),
         vec![],
+        Value::Null,
     );
     r["operation"] = json!(1);
-    r["dataDecoded"] = Value::Null;
     fx.ts.rows.lock().unwrap().push(r);
     until("the proposal is checked", || {
         fx.proposals

@@ -44,7 +44,7 @@ pub fn window_words(d: Duration) -> String {
     let secs = d.as_secs();
     let (n, unit) = [(86_400, "day"), (3_600, "hour"), (60, "minute")]
         .into_iter()
-        .find(|(size, _)| secs >= *size && secs % size == 0)
+        .find(|(size, _)| secs >= *size && secs.is_multiple_of(*size))
         .map_or((secs, "second"), |(size, unit)| (secs / size, unit));
     format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
