@@ -214,7 +214,7 @@ async fn govern<P: Provider>(
         .get(1..4)
         .context("anvil has fewer than 4 accounts")?
         .to_vec();
-    let safe = gov::deploy_safe(provider, owner, &signers, 2).await?;
+    let safe = gov::deploy_safe(provider, owner, gov::SafeRelease::V1_4_1, &signers, 2).await?;
     let timelock = gov::deploy_timelock(provider, owner, TIMELOCK_DELAY, &[safe]).await?;
     DstackKms::new(kms, provider)
         .transferOwnership(timelock)

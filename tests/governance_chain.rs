@@ -17,17 +17,19 @@ mod governance;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{B256, U256};
+use alloy::primitives::{Address, B256, U256};
 use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
 use alloy::rpc::types::anvil::ReorgOptions;
 use alloy::sol_types::SolCall;
 use chain_engine::{Chain, Engine, WAIT, chain, engine_with, store_on};
-use governance::{DELAY, exec, safe, timelock};
+use governance::{DELAY, exec, safe, safe_of, timelock};
+use keywarden::chain::contracts::SafeL2;
 use keywarden::chain::contracts::{DstackKms, TimelockController};
 use keywarden::governance::metrics::GovernanceMetrics;
 use keywarden::governance::state::{GovernanceState, OperationStatus, Role};
 use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
+use keywarden::sim::governance::SafeRelease;
 use keywarden::store::Store;
 use prometheus_client::registry::Registry;
 
@@ -38,11 +40,16 @@ struct Watched {
 }
 
 fn watch(c: &Chain, store: &Store) -> Watched {
+    watch_with(c, store, Vec::new())
+}
+
+/// Watches, besides what the contracts' owners lead to, the `configured` Safes.
+fn watch_with(c: &Chain, store: &Store, configured: Vec<Address>) -> Watched {
     let mut registry = Registry::default();
     let view = Arc::new(GovernanceView::default());
     let projection = GovernanceProjection::new(
         c.d.kms,
-        Vec::new(),
+        configured,
         view.clone(),
         GovernanceMetrics::new(&mut registry),
     );
@@ -148,6 +155,22 @@ async fn safe_timelock_kms(db: Option<&common::PgDb>) {
         w.gauge("dstack_governance_timelock_next_ready_timestamp_seconds"),
         ready_at as f64
     );
+    // By chain time: the delay from the processed block's timestamp.
+    assert_eq!(
+        w.gauge("dstack_governance_timelock_next_ready_in_seconds"),
+        ready_at.saturating_sub(queued.time) as f64
+    );
+    assert!(ready_at.saturating_sub(queued.time) <= DELAY);
+    // Two of the three owners signed (one approved the hash on-chain, one executed).
+    let signed: Vec<Address> = queued.safes[&safe].owners_signed_since(0).collect();
+    assert_eq!(signed.len(), 2, "{signed:?}");
+    assert!(signed.iter().all(|a| signers.contains(a)));
+    assert!(
+        queued.safes[&safe]
+            .owners_signed_since(queued.time + 1)
+            .next()
+            .is_none()
+    );
     assert_eq!(queued.safes[&safe].nonce, 1);
     let execution = queued.safes[&safe].executions.last().unwrap();
     assert!(execution.success);
@@ -233,4 +256,60 @@ async fn safe_timelock_kms_governance_is_followed_on_postgres() {
     let db = common::PgDb::create().await;
     safe_timelock_kms(Some(&db)).await;
     db.drop_now().await;
+}
+
+/// Safe 1.3.0 (GnosisSafeL2 behind a GnosisSafeProxy, real bytecode from npm) emits the older
+/// event layout (owner, txHash, module, guard and handler not indexed): a configured 1.3.0 Safe
+/// adding an owner and raising its threshold through an approved-hash execution is followed as a
+/// 1.4.1 Safe is: owners, threshold, nonce, the execution's decoded signers, and who signed when.
+#[tokio::test]
+async fn a_safe_1_3_0_is_followed_from_its_own_event_layout() {
+    let c = chain().await;
+    let accounts = c.provider.get_accounts().await.unwrap();
+    let owners = [accounts[2], accounts[3], accounts[4]];
+    let safe = safe_of(&c, SafeRelease::V1_3_0, &owners, 2).await;
+    assert_eq!(
+        SafeL2::new(safe, c.provider.clone())
+            .VERSION()
+            .call()
+            .await
+            .unwrap(),
+        "1.3.0"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_on(None, dir.path()).await;
+    let w = watch_with(&c, &store, vec![safe]);
+    w.until("the 1.3.0 Safe is found", |s| {
+        s.safes
+            .get(&safe)
+            .is_some_and(|x| x.version.as_deref() == Some("1.3.0"))
+    })
+    .await;
+
+    let add = SafeL2::addOwnerWithThresholdCall {
+        owner: accounts[5],
+        _threshold: U256::from(3),
+    }
+    .abi_encode();
+    let signers = [accounts[3], accounts[2]];
+    exec(&c, safe, &signers, safe, add).await;
+    w.until("the new owner and threshold are followed", |s| {
+        s.safes[&safe].owners.contains(&accounts[5]) && s.safes[&safe].threshold == 3
+    })
+    .await;
+    let s = w.view.snapshot();
+    let state = &s.safes[&safe];
+    assert_eq!(state.nonce, 1);
+    assert_eq!(state.owners.len(), 4);
+    let execution = state.executions.last().unwrap();
+    assert!(execution.success);
+    let mut expected = signers.to_vec();
+    expected.sort();
+    assert_eq!(execution.details.as_ref().unwrap().signers, expected);
+    let signed: Vec<Address> = state.owners_signed_since(0).collect();
+    assert_eq!(signed.len(), 2, "{signed:?}");
+    // Threshold 3 of 4 owners.
+    assert_eq!(w.gauge("dstack_governance_safe_min_threshold_ratio"), 0.75);
+    w.engine.stop().await;
+    store.close().await;
 }

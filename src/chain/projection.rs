@@ -182,6 +182,17 @@ impl ChainReads {
             .await
     }
 
+    /// The timestamp of `block` (Unix seconds).
+    pub async fn block_time(&self, block: u64) -> Result<u64, ChainError> {
+        self.rpc
+            .call(Method::EthGetBlockByNumber, |p| async move {
+                p.get_block_by_number(block.into()).await
+            })
+            .await?
+            .map(|b| b.header.timestamp)
+            .ok_or_else(|| ChainError::MissingBlock(block.to_string()))
+    }
+
     /// The identity of the code at `at` as of `block` (`None`: no code).
     pub async fn code_id(&self, at: Address, block: u64) -> Result<Option<CodeId>, ChainError> {
         Ok(identify(&self.code(at, block).await?, at))

@@ -167,12 +167,20 @@ pub enum GovEvent {
         id: B256,
         at: u64,
     },
+    /// Synthetic: the timestamp of a block in which `safe`'s owners signed (approved a hash or
+    /// executed), for signer participation by time.
+    BlockTime {
+        safe: Address,
+        at: u64,
+    },
 }
 
 /// Kind of the synthetic [`GovEvent::Observed`] row.
 pub const OBSERVED: &str = "GovernanceObserved";
 /// Kind of the synthetic [`GovEvent::OperationReady`] row.
 pub const OPERATION_READY: &str = "OperationReady";
+/// Kind of the synthetic [`GovEvent::BlockTime`] row.
+pub const BLOCK_TIME: &str = "BlockTime";
 
 #[derive(Serialize, Deserialize)]
 struct ReadyRow {
@@ -378,6 +386,7 @@ impl GovEvent {
             Self::RoleRevoked { .. } => "RoleRevoked",
             Self::Observed { .. } => OBSERVED,
             Self::OperationReady { .. } => OPERATION_READY,
+            Self::BlockTime { .. } => BLOCK_TIME,
         }
     }
 
@@ -389,6 +398,7 @@ impl GovEvent {
                 *timelock,
                 serde_json::to_vec(&ReadyRow { id: *id, at: *at }).ok()?,
             )),
+            Self::BlockTime { safe, at } => Some((*safe, at.to_string().into_bytes())),
             _ => None,
         }
     }
@@ -408,6 +418,10 @@ impl GovEvent {
                     at: r.at,
                 })
             }
+            BLOCK_TIME => Some(Self::BlockTime {
+                safe: address,
+                at: std::str::from_utf8(data).ok()?.parse().ok()?,
+            }),
             _ => None,
         }
     }
@@ -473,6 +487,10 @@ mod tests {
                 timelock: KMS,
                 id: B256::repeat_byte(3),
                 at: 1_700_000_000,
+            },
+            GovEvent::BlockTime {
+                safe: SAFE,
+                at: 1_700_000_012,
             },
         ] {
             let (address, data) = e.synthetic().unwrap();

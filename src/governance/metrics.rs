@@ -67,6 +67,7 @@ pub struct GovernanceMetrics {
     next_ready_in: Gauge<f64, AtomicU64>,
     min_delay: Gauge<f64, AtomicU64>,
     min_threshold_ratio: Gauge<f64, AtomicU64>,
+    participation: Gauge<f64, AtomicU64>,
     findings: Family<SeverityLabels, Gauge>,
     affected: Gauge,
     service_requests: Family<OutcomeLabels, Counter>,
@@ -90,6 +91,7 @@ impl GovernanceMetrics {
             next_ready_in: Gauge::default(),
             min_delay: Gauge::default(),
             min_threshold_ratio: Gauge::default(),
+            participation: Gauge::default(),
             findings: Family::default(),
             affected: Gauge::default(),
             service_requests: Family::default(),
@@ -122,6 +124,7 @@ impl GovernanceMetrics {
         m.next_ready_in.set(f64::INFINITY);
         m.min_delay.set(f64::INFINITY);
         m.min_threshold_ratio.set(f64::INFINITY);
+        m.participation.set(f64::INFINITY);
         registry.register(
             "dstack_governance_contracts",
             "Addresses that own or govern DstackKms and its apps, by what they are (safe, timelock, eoa, contract)",
@@ -156,6 +159,11 @@ impl GovernanceMetrics {
             "dstack_governance_safe_min_threshold_ratio",
             "Smallest threshold / owner count among the Safes found (+Inf when there is none)",
             m.min_threshold_ratio.clone(),
+        );
+        registry.register(
+            "dstack_governance_signer_participation_ratio",
+            "Smallest share, among the Safes found, of owners who signed anything in the last 7 days: on-chain approvals and execution signatures, and verified Transaction Service confirmations (+Inf when there is no Safe)",
+            m.participation.clone(),
         );
         registry.register(
             "dstack_governance_findings",
@@ -225,6 +233,11 @@ impl GovernanceMetrics {
         }
         self.affected
             .set(i64::try_from(affected).unwrap_or(i64::MAX));
+    }
+
+    /// Exports signer participation (`None`: no Safe is followed).
+    pub fn participation(&self, ratio: Option<f64>) {
+        self.participation.set(ratio.unwrap_or(f64::INFINITY));
     }
 
     /// Counts one Transaction Service request.

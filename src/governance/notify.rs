@@ -40,6 +40,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// metrics before it is made again. A transition is always assessed afresh.
 const ASSESSMENT_TTL: Duration = Duration::from_secs(30);
 
+/// Signer participation counts signatures this recent.
+const PARTICIPATION_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Subjects of this module's alerts start with this.
 const KEY_PREFIX: &str = "governance:";
 
@@ -276,6 +279,12 @@ impl Notifier {
         }
         self.proposals_step(known, &state, &mut pending).await?;
         self.metrics.pending_findings(&pending.0, pending.1);
+        let queues = self.proposals.snapshot();
+        let open: Vec<&Proposal> = queues.values().flat_map(|q| &q.proposals).collect();
+        let window = i64::try_from(PARTICIPATION_WINDOW.as_secs()).unwrap_or(i64::MAX);
+        let since = crate::clock::unix_secs_i64().saturating_sub(window);
+        self.metrics
+            .participation(super::proposals::participation(&state, &open, since));
         Ok(())
     }
 

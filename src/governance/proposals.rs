@@ -10,14 +10,14 @@
 //! compared with our own decoding (missing: a warning; different: critical); the calls
 //! classified → [`Proposal`]. Pure: usage counts come in through [`Usage`].
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, B256, Bytes, U256};
 use serde::Serialize;
 
 use super::classify::{self, Context, Finding, Rule, Severity, Usage};
 use super::decode::{self, Action, Decoded};
 use super::safe_tx::{self, Operation, SafeTx};
 use super::signatures::{self, SignatureKind};
-use super::state::SafeState;
+use super::state::{GovernanceState, SafeState};
 use super::txservice::TxRow;
 
 /// One pending proposal, as checked.
@@ -37,6 +37,8 @@ pub struct Proposal {
     pub submitted_at: Option<i64>,
     /// Owners whose confirmation holds.
     pub confirmed_by: Vec<Address>,
+    /// When each of those confirmed (Unix seconds), where the service says.
+    pub confirmed_at: Vec<(Address, i64)>,
     /// The Safe's threshold.
     pub threshold: u64,
     /// The calls in words.
@@ -111,12 +113,59 @@ pub fn transaction(row: &TxRow) -> Result<SafeTx, safe_tx::SafeTxError> {
     })
 }
 
-/// Checks `row` of the Safe whose on-chain state is `safe` on `chain_id`.
+/// One contract owner's signature (EIP-1271) on a row, which only the chain can check: the
+/// owner's `isValidSignature(preimage, data)` must answer the magic value, as the Safe asks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContractSignature {
+    /// The contract owner.
+    pub owner: Address,
+    /// What the Safe hands it: `0x19 ‖ 0x01 ‖ domain ‖ message` of the transaction.
+    pub preimage: Bytes,
+    /// The signature data the confirmation carries for it.
+    pub data: Bytes,
+}
+
+/// The contract signatures among `row`'s confirmations, for the chain to check before [`check`]
+/// (none while the Safe's version, and so its hashes, are unknown).
+pub fn contract_signatures(row: &TxRow, chain_id: u64, safe: &SafeState) -> Vec<ContractSignature> {
+    let (Ok(tx), Some(version)) = (
+        transaction(row),
+        safe.version.as_deref().and_then(|v| v.parse().ok()),
+    ) else {
+        return Vec::new();
+    };
+    let h = safe_tx::hashes(chain_id, row.safe, version, &tx);
+    let preimage = Bytes::from(safe_tx::preimage(h.domain_hash, h.message_hash));
+    row.confirmations
+        .iter()
+        .filter(|c| c.signature_type == "CONTRACT_SIGNATURE")
+        .filter_map(|c| {
+            match signatures::split(&c.signature, h.safe_tx_hash)
+                .ok()?
+                .as_slice()
+            {
+                [item] if item.owner == c.owner && item.kind == SignatureKind::Contract => {
+                    Some(ContractSignature {
+                        owner: c.owner,
+                        preimage: preimage.clone(),
+                        data: item.contract_data.clone()?,
+                    })
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Checks `row` of the Safe whose on-chain state is `safe` on `chain_id`. `contracts` holds the
+/// chain's answer for each contract signature (see [`contract_signatures`]): an owner absent
+/// from it could not be asked.
 pub fn check(
     row: &TxRow,
     chain_id: u64,
     safe: &SafeState,
     delegates: &[Address],
+    contracts: &std::collections::BTreeMap<Address, bool>,
     ctx: &Context<'_>,
 ) -> Result<Proposal, safe_tx::SafeTxError> {
     let tx = transaction(row)?;
@@ -147,6 +196,7 @@ pub fn check(
         }
     };
     let mut confirmed_by: Vec<Address> = Vec::new();
+    let mut confirmed_at: Vec<(Address, i64)> = Vec::new();
     for c in &row.confirmations {
         let counted = match c.signature_type.as_str() {
             "APPROVED_HASH" => {
@@ -161,14 +211,28 @@ pub fn check(
                     false
                 }
             }
-            "CONTRACT_SIGNATURE" => {
-                findings.push(finding(
-                    Rule::InvalidSignature,
-                    Severity::Info,
-                    format!("{} signed as a contract (EIP-1271): only the chain can check it (not counted)", c.owner),
-                ));
-                false
-            }
+            "CONTRACT_SIGNATURE" => match contracts.get(&c.owner) {
+                Some(true) => true,
+                Some(false) => {
+                    findings.push(finding(
+                        Rule::InvalidSignature,
+                        Severity::Critical,
+                        format!(
+                            "the contract signature said to be from {} is refused by that contract (EIP-1271 isValidSignature): forged, or for another transaction",
+                            c.owner
+                        ),
+                    ));
+                    false
+                }
+                None => {
+                    findings.push(finding(
+                        Rule::InvalidSignature,
+                        Severity::Info,
+                        format!("{} signed as a contract (EIP-1271): only the chain can check it, and it could not be asked (not counted)", c.owner),
+                    ));
+                    false
+                }
+            },
             _ => match signatures::split(&c.signature, hash).as_deref() {
                 Ok([item])
                     if item.owner == c.owner
@@ -212,6 +276,9 @@ pub fn check(
             ));
         } else if counted && !confirmed_by.contains(&c.owner) {
             confirmed_by.push(c.owner);
+            if let Some(at) = c.submission_date.as_deref().and_then(unix_secs) {
+                confirmed_at.push((c.owner, at));
+            }
         }
     }
     if let Some(p) = row.proposer
@@ -253,16 +320,43 @@ pub fn check(
         words: decoded.as_ref().map(Decoded::words).unwrap_or_default(),
         transaction: tx,
         proposer: row.proposer,
-        submitted_at: row
-            .submission_date
-            .as_deref()
-            .and_then(|d| humantime::parse_rfc3339_weak(d).ok())
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .and_then(|d| i64::try_from(d.as_secs()).ok()),
+        submitted_at: row.submission_date.as_deref().and_then(unix_secs),
         confirmed_by,
+        confirmed_at,
         threshold: safe.threshold,
         findings,
     })
+}
+
+/// Signer participation: the lowest share, among the Safes followed, of current owners who
+/// signed anything at or after `since` (Unix seconds): an on-chain approval or execution
+/// signature, or a verified confirmation of a `pending` proposal. `None` when no Safe is followed.
+pub fn participation(state: &GovernanceState, pending: &[&Proposal], since: i64) -> Option<f64> {
+    state
+        .safes
+        .iter()
+        .filter(|(_, s)| s.version.is_some() && !s.owners.is_empty())
+        .map(|(address, s)| {
+            let mut signed: std::collections::BTreeSet<Address> = s
+                .owners_signed_since(u64::try_from(since).unwrap_or(0))
+                .collect();
+            signed.extend(
+                pending
+                    .iter()
+                    .filter(|p| p.safe == *address)
+                    .flat_map(|p| &p.confirmed_at)
+                    .filter(|(owner, at)| *at >= since && s.owners.contains(owner))
+                    .map(|(owner, _)| *owner),
+            );
+            signed.len() as f64 / s.owners.len() as f64
+        })
+        .reduce(f64::min)
+}
+
+/// An RFC 3339 date of the service in Unix seconds.
+fn unix_secs(date: &str) -> Option<i64> {
+    let t = humantime::parse_rfc3339_weak(date).ok()?;
+    i64::try_from(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs()).ok()
 }
 
 /// Findings across one Safe's pending proposals: several for one nonce (only one can execute).
@@ -360,13 +454,14 @@ mod tests {
             owner: claimed,
             signature: Bytes::from(sig.as_bytes().to_vec()),
             signature_type: "EOA".into(),
+            submission_date: Some("2026-11-29T11:00:00Z".into()),
         });
     }
 
     fn run(state: &SafeState, row: &TxRow) -> Proposal {
         let none = |_: Address| None;
         let ctx = context(SAFE, state, &none, &UsageUnknown, "7 days");
-        check(row, 1, state, &[], &ctx).unwrap()
+        check(row, 1, state, &[], &Default::default(), &ctx).unwrap()
     }
 
     fn rules(p: &Proposal) -> Vec<(Rule, Severity)> {
@@ -382,6 +477,46 @@ mod tests {
         assert!(p.executable());
         assert_eq!(rules(&p), vec![(Rule::Addition, Severity::Info)]);
         assert_eq!(p.submitted_at, Some(1_795_946_400));
+        let at = 1_795_950_000;
+        assert_eq!(
+            p.confirmed_at,
+            vec![(owner(1).address(), at), (owner(2).address(), at)]
+        );
+    }
+
+    #[test]
+    fn participation_counts_recent_on_chain_signatures_and_verified_confirmations() {
+        use crate::governance::events::GovEvent;
+        let (safe, mut row) = setup();
+        let mut state = GovernanceState::new(Address::ZERO);
+        let mut safe = safe;
+        safe.owners.push(owner(3).address());
+        state.safes.insert(SAFE, safe);
+        assert_eq!(participation(&state, &[], 0), Some(0.0));
+        // Owner 3 approved a hash on-chain in block 7, at 1_000; owner 1 confirmed off-chain.
+        state.apply(
+            &GovEvent::ApproveHash {
+                safe: SAFE,
+                hash: B256::ZERO,
+                owner: owner(3).address(),
+            },
+            7,
+        );
+        state.apply(
+            &GovEvent::BlockTime {
+                safe: SAFE,
+                at: 1_000,
+            },
+            7,
+        );
+        confirm(&mut row, &owner(1), owner(1).address());
+        let p = run(&state.safes[&SAFE], &row);
+        let pending = [&p];
+        assert_eq!(participation(&state, &pending, 1_000), Some(2.0 / 3.0));
+        // Older than the window: the approval no longer counts; the confirmation (later) does.
+        assert_eq!(participation(&state, &pending, 1_001), Some(1.0 / 3.0));
+        assert_eq!(participation(&state, &pending, 1_795_950_001), Some(0.0));
+        assert_eq!(participation(&GovernanceState::default(), &[], 0), None);
     }
 
     #[test]
@@ -392,6 +527,7 @@ mod tests {
         confirm(&mut row, &owner(1), owner(2).address());
         let p = run(&state, &row);
         assert_eq!(p.confirmed_by, Vec::<Address>::new());
+        assert!(p.confirmed_at.is_empty());
         let r = rules(&p);
         assert!(
             r.contains(&(Rule::NonOwnerSignature, Severity::Critical)),
@@ -437,6 +573,7 @@ mod tests {
             owner: owner(2).address(),
             signature: Bytes::new(),
             signature_type: "APPROVED_HASH".into(),
+            submission_date: None,
         });
         assert!(run(&state, &row).confirmed_by.is_empty());
         state

@@ -5,7 +5,8 @@
 //! ones) → for each with a service, its on-chain nonce (a Safe whose state is not known yet is
 //! skipped: no queue is judged against a guessed nonce) → the service's pending rows from that
 //! nonce on → dead slots (executed, or below the nonce) dropped → each row's removals counted in
-//! the boot records → [`proposals::check`] → conflicts (several rows for one nonce) named →
+//! the boot records → contract owners' signatures asked of the chain (EIP-1271, as the Safe asks
+//! them) → [`proposals::check`] → conflicts (several rows for one nonce) named →
 //! published in the [`ProposalsView`] the notifier and the admin API read. A service failing with
 //! 5xx or no answer is left alone with backoff (1 s doubling to 5 min); a 429 holds its limiter
 //! for `Retry-After`; 401/403 is logged as the configuration error it is. Each service's indexing
@@ -24,11 +25,24 @@ use super::config::GovernanceConfig;
 use super::metrics::GovernanceMetrics;
 use super::proposals::{self, Proposal};
 use super::simulate::Simulator;
-use super::state::Role;
-use super::txservice::{ServiceError, TxService};
+use super::state::{Role, SafeState};
+use super::txservice::{ServiceError, TxRow, TxService};
 use super::watch::GovernanceView;
+use crate::chain::ChainError;
 use crate::runtime::Task;
 use crate::store::Store;
+
+/// EIP-1271 as Safe 1.3.0 / 1.4.1 ask a contract owner (`ISignatureValidator`): the transaction's
+/// preimage and the owner's signature data, answered by a magic value.
+#[allow(missing_docs)]
+mod eip1271 {
+    alloy::sol! {
+        function isValidSignature(bytes _data, bytes _signature) external view returns (bytes4);
+    }
+
+    /// What a contract owner answers when it accepts the signature.
+    pub const MAGIC: alloy::primitives::FixedBytes<4> = alloy::primitives::fixed_bytes!("20c13b0b");
+}
 
 /// Longest pause of a failing service.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -185,6 +199,40 @@ impl QueueWatcher {
         }
     }
 
+    /// The chain's answer to each contract signature (EIP-1271) of `row`, asked at `block` as the
+    /// Safe asks it. A revert or any other answer than the magic value is a refusal; an owner the
+    /// chain could not be asked about is left out (the check then counts nothing for it).
+    async fn contract_answers(
+        &self,
+        row: &TxRow,
+        chain_id: u64,
+        safe: &SafeState,
+        block: u64,
+    ) -> BTreeMap<Address, bool> {
+        let mut answers = BTreeMap::new();
+        let Some(reads) = self.simulator.as_ref().map(Simulator::reads) else {
+            return answers;
+        };
+        for c in proposals::contract_signatures(row, chain_id, safe) {
+            let call = eip1271::isValidSignatureCall {
+                _data: c.preimage,
+                _signature: c.data,
+            };
+            match reads.call(c.owner, call, block).await {
+                Ok(magic) => {
+                    answers.insert(c.owner, magic == eip1271::MAGIC);
+                }
+                Err(ChainError::CallReverted(_) | ChainError::UndecodableAnswer(_)) => {
+                    answers.insert(c.owner, false);
+                }
+                Err(e) => {
+                    tracing::warn!(safe = %row.safe, nonce = row.nonce, owner = %c.owner, error = %e, "governance: a contract signature could not be checked on-chain; not counted");
+                }
+            }
+        }
+        answers
+    }
+
     /// The simulation findings of `p` (simulated once per safeTxHash; nothing when the node
     /// cannot simulate, or a failure, which the next poll retries).
     async fn simulation(
@@ -299,9 +347,19 @@ impl QueueWatcher {
                 let usage =
                     super::usage::counted(&self.store, self.window, &proposals::removals(row))
                         .await?;
+                let contracts = self
+                    .contract_answers(row, state.chain_id, on_chain, state.block)
+                    .await;
                 let checked_row = {
                     let ctx = proposals::context(safe, on_chain, &min_delay, &usage, &window);
-                    proposals::check(row, state.chain_id, on_chain, &self.delegates, &ctx)
+                    proposals::check(
+                        row,
+                        state.chain_id,
+                        on_chain,
+                        &self.delegates,
+                        &contracts,
+                        &ctx,
+                    )
                 };
                 match checked_row {
                     Ok(mut p) => {

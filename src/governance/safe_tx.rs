@@ -188,15 +188,21 @@ pub fn hashes(chain_id: u64, safe: Address, version: SafeVersion, tx: &SafeTx) -
     message.extend_from_slice(&tx.nonce.to_be_bytes::<32>());
     let message_hash = keccak256(&message);
 
+    TxHashes {
+        domain_hash,
+        message_hash,
+        safe_tx_hash: keccak256(preimage(domain_hash, message_hash)),
+    }
+}
+
+/// `0x19 ‖ 0x01 ‖ domain ‖ message`: what the safeTxHash hashes, and what a Safe hands a contract
+/// owner's `isValidSignature(bytes, bytes)` (EIP-1271, as Safe 1.3.0 / 1.4.1 call it).
+pub fn preimage(domain_hash: B256, message_hash: B256) -> Vec<u8> {
     let mut outer = Vec::with_capacity(66);
     outer.extend_from_slice(&[0x19, 0x01]);
     outer.extend_from_slice(domain_hash.as_slice());
     outer.extend_from_slice(message_hash.as_slice());
-    TxHashes {
-        domain_hash,
-        message_hash,
-        safe_tx_hash: keccak256(&outer),
-    }
+    outer
 }
 
 #[cfg(test)]

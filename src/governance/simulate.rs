@@ -169,6 +169,11 @@ impl Simulator {
         self.kms
     }
 
+    /// The chain reads it simulates through.
+    pub fn reads(&self) -> &ChainReads {
+        &self.reads
+    }
+
     /// A simulator through `reads`, judging effects on `kms` and its apps.
     pub fn new(reads: ChainReads, kms: Address) -> Self {
         Self {

@@ -83,6 +83,25 @@ pub struct SafeState {
     recorded: Option<(ExecutionDetails, Bytes)>,
     /// Module transactions seen.
     pub module_transactions: u64,
+    /// The last block in which each address signed on-chain (approved a hash, or signed an
+    /// execution).
+    #[serde(skip)]
+    last_signed: BTreeMap<Address, u64>,
+    /// Timestamps of the blocks in `last_signed`.
+    #[serde(skip)]
+    signing_times: BTreeMap<u64, u64>,
+}
+
+impl SafeState {
+    /// Current owners who signed on-chain at or after `since` (Unix seconds).
+    pub fn owners_signed_since(&self, since: u64) -> impl Iterator<Item = Address> + '_ {
+        self.owners.iter().copied().filter(move |o| {
+            self.last_signed
+                .get(o)
+                .and_then(|b| self.signing_times.get(b))
+                .is_some_and(|t| *t >= since)
+        })
+    }
 }
 
 /// Where a timelock operation stands.
@@ -243,11 +262,15 @@ impl GovernanceState {
                 self.safes.entry(*safe).or_default().fallback_handler = *handler;
             }
             GovEvent::ApproveHash { safe, hash, owner } => {
-                self.safes
-                    .entry(*safe)
-                    .or_default()
-                    .approvals
-                    .insert((*hash, *owner));
+                let s = self.safes.entry(*safe).or_default();
+                s.approvals.insert((*hash, *owner));
+                s.last_signed.insert(*owner, block);
+            }
+            GovEvent::BlockTime { safe, at } => {
+                let s = self.safes.entry(*safe).or_default();
+                s.signing_times.insert(block, *at);
+                let used: BTreeSet<u64> = s.last_signed.values().copied().collect();
+                s.signing_times.retain(|b, _| used.contains(b));
             }
             GovEvent::SafeMultiSigTransaction {
                 safe,
@@ -279,6 +302,9 @@ impl GovernanceState {
                         .unwrap_or_default();
                     d
                 });
+                for signer in details.iter().flat_map(|d| &d.signers) {
+                    s.last_signed.insert(*signer, block);
+                }
                 s.nonce = s.nonce.saturating_add(1);
                 s.executions.push(Execution {
                     safe_tx_hash: *hash,

@@ -107,6 +107,9 @@ pub struct Confirmation {
     /// `EOA`, `ETH_SIGN`, `APPROVED_HASH` or `CONTRACT_SIGNATURE`.
     #[serde(default)]
     pub signature_type: String,
+    /// When it was given (RFC 3339), as the service says.
+    #[serde(default)]
+    pub submission_date: Option<String>,
 }
 
 /// The part of `dataDecoded` compared with our own decoding.

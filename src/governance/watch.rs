@@ -292,9 +292,16 @@ impl Projection for GovernanceProjection {
             // Safe) is identified where it was first named.
             let mut named: BTreeMap<Address, (u64, B256)> = BTreeMap::new();
             let mut scheduled: BTreeMap<(Address, B256), (u64, B256)> = BTreeMap::new();
+            // Blocks where a Safe's owners signed: their time dates the signers' participation.
+            let mut signed: BTreeSet<(u64, B256, Address)> = BTreeSet::new();
             for (row, e) in self.decoded(rows) {
                 let at = (row.block_number, row.block_hash);
                 match e {
+                    GovEvent::ApproveHash { safe, .. }
+                    | GovEvent::ExecutionSuccess { safe, .. }
+                    | GovEvent::ExecutionFailure { safe, .. } => {
+                        signed.insert((at.0, at.1, safe));
+                    }
                     GovEvent::OwnershipTransferStarted { pending: a, .. }
                     | GovEvent::OwnershipTransferred { owner: a, .. }
                     | GovEvent::RoleGranted { account: a, .. } => {
@@ -328,6 +335,18 @@ impl Projection for GovernanceProjection {
                         at: u64::try_from(at).unwrap_or(u64::MAX),
                     },
                 ));
+            }
+            let mut times: BTreeMap<u64, u64> = BTreeMap::new();
+            for (block, hash, safe) in signed {
+                let at = match times.get(&block) {
+                    Some(t) => *t,
+                    None => {
+                        let t = reads.block_time(block).await?;
+                        times.insert(block, t);
+                        t
+                    }
+                };
+                observed.push((block, hash, GovEvent::BlockTime { safe, at }));
             }
             Ok(synthetic_rows(observed, SYNTHETIC_LOG_INDEX))
         })

@@ -1,10 +1,12 @@
-//! A real Safe 1.4.1 and a real OpenZeppelin TimelockController on a development node, from the
-//! pinned npm artifacts (`npm ci` puts them under `node_modules/`), and Safe transactions executed
-//! with on-chain approvals. Used by the demo and the tests.
+//! A real Safe (1.4.1 or 1.3.0) and a real OpenZeppelin TimelockController on a development node,
+//! from the pinned npm artifacts (`npm ci` puts them under `node_modules/`), and Safe transactions
+//! executed with on-chain approvals. Used by the demo and the tests.
 //!
 //! Transactions are sent with `eth_sendTransaction` from the node's unlocked accounts, so no key
-//! is handled here. The SafeL2 singleton is placed at its canonical address with `anvil_setCode`,
-//! which reproduces mainnet code at the mainnet address.
+//! is handled here. The SafeL2 1.4.1 singleton is placed at its canonical address with
+//! `anvil_setCode`, which reproduces mainnet code at the mainnet address; the GnosisSafeL2 1.3.0
+//! singleton is deployed from its creation code (keywarden recognises a Safe by what it answers,
+//! not by where its singleton is).
 
 use std::path::Path;
 use std::time::Duration;
@@ -21,10 +23,39 @@ use crate::chain::contracts::SafeL2;
 /// The canonical address of the SafeL2 1.4.1 singleton.
 pub const SAFE_L2_141: Address = address!("29fcB43b46531BcA003ddC8FCB67FFE91900C762");
 
-const SAFE_L2_ARTIFACT: &str =
-    "@safe-global/safe-contracts/build/artifacts/contracts/SafeL2.sol/SafeL2.json";
-const SAFE_PROXY_ARTIFACT: &str =
-    "@safe-global/safe-contracts/build/artifacts/contracts/proxies/SafeProxy.sol/SafeProxy.json";
+/// A Safe release whose L2 singleton and proxy come from npm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SafeRelease {
+    /// `@safe-global/safe-contracts` 1.4.1: SafeL2 and SafeProxy.
+    V1_4_1,
+    /// `@gnosis.pm/safe-contracts` 1.3.0: GnosisSafeL2 and GnosisSafeProxy (the older event
+    /// layout, with fewer indexed fields).
+    V1_3_0,
+}
+
+impl SafeRelease {
+    fn singleton_artifact(self) -> &'static str {
+        match self {
+            Self::V1_4_1 => {
+                "@safe-global/safe-contracts/build/artifacts/contracts/SafeL2.sol/SafeL2.json"
+            }
+            Self::V1_3_0 => {
+                "@gnosis.pm/safe-contracts/build/artifacts/contracts/GnosisSafeL2.sol/GnosisSafeL2.json"
+            }
+        }
+    }
+
+    fn proxy_artifact(self) -> &'static str {
+        match self {
+            Self::V1_4_1 => {
+                "@safe-global/safe-contracts/build/artifacts/contracts/proxies/SafeProxy.sol/SafeProxy.json"
+            }
+            Self::V1_3_0 => {
+                "@gnosis.pm/safe-contracts/build/artifacts/contracts/proxies/GnosisSafeProxy.sol/GnosisSafeProxy.json"
+            }
+        }
+    }
+}
 const TIMELOCK_ARTIFACT: &str = "@openzeppelin/contracts/build/contracts/TimelockController.json";
 
 /// `field` (`bytecode` or `deployedBytecode`) of the npm artifact at `node_modules/{path}`, read
@@ -48,20 +79,39 @@ pub fn npm_artifact(path: &str, field: &str) -> Result<Bytes, ChainError> {
         .map_err(|e| bad(format!("{field}: {e}")))
 }
 
-/// A Safe 1.4.1 (SafeL2 behind a SafeProxy) owned by `owners` with `threshold`, created and set up
-/// by `from`.
+/// A Safe of `release` (its L2 singleton behind a proxy) owned by `owners` with `threshold`,
+/// created and set up by `from`.
 pub async fn deploy_safe<P: Provider>(
     provider: &P,
     from: Address,
+    release: SafeRelease,
     owners: &[Address],
     threshold: u64,
 ) -> Result<Address, ChainError> {
-    let singleton = npm_artifact(SAFE_L2_ARTIFACT, "deployedBytecode")?;
-    provider
-        .raw_request::<_, ()>("anvil_setCode".into(), (SAFE_L2_141, singleton))
-        .await?;
-    let mut code = npm_artifact(SAFE_PROXY_ARTIFACT, "bytecode")?.to_vec();
-    code.extend_from_slice(&SAFE_L2_141.abi_encode());
+    let artifact = release.singleton_artifact();
+    let singleton = match release {
+        SafeRelease::V1_4_1 => {
+            let code = npm_artifact(artifact, "deployedBytecode")?;
+            provider
+                .raw_request::<_, ()>("anvil_setCode".into(), (SAFE_L2_141, code))
+                .await?;
+            SAFE_L2_141
+        }
+        SafeRelease::V1_3_0 => {
+            let code = npm_artifact(artifact, "bytecode")?;
+            create(
+                provider,
+                RECEIPT_TIMEOUT,
+                from,
+                "GnosisSafeL2 singleton",
+                code,
+            )
+            .await?
+            .0
+        }
+    };
+    let mut code = npm_artifact(release.proxy_artifact(), "bytecode")?.to_vec();
+    code.extend_from_slice(&singleton.abi_encode());
     let (safe, _) = create(provider, RECEIPT_TIMEOUT, from, "SafeProxy", code.into()).await?;
     let pending = SafeL2::new(safe, provider)
         .setup(

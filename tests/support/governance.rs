@@ -23,9 +23,19 @@ async fn within<T>(
 
 /// A Safe 1.4.1 (SafeL2 behind a SafeProxy) owned by `owners` with `threshold`.
 pub async fn safe(c: &Chain, owners: &[Address], threshold: u64) -> Address {
+    safe_of(c, sim::SafeRelease::V1_4_1, owners, threshold).await
+}
+
+/// A Safe of `release` owned by `owners` with `threshold`.
+pub async fn safe_of(
+    c: &Chain,
+    release: sim::SafeRelease,
+    owners: &[Address],
+    threshold: u64,
+) -> Address {
     within(
         "Safe deployment",
-        sim::deploy_safe(&c.provider, c.owner, owners, threshold),
+        sim::deploy_safe(&c.provider, c.owner, release, owners, threshold),
     )
     .await
 }
