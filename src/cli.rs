@@ -30,8 +30,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the service.
     Serve(ServeArgs),
-    /// The whole story on this machine: anvil, our contracts, keywarden with a TEST attestation
-    /// PKI, simulated CVMs getting keys, an on-chain revocation refusing the next boot.
+    /// The whole story on this machine: anvil, our contracts governed by a Safe through a
+    /// timelock, keywarden with a TEST attestation PKI, simulated CVMs getting keys, the Safe's
+    /// removal of their compose hash alerted before it executes, the next boot refused.
     Demo(crate::demo::DemoArgs),
     /// Inspect configuration.
     #[command(subcommand)]
@@ -53,6 +54,26 @@ pub enum Command {
     /// What a Safe proposal would really do, before anyone signs it.
     #[command(subcommand)]
     Governance(GovernanceCommand),
+    /// The CVMs this KMS released keys to, from its boot records (works whether or not the
+    /// service runs).
+    #[command(subcommand)]
+    Cvm(CvmCommand),
+}
+
+/// `keywarden cvm ...`
+#[derive(Debug, Subcommand)]
+pub enum CvmCommand {
+    /// Every instance that received keys (first and last boot, boots, measurements, the newest
+    /// refusal since), and those only ever refused.
+    List(crate::chain::cli::StoreArgs),
+    /// One instance, by its id (hex; a unique prefix of at least 4 digits will do).
+    Show {
+        /// The instance id.
+        id: String,
+        /// Where the store is, and the output form.
+        #[command(flatten)]
+        store: crate::chain::cli::StoreArgs,
+    },
 }
 
 /// `keywarden governance ...`
@@ -528,6 +549,14 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                 &config.storage,
                 args.json,
             )))
+        }
+        Command::Cvm(CvmCommand::List(args)) => {
+            let config = load(cli.config.as_deref(), &store_overrides(&args))?;
+            Ok(runtime()?.block_on(crate::cvm::cli::run_list(&config.storage, args.json)))
+        }
+        Command::Cvm(CvmCommand::Show { id, store }) => {
+            let config = load(cli.config.as_deref(), &store_overrides(&store))?;
+            Ok(runtime()?.block_on(crate::cvm::cli::run_show(&config.storage, &id, store.json)))
         }
         Command::Chain(cmd) => {
             let (args, what) = match cmd {

@@ -4,10 +4,11 @@
 //! app's compose hash and the simulated OS image allowed on-chain → a real Safe 1.4.1 (2 of 3)
 //! and OpenZeppelin TimelockController take both contracts over → a test attestation PKI →
 //! `keywarden serve` on SQLite following the chain, alerting the signers' webhook → simulated
-//! CVMs get their keys over RA-TLS → the Safe schedules, through the timelock, the removal of the
+//! CVMs get their keys over RA-TLS (one restarts) → the Safe schedules, through the timelock, the removal of the
 //! compose hash → keywarden's critical alert, naming the instances it cuts off, is printed → the
 //! delay passes (chain time advanced) and the timelock executes → the next boot is refused →
-//! summary, then wait for Ctrl-C or `--duration`. Everything runs on 127.0.0.1; every process
+//! `keywarden cvm list` (the fleet from the KMS's records) → summary, then wait for Ctrl-C or
+//! `--duration`. Everything runs on 127.0.0.1; every process
 //! and server started is stopped.
 
 use std::io::{BufRead as _, BufReader};
@@ -214,7 +215,15 @@ async fn govern<P: Provider>(
         .get(1..4)
         .context("anvil has fewer than 4 accounts")?
         .to_vec();
-    let safe = gov::deploy_safe(provider, owner, gov::SafeRelease::V1_4_1, &signers, 2).await?;
+    let safe = gov::deploy_safe(
+        provider,
+        owner,
+        gov::SafeRelease::V1_4_1,
+        &signers,
+        2,
+        Address::ZERO,
+    )
+    .await?;
     let timelock = gov::deploy_timelock(provider, owner, TIMELOCK_DELAY, &[safe]).await?;
     DstackKms::new(kms, provider)
         .transferOwnership(timelock)
@@ -471,6 +480,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ));
     }
 
+    let keys = boot(1).await.context("CVM 1 did not get its keys again")?;
+    step(format!(
+        "CVM 1 restarted: got the same keys again (disk key {}...)",
+        &hex::encode(&keys.disk_crypt_key)[..16]
+    ));
+
     // The Safe proposes, through the timelock, removing the compose hash the CVMs booted with.
     let remove: Bytes = DstackApp::removeComposeHashCall {
         composeHash: FixedBytes(compose_hash),
@@ -552,6 +567,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "the signers' alert resolved: {}",
         resolved["summary"].as_str().unwrap_or_default()
     ));
+    println!();
+    println!("$ keywarden cvm list --data-dir {}", data.display());
+    let list = Command::new(std::env::current_exe()?)
+        .args(["cvm", "list", "--data-dir"])
+        .arg(&data)
+        .output()?;
+    if !list.status.success() {
+        bail!(
+            "keywarden cvm list failed: {}",
+            String::from_utf8_lossy(&list.stderr)
+        );
+    }
+    print!("{}", String::from_utf8_lossy(&list.stdout));
     println!();
     println!(
         "summary: {} CVMs got keys; the Safe's proposal to remove their compose hash raised a critical alert naming the instances it cuts off before it was executed; after execution the next boot was refused.",

@@ -10,6 +10,7 @@ pub mod chain;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod cvm;
 pub mod demo;
 pub mod governance;
 pub mod http;

@@ -185,6 +185,7 @@ async fn start(
         chain_connection.reads(),
         &mut registry,
     );
+    let cvm = crate::cvm::subsystem(store.clone(), &mut registry);
     let chain = crate::chain::subsystem(
         &config.chain,
         chain_connection,
@@ -231,6 +232,7 @@ async fn start(
     chain.tasks.spawn_on(&supervisor);
     governance.tasks.spawn_on(&supervisor);
     alerts.tasks.spawn_on(&supervisor);
+    cvm.tasks.spawn_on(&supervisor);
     let serve = |name, socket, router, listener| {
         supervisor.spawn(
             Server {
@@ -257,7 +259,10 @@ async fn start(
         serve(
             "admin_listener",
             admin,
-            crate::app::admin_router(state.clone(), chain.admin.merge(governance.admin)),
+            crate::app::admin_router(
+                state.clone(),
+                chain.admin.merge(governance.admin).merge(cvm.admin),
+            ),
             Listener::Admin,
         );
     }

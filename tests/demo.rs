@@ -35,6 +35,17 @@ fn demo_serves_keys_then_refuses_after_on_chain_revocation() {
     assert!(out.contains("(affected_instances=3)"), "{out}");
     assert!(out[alerted..executed].contains("3 instance(s)"), "{out}");
     assert!(out.contains("the signers' alert resolved"), "{out}");
+    // The fleet from the KMS's records: CVM 1 (instance 0x0101…) restarted, CVMs 2 and 3 deployed.
+    let list = &out[out.find("$ keywarden cvm list").unwrap()..];
+    let state = |prefix: &str| {
+        list.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {list}"))
+            .to_owned()
+    };
+    assert!(state("010101010101").contains(" restarted "), "{list}");
+    assert!(state("020202020202").contains(" deployed "), "{list}");
+    assert!(state("030303030303").contains(" deployed "), "{list}");
     assert!(
         out.contains("stopped keywarden, anvil and the signers' webhook"),
         "{out}"
@@ -46,6 +57,8 @@ fn demo_serves_keys_then_refuses_after_on_chain_revocation() {
         "\"on-chain sync completed\"",
         "\"governance: suspicious transaction\"",
         "\"measurement registered\"",
+        "\"CVM deployed\"",
+        "\"CVM restarted\"",
     ] {
         assert!(
             log.contains(message),

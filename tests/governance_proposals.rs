@@ -30,7 +30,7 @@ use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
 use axum::http::StatusCode;
 use chain_engine::{Chain, WAIT, chain, engine_with, h, sqlite_store};
-use governance::{exec_with, safe_nonce, safe_tx_hash};
+use governance::{exec_with, safe_nonce, safe_tx_hash, signing_safe};
 use keywarden::alerts::config::AlertsConfig;
 use keywarden::alerts::delivery::Deliverer;
 use keywarden::alerts::metrics::AlertMetrics;
@@ -597,6 +597,123 @@ async fn an_obfuscated_removal_is_caught_by_simulation_not_by_decoding() {
         fx.e.mirror.snapshot().apps[&c.d.app]
             .compose_hashes
             .contains(&h(4))
+    );
+    fx.stop().await;
+}
+
+alloy::sol! {
+    /// What the Safe 1.4.1 CompatibilityFallbackHandler answers through a Safe.
+    #[sol(rpc)]
+    interface CompatibilityFallbackHandler {
+        function getMessageHash(bytes message) external view returns (bytes32);
+    }
+}
+
+/// A contract confirmation as the service holds it: r = the owner, s = the offset of its data
+/// (65), v = 0, then the data's length and the data.
+fn contract_confirmation(owner: Address, data: &[u8]) -> Value {
+    let mut blob = owner.into_word().to_vec();
+    blob.extend_from_slice(&U256::from(65).to_be_bytes::<32>());
+    blob.push(0);
+    blob.extend_from_slice(&U256::from(data.len()).to_be_bytes::<32>());
+    blob.extend_from_slice(data);
+    json!({
+        "owner": owner.to_string(), "submissionDate": "2026-11-30T00:00:00Z", "transactionHash": null,
+        "signature": format!("0x{}", hex::encode(blob)),
+        "signatureType": "CONTRACT_SIGNATURE"
+    })
+}
+
+/// A Safe owned by another Safe: that owner's confirmation (EIP-1271) is asked of the chain as
+/// the Safe asks it. Signed by its own owner, it counts; signed by a stranger, the chain refuses
+/// it and the finding is critical.
+#[tokio::test]
+async fn a_contract_owners_confirmation_is_checked_by_the_chain() {
+    let fx = Fixture::start().await;
+    let (c, safe, owners) = (&fx.c, fx.safe, &fx.owners);
+    let inner_owner = signer(7);
+    let inner = signing_safe(c, &[inner_owner.address()], 1).await;
+    exec_signed(
+        c,
+        safe,
+        &[&owners[0], &owners[1]],
+        safe,
+        SafeL2::addOwnerWithThresholdCall {
+            owner: inner,
+            _threshold: U256::from(2),
+        }
+        .abi_encode(),
+    )
+    .await;
+    let nonce = safe_nonce(c, safe).await;
+    let handler = CompatibilityFallbackHandler::new(inner, c.provider.clone());
+    let mut rows = Vec::new();
+    for (offset, by) in [(0, &inner_owner), (1, &signer(9))] {
+        let data = DstackApp::addComposeHashCall {
+            composeHash: h(6 + offset as u8),
+        }
+        .abi_encode();
+        let hash = safe_tx_hash(c, safe, c.d.app, &data, nonce + offset).await;
+        // What the Safe hands its contract owner: the transaction's EIP-712 preimage.
+        let preimage = SafeL2::new(safe, c.provider.clone())
+            .encodeTransactionData(
+                c.d.app,
+                U256::ZERO,
+                data.clone().into(),
+                0,
+                U256::ZERO,
+                U256::ZERO,
+                U256::ZERO,
+                Address::ZERO,
+                Address::ZERO,
+                U256::from(nonce + offset),
+            )
+            .call()
+            .await
+            .unwrap();
+        let message = handler.getMessageHash(preimage).call().await.unwrap();
+        let signature = by.sign_hash_sync(&message).unwrap().as_bytes();
+        rows.push(row(
+            safe,
+            c.d.app,
+            &data,
+            nonce + offset,
+            hash,
+            owners[0].address(),
+            vec![contract_confirmation(inner, &signature)],
+            json!({"method": "addComposeHash", "parameters": []}),
+        ));
+    }
+    fx.ts.rows.lock().unwrap().extend(rows);
+    until("both proposals are checked", || {
+        fx.proposals
+            .snapshot()
+            .get(&safe)
+            .is_some_and(|q| q.proposals.len() == 2)
+    })
+    .await;
+    let q = fx.proposals.snapshot()[&safe].clone();
+    let (signed, forged) = (&q.proposals[0], &q.proposals[1]);
+    assert_eq!(signed.confirmed_by, vec![inner], "{:?}", signed.findings);
+    assert!(
+        signed
+            .findings
+            .iter()
+            .all(|f| f.rule.label() != "invalid_signature"),
+        "{:?}",
+        signed.findings
+    );
+    assert!(forged.confirmed_by.is_empty());
+    let refused = forged
+        .findings
+        .iter()
+        .find(|f| f.rule.label() == "invalid_signature")
+        .unwrap_or_else(|| panic!("{:?}", forged.findings));
+    assert_eq!(refused.severity.label(), "critical");
+    assert!(
+        refused.detail.contains("refused by that contract"),
+        "{}",
+        refused.detail
     );
     fx.stop().await;
 }

@@ -109,13 +109,6 @@ impl KmsRpc {
             .release(observation, audit)
             .await
             .map_err(not_recorded)?;
-        if record.boot_count == 1 {
-            tracing::info!(
-                app_id = %hex::encode(&boot.app_id),
-                instance_id = %hex::encode(&boot.instance_id),
-                "CVM deployed"
-            );
-        }
         tracing::info!(
             boot_count = record.boot_count,
             app_id = %hex::encode(&boot.app_id),

@@ -56,6 +56,7 @@ impl SafeRelease {
         }
     }
 }
+const FALLBACK_HANDLER_ARTIFACT: &str = "@safe-global/safe-contracts/build/artifacts/contracts/handler/CompatibilityFallbackHandler.sol/CompatibilityFallbackHandler.json";
 const TIMELOCK_ARTIFACT: &str = "@openzeppelin/contracts/build/contracts/TimelockController.json";
 
 /// `field` (`bytecode` or `deployedBytecode`) of the npm artifact at `node_modules/{path}`, read
@@ -79,14 +80,33 @@ pub fn npm_artifact(path: &str, field: &str) -> Result<Bytes, ChainError> {
         .map_err(|e| bad(format!("{field}: {e}")))
 }
 
-/// A Safe of `release` (its L2 singleton behind a proxy) owned by `owners` with `threshold`,
-/// created and set up by `from`.
+/// The Safe 1.4.1 CompatibilityFallbackHandler (which answers EIP-1271 for a Safe that owns
+/// another), created by `from`.
+pub async fn deploy_fallback_handler<P: Provider>(
+    provider: &P,
+    from: Address,
+) -> Result<Address, ChainError> {
+    let code = npm_artifact(FALLBACK_HANDLER_ARTIFACT, "bytecode")?;
+    Ok(create(
+        provider,
+        RECEIPT_TIMEOUT,
+        from,
+        "CompatibilityFallbackHandler",
+        code,
+    )
+    .await?
+    .0)
+}
+
+/// A Safe of `release` (its L2 singleton behind a proxy) owned by `owners` with `threshold` and
+/// `fallback_handler` (zero: none), created and set up by `from`.
 pub async fn deploy_safe<P: Provider>(
     provider: &P,
     from: Address,
     release: SafeRelease,
     owners: &[Address],
     threshold: u64,
+    fallback_handler: Address,
 ) -> Result<Address, ChainError> {
     let artifact = release.singleton_artifact();
     let singleton = match release {
@@ -119,7 +139,7 @@ pub async fn deploy_safe<P: Provider>(
             U256::from(threshold),
             Address::ZERO,
             Bytes::new(),
-            Address::ZERO,
+            fallback_handler,
             Address::ZERO,
             U256::ZERO,
             Address::ZERO,

@@ -61,6 +61,27 @@ pub struct BootRecord {
     pub boot_count: i64,
 }
 
+/// One instance's row: its boots and the measurements of its latest boot. Byte fields are
+/// lowercase hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceRow {
+    /// App id.
+    pub app_id: String,
+    /// Instance id (empty when the app has none).
+    pub instance_id: String,
+    /// Its boots.
+    #[serde(flatten)]
+    pub record: BootRecord,
+    /// Aggregated measurement of the latest boot.
+    pub mr_aggregated: String,
+    /// Compose hash of the latest boot.
+    pub compose_hash: String,
+    /// OS image hash of the latest boot.
+    pub os_image_hash: String,
+    /// Device id of the latest boot.
+    pub device_id: String,
+}
+
 /// One entry of the KMS's ledger: an audit record, and the boot it records when keys are
 /// being released.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +183,77 @@ impl Store {
                 .await?
         });
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Instances whose latest boot is at or after `since` (Unix seconds; 0: all), oldest boot
+    /// first.
+    pub async fn instances_booted_since(&self, since: i64) -> Result<Vec<InstanceRow>, StoreError> {
+        let rows = on_backend!(self, pool => {
+            sqlx::query(
+                "SELECT app_id, instance_id, first_boot, last_boot, boot_count, mr_aggregated, compose_hash, os_image_hash, device_id \
+                 FROM boot_records WHERE last_boot >= $1 ORDER BY last_boot, app_id, instance_id",
+            )
+            .bind(since)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(InstanceRow {
+                    app_id: r.try_get("app_id")?,
+                    instance_id: r.try_get("instance_id")?,
+                    record: BootRecord {
+                        first_boot: r.try_get("first_boot")?,
+                        last_boot: r.try_get("last_boot")?,
+                        boot_count: r.try_get("boot_count")?,
+                    },
+                    mr_aggregated: r.try_get("mr_aggregated")?,
+                    compose_hash: r.try_get("compose_hash")?,
+                    os_image_hash: r.try_get("os_image_hash")?,
+                    device_id: r.try_get("device_id")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?
+        });
+        Ok(rows)
+    }
+
+    /// The newest audit records of `kind` with one of `outcomes` at or after `since` (Unix
+    /// seconds), newest first, at most `limit`.
+    pub async fn audit_of(
+        &self,
+        kind: &str,
+        outcomes: &[&str],
+        since: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut found = Vec::new();
+        for outcome in outcomes {
+            let rows = on_backend!(self, pool => {
+                sqlx::query(
+                    "SELECT at, kind, outcome, detail FROM audit_log WHERE kind = $1 AND outcome = $2 AND at >= $3 ORDER BY id DESC LIMIT $4",
+                )
+                .bind(kind)
+                .bind(*outcome)
+                .bind(since)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(AuditRecord {
+                        at: r.try_get("at")?,
+                        kind: r.try_get("kind")?,
+                        outcome: r.try_get("outcome")?,
+                        detail: r.try_get("detail")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()?
+            });
+            found.extend(rows);
+        }
+        found.sort_by_key(|r| std::cmp::Reverse(r.at));
+        found.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(found)
     }
 
     /// The record of one instance, if it ever received keys.

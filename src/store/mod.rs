@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::Row;
 
-pub use boots::{BootObservation, BootRecord, LedgerEntry, ServedColumn};
+pub use boots::{BootObservation, BootRecord, InstanceRow, LedgerEntry, ServedColumn};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,

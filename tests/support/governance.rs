@@ -35,7 +35,36 @@ pub async fn safe_of(
 ) -> Address {
     within(
         "Safe deployment",
-        sim::deploy_safe(&c.provider, c.owner, release, owners, threshold),
+        sim::deploy_safe(
+            &c.provider,
+            c.owner,
+            release,
+            owners,
+            threshold,
+            Address::ZERO,
+        ),
+    )
+    .await
+}
+
+/// A Safe 1.4.1 owned by `owners` with `threshold` and the CompatibilityFallbackHandler, so that
+/// it can sign for another Safe it owns (EIP-1271).
+pub async fn signing_safe(c: &Chain, owners: &[Address], threshold: u64) -> Address {
+    let handler = within(
+        "fallback handler deployment",
+        sim::deploy_fallback_handler(&c.provider, c.owner),
+    )
+    .await;
+    within(
+        "Safe deployment",
+        sim::deploy_safe(
+            &c.provider,
+            c.owner,
+            sim::SafeRelease::V1_4_1,
+            owners,
+            threshold,
+            handler,
+        ),
     )
     .await
 }

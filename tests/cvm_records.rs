@@ -1,0 +1,189 @@
+//! CVM health from the KMS's own records: instances found at start-up are history; a first boot
+//! recorded afterwards is a deployment, a later boot a restart (counted, with the fleet gauges);
+//! `cvm list` / `cvm show` join each instance with its newest refusal since its last boot and list
+//! the instances only ever refused. SQLite and PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod support;
+#[allow(unused_macros)]
+#[path = "support/chain_engine.rs"]
+mod chain_engine;
+
+use std::time::{Duration, Instant};
+
+use chain_engine::store_on;
+use keywarden::cvm::metrics::CvmMetrics;
+use keywarden::cvm::records::RecordsWatcher;
+use keywarden::runtime::Task;
+use keywarden::store::{AuditRecord, BootObservation, LedgerEntry, Store};
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const APP: &str = "a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0";
+
+fn instance(n: u8) -> String {
+    hex::encode([n; 20])
+}
+
+fn boot(n: u8, at: i64) -> LedgerEntry {
+    LedgerEntry {
+        boot: Some(BootObservation {
+            app_id: APP.into(),
+            instance_id: instance(n),
+            at,
+            mr_aggregated: "aa".repeat(32),
+            compose_hash: "cc".repeat(32),
+            os_image_hash: "bb".repeat(32),
+            device_id: "dd".repeat(32),
+        }),
+        audit: AuditRecord::new("key_request", "ok", &json!({})),
+    }
+}
+
+fn refusal(n: u8, at: i64, reason: &str) -> LedgerEntry {
+    let mut audit = AuditRecord::new(
+        "key_request",
+        "refused",
+        &json!({"app_id": APP, "instance_id": instance(n), "reason": reason, "message": "Boot denied"}),
+    );
+    audit.at = at;
+    LedgerEntry { boot: None, audit }
+}
+
+fn metric(registry: &Registry, line: &str) -> f64 {
+    let text = keywarden::telemetry::encode(registry).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{line} ")))
+        .unwrap_or_else(|| panic!("no {line} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
+    let mut all: Vec<String> = args.iter().map(ToString::to_string).collect();
+    all.extend(["--database-url".into(), url.into()]);
+    tokio::task::spawn_blocking(move || {
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        common::run_to_end(&all, &[])
+    })
+    .await
+    .unwrap()
+}
+
+async fn fleet_from_boot_records(db: Option<&common::PgDb>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Store = store_on(db, dir.path()).await;
+    let url = match db {
+        Some(db) => db.url.clone(),
+        None => format!("sqlite://{}", dir.path().join("kw.db").display()),
+    };
+    let now = keywarden::clock::unix_secs_i64();
+    // History: instance 1 booted before the watcher looked.
+    store.record_ledger(&[boot(1, now - 60)]).await.unwrap();
+
+    let mut registry = Registry::default();
+    let watcher = RecordsWatcher::new(store.clone(), CvmMetrics::new(&mut registry));
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(watcher.run(cancel.clone()));
+    until("the history is loaded", || {
+        metric(&registry, "dstack_cvm_known_instances") == 1.0
+    })
+    .await;
+    assert_eq!(metric(&registry, "dstack_cvm_deployments_total"), 0.0);
+
+    // Instance 2 deploys, instance 1 restarts; 2 is refused afterwards, 3 is only ever refused.
+    store
+        .record_ledger(&[
+            boot(2, now),
+            boot(1, now),
+            refusal(2, now + 1, "not_authorized"),
+            refusal(3, now - 5, "attestation_rejected"),
+            refusal(3, now - 1, "not_authorized"),
+            refusal(1, now - 120, "os_image_rejected"),
+        ])
+        .await
+        .unwrap();
+    until("the deployment and the restart are counted", || {
+        metric(&registry, "dstack_cvm_deployments_total") == 1.0
+            && metric(&registry, "dstack_cvm_restarts_total{source=\"kms\"}") == 1.0
+    })
+    .await;
+    assert_eq!(metric(&registry, "dstack_cvm_known_instances"), 2.0);
+    assert_eq!(
+        metric(&registry, "dstack_cvm_last_boot_timestamp_seconds"),
+        now as f64
+    );
+    // Seen once: looking again counts nothing more.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(metric(&registry, "dstack_cvm_deployments_total"), 1.0);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+
+    let (code, out, err) = cli(&url, &["cvm", "list", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let by_id = |n: u8| {
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["instance_id"] == instance(n))
+            .unwrap_or_else(|| panic!("no instance {n} in {v}"))
+            .clone()
+    };
+    assert_eq!(by_id(1)["state"], "restarted");
+    assert_eq!(by_id(1)["boot_count"], 2);
+    // Refused before its latest boot: nothing to say about it now.
+    assert!(by_id(1)["last_refusal"].is_null());
+    assert_eq!(by_id(2)["state"], "deployed");
+    assert_eq!(by_id(2)["last_refusal"]["reason"], "not_authorized");
+    assert_eq!(by_id(2)["compose_hash"], "cc".repeat(32));
+    let only = v["refused_only"].as_array().unwrap();
+    assert_eq!(only.len(), 1, "{v}");
+    assert_eq!(only[0]["instance_id"], instance(3));
+    assert_eq!(only[0]["reason"], "not_authorized");
+
+    let (code, out, err) = cli(&url, &["cvm", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("refused at the key step, never received keys"),
+        "{out}"
+    );
+    assert!(
+        out.contains("2 instance(s) received keys; 1 more only refused"),
+        "{out}"
+    );
+
+    let (code, out, err) = cli(&url, &["cvm", "show", &format!("0x{}", &instance(1)[..6])]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("restarted (2 boot(s))"), "{out}");
+    let (code, _, err) = cli(&url, &["cvm", "show", "abz"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("is not an instance id"), "{err}");
+    let (code, _, err) = cli(&url, &["cvm", "show", "ffff"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("no instance ffff"), "{err}");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn deployments_and_restarts_come_from_the_boot_records_on_sqlite() {
+    fleet_from_boot_records(None).await;
+}
+
+#[tokio::test]
+async fn deployments_and_restarts_come_from_the_boot_records_on_postgres() {
+    let db = common::PgDb::create().await;
+    fleet_from_boot_records(Some(&db)).await;
+    db.drop_now().await;
+}
