@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
-use chain_engine::{Chain, WAIT, chain, engine_with, h, sqlite_store};
+use chain_engine::{Chain, chain, h, sqlite_store};
 use keywarden::alerts::config::AlertsConfig;
 use keywarden::alerts::delivery::Deliverer;
 use keywarden::alerts::metrics::AlertMetrics;
@@ -41,12 +41,10 @@ use keywarden::alerts::outbox::Outbox;
 use keywarden::chain::contracts::DstackApp;
 use keywarden::chain::projection::ChainReads;
 use keywarden::governance::config::{GovernanceConfig, SafeEntry};
-use keywarden::governance::metrics::GovernanceMetrics;
 use keywarden::governance::notify::Notifier;
 use keywarden::governance::queue::{ProposalsView, QueueWatcher};
-use keywarden::governance::safe_tx::{Operation, SafeTx, hashes};
+use keywarden::governance::safe_tx::{SafeTx, hashes};
 use keywarden::governance::simulate::Simulator;
-use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
 use keywarden::runtime::Task;
 use keywarden::store::{AuditRecord, BootObservation, LedgerEntry, Store};
 use prometheus_client::registry::Registry;
@@ -158,18 +156,7 @@ fn proposal(safe: Address, app: Address, nonce: u64) -> Value {
             "addComposeHash",
         )
     };
-    let tx = SafeTx {
-        to: app,
-        value: U256::ZERO,
-        data: Bytes::from(data.clone()),
-        operation: Operation::Call,
-        safe_tx_gas: U256::ZERO,
-        base_gas: U256::ZERO,
-        gas_price: U256::ZERO,
-        gas_token: Address::ZERO,
-        refund_receiver: Address::ZERO,
-        nonce: U256::from(nonce),
-    };
+    let tx = SafeTx::call(app, Bytes::from(data.clone()), nonce);
     let hash = hashes(CHAIN_ID, safe, "1.4.1".parse().unwrap(), &tx).safe_tx_hash;
     let [first, ..] = owners();
     txservice::row(
@@ -185,31 +172,17 @@ fn proposal(safe: Address, app: Address, nonce: u64) -> Value {
 }
 
 struct Watching {
-    view: Arc<GovernanceView>,
+    w: governance::Watched,
     proposals: Arc<ProposalsView>,
-    metrics: GovernanceMetrics,
-    registry: Registry,
-    engine: chain_engine::Engine,
     gov: GovernanceConfig,
 }
 
 /// The chain followed with the governance projection over `safes`, until every Safe is known.
 async fn watch(c: &Chain, store: &Store, safes: &[Address], gov: GovernanceConfig) -> Watching {
-    let mut registry = Registry::default();
-    let metrics = GovernanceMetrics::new(&mut registry);
-    let view = Arc::new(GovernanceView::default());
-    let projection =
-        GovernanceProjection::new(c.d.kms, safes.to_vec(), view.clone(), metrics.clone());
-    let engine = engine_with(
-        &[c.anvil.url()],
-        &c.d,
-        store,
-        vec![Box::new(projection)],
-        |_| {},
-    );
+    let w = governance::watch_with(c, store, safes.to_vec());
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let s = view.snapshot();
+        let s = w.view.snapshot();
         if safes
             .iter()
             .all(|a| s.safes.get(a).is_some_and(|x| x.version.is_some()))
@@ -220,12 +193,23 @@ async fn watch(c: &Chain, store: &Store, safes: &[Address], gov: GovernanceConfi
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Watching {
-        view,
+        w,
         proposals: Arc::new(ProposalsView::default()),
-        metrics,
-        registry,
-        engine,
         gov,
+    }
+}
+
+impl Watching {
+    /// The queue task over this view, simulating through `c`.
+    fn watcher(&self, c: &Chain, store: &Store) -> QueueWatcher {
+        QueueWatcher::new(
+            &self.gov,
+            self.w.view.clone(),
+            self.proposals.clone(),
+            store.clone(),
+            Some(simulator(c)),
+            self.w.metrics.clone(),
+        )
     }
 }
 
@@ -291,14 +275,7 @@ async fn poll_at_scale() {
         gov_config(&base, &safes, Duration::from_secs(30)),
     )
     .await;
-    let mut watcher = QueueWatcher::new(
-        &w.gov,
-        w.view.clone(),
-        w.proposals.clone(),
-        store.clone(),
-        Some(simulator(&c)),
-        w.metrics.clone(),
-    );
+    let mut watcher = w.watcher(&c, &store);
     let (peak_before, rss_before) = rss_mib();
     let before = ts.requests.load(std::sync::atomic::Ordering::SeqCst);
     let started = Instant::now();
@@ -314,7 +291,7 @@ async fn poll_at_scale() {
         .filter(|p| p.affected() == INSTANCES)
         .count();
     let simulated = metric(
-        &w.registry,
+        &w.w.registry,
         "dstack_governance_simulations_total",
         "{outcome=\"simulated\"}",
     );
@@ -336,7 +313,7 @@ async fn poll_at_scale() {
         "second poll (unchanged queue, simulations reused): {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    w.engine.stop().await;
+    w.w.engine.stop().await;
 }
 
 /// Webhook deliveries: when each `proposed` alert arrived, by safeTxHash.
@@ -391,21 +368,14 @@ async fn alert_latency_and_verify() {
     let channels = alerts.channels().unwrap();
     let cancel = CancellationToken::new();
     let mut registry = Registry::default();
-    let watcher = QueueWatcher::new(
-        &w.gov,
-        w.view.clone(),
-        w.proposals.clone(),
-        store.clone(),
-        Some(simulator(&c)),
-        w.metrics.clone(),
-    );
+    let watcher = w.watcher(&c, &store);
     let notifier = Notifier::new(
-        w.view.clone(),
+        w.w.view.clone(),
         w.proposals.clone(),
         Outbox::new(store.clone(), &channels),
         store.clone(),
         w.gov.in_use_window,
-        w.metrics.clone(),
+        w.w.metrics.clone(),
     );
     let deliverer = Deliverer::new(
         store.clone(),
@@ -491,7 +461,7 @@ async fn alert_latency_and_verify() {
     for h in handles {
         h.await.unwrap().unwrap();
     }
-    w.engine.stop().await;
+    w.w.engine.stop().await;
 }
 
 fn main() {

@@ -225,20 +225,15 @@ async fn govern<P: Provider>(
     )
     .await?;
     let timelock = gov::deploy_timelock(provider, owner, TIMELOCK_DELAY, &[safe]).await?;
-    DstackKms::new(kms, provider)
-        .transferOwnership(timelock)
-        .from(owner)
-        .send()
-        .await?
-        .get_receipt()
-        .await?;
-    DstackApp::new(app, provider)
-        .transferOwnership(timelock)
-        .from(owner)
-        .send()
-        .await?
-        .get_receipt()
-        .await?;
+    // DstackKms and DstackApp share Ownable2Step's transferOwnership.
+    let transfer = DstackApp::transferOwnershipCall { newOwner: timelock }.abi_encode();
+    for contract in [kms, app] {
+        let tx = alloy::rpc::types::TransactionRequest::default()
+            .from(owner)
+            .to(contract)
+            .input(Bytes::from(transfer.clone()).into());
+        provider.send_transaction(tx).await?.get_receipt().await?;
+    }
     let accept: Bytes = DstackApp::acceptOwnershipCall {}.abi_encode().into();
     let (targets, values, payloads) = (
         vec![kms, app],

@@ -17,9 +17,7 @@ use std::sync::{Arc, Mutex};
 use alloy::primitives::{Address, B256};
 use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
-use chain_engine::{
-    Chain, WAIT, chain, deployed_app, engine, engine_with, h, sqlite_store, store_on,
-};
+use chain_engine::{Chain, chain, deployed_app, engine, engine_with, h, sqlite_store, store_on};
 use futures::future::BoxFuture;
 use keywarden::chain::ChainError;
 use keywarden::chain::projection::{At, ChainReads, Discovered, Processed, Projection};

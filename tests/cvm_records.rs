@@ -4,11 +4,11 @@
 //! the instances only ever refused. SQLite and PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
 #[allow(unused_macros)]
 #[path = "support/chain_engine.rs"]
 mod chain_engine;
+mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 

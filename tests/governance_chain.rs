@@ -14,76 +14,21 @@ mod chain_engine;
 #[path = "support/governance.rs"]
 mod governance;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
 use alloy::rpc::types::anvil::ReorgOptions;
 use alloy::sol_types::SolCall;
-use chain_engine::{Chain, Engine, WAIT, chain, engine_with, store_on};
-use governance::{DELAY, exec, safe, safe_of, timelock};
+use chain_engine::{Chain, chain, store_on};
+use governance::{DELAY, Watched, exec, safe, safe_of, timelock, watch_with};
 use keywarden::chain::contracts::SafeL2;
 use keywarden::chain::contracts::{DstackKms, TimelockController};
-use keywarden::governance::metrics::GovernanceMetrics;
-use keywarden::governance::state::{GovernanceState, OperationStatus, Role};
-use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
+use keywarden::governance::state::{OperationStatus, Role};
 use keywarden::sim::governance::SafeRelease;
 use keywarden::store::Store;
-use prometheus_client::registry::Registry;
-
-struct Watched {
-    engine: Engine,
-    view: Arc<GovernanceView>,
-    registry: Registry,
-}
 
 fn watch(c: &Chain, store: &Store) -> Watched {
     watch_with(c, store, Vec::new())
-}
-
-/// Watches, besides what the contracts' owners lead to, the `configured` Safes.
-fn watch_with(c: &Chain, store: &Store, configured: Vec<Address>) -> Watched {
-    let mut registry = Registry::default();
-    let view = Arc::new(GovernanceView::default());
-    let projection = GovernanceProjection::new(
-        c.d.kms,
-        configured,
-        view.clone(),
-        GovernanceMetrics::new(&mut registry),
-    );
-    let engine = engine_with(
-        &[c.anvil.url()],
-        &c.d,
-        store,
-        vec![Box::new(projection)],
-        |_| {},
-    );
-    Watched {
-        engine,
-        view,
-        registry,
-    }
-}
-
-impl Watched {
-    async fn until(&self, what: &str, f: impl Fn(&GovernanceState) -> bool) {
-        let deadline = Instant::now() + WAIT;
-        while !f(&self.view.snapshot()) {
-            assert!(Instant::now() < deadline, "never: {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn gauge(&self, name: &str) -> f64 {
-        let text = keywarden::telemetry::encode(&self.registry).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
 }
 
 async fn safe_timelock_kms(db: Option<&common::PgDb>) {

@@ -126,18 +126,7 @@ fn offline_verify_prints_the_hashes_and_the_decoded_removal() {
     let data = remove_compose();
     let (code, out, err) = verify(&["--to", APP, "--data", &data]);
     assert_eq!(code, 0, "{out}{err}");
-    let tx = SafeTx {
-        to: APP.parse().unwrap(),
-        value: U256::ZERO,
-        data: data.parse().unwrap(),
-        operation: Operation::Call,
-        safe_tx_gas: U256::ZERO,
-        base_gas: U256::ZERO,
-        gas_price: U256::ZERO,
-        gas_token: Address::ZERO,
-        refund_receiver: Address::ZERO,
-        nonce: U256::from(7),
-    };
+    let tx = SafeTx::call(APP.parse().unwrap(), data.parse().unwrap(), 7);
     let h = hashes(1, SAFE.parse().unwrap(), "1.4.1".parse().unwrap(), &tx);
     for hash in [h.domain_hash, h.message_hash, h.safe_tx_hash] {
         assert!(out.contains(&hash.to_string()), "{out}");
@@ -202,18 +191,7 @@ fn offline_verify_recovers_signers_and_a_non_owner_signature_is_critical() {
     use alloy::signers::SignerSync;
     use alloy::signers::local::PrivateKeySigner;
     let data = remove_compose();
-    let tx = SafeTx {
-        to: APP.parse().unwrap(),
-        value: U256::ZERO,
-        data: data.parse().unwrap(),
-        operation: Operation::Call,
-        safe_tx_gas: U256::ZERO,
-        base_gas: U256::ZERO,
-        gas_price: U256::ZERO,
-        gas_token: Address::ZERO,
-        refund_receiver: Address::ZERO,
-        nonce: U256::from(7),
-    };
+    let tx = SafeTx::call(APP.parse().unwrap(), data.parse().unwrap(), 7);
     let hash = hashes(1, SAFE.parse().unwrap(), "1.4.1".parse().unwrap(), &tx).safe_tx_hash;
     let owner = PrivateKeySigner::from_bytes(&B256::repeat_byte(7)).unwrap();
     let sig = owner.sign_hash_sync(&hash).unwrap();

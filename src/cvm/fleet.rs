@@ -88,26 +88,29 @@ impl Fleet {
     }
 }
 
+/// An instance of app `aa` with `boots` boots, the latest at `last` (for the module's tests).
+#[cfg(test)]
+pub(super) fn test_row(instance: &str, boots: i64, last: i64) -> InstanceRow {
+    InstanceRow {
+        app_id: "aa".into(),
+        instance_id: instance.into(),
+        record: crate::store::BootRecord {
+            first_boot: 10,
+            last_boot: last,
+            boot_count: boots,
+        },
+        mr_aggregated: String::new(),
+        compose_hash: "cc".into(),
+        os_image_hash: String::new(),
+        device_id: String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::BootRecord;
 
-    fn row(instance: &str, boots: i64, last: i64) -> InstanceRow {
-        InstanceRow {
-            app_id: "aa".into(),
-            instance_id: instance.into(),
-            record: BootRecord {
-                first_boot: 100,
-                last_boot: last,
-                boot_count: boots,
-            },
-            mr_aggregated: String::new(),
-            compose_hash: String::new(),
-            os_image_hash: String::new(),
-            device_id: String::new(),
-        }
-    }
+    use super::test_row as row;
 
     #[test]
     fn history_is_loaded_silently_then_first_boots_deploy_and_later_boots_restart() {

@@ -112,23 +112,7 @@ pub async fn fleet(store: &Store) -> Result<FleetReport, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::BootRecord;
-
-    fn row(instance: &str, boots: i64, last: i64) -> InstanceRow {
-        InstanceRow {
-            app_id: "aa".into(),
-            instance_id: instance.into(),
-            record: BootRecord {
-                first_boot: 10,
-                last_boot: last,
-                boot_count: boots,
-            },
-            mr_aggregated: String::new(),
-            compose_hash: "cc".into(),
-            os_image_hash: String::new(),
-            device_id: String::new(),
-        }
-    }
+    use crate::cvm::fleet::test_row as row;
 
     fn refused(instance: &str, at: i64, reason: &str) -> AuditRecord {
         AuditRecord {

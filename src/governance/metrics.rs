@@ -9,7 +9,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use super::proposals::Proposal;
 use super::state::{GovernanceState, Role};
 use crate::alerts::Severity;
 
@@ -32,6 +31,19 @@ struct MissingLabels {
 
 /// Buckets of confirmations a pending proposal still needs: closed, whatever the threshold.
 const MISSING: [&str; 4] = ["0", "1", "2", "3_or_more"];
+
+/// The pending proposals, as exported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueSummary {
+    /// Pending proposals.
+    pub pending: usize,
+    /// Those with the confirmations to execute.
+    pub executable: usize,
+    /// Age of the oldest, in seconds (0 when none).
+    pub oldest_age: i64,
+    /// Proposals still needing 0, 1, 2, and 3 or more verified confirmations.
+    pub missing_confirmations: [usize; 4],
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -261,26 +273,13 @@ impl GovernanceMetrics {
             .set(i64::try_from(blocks).unwrap_or(i64::MAX));
     }
 
-    /// Exports the pending proposals, their ages counted to `now` (Unix seconds).
-    pub fn proposals(&self, pending: &[&Proposal], now: i64) {
+    /// Exports the pending proposals.
+    pub fn proposals(&self, q: &QueueSummary) {
         let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-        self.proposals_pending.set(n(pending.len()));
-        self.proposals_executable
-            .set(n(pending.iter().filter(|p| p.executable()).count()));
-        let oldest = pending
-            .iter()
-            .filter_map(|p| p.submitted_at)
-            .min()
-            .map_or(0, |t| now.saturating_sub(t).max(0));
-        self.oldest_proposal_age.set(oldest);
-        let mut buckets = [0usize; MISSING.len()];
-        for p in pending {
-            let have = u64::try_from(p.confirmed_by.len()).unwrap_or(u64::MAX);
-            let missing = p.threshold.saturating_sub(have);
-            buckets[usize::try_from(missing)
-                .map_or(MISSING.len() - 1, |m| m.min(MISSING.len() - 1))] += 1;
-        }
-        for (missing, count) in MISSING.into_iter().zip(buckets) {
+        self.proposals_pending.set(n(q.pending));
+        self.proposals_executable.set(n(q.executable));
+        self.oldest_proposal_age.set(q.oldest_age);
+        for (missing, count) in MISSING.into_iter().zip(q.missing_confirmations) {
             self.missing
                 .get_or_create(&MissingLabels { missing })
                 .set(n(count));

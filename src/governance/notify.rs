@@ -176,16 +176,8 @@ impl Notifier {
                 window: &window,
             };
             let tx = super::safe_tx::SafeTx {
-                to: call.target,
                 value: call.value,
-                data: call.data.clone(),
-                operation: Operation::Call,
-                safe_tx_gas: Default::default(),
-                base_gas: Default::default(),
-                gas_price: Default::default(),
-                gas_token: Address::ZERO,
-                refund_receiver: Address::ZERO,
-                nonce: Default::default(),
+                ..super::safe_tx::SafeTx::call(call.target, call.data.clone(), 0)
             };
             findings.extend(classify::classify(&tx, &decoded, &ctx));
             match &decoded {

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::classify::{self, Context, Finding, Rule, Severity, Usage};
 use super::decode::{self, Action, Decoded};
+use super::metrics::QueueSummary;
 use super::safe_tx::{self, Operation, SafeTx};
 use super::signatures::{self, SignatureKind};
 use super::state::{GovernanceState, SafeState};
@@ -328,6 +329,26 @@ pub fn check(
     })
 }
 
+/// The summary of `pending` exported as metrics, their ages counted to `now` (Unix seconds).
+pub fn summary(pending: &[&Proposal], now: i64) -> QueueSummary {
+    let mut missing_confirmations = [0usize; 4];
+    for p in pending {
+        let have = u64::try_from(p.confirmed_by.len()).unwrap_or(u64::MAX);
+        let missing = usize::try_from(p.threshold.saturating_sub(have)).unwrap_or(usize::MAX);
+        missing_confirmations[missing.min(missing_confirmations.len() - 1)] += 1;
+    }
+    QueueSummary {
+        pending: pending.len(),
+        executable: pending.iter().filter(|p| p.executable()).count(),
+        oldest_age: pending
+            .iter()
+            .filter_map(|p| p.submitted_at)
+            .min()
+            .map_or(0, |t| now.saturating_sub(t).max(0)),
+        missing_confirmations,
+    }
+}
+
 /// Signer participation: the lowest share, among the Safes followed, of current owners who
 /// signed anything at or after `since` (Unix seconds): an on-chain approval or execution
 /// signature, or a verified confirmation of a `pending` proposal. `None` when no Safe is followed.
@@ -482,6 +503,22 @@ mod tests {
             p.confirmed_at,
             vec![(owner(1).address(), at), (owner(2).address(), at)]
         );
+    }
+
+    #[test]
+    fn the_summary_buckets_proposals_by_missing_confirmations() {
+        let (state, mut row) = setup();
+        let none = run(&state, &row);
+        confirm(&mut row, &owner(1), owner(1).address());
+        let one = run(&state, &row);
+        confirm(&mut row, &owner(2), owner(2).address());
+        let both = run(&state, &row);
+        let s = summary(&[&none, &one, &both, &none], 1_795_946_400 + 60);
+        assert_eq!(s.pending, 4);
+        assert_eq!(s.executable, 1);
+        assert_eq!(s.oldest_age, 60);
+        assert_eq!(s.missing_confirmations, [1, 1, 2, 0]);
+        assert_eq!(summary(&[], 0), QueueSummary::default());
     }
 
     #[test]

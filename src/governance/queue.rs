@@ -403,7 +403,8 @@ impl QueueWatcher {
         }
         self.metrics.indexing_lag(lag);
         let all: Vec<&Proposal> = queues.values().flat_map(|q| &q.proposals).collect();
-        self.metrics.proposals(&all, crate::clock::unix_secs_i64());
+        self.metrics
+            .proposals(&proposals::summary(&all, crate::clock::unix_secs_i64()));
         self.out.publish(queues);
         Ok(())
     }

@@ -129,6 +129,24 @@ pub struct SafeTx {
     pub nonce: U256,
 }
 
+impl SafeTx {
+    /// A plain call of `data` on `to` at `nonce`: no value, no gas refund.
+    pub fn call(to: Address, data: Bytes, nonce: u64) -> Self {
+        Self {
+            to,
+            value: U256::ZERO,
+            data,
+            operation: Operation::Call,
+            safe_tx_gas: U256::ZERO,
+            base_gas: U256::ZERO,
+            gas_price: U256::ZERO,
+            gas_token: Address::ZERO,
+            refund_receiver: Address::ZERO,
+            nonce: U256::from(nonce),
+        }
+    }
+}
+
 /// What a signer compares with the hardware wallet's screen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -252,16 +270,12 @@ mod tests {
 
     fn tx() -> SafeTx {
         SafeTx {
-            to: Address::repeat_byte(0x11),
             value: U256::from(5),
-            data: Bytes::from_static(&[1, 2, 3]),
-            operation: Operation::Call,
-            safe_tx_gas: U256::ZERO,
-            base_gas: U256::ZERO,
-            gas_price: U256::ZERO,
-            gas_token: Address::ZERO,
-            refund_receiver: Address::ZERO,
-            nonce: U256::from(7),
+            ..SafeTx::call(
+                Address::repeat_byte(0x11),
+                Bytes::from_static(&[1, 2, 3]),
+                7,
+            )
         }
     }
 

@@ -228,28 +228,7 @@ impl Store {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         let mut found = Vec::new();
         for outcome in outcomes {
-            let rows = on_backend!(self, pool => {
-                sqlx::query(
-                    "SELECT at, kind, outcome, detail FROM audit_log WHERE kind = $1 AND outcome = $2 AND at >= $3 ORDER BY id DESC LIMIT $4",
-                )
-                .bind(kind)
-                .bind(*outcome)
-                .bind(since)
-                .bind(limit)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(|r| {
-                    Ok(AuditRecord {
-                        at: r.try_get("at")?,
-                        kind: r.try_get("kind")?,
-                        outcome: r.try_get("outcome")?,
-                        detail: r.try_get("detail")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()?
-            });
-            found.extend(rows);
+            found.extend(self.audit_where(kind, outcome, since, limit).await?);
         }
         found.sort_by_key(|r| std::cmp::Reverse(r.at));
         found.truncate(usize::try_from(limit).unwrap_or(0));

@@ -424,8 +424,27 @@ impl Store {
 
     /// The newest audit records, newest first.
     pub async fn recent_audit(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        self.audit_where("", "", i64::MIN, limit).await
+    }
+
+    /// The newest audit records of `kind` and `outcome` (empty: any) at or after `since` (Unix
+    /// seconds), newest first, at most `limit`.
+    async fn audit_where(
+        &self,
+        kind: &str,
+        outcome: &str,
+        since: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = on_backend!(self, pool => {
-            sqlx::query("SELECT at, kind, outcome, detail FROM audit_log ORDER BY id DESC LIMIT $1")
+            sqlx::query(
+                "SELECT at, kind, outcome, detail FROM audit_log \
+                 WHERE ($1 = '' OR kind = $1) AND ($2 = '' OR outcome = $2) AND at >= $3 \
+                 ORDER BY id DESC LIMIT $4",
+            )
+                .bind(kind)
+                .bind(outcome)
+                .bind(since)
                 .bind(limit)
                 .fetch_all(pool)
                 .await?

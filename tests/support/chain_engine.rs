@@ -68,7 +68,7 @@ impl Chain {
 macro_rules! send {
     ($call:expr, $from:expr) => {{
         let pending = $call.from($from).send().await.expect("send");
-        let receipt = tokio::time::timeout(WAIT, pending.get_receipt())
+        let receipt = tokio::time::timeout($crate::chain_engine::WAIT, pending.get_receipt())
             .await
             .expect("receipt within the wait bound")
             .expect("receipt");

@@ -4,10 +4,16 @@
 // Shared by several test crates, each using a part of it.
 #![allow(dead_code)]
 
-use alloy::primitives::{Address, B256, Bytes};
-use keywarden::sim::governance as sim;
+use std::sync::Arc;
 
-use super::chain_engine::{Chain, WAIT};
+use alloy::primitives::{Address, B256, Bytes};
+use keywarden::governance::metrics::GovernanceMetrics;
+use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
+use keywarden::sim::governance as sim;
+use keywarden::store::Store;
+use prometheus_client::registry::Registry;
+
+use super::chain_engine::{Chain, Engine, WAIT, engine_with};
 
 pub const DELAY: u64 = 60;
 
@@ -121,4 +127,59 @@ pub async fn exec(c: &Chain, safe: Address, signers: &[Address], to: Address, da
         sim::exec_approved(&c.provider, safe, signers[0], &signers[1..], to, data),
     )
     .await;
+}
+
+/// The chain followed with the governance projection.
+pub struct Watched {
+    pub engine: Engine,
+    pub view: Arc<GovernanceView>,
+    pub metrics: GovernanceMetrics,
+    pub registry: Registry,
+}
+
+impl Watched {
+    /// Waits until `f` holds for the published state.
+    pub async fn until(
+        &self,
+        what: &str,
+        f: impl Fn(&keywarden::governance::state::GovernanceState) -> bool,
+    ) {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !f(&self.view.snapshot()) {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The value of the unlabelled metric `name`.
+    pub fn gauge(&self, name: &str) -> f64 {
+        let text = keywarden::telemetry::encode(&self.registry).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+/// Follows `c` into `store` with the governance projection, which also watches the `configured`
+/// Safes.
+pub fn watch_with(c: &Chain, store: &Store, configured: Vec<Address>) -> Watched {
+    let mut registry = Registry::default();
+    let metrics = GovernanceMetrics::new(&mut registry);
+    let view = Arc::new(GovernanceView::default());
+    let projection = GovernanceProjection::new(c.d.kms, configured, view.clone(), metrics.clone());
+    let engine = engine_with(
+        &[c.anvil.url()],
+        &c.d,
+        store,
+        vec![Box::new(projection)],
+        |_| {},
+    );
+    Watched {
+        engine,
+        view,
+        metrics,
+        registry,
+    }
 }
