@@ -46,7 +46,7 @@ use keywarden::governance::queue::{ProposalsView, QueueWatcher};
 use keywarden::governance::safe_tx::{SafeTx, hashes};
 use keywarden::governance::simulate::Simulator;
 use keywarden::runtime::Task;
-use keywarden::store::{AuditRecord, BootObservation, LedgerEntry, Store};
+use keywarden::store::Store;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -114,26 +114,8 @@ async fn safes_with_apps(c: &Chain, n: usize) -> Vec<(Address, Address)> {
 
 /// `INSTANCES` instances of each app that received keys with h(4) an hour ago.
 async fn boots(store: &Store, apps: &[Address]) {
-    let at = keywarden::clock::unix_secs_i64() - 3600;
-    let entries: Vec<LedgerEntry> = apps
-        .iter()
-        .enumerate()
-        .flat_map(|(a, app)| {
-            (0..INSTANCES).map(move |i| LedgerEntry {
-                boot: Some(BootObservation {
-                    app_id: hex::encode(app),
-                    instance_id: format!("{:020x}{:020x}", a, i + 1),
-                    at,
-                    mr_aggregated: "aa".repeat(32),
-                    compose_hash: hex::encode(h(4)),
-                    os_image_hash: "bb".repeat(32),
-                    device_id: "cc".repeat(32),
-                }),
-                audit: AuditRecord::new("key_request", "ok", &json!({})),
-            })
-        })
-        .collect();
-    store.record_ledger(&entries).await.unwrap();
+    let hour_ago = keywarden::clock::unix_secs_i64() - 3600;
+    governance::booted_with_h4(store, apps, INSTANCES, hour_ago).await;
 }
 
 /// Proposal `nonce` of `safe` on `app`: even nonces remove h(4) (in use), odd ones add a new
@@ -410,18 +392,7 @@ async fn alert_latency_and_verify() {
     summary("proposal -> alert", latencies);
 
     println!("== keywarden governance verify --safe --nonce against the local node");
-    let config = dir.path().join("keywarden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[storage]\ndatabase_url = \"sqlite://{}\"\n\n[chain]\nrpc_urls = [\"{}\"]\nkms_contract = \"{}\"\nstart_block = {}\n\n[governance]\ntransaction_service = \"{base}\"\n",
-            dir.path().join("kw.db").display(),
-            c.anvil.url(),
-            c.d.kms,
-            c.d.block
-        ),
-    )
-    .unwrap();
+    let config = governance::command_config(dir.path(), &c, &base);
     let mut runs = Vec::new();
     for _ in 0..10 {
         let args: Vec<String> = [

@@ -185,7 +185,13 @@ async fn start(
         chain_connection.reads(),
         &mut registry,
     );
-    let cvm = crate::cvm::subsystem(store.clone(), &mut registry);
+    let cvm = crate::cvm::subsystem(&config.cvm, store.clone(), &mut registry).map_err(|e| {
+        crate::config::ConfigError::Invalid(vec![crate::problem::Problem::new(
+            "cvm.vmm",
+            e.to_string(),
+            "give token = \"env:VAR\" or \"file:PATH\" naming a readable token",
+        )])
+    })?;
     let chain = crate::chain::subsystem(
         &config.chain,
         chain_connection,

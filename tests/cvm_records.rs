@@ -92,7 +92,7 @@ async fn fleet_from_boot_records(db: Option<&common::PgDb>) {
     store.record_ledger(&[boot(1, now - 60)]).await.unwrap();
 
     let mut registry = Registry::default();
-    let watcher = RecordsWatcher::new(store.clone(), CvmMetrics::new(&mut registry));
+    let watcher = RecordsWatcher::new(store.clone(), CvmMetrics::new(&mut registry, 500));
     let cancel = CancellationToken::new();
     let task = tokio::spawn(watcher.run(cancel.clone()));
     until("the history is loaded", || {

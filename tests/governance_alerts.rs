@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use alertmanager::Alertmanager;
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{B256, U256};
 use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
 use alloy::sol_types::SolCall;
@@ -39,7 +39,7 @@ use keywarden::governance::notify::Notifier;
 use keywarden::governance::queue::ProposalsView;
 use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
 use keywarden::runtime::Task;
-use keywarden::store::{AuditRecord, BootObservation, LedgerEntry, Store};
+use keywarden::store::Store;
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -104,26 +104,6 @@ async fn receivers() -> (String, Arc<Mutex<Received>>) {
         );
     let addr = common::serve_router(router).await;
     (format!("http://{addr}"), got)
-}
-
-/// Twelve instances of `app` that received keys with compose hash h(4) a day ago.
-async fn twelve_instances(store: &Store, app: Address) {
-    let day_ago = keywarden::clock::unix_secs_i64() - 86400;
-    let entries: Vec<LedgerEntry> = (0..INSTANCES)
-        .map(|i| LedgerEntry {
-            boot: Some(BootObservation {
-                app_id: hex::encode(app),
-                instance_id: format!("{:040x}", i + 1),
-                at: day_ago,
-                mr_aggregated: "aa".repeat(32),
-                compose_hash: hex::encode(h(4)),
-                os_image_hash: "bb".repeat(32),
-                device_id: "cc".repeat(32),
-            }),
-            audit: AuditRecord::new("key_request", "ok", &serde_json::json!({})),
-        })
-        .collect();
-    store.record_ledger(&entries).await.unwrap();
 }
 
 struct Tasks {
@@ -195,7 +175,9 @@ async fn removal_in_use_is_alerted_once_per_channel(db: Option<&common::PgDb>) {
 
     let dir = tempfile::tempdir().unwrap();
     let store = store_on(db, dir.path()).await;
-    twelve_instances(&store, c.d.app).await;
+    // Twelve instances received keys with h(4) a day ago.
+    let day_ago = keywarden::clock::unix_secs_i64() - 86400;
+    governance::booted_with_h4(&store, &[c.d.app], INSTANCES, day_ago).await;
     let am = Alertmanager::start().await;
     let (base, got) = receivers().await;
     let secret_file = dir.path().join("hook.secret");

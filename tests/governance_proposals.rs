@@ -44,7 +44,7 @@ use keywarden::governance::queue::{ProposalsView, QueueWatcher};
 use keywarden::governance::simulate::Simulator;
 use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
 use keywarden::runtime::Task;
-use keywarden::store::{AuditRecord, BootObservation, LedgerEntry, Store};
+use keywarden::store::Store;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -132,35 +132,11 @@ impl Fixture {
 
         let dir = tempfile::tempdir().unwrap();
         let store: Store = sqlite_store(dir.path()).await;
-        let entries: Vec<LedgerEntry> = (0..12u64)
-            .map(|i| LedgerEntry {
-                boot: Some(BootObservation {
-                    app_id: hex::encode(c.d.app),
-                    instance_id: format!("{:040x}", i + 1),
-                    at: keywarden::clock::unix_secs_i64() - 3600,
-                    mr_aggregated: "aa".repeat(32),
-                    compose_hash: hex::encode(h(4)),
-                    os_image_hash: "bb".repeat(32),
-                    device_id: "cc".repeat(32),
-                }),
-                audit: AuditRecord::new("key_request", "ok", &json!({})),
-            })
-            .collect();
-        store.record_ledger(&entries).await.unwrap();
+        let hour_ago = keywarden::clock::unix_secs_i64() - 3600;
+        governance::booted_with_h4(&store, &[c.d.app], 12, hour_ago).await;
 
         let (base, ts) = service(c.provider.clone(), 1).await;
-        let config = dir.path().join("keywarden.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[storage]\ndatabase_url = \"sqlite://{}\"\n\n[chain]\nrpc_urls = [\"{}\"]\nkms_contract = \"{}\"\nstart_block = {}\n\n[governance]\ntransaction_service = \"{base}\"\n",
-                dir.path().join("kw.db").display(),
-                c.anvil.url(),
-                c.d.kms,
-                c.d.block
-            ),
-        )
-        .unwrap();
+        governance::command_config(dir.path(), &c, &base);
         let hook = Arc::new(Mutex::new(Hook::default()));
         let got = hook.clone();
         let receiver = axum::Router::new().route(

@@ -56,6 +56,8 @@ pub struct Config {
     pub governance: crate::governance::config::GovernanceConfig,
     /// Where alerts go.
     pub alerts: crate::alerts::config::AlertsConfig,
+    /// CVM health sources.
+    pub cvm: crate::cvm::config::CvmConfig,
 }
 
 /// Flags given on the `serve` command line; they win over file and environment.
@@ -221,6 +223,7 @@ impl Config {
             self.chain.problems(),
             self.governance.problems(),
             self.alerts.problems(),
+            self.cvm.problems(),
             self.attestation.problems(),
         ]
         .concat();

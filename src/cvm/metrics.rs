@@ -1,31 +1,105 @@
-//! `dstack_cvm_*` metrics: the fleet as the KMS's own records show it. No app or instance id is
-//! ever a label.
+//! `dstack_cvm_*` metrics. Aggregates always exist; per-instance series (label `instance`, the
+//! VM's name) exist for at most `cvm.max_instance_series` VMs and go when their VM or its VMM
+//! does, instead of turning into zeros. No app or instance id is ever a label.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use super::client::SourceError;
+use super::vmm::{VmStatus, VmView};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabels {
     source: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    source: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct InstanceLabels {
+    instance: String,
+}
+
+/// Where restarts and polls come from.
+const SOURCES: [&str; 2] = ["vmm", "guest"];
+
 /// CVM metrics. Cheap to clone; clones update the same series.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct CvmMetrics {
     deployments: Counter,
     restarts: Family<SourceLabels, Counter>,
     known: Gauge,
     last_boot: Gauge,
+    instances: Family<StatusLabels, Gauge>,
+    up: Family<InstanceLabels, Gauge>,
+    memory: Family<InstanceLabels, Gauge<f64, AtomicU64>>,
+    boot_duration: Histogram,
+    container_restarts: Counter,
+    polls: Family<OutcomeLabels, Counter>,
+    poll_duration: Family<SourceLabels, Histogram>,
+    capped: Gauge,
+    max_series: usize,
+    exported: Arc<Mutex<BTreeSet<InstanceLabels>>>,
 }
 
 impl CvmMetrics {
-    /// Registers the families on `registry`, every series initialised.
-    pub fn new(registry: &mut Registry) -> Self {
-        let m = Self::default();
-        let _ = m.restarts.get_or_create(&SourceLabels { source: "kms" });
+    /// Registers the families on `registry`, every aggregate series initialised; at most
+    /// `max_series` VMs get per-instance series.
+    pub fn new(registry: &mut Registry, max_series: usize) -> Self {
+        let m = Self {
+            deployments: Counter::default(),
+            restarts: Family::default(),
+            known: Gauge::default(),
+            last_boot: Gauge::default(),
+            instances: Family::default(),
+            up: Family::default(),
+            memory: Family::default(),
+            boot_duration: Histogram::new([
+                5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0, 1200.0,
+            ]),
+            container_restarts: Counter::default(),
+            polls: Family::default(),
+            poll_duration: Family::new_with_constructor(|| {
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    0.005, 2.0, 12,
+                ))
+            }),
+            capped: Gauge::default(),
+            max_series,
+            exported: Arc::default(),
+        };
+        for source in ["kms", "vmm"] {
+            let _ = m.restarts.get_or_create(&SourceLabels { source });
+        }
+        for s in VmStatus::ALL {
+            let _ = m
+                .instances
+                .get_or_create(&StatusLabels { status: s.label() });
+        }
+        for source in SOURCES {
+            let _ = m.poll_duration.get_or_create(&SourceLabels { source });
+            for outcome in std::iter::once("ok").chain(SourceError::LABELS) {
+                let _ = m.polls.get_or_create(&OutcomeLabels { source, outcome });
+            }
+        }
         registry.register(
             "dstack_cvm_deployments",
             "CVMs deployed: instances whose first boot this KMS released keys to, since start",
@@ -33,7 +107,7 @@ impl CvmMetrics {
         );
         registry.register(
             "dstack_cvm_restarts",
-            "CVM restarts, by where they were seen (kms: a later boot of an instance that received keys before)",
+            "CVM restarts, by where they were seen (kms: a later boot of an instance that received keys before; vmm: an uptime reset between polls)",
             m.restarts.clone(),
         );
         registry.register(
@@ -46,6 +120,46 @@ impl CvmMetrics {
             "When the latest boot an instance received keys for happened (Unix seconds; 0 when none)",
             m.last_boot.clone(),
         );
+        registry.register(
+            "dstack_cvm_instances",
+            "VMs on the polled dstack-vmm hosts, by status (running, stopping, stopped, removing, error: exited, boot error or out of automatic restarts, unknown)",
+            m.instances.clone(),
+        );
+        registry.register(
+            "dstack_cvm_up",
+            "Whether a VM runs (1) or not (0), per VM name, for at most cvm.max_instance_series VMs",
+            m.up.clone(),
+        );
+        registry.register(
+            "dstack_cvm_memory_usage_ratio",
+            "Memory in use / total in a running VM's guest, per VM name, for at most cvm.max_instance_series VMs",
+            m.memory.clone(),
+        );
+        registry.register(
+            "dstack_cvm_boot_duration_seconds",
+            "How long VMs took from process start to boot progress done",
+            m.boot_duration.clone(),
+        );
+        registry.register(
+            "dstack_cvm_container_restarts",
+            "Container restarts inside VMs (into restarting, a new container under a name, or its up time going back)",
+            m.container_restarts.clone(),
+        );
+        registry.register(
+            "dstack_cvm_source_polls",
+            "Requests to the CVM sources, by source (vmm, guest) and outcome (ok, unreachable, timeout, unauthorized, http_error, too_large, malformed)",
+            m.polls.clone(),
+        );
+        registry.register(
+            "dstack_cvm_source_poll_duration_seconds",
+            "How long a whole poll of a source took, by source",
+            m.poll_duration.clone(),
+        );
+        registry.register(
+            "dstack_cvm_instance_series_capped",
+            "VMs left without per-instance series because of cvm.max_instance_series",
+            m.capped.clone(),
+        );
         m
     }
 
@@ -54,16 +168,83 @@ impl CvmMetrics {
         self.deployments.inc();
     }
 
-    /// Counts `n` restarts seen by the KMS.
-    pub fn restarted(&self, n: u64) {
+    /// Counts `n` restarts seen by `source` (`kms` or `vmm`).
+    pub fn restarted_on(&self, source: &'static str, n: u64) {
         self.restarts
-            .get_or_create(&SourceLabels { source: "kms" })
+            .get_or_create(&SourceLabels { source })
             .inc_by(n);
     }
 
-    /// Exports the fleet's size and latest boot.
+    /// Exports the fleet's size and latest boot, from the KMS's records.
     pub fn fleet(&self, known: usize, last_boot: i64) {
         self.known.set(i64::try_from(known).unwrap_or(i64::MAX));
         self.last_boot.set(last_boot);
+    }
+
+    /// Observes one boot's duration.
+    pub fn booted(&self, d: Duration) {
+        self.boot_duration.observe(d.as_secs_f64());
+    }
+
+    /// Counts `n` container restarts.
+    pub fn container_restarted(&self, n: u64) {
+        self.container_restarts.inc_by(n);
+    }
+
+    /// Counts one whole poll of `source` with its outcome.
+    pub fn source_poll(&self, source: &'static str, outcome: &'static str, took: Duration) {
+        self.polls
+            .get_or_create(&OutcomeLabels { source, outcome })
+            .inc();
+        self.poll_duration
+            .get_or_create(&SourceLabels { source })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts one failed request to `source` within a poll.
+    pub fn source_error(&self, source: &'static str, outcome: &'static str) {
+        self.polls
+            .get_or_create(&OutcomeLabels { source, outcome })
+            .inc();
+    }
+
+    /// Exports every VMM's VMs: the counts by status, and per-instance series for the first
+    /// `max_series` VM names (the others' removed).
+    pub fn publish(&self, vms: &[VmView]) {
+        for s in VmStatus::ALL {
+            let n = vms.iter().filter(|v| v.status == s.label()).count();
+            self.instances
+                .get_or_create(&StatusLabels { status: s.label() })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let mut named: Vec<&VmView> = vms.iter().collect();
+        named.sort_by(|a, b| a.name.cmp(&b.name));
+        named.dedup_by(|a, b| a.name == b.name);
+        let capped = named.len().saturating_sub(self.max_series);
+        self.capped.set(i64::try_from(capped).unwrap_or(i64::MAX));
+        let mut exported = self.exported.lock().unwrap_or_else(|e| e.into_inner());
+        let mut now = BTreeSet::new();
+        for v in named.into_iter().take(self.max_series) {
+            let labels = InstanceLabels {
+                instance: v.name.clone(),
+            };
+            self.up
+                .get_or_create(&labels)
+                .set(i64::from(v.status == VmStatus::Running.label()));
+            match v.memory_ratio {
+                Some(r) => {
+                    self.memory.get_or_create(&labels).set(r);
+                }
+                None => {
+                    self.memory.remove(&labels);
+                }
+            }
+            now.insert(labels);
+        }
+        for gone in exported.difference(&now) {
+            self.up.remove(gone);
+            self.memory.remove(gone);
+        }
+        *exported = now;
     }
 }

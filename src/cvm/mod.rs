@@ -1,8 +1,8 @@
 //! CVM and fleet health. No dstack component exports per-CVM metrics, so keywarden derives them.
 //!
 //! What this module owns today: what the KMS's own records say (spec/07 §1), always on, with no
-//! configuration. Still to come: the dstack-vmm, gateway, Nitro-host and peer-KMS sources and the
-//! fleet join.
+//! configuration, and the dstack-vmm hosts of `[[cvm.vmm]]` (spec/07 §2). Still to come: the
+//! gateway, Nitro-host and peer-KMS sources, the fleet join, and `cvm logs`.
 //!
 //! - [`fleet`] (pure): every instance that received keys, and what changed between two looks: a
 //!   first boot is a deployment, each later boot a restart.
@@ -10,16 +10,42 @@
 //!   second → [`fleet`] → `CVM deployed` / `CVM restarted` log lines and the metrics.
 //! - [`report`]: the fleet joined (pure) with the newest key refusal of each instance, for
 //!   [`cli`] (`keywarden cvm list`, `cvm show ID`) and [`admin`] (`/admin/cvm`).
-//! - [`metrics`]: the `dstack_cvm_*` metrics.
+//! - [`vmm`] (pure): dstack-vmm's and the guest API's answers read tolerantly, and what two polls
+//!   of a VM tell: status with the derived `error`, uptime, restarts, boot duration, container
+//!   restarts, memory use.
+//! - [`client`]: pRPC and guest calls to one VMM over TCP or a unix socket, with its token.
+//! - [`poller`]: one `cvm_vmm` task per VMM → [`poller::CvmView`] and the metrics.
+//! - [`config`]: the `[cvm]` section.
+//! - [`metrics`]: the `dstack_cvm_*` metrics (aggregates, and capped per-instance series).
 //!
-//! Flow: the KMS's ledger commits a boot record → [`records`] sees it → log line, counters.
+//! Flow: the KMS's ledger commits a boot record → [`records`] sees it → log line, counters. Each
+//! VMM's poll → [`vmm`] → [`poller::CvmView`] → every VMM's VMs exported together.
 
 pub mod admin;
 pub mod cli;
+pub mod client;
+pub mod config;
 pub mod fleet;
 pub mod metrics;
+pub mod poller;
 pub mod records;
 pub mod report;
+pub mod vmm;
+
+use std::sync::Arc;
+
+/// Errors of building the CVM subsystem.
+#[derive(Debug, thiserror::Error)]
+pub enum CvmError {
+    /// A VMM's token cannot be read.
+    #[error("cvm.vmm[{index}].token: {source}")]
+    Token {
+        /// Which entry.
+        index: usize,
+        /// Why.
+        source: crate::secret::SecretError,
+    },
+}
 
 /// The CVM subsystem as the service runs it.
 pub struct Subsystem {
@@ -30,19 +56,37 @@ pub struct Subsystem {
 }
 
 /// Builds the CVM subsystem: registers `dstack_cvm_*` on `registry`, the task reading `store`'s
-/// boot records, and the admin route.
+/// boot records, one poller per `[[cvm.vmm]]`, and the admin route.
 pub fn subsystem(
+    cfg: &config::CvmConfig,
     store: crate::store::Store,
     registry: &mut prometheus_client::registry::Registry,
-) -> Subsystem {
-    let metrics = metrics::CvmMetrics::new(registry);
+) -> Result<Subsystem, CvmError> {
+    let metrics = metrics::CvmMetrics::new(registry, cfg.max_instance_series);
+    let view = Arc::new(poller::CvmView::default());
     let mut tasks = crate::runtime::Tasks::default();
     tasks.add(
-        records::RecordsWatcher::new(store.clone(), metrics),
+        records::RecordsWatcher::new(store.clone(), metrics.clone()),
         crate::runtime::Criticality::Optional,
     );
-    Subsystem {
-        tasks,
-        admin: admin::routes(store),
+    for (index, entry) in cfg.vmm.iter().enumerate() {
+        let client = client::VmmClient::new(entry, cfg.request_timeout)
+            .map_err(|source| CvmError::Token { index, source })?;
+        tasks.add(
+            poller::VmmPoller::new(
+                index,
+                entry.url.clone(),
+                client,
+                entry.poll_interval,
+                entry.concurrency,
+                view.clone(),
+                metrics.clone(),
+            ),
+            crate::runtime::Criticality::Optional,
+        );
     }
+    Ok(Subsystem {
+        tasks,
+        admin: admin::routes(store, view),
+    })
 }

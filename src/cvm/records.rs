@@ -46,7 +46,7 @@ impl RecordsWatcher {
                     );
                     self.metrics.deployed();
                     if restarts > 0 {
-                        self.metrics.restarted(restarts);
+                        self.metrics.restarted_on("kms", restarts);
                     }
                 }
                 Change::Restarted { row, restarts } => {
@@ -57,7 +57,7 @@ impl RecordsWatcher {
                         restarts,
                         "CVM restarted"
                     );
-                    self.metrics.restarted(restarts);
+                    self.metrics.restarted_on("kms", restarts);
                 }
             }
         }

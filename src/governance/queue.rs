@@ -416,21 +416,16 @@ impl Task for QueueWatcher {
     }
 
     async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let mut tick = tokio::time::interval(self.poll_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
-                _ = tick.tick() => {}
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
-                r = self.poll_once() => {
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "governance queue poll failed; retrying");
-                    }
+        let mut tick = crate::runtime::ticker(self.poll_interval);
+        while cancel.run_until_cancelled(tick.tick()).await.is_some() {
+            match cancel.run_until_cancelled(self.poll_once()).await {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "governance queue poll failed; retrying");
                 }
+                Some(Ok(())) => {}
             }
         }
+        Ok(())
     }
 }

@@ -238,6 +238,14 @@ impl ShutdownSignals {
     }
 }
 
+/// The ticker of a background loop: the first tick at once, a missed tick delayed rather than
+/// made up in a burst.
+pub fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 /// Text of a panic payload.
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {

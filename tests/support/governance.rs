@@ -10,7 +10,7 @@ use alloy::primitives::{Address, B256, Bytes};
 use keywarden::governance::metrics::GovernanceMetrics;
 use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
 use keywarden::sim::governance as sim;
-use keywarden::store::Store;
+use keywarden::store::{AuditRecord, BootObservation, LedgerEntry, Store};
 use prometheus_client::registry::Registry;
 
 use super::chain_engine::{Chain, Engine, WAIT, engine_with};
@@ -182,4 +182,46 @@ pub fn watch_with(c: &Chain, store: &Store, configured: Vec<Address>) -> Watched
         metrics,
         registry,
     }
+}
+
+/// Records that `count` instances of each of `apps` received keys with compose hash h(4) at `at`
+/// (instance ids numbered from 1 within each app; the high digits tell apps apart).
+pub async fn booted_with_h4(store: &Store, apps: &[Address], count: u64, at: i64) {
+    let entries: Vec<LedgerEntry> = apps
+        .iter()
+        .enumerate()
+        .flat_map(|(a, app)| {
+            (0..count).map(move |i| LedgerEntry {
+                boot: Some(BootObservation {
+                    app_id: hex::encode(app),
+                    instance_id: format!("{:020x}{:020x}", a, i + 1),
+                    at,
+                    mr_aggregated: "aa".repeat(32),
+                    compose_hash: hex::encode(super::chain_engine::h(4)),
+                    os_image_hash: "bb".repeat(32),
+                    device_id: "cc".repeat(32),
+                }),
+                audit: AuditRecord::new("key_request", "ok", &serde_json::json!({})),
+            })
+        })
+        .collect();
+    store.record_ledger(&entries).await.unwrap();
+}
+
+/// Writes `keywarden.toml` in `dir` for the commands: SQLite in `dir`, the chain `c` from its
+/// deployment, the Transaction Service at `service`.
+pub fn command_config(dir: &std::path::Path, c: &Chain, service: &str) -> std::path::PathBuf {
+    let config = dir.join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\ndatabase_url = \"sqlite://{}\"\n\n[chain]\nrpc_urls = [\"{}\"]\nkms_contract = \"{}\"\nstart_block = {}\n\n[governance]\ntransaction_service = \"{service}\"\n",
+            dir.join("kw.db").display(),
+            c.anvil.url(),
+            c.d.kms,
+            c.d.block
+        ),
+    )
+    .unwrap();
+    config
 }

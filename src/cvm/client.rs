@@ -1,0 +1,214 @@
+//! The dstack-vmm client: pRPC with JSON (`POST /prpc/{Method}?json`, the legacy `Teepod.`
+//! prefix tried when the plain path is unknown) and the guest API it proxies
+//! (`POST /guest/{Method}?json`), over TCP or a unix socket, with an optional bearer token. Each
+//! answer is read against a size cap within the request timeout.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+
+use super::config::{VmmAddress, VmmEntry};
+use crate::secret::SecretRef;
+
+/// The largest answer read.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+
+/// Why a source gave no usable answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// No connection.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// No answer within the request timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// 401 or 403: the token is missing or wrong.
+    #[error("refused the token (HTTP {0}): check cvm.vmm token")]
+    Unauthorized(u16),
+    /// Another status than 200.
+    #[error("answered HTTP {status}: {body}")]
+    Status {
+        /// The status.
+        status: u16,
+        /// The start of the body.
+        body: String,
+    },
+    /// Larger than [`MAX_ANSWER`].
+    #[error("answered more than {MAX_ANSWER} bytes")]
+    TooLarge,
+    /// Not the documented shape.
+    #[error(transparent)]
+    Malformed(#[from] super::vmm::VmmError),
+}
+
+impl SourceError {
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Unreachable(_) => "unreachable",
+            Self::Timeout(_) => "timeout",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Status { .. } => "http_error",
+            Self::TooLarge => "too_large",
+            Self::Malformed(_) => "malformed",
+        }
+    }
+
+    /// Every label.
+    pub const LABELS: [&'static str; 6] = [
+        "unreachable",
+        "timeout",
+        "unauthorized",
+        "http_error",
+        "too_large",
+        "malformed",
+    ];
+}
+
+/// A client of one VMM.
+#[derive(Clone)]
+pub struct VmmClient {
+    address: VmmAddress,
+    token: Option<String>,
+    http: reqwest::Client,
+    timeout: Duration,
+}
+
+impl VmmClient {
+    /// A client of `entry` (its token resolved now), each request bounded by `timeout`.
+    pub fn new(entry: &VmmEntry, timeout: Duration) -> Result<Self, crate::secret::SecretError> {
+        crate::tls::ensure_crypto_provider();
+        let token = entry
+            .token
+            .as_ref()
+            .map(SecretRef::resolve)
+            .transpose()?
+            .map(|t| t.expose().trim().to_owned());
+        Ok(Self {
+            address: entry.address(),
+            token,
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .unwrap_or_default(),
+            timeout,
+        })
+    }
+
+    /// Calls pRPC `method` with `body`; an unknown method is tried again under `Teepod.`.
+    pub async fn prpc(&self, method: &str, body: &serde_json::Value) -> Result<Bytes, SourceError> {
+        match self.post(&format!("/prpc/{method}?json"), body).await {
+            Err(SourceError::Status { status: 404, .. }) => {
+                self.post(&format!("/prpc/Teepod.{method}?json"), body)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// Calls the guest API's `method` through the VMM.
+    pub async fn guest(
+        &self,
+        method: &str,
+        body: &serde_json::Value,
+    ) -> Result<Bytes, SourceError> {
+        self.post(&format!("/guest/{method}?json"), body).await
+    }
+
+    async fn post(&self, path: &str, body: &serde_json::Value) -> Result<Bytes, SourceError> {
+        let body = Bytes::from(body.to_string());
+        let answer = async {
+            match &self.address {
+                VmmAddress::Http(base) => self.post_http(&format!("{base}{path}"), body).await,
+                VmmAddress::Unix(socket) => self.post_unix(socket, path, body).await,
+            }
+        };
+        let (status, bytes) = tokio::time::timeout(self.timeout, answer)
+            .await
+            .map_err(|_| SourceError::Timeout(self.timeout))??;
+        match status {
+            200 => Ok(bytes),
+            401 | 403 => Err(SourceError::Unauthorized(status)),
+            _ => Err(SourceError::Status {
+                status,
+                body: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+            }),
+        }
+    }
+
+    async fn post_http(&self, url: &str, body: Bytes) -> Result<(u16, Bytes), SourceError> {
+        let mut req = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| SourceError::Unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| SourceError::Unreachable(e.to_string()))?
+        {
+            if bytes.len() + chunk.len() > MAX_ANSWER {
+                return Err(SourceError::TooLarge);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok((status, bytes.into()))
+    }
+
+    async fn post_unix(
+        &self,
+        socket: &std::path::Path,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(u16, Bytes), SourceError> {
+        let unreachable = |e: &dyn std::fmt::Display| SourceError::Unreachable(e.to_string());
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| unreachable(&format!("{}: {e}", socket.display())))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| unreachable(&e))?;
+        let mut req = hyper::Request::post(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(http_body_util::Full::new(body))
+            .map_err(|e| unreachable(&e))?;
+        // The connection runs until the request's future, which holds the sender, is done.
+        let exchange = async move {
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| unreachable(&e))?;
+            let status = resp.status().as_u16();
+            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        SourceError::TooLarge
+                    } else {
+                        unreachable(&e)
+                    }
+                })?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        let (answer, _) = tokio::join!(exchange, conn);
+        answer
+    }
+}

@@ -1,0 +1,156 @@
+//! `[cvm]`: the dstack-vmm hosts polled, and how many per-instance series may exist.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::problem::{Problem, http_url, positive};
+use crate::secret::SecretRef;
+
+/// One `[[cvm.vmm]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmmEntry {
+    /// `http(s)://host:port` or `unix:/path/to/vmm.sock`.
+    pub url: String,
+    /// Bearer token (`env:VAR` or `file:PATH`), when the VMM's auth is on.
+    #[serde(default)]
+    pub token: Option<SecretRef>,
+    /// How often it is polled.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Requests in flight to it at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_concurrency() -> usize {
+    8
+}
+
+/// Where a VMM listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmAddress {
+    /// Over TCP (`http` or `https`), the base URL without a trailing `/`.
+    Http(String),
+    /// Over a unix socket.
+    Unix(PathBuf),
+}
+
+impl VmmEntry {
+    /// Where it listens (the entry validated).
+    pub fn address(&self) -> VmmAddress {
+        match self.url.strip_prefix("unix:") {
+            Some(path) => VmmAddress::Unix(PathBuf::from(path)),
+            None => VmmAddress::Http(self.url.trim_end_matches('/').to_owned()),
+        }
+    }
+}
+
+/// `[cvm]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CvmConfig {
+    /// The dstack-vmm hosts polled.
+    pub vmm: Vec<VmmEntry>,
+    /// Per-instance series (labels `instance` and `app`) at most; aggregates always exist.
+    pub max_instance_series: usize,
+    /// Per-request timeout to a source.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for CvmConfig {
+    fn default() -> Self {
+        Self {
+            vmm: Vec::new(),
+            max_instance_series: 500,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl CvmConfig {
+    /// Everything wrong with the section.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        for (i, v) in self.vmm.iter().enumerate() {
+            let key = format!("cvm.vmm[{i}]");
+            match v.url.strip_prefix("unix:") {
+                Some(path) if !path.starts_with('/') => out.push(Problem::new(
+                    format!("{key}.url"),
+                    format!("{:?} is not an absolute socket path", v.url),
+                    "write unix:/absolute/path/to/vmm.sock",
+                )),
+                Some(_) => {}
+                None => out.extend(http_url(
+                    &format!("{key}.url"),
+                    "is",
+                    &v.url,
+                    "write http://HOST:PORT (e.g. http://127.0.0.1:9080) or unix:/path/to/vmm.sock",
+                )),
+            }
+            out.extend(positive(
+                &format!("{key}.poll_interval"),
+                v.poll_interval,
+                "15s",
+            ));
+            if !(1..=64).contains(&v.concurrency) {
+                out.push(Problem::new(
+                    format!("{key}.concurrency"),
+                    format!("{} is outside 1..=64", v.concurrency),
+                    "set a number of requests in flight from 1 to 64 (default 8)",
+                ));
+            }
+        }
+        if !(1..=100_000).contains(&self.max_instance_series) {
+            out.push(Problem::new(
+                "cvm.max_instance_series",
+                format!("{} is outside 1..=100000", self.max_instance_series),
+                "set how many per-instance series may exist (default 500)",
+            ));
+        }
+        out.extend(positive("cvm.request_timeout", self.request_timeout, "5s"));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmm_addresses_are_urls_or_absolute_sockets() {
+        let entry = |url: &str| VmmEntry {
+            url: url.into(),
+            token: None,
+            poll_interval: default_poll_interval(),
+            concurrency: 8,
+        };
+        let cfg = CvmConfig {
+            vmm: vec![
+                entry("http://127.0.0.1:9080/"),
+                entry("unix:/run/dstack/vmm.sock"),
+                entry("unix:vmm.sock"),
+                entry("ftp://x"),
+            ],
+            ..CvmConfig::default()
+        };
+        let keys: Vec<String> = cfg.problems().into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, vec!["cvm.vmm[2].url", "cvm.vmm[3].url"]);
+        assert_eq!(
+            cfg.vmm[0].address(),
+            VmmAddress::Http("http://127.0.0.1:9080".into())
+        );
+        assert_eq!(
+            cfg.vmm[1].address(),
+            VmmAddress::Unix("/run/dstack/vmm.sock".into())
+        );
+        assert!(CvmConfig::default().problems().is_empty());
+    }
+}
