@@ -1,19 +1,28 @@
 //! CVM health from the KMS's own records: instances found at start-up are history; a first boot
 //! recorded afterwards is a deployment, a later boot a restart (counted, with the fleet gauges);
 //! `cvm list` / `cvm show` join each instance with its newest refusal since its last boot and list
-//! the instances only ever refused. SQLite and PostgreSQL.
+//! the instances only ever refused. Joined with a polled (in-test) dstack-vmm: a VM stuck before
+//! its keys is named with the KMS's refusal, and an instance that got keys on no polled VMM is
+//! unmonitored. SQLite and PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[allow(unused_macros)]
 #[path = "support/chain_engine.rs"]
 mod chain_engine;
 mod common;
+#[path = "support/vmm.rs"]
+mod fake;
 mod support;
 
 use std::time::{Duration, Instant};
 
 use chain_engine::store_on;
+use std::sync::Arc;
+
+use keywarden::cvm::client::VmmClient;
+use keywarden::cvm::config::VmmEntry;
 use keywarden::cvm::metrics::CvmMetrics;
+use keywarden::cvm::poller::{CvmView, VmmPoller};
 use keywarden::cvm::records::RecordsWatcher;
 use keywarden::runtime::Task;
 use keywarden::store::{AuditRecord, BootObservation, LedgerEntry, Store};
@@ -91,8 +100,39 @@ async fn fleet_from_boot_records(db: Option<&common::PgDb>) {
     // History: instance 1 booted before the watcher looked.
     store.record_ledger(&[boot(1, now - 60)]).await.unwrap();
 
+    // One VMM runs instance 1 (booted) and instance 3 (stuck at its key request for 10 minutes).
+    let mut stuck = fake::running(3, "stuck", "10m");
+    stuck["instance_id"] = json!(instance(3));
+    stuck["boot_progress"] = json!("requesting app keys");
+    stuck["events"] = json!([]);
+    let mut booted = fake::running(1, "booted", "1h 0m 0s");
+    booted["instance_id"] = json!(instance(1));
+    let (vmm_url, _server) = fake::serve(fake::vmm(vec![booted, stuck]), true, dir.path()).await;
+    let token = dir.path().join("vmm-token");
+    std::fs::write(&token, fake::TOKEN).unwrap();
+    let entry = VmmEntry {
+        url: vmm_url.clone(),
+        token: Some(keywarden::secret::SecretRef::File(token)),
+        poll_interval: Duration::from_secs(15),
+        concurrency: 4,
+    };
     let mut registry = Registry::default();
-    let watcher = RecordsWatcher::new(store.clone(), CvmMetrics::new(&mut registry, 500));
+    let metrics = CvmMetrics::new(&mut registry, 500);
+    let view = Arc::new(CvmView::new(1));
+    let client = VmmClient::new(&entry, Duration::from_secs(2)).unwrap();
+    let mut poller = VmmPoller::new(
+        0,
+        vmm_url,
+        client,
+        entry.poll_interval,
+        4,
+        view.clone(),
+        metrics.clone(),
+    );
+    poller.poll_once().await;
+    let timeout = Duration::from_secs(300);
+    let window = Duration::from_secs(7 * 86400);
+    let watcher = RecordsWatcher::new(store.clone(), metrics, view.clone(), timeout, window);
     let cancel = CancellationToken::new();
     let task = tokio::spawn(watcher.run(cancel.clone()));
     until("the history is loaded", || {
@@ -123,11 +163,36 @@ async fn fleet_from_boot_records(db: Option<&common::PgDb>) {
         metric(&registry, "dstack_cvm_last_boot_timestamp_seconds"),
         now as f64
     );
+    // Instance 2 got keys on no polled VMM; the VM of instance 3 is stuck.
+    until("the fleet join is exported", || {
+        metric(&registry, "dstack_cvm_unmonitored_instances") == 1.0
+            && metric(&registry, "dstack_cvm_stuck_instances") == 1.0
+    })
+    .await;
     // Seen once: looking again counts nothing more.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(metric(&registry, "dstack_cvm_deployments_total"), 1.0);
     cancel.cancel();
     task.await.unwrap().unwrap();
+
+    // The join names the stuck VM with the KMS's refusal, and the unmonitored instance.
+    let report = keywarden::cvm::report::fleet(&store).await.unwrap();
+    let since = now - 86400;
+    let joined =
+        keywarden::cvm::report::join_vms(&report, &view.all(), view.complete(), timeout, since);
+    assert_eq!(joined.stuck.len(), 1);
+    assert_eq!(joined.stuck[0].vm.name, "stuck");
+    assert_eq!(
+        joined.stuck[0].refusal.as_ref().unwrap().reason,
+        "not_authorized"
+    );
+    let unlisted: Vec<String> = joined
+        .unmonitored
+        .unwrap()
+        .into_iter()
+        .map(|r| r.instance_id)
+        .collect();
+    assert_eq!(unlisted, vec![instance(2)]);
 
     let (code, out, err) = cli(&url, &["cvm", "list", "--json"]).await;
     assert_eq!(code, 0, "{err}");

@@ -6,141 +6,20 @@
 //! removed, not zeroed; the legacy `Teepod.` paths are followed; a wrong token is `unauthorized`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex};
+mod common;
+#[path = "support/vmm.rs"]
+mod fake;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use fake::{Shared, TOKEN, containers, web};
 use keywarden::cvm::client::VmmClient;
 use keywarden::cvm::config::VmmEntry;
 use keywarden::cvm::metrics::CvmMetrics;
 use keywarden::cvm::poller::{CvmView, VmmPoller};
 use keywarden::secret::SecretRef;
 use prometheus_client::registry::Registry;
-use serde_json::{Value, json};
-
-const TOKEN: &str = "vmm-admin-token";
-
-/// What the in-test VMM holds.
-#[derive(Default)]
-struct Vmm {
-    vms: Vec<Value>,
-    sys: Value,
-    containers: Value,
-    /// Answer `Status` with something that is not the documented shape.
-    malformed: bool,
-    /// Serve only the legacy `Teepod.` paths.
-    legacy: bool,
-}
-
-type Shared = Arc<Mutex<Vmm>>;
-
-fn authorized(headers: &HeaderMap) -> bool {
-    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {TOKEN}"))
-}
-
-async fn prpc(
-    State(vmm): State<Shared>,
-    axum::extract::Path(method): axum::extract::Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if !authorized(&headers) {
-        return (StatusCode::UNAUTHORIZED, "bad token").into_response();
-    }
-    let v = vmm.lock().unwrap();
-    let method = match method.strip_prefix("Teepod.") {
-        Some(m) if v.legacy => m.to_owned(),
-        Some(_) => return (StatusCode::NOT_FOUND, "no such method").into_response(),
-        None if v.legacy => return (StatusCode::NOT_FOUND, "no such method").into_response(),
-        None => method,
-    };
-    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    match method.as_str() {
-        "Status" if v.malformed => axum::Json(json!({"vms": 5})).into_response(),
-        "Status" => {
-            let brief: Vec<Value> = v
-                .vms
-                .iter()
-                .map(|vm| {
-                    let mut b = vm.clone();
-                    b.as_object_mut().unwrap().remove("configuration");
-                    b
-                })
-                .collect();
-            let page = req["page"].as_u64().unwrap_or(0) as usize;
-            let size = req["page_size"].as_u64().unwrap_or(100).max(1) as usize;
-            let vms: Vec<Value> = brief.into_iter().skip(page * size).take(size).collect();
-            axum::Json(json!({"vms": vms, "port_mapping_enabled": false, "total": v.vms.len()}))
-                .into_response()
-        }
-        "GetInfo" => {
-            let found = v.vms.iter().find(|vm| vm["id"] == req["id"]).cloned();
-            axum::Json(json!({"found": found.is_some(), "info": found})).into_response()
-        }
-        _ => (StatusCode::NOT_FOUND, "no such method").into_response(),
-    }
-}
-
-async fn guest(
-    State(vmm): State<Shared>,
-    axum::extract::Path(method): axum::extract::Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if !authorized(&headers) {
-        return (StatusCode::UNAUTHORIZED, "bad token").into_response();
-    }
-    let v = vmm.lock().unwrap();
-    match method.as_str() {
-        "SysInfo" => axum::Json(v.sys.clone()).into_response(),
-        "ListContainers" => axum::Json(v.containers.clone()).into_response(),
-        _ => (StatusCode::NOT_FOUND, "no such method").into_response(),
-    }
-}
-
-fn router(vmm: Shared) -> axum::Router {
-    axum::Router::new()
-        .route("/prpc/{method}", post(prpc))
-        .route("/guest/{method}", post(guest))
-        .with_state(vmm)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-/// A running VM up for an hour whose boot finished 40 s after it started.
-fn web(uptime: &str) -> Value {
-    json!({
-        "id": "6c1e9b0e-0000-4000-8000-000000000001", "name": "web", "status": "running",
-        "uptime": uptime, "app_url": "http://x", "app_id": "ab".repeat(20), "instance_id": "cd".repeat(20),
-        "configuration": {"memory": 2048, "vcpu": 2, "disk_size": 20, "image": "dstack-0.5.3"},
-        "exited_at": null, "boot_progress": "done", "boot_error": "", "shutdown_progress": "",
-        "image_version": "0.5.3",
-        "events": [
-            {"event": "boot.progress", "body": "requesting app keys", "timestamp": now_ms() - 3_580_000},
-            {"event": "boot.progress", "body": "done", "timestamp": now_ms() - 3_560_000}
-        ]
-    })
-}
-
-fn broken() -> Value {
-    json!({
-        "id": "6c1e9b0e-0000-4000-8000-000000000002", "name": "batch", "status": "exited",
-        "uptime": "never", "app_id": "ef".repeat(20), "boot_progress": "booting",
-        "boot_error": "failed to mount the data disk", "events": []
-    })
-}
-
-fn containers(state: &str, status: &str) -> Value {
-    json!({"containers": [{"id": "c0ffee", "names": ["/app"], "image": "nginx", "image_id": "sha256:1",
-        "created": 1_700_000_000u64, "state": state, "status": status}]})
-}
 
 struct Polled {
     vmm: Shared,
@@ -153,31 +32,9 @@ struct Polled {
 
 /// The in-test VMM on a unix socket (or TCP), and a poller of it with the token from a file.
 async fn start(unix: bool, token: &str) -> Polled {
-    let vmm: Shared = Arc::new(Mutex::new(Vmm {
-        vms: vec![web("1h 0m 0s"), broken()],
-        sys: json!({"os_name": "dstack", "total_memory": 1000u64, "available_memory": 50u64,
-            "used_memory": 950u64, "free_memory": 10u64, "uptime": 3600u64, "loadavg_one": 10,
-            "disks": []}),
-        containers: containers("running", "Up 2 hours (healthy)"),
-        ..Vmm::default()
-    }));
+    let vmm = fake::vmm(vec![web("1h 0m 0s"), fake::broken()]);
     let dir = tempfile::tempdir().unwrap();
-    let app = router(vmm.clone());
-    let (url, server) = if unix {
-        let path = dir.path().join("vmm.sock");
-        let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        (format!("unix:{}", path.display()), server)
-    } else {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        (format!("http://{addr}"), server)
-    };
+    let (url, server) = fake::serve(vmm.clone(), unix, dir.path()).await;
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, token).unwrap();
     let entry = VmmEntry {
@@ -189,7 +46,7 @@ async fn start(unix: bool, token: &str) -> Polled {
     let client = VmmClient::new(&entry, Duration::from_secs(2)).unwrap();
     let mut registry = Registry::default();
     let metrics = CvmMetrics::new(&mut registry, 500);
-    let view = Arc::new(CvmView::default());
+    let view = Arc::new(CvmView::new(1));
     let poller = VmmPoller::new(
         0,
         url,
@@ -357,4 +214,69 @@ async fn per_instance_series_are_capped_and_aggregates_stay() {
         text.contains("dstack_cvm_instances{status=\"error\"} 1"),
         "{text}"
     );
+}
+
+/// `keywarden serve` with a `[[cvm.vmm]]` entry (set through the environment) polls it and shows
+/// its VMs under `/admin/cvm` and in `/metrics`.
+#[tokio::test]
+async fn serve_polls_a_configured_vmm_and_shows_its_vms() {
+    let vmm = fake::vmm(vec![web("1h 0m 0s"), fake::broken()]);
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _server) = fake::serve(vmm, true, dir.path()).await;
+    let (token, admin_token) = (dir.path().join("token"), dir.path().join("admin-token"));
+    std::fs::write(&token, TOKEN).unwrap();
+    std::fs::write(&admin_token, "cvm-admin").unwrap();
+    let vmm_env = format!(
+        "[{{url = \"{url}\", token = \"file:{}\", poll_interval = \"1s\"}}]",
+        token.display()
+    );
+    let admin_env = format!("file:{}", admin_token.display());
+    let mut kw = common::Keywarden::start(
+        &dir.path().join("data"),
+        &[],
+        &[
+            ("KEYWARDEN_CVM__VMM", &vmm_env),
+            ("KEYWARDEN_ADMIN__TOKEN", &admin_env),
+        ],
+    );
+    kw.wait_ready().await;
+    let client = common::http();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let text = client
+            .get(format!("http://{}/metrics", kw.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("dstack_cvm_instances{status=\"running\"} 1") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "never polled: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        metrics.contains("dstack_cvm_up{instance=\"web\"} 1"),
+        "{metrics}"
+    );
+    let admin: serde_json::Value = client
+        .get(format!("http://{}/admin/cvm", kw.admin))
+        .bearer_auth("cvm-admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let statuses: Vec<(&str, &str)> = admin["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap(), v["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(statuses, vec![("batch", "error"), ("web", "running")]);
+    assert!(admin["records"]["instances"].as_array().unwrap().is_empty());
+    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
 }

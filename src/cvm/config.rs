@@ -63,6 +63,12 @@ pub struct CvmConfig {
     /// Per-request timeout to a source.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// A running VM whose boot is not done this long after it started is stuck.
+    #[serde(with = "humantime_serde")]
+    pub boot_timeout: Duration,
+    /// An instance that received keys this recently but runs on no polled VMM is unmonitored.
+    #[serde(with = "humantime_serde")]
+    pub unmonitored_window: Duration,
 }
 
 impl Default for CvmConfig {
@@ -71,6 +77,8 @@ impl Default for CvmConfig {
             vmm: Vec::new(),
             max_instance_series: 500,
             request_timeout: Duration::from_secs(5),
+            boot_timeout: Duration::from_secs(300),
+            unmonitored_window: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

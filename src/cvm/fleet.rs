@@ -68,6 +68,11 @@ impl Fleet {
         changes
     }
 
+    /// Every instance known.
+    pub fn rows(&self) -> impl Iterator<Item = &InstanceRow> {
+        self.instances.values()
+    }
+
     /// Instances known.
     pub fn len(&self) -> usize {
         self.instances.len()

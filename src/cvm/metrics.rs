@@ -56,6 +56,8 @@ pub struct CvmMetrics {
     polls: Family<OutcomeLabels, Counter>,
     poll_duration: Family<SourceLabels, Histogram>,
     capped: Gauge,
+    stuck: Gauge,
+    unmonitored: Gauge,
     max_series: usize,
     exported: Arc<Mutex<BTreeSet<InstanceLabels>>>,
 }
@@ -83,6 +85,8 @@ impl CvmMetrics {
                 ))
             }),
             capped: Gauge::default(),
+            stuck: Gauge::default(),
+            unmonitored: Gauge::default(),
             max_series,
             exported: Arc::default(),
         };
@@ -156,6 +160,16 @@ impl CvmMetrics {
             m.poll_duration.clone(),
         );
         registry.register(
+            "dstack_cvm_stuck_instances",
+            "Running VMs whose boot is not done cvm.boot_timeout after they started (most likely stuck at the key request)",
+            m.stuck.clone(),
+        );
+        registry.register(
+            "dstack_cvm_unmonitored_instances",
+            "Instances that received keys within cvm.unmonitored_window and run on no polled VMM (kept as last told while a VMM does not answer)",
+            m.unmonitored.clone(),
+        );
+        registry.register(
             "dstack_cvm_instance_series_capped",
             "VMs left without per-instance series because of cvm.max_instance_series",
             m.capped.clone(),
@@ -179,6 +193,15 @@ impl CvmMetrics {
     pub fn fleet(&self, known: usize, last_boot: i64) {
         self.known.set(i64::try_from(known).unwrap_or(i64::MAX));
         self.last_boot.set(last_boot);
+    }
+
+    /// Exports the fleet join (`unmonitored`: `None` while it cannot be told; the last value
+    /// stays).
+    pub fn joined(&self, stuck: usize, unmonitored: Option<usize>) {
+        self.stuck.set(i64::try_from(stuck).unwrap_or(i64::MAX));
+        if let Some(n) = unmonitored {
+            self.unmonitored.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     /// Observes one boot's duration.

@@ -63,10 +63,16 @@ pub fn subsystem(
     registry: &mut prometheus_client::registry::Registry,
 ) -> Result<Subsystem, CvmError> {
     let metrics = metrics::CvmMetrics::new(registry, cfg.max_instance_series);
-    let view = Arc::new(poller::CvmView::default());
+    let view = Arc::new(poller::CvmView::new(cfg.vmm.len()));
     let mut tasks = crate::runtime::Tasks::default();
     tasks.add(
-        records::RecordsWatcher::new(store.clone(), metrics.clone()),
+        records::RecordsWatcher::new(
+            store.clone(),
+            metrics.clone(),
+            view.clone(),
+            cfg.boot_timeout,
+            cfg.unmonitored_window,
+        ),
         crate::runtime::Criticality::Optional,
     );
     for (index, entry) in cfg.vmm.iter().enumerate() {
@@ -87,6 +93,6 @@ pub fn subsystem(
     }
     Ok(Subsystem {
         tasks,
-        admin: admin::routes(store, view),
+        admin: admin::routes(store, view, cfg.clone()),
     })
 }

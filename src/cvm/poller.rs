@@ -30,29 +30,47 @@ const PAGE_SIZE: u64 = 100;
 /// Pages read at most (100,000 VMs).
 const MAX_PAGES: u64 = 1000;
 
-/// Every VMM's VMs as last polled.
+/// Every VMM's VMs as last polled, and whether each VMM answered its last poll.
 #[derive(Debug, Default)]
 pub struct CvmView {
-    vmms: RwLock<BTreeMap<usize, Vec<VmView>>>,
+    vmms: RwLock<BTreeMap<usize, (bool, Vec<VmView>)>>,
+    configured: usize,
 }
 
 impl CvmView {
+    /// The view of `configured` VMMs.
+    pub fn new(configured: usize) -> Self {
+        Self {
+            vmms: RwLock::default(),
+            configured,
+        }
+    }
+
+    /// Whether VMMs are configured and every one answered its last poll: only then does a VM
+    /// missing from the view say something.
+    pub fn complete(&self) -> bool {
+        let vmms = self.vmms.read().unwrap_or_else(|e| e.into_inner());
+        self.configured > 0
+            && vmms.len() == self.configured
+            && vmms.values().all(|(answered, _)| *answered)
+    }
+
     /// Every VM, by VMM in configuration order.
     pub fn all(&self) -> Vec<VmView> {
         self.vmms
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .flatten()
+            .flat_map(|(_, vms)| vms)
             .cloned()
             .collect()
     }
 
-    fn set(&self, vmm: usize, vms: Vec<VmView>) {
+    fn set(&self, vmm: usize, answered: bool, vms: Vec<VmView>) {
         self.vmms
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(vmm, vms);
+            .insert(vmm, (answered, vms));
     }
 }
 
@@ -184,7 +202,7 @@ impl VmmPoller {
                 }
                 self.failing = true;
                 self.tracked.clear();
-                self.view.set(self.index, Vec::new());
+                self.view.set(self.index, false, Vec::new());
                 self.metrics.publish(&self.view.all());
                 return;
             }
@@ -294,6 +312,7 @@ impl VmmPoller {
                 status: status.label(),
                 uptime_seconds: uptime.map(|u| u.as_secs()),
                 boot_seconds: t.boot,
+                boot_progress: info.boot_progress.clone(),
                 boot_error: info.boot_error.clone().filter(|e| !e.trim().is_empty()),
                 restarts: t.restarts,
                 container_restarts: t.container_restarts,
@@ -315,7 +334,7 @@ impl VmmPoller {
         }
         self.tracked = next;
         views.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        self.view.set(self.index, views);
+        self.view.set(self.index, true, views);
         self.metrics.publish(&self.view.all());
         self.metrics.source_poll("vmm", "ok", started.elapsed());
     }

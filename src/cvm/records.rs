@@ -1,14 +1,18 @@
 //! The `cvm_records` task: looks at the KMS's boot records (through the store's API) every
 //! second, and tells what changed: `CVM deployed` for an instance's first boot, `CVM restarted`
 //! for each later one, with the counters and fleet gauges. History found at start-up is loaded
-//! silently; a last look at shutdown reports what the final requests changed.
+//! silently; a last look at shutdown reports what the final requests changed. Each look also
+//! joins the records with the polled VMs (stuck VMs, unmonitored instances).
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use super::fleet::{Change, Fleet};
 use super::metrics::CvmMetrics;
+use super::poller::CvmView;
 use crate::runtime::Task;
 use crate::store::Store;
 
@@ -19,12 +23,42 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 pub struct RecordsWatcher {
     store: Store,
     metrics: CvmMetrics,
+    view: Arc<CvmView>,
+    boot_timeout: Duration,
+    window: Duration,
 }
 
 impl RecordsWatcher {
-    /// A watcher of `store`'s boot records.
-    pub fn new(store: Store, metrics: CvmMetrics) -> Self {
-        Self { store, metrics }
+    /// A watcher of `store`'s boot records, joined with the VMs of `view`: those not booted
+    /// within `boot_timeout` are stuck, instances booted within `window` on no polled VMM are
+    /// unmonitored.
+    pub fn new(
+        store: Store,
+        metrics: CvmMetrics,
+        view: Arc<CvmView>,
+        boot_timeout: Duration,
+        window: Duration,
+    ) -> Self {
+        Self {
+            store,
+            metrics,
+            view,
+            boot_timeout,
+            window,
+        }
+    }
+
+    /// Exports the fleet join: stuck VMs, and unmonitored instances while it can be told.
+    fn join(&self, fleet: &Fleet) {
+        let vms = self.view.all();
+        let stuck = super::report::stuck(&vms, self.boot_timeout).len();
+        let since = crate::clock::unix_secs_i64()
+            .saturating_sub(i64::try_from(self.window.as_secs()).unwrap_or(i64::MAX));
+        let unmonitored = self
+            .view
+            .complete()
+            .then(|| super::report::unmonitored(fleet.rows(), &vms, since).len());
+        self.metrics.joined(stuck, unmonitored);
     }
 
     /// One look: the instances booted since the latest boot known (that second included, so a
@@ -62,6 +96,7 @@ impl RecordsWatcher {
             }
         }
         self.metrics.fleet(fleet.len(), fleet.latest_boot());
+        self.join(fleet);
         Ok(())
     }
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::vmm::VmView;
 use crate::store::{AuditRecord, InstanceRow, Store, StoreError};
 
 /// Refusals looked at (the newest).
@@ -95,6 +96,97 @@ pub fn join(rows: Vec<InstanceRow>, refusals: &[AuditRecord]) -> FleetReport {
     }
 }
 
+/// A VM that has not finished booting within the boot timeout: stuck, most likely at its key
+/// request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stuck {
+    /// The VM.
+    pub vm: VmView,
+    /// The KMS's newest refusal of its instance, when it refused it.
+    pub refusal: Option<Refusal>,
+}
+
+/// The polled VMs joined with the KMS's records by instance id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Joined {
+    /// VMs running but not booted within the boot timeout.
+    pub stuck: Vec<Stuck>,
+    /// Instances that received keys since the window began and run on no polled VMM: a warning,
+    /// they may run on a rogue or unlisted host. `None` while that cannot be told (no VMM
+    /// configured, or one not answering).
+    pub unmonitored: Option<Vec<InstanceRow>>,
+}
+
+/// The VMs running for longer than `boot_timeout` whose boot is not `done`.
+pub fn stuck(vms: &[VmView], boot_timeout: std::time::Duration) -> Vec<&VmView> {
+    vms.iter()
+        .filter(|v| {
+            v.status == "running"
+                && v.boot_progress.as_deref() != Some("done")
+                && v.uptime_seconds
+                    .is_some_and(|u| u >= boot_timeout.as_secs())
+        })
+        .collect()
+}
+
+/// The instances among `rows` booted at or after `since` that no VM in `vms` runs.
+pub fn unmonitored<'a>(
+    rows: impl IntoIterator<Item = &'a InstanceRow>,
+    vms: &[VmView],
+    since: i64,
+) -> Vec<&'a InstanceRow> {
+    let watched: std::collections::BTreeSet<String> = vms
+        .iter()
+        .filter_map(|v| v.instance_id.as_deref())
+        .map(|i| i.trim_start_matches("0x").to_ascii_lowercase())
+        .collect();
+    rows.into_iter()
+        .filter(|r| r.record.last_boot >= since && !watched.contains(&r.instance_id))
+        .collect()
+}
+
+/// Joins `vms` (from VMMs that all answered when `complete`) with `report`.
+pub fn join_vms(
+    report: &FleetReport,
+    vms: &[VmView],
+    complete: bool,
+    boot_timeout: std::time::Duration,
+    since: i64,
+) -> Joined {
+    let refusal_of = |instance: &str| {
+        report
+            .instances
+            .iter()
+            .filter(|i| i.row.instance_id == instance)
+            .find_map(|i| i.last_refusal.clone())
+            .or_else(|| {
+                report
+                    .refused_only
+                    .iter()
+                    .find(|r| r.instance_id == instance)
+                    .cloned()
+            })
+    };
+    Joined {
+        stuck: stuck(vms, boot_timeout)
+            .into_iter()
+            .map(|vm| Stuck {
+                refusal: vm
+                    .instance_id
+                    .as_deref()
+                    .and_then(|i| refusal_of(&i.trim_start_matches("0x").to_ascii_lowercase())),
+                vm: vm.clone(),
+            })
+            .collect(),
+        unmonitored: complete.then(|| {
+            unmonitored(report.instances.iter().map(|i| &i.row), vms, since)
+                .into_iter()
+                .cloned()
+                .collect()
+        }),
+    }
+}
+
 /// The fleet from `store`.
 pub async fn fleet(store: &Store) -> Result<FleetReport, StoreError> {
     let rows = store.instances_booted_since(0).await?;
@@ -121,6 +213,60 @@ mod tests {
             outcome: "refused".into(),
             detail: serde_json::json!({"app_id": "aa", "instance_id": instance, "reason": reason, "message": "no"}).to_string(),
         }
+    }
+
+    fn vm(name: &str, instance: &str, progress: &str, uptime: u64) -> VmView {
+        VmView {
+            vmm: "unix:/vmm.sock".into(),
+            id: name.into(),
+            name: name.into(),
+            app_id: "aa".into(),
+            instance_id: Some(instance.into()),
+            status: "running",
+            uptime_seconds: Some(uptime),
+            boot_seconds: None,
+            boot_progress: Some(progress.into()),
+            boot_error: None,
+            restarts: 0,
+            container_restarts: 0,
+            memory_ratio: None,
+            containers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn vms_join_the_records_stuck_with_their_refusal_and_unlisted_instances_are_named() {
+        let report = join(
+            vec![row("one", 1, 100), row("two", 1, 200), row("old", 1, 5)],
+            &[refused("stuck", 300, "app_not_allowed")],
+        );
+        let vms = vec![
+            vm("a", "one", "done", 9000),
+            vm("b", "stuck", "requesting app keys", 600),
+            vm("c", "slow", "requesting app keys", 60),
+        ];
+        let timeout = std::time::Duration::from_secs(300);
+        let j = join_vms(&report, &vms, true, timeout, 50);
+        assert_eq!(j.stuck.len(), 1);
+        assert_eq!(j.stuck[0].vm.name, "b");
+        assert_eq!(
+            j.stuck[0].refusal.as_ref().unwrap().reason,
+            "app_not_allowed"
+        );
+        // "two" booted recently on no polled VMM; "old" booted before the window.
+        let unlisted: Vec<&str> = j
+            .unmonitored
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|r| r.instance_id.as_str())
+            .collect();
+        assert_eq!(unlisted, vec!["two"]);
+        // A VMM not answering: nothing can be said about unlisted instances.
+        assert_eq!(
+            join_vms(&report, &vms, false, timeout, 50).unmonitored,
+            None
+        );
     }
 
     #[test]

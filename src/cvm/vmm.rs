@@ -186,6 +186,8 @@ pub struct VmView {
     pub uptime_seconds: Option<u64>,
     /// How long its boot took (to `done`), once seen.
     pub boot_seconds: Option<f64>,
+    /// Its last boot step (`done` when ready).
+    pub boot_progress: Option<String>,
     /// Why its boot failed.
     pub boot_error: Option<String>,
     /// Restarts seen (uptime resets) since this process watches it.

@@ -1,0 +1,186 @@
+//! An in-test dstack-vmm (every real one needs TDX or SEV hardware) serving exactly the
+//! documented JSON (spec/07 §2) over a unix socket or TCP, with a token, optionally slow.
+
+// Shared by the CVM tests and benchmark, each using a part of it.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// The token the in-test VMM expects.
+pub const TOKEN: &str = "vmm-admin-token";
+
+/// What the in-test VMM holds.
+#[derive(Default)]
+pub struct Vmm {
+    pub vms: Vec<Value>,
+    pub sys: Value,
+    pub containers: Value,
+    /// Answer `Status` with something that is not the documented shape.
+    pub malformed: bool,
+    /// Serve only the legacy `Teepod.` paths.
+    pub legacy: bool,
+    /// How long each answer takes.
+    pub latency: Duration,
+}
+
+pub type Shared = Arc<Mutex<Vmm>>;
+
+fn authorized(headers: &HeaderMap) -> bool {
+    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {TOKEN}"))
+}
+
+async fn prpc(
+    State(vmm): State<Shared>,
+    axum::extract::Path(method): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !authorized(&headers) {
+        return (StatusCode::UNAUTHORIZED, "bad token").into_response();
+    }
+    pause(&vmm).await;
+    let v = vmm.lock().unwrap();
+    let method = match method.strip_prefix("Teepod.") {
+        Some(m) if v.legacy => m.to_owned(),
+        Some(_) => return (StatusCode::NOT_FOUND, "no such method").into_response(),
+        None if v.legacy => return (StatusCode::NOT_FOUND, "no such method").into_response(),
+        None => method,
+    };
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    match method.as_str() {
+        "Status" if v.malformed => axum::Json(json!({"vms": 5})).into_response(),
+        "Status" => {
+            let brief: Vec<Value> = v
+                .vms
+                .iter()
+                .map(|vm| {
+                    let mut b = vm.clone();
+                    b.as_object_mut().unwrap().remove("configuration");
+                    b
+                })
+                .collect();
+            let page = req["page"].as_u64().unwrap_or(0) as usize;
+            let size = req["page_size"].as_u64().unwrap_or(100).max(1) as usize;
+            let vms: Vec<Value> = brief.into_iter().skip(page * size).take(size).collect();
+            axum::Json(json!({"vms": vms, "port_mapping_enabled": false, "total": v.vms.len()}))
+                .into_response()
+        }
+        "GetInfo" => {
+            let found = v.vms.iter().find(|vm| vm["id"] == req["id"]).cloned();
+            axum::Json(json!({"found": found.is_some(), "info": found})).into_response()
+        }
+        _ => (StatusCode::NOT_FOUND, "no such method").into_response(),
+    }
+}
+
+async fn guest(
+    State(vmm): State<Shared>,
+    axum::extract::Path(method): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&headers) {
+        return (StatusCode::UNAUTHORIZED, "bad token").into_response();
+    }
+    pause(&vmm).await;
+    let v = vmm.lock().unwrap();
+    match method.as_str() {
+        "SysInfo" => axum::Json(v.sys.clone()).into_response(),
+        "ListContainers" => axum::Json(v.containers.clone()).into_response(),
+        _ => (StatusCode::NOT_FOUND, "no such method").into_response(),
+    }
+}
+
+async fn pause(vmm: &Shared) {
+    let latency = vmm.lock().unwrap().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+}
+
+fn router(vmm: Shared) -> axum::Router {
+    axum::Router::new()
+        .route("/prpc/{method}", post(prpc))
+        .route("/guest/{method}", post(guest))
+        .with_state(vmm)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// VM number `n`, named `name`, running for `uptime`; its boot finished 40 s after it started an
+/// hour ago.
+pub fn running(n: u64, name: &str, uptime: &str) -> Value {
+    json!({
+        "id": format!("6c1e9b0e-0000-4000-8000-{n:012x}"), "name": name, "status": "running",
+        "uptime": uptime, "app_url": "http://x", "app_id": "ab".repeat(20), "instance_id": format!("{n:040x}"),
+        "configuration": {"memory": 2048, "vcpu": 2, "disk_size": 20, "image": "dstack-0.5.3"},
+        "exited_at": null, "boot_progress": "done", "boot_error": "", "shutdown_progress": "",
+        "image_version": "0.5.3",
+        "events": [
+            {"event": "boot.progress", "body": "requesting app keys", "timestamp": now_ms() - 3_580_000},
+            {"event": "boot.progress", "body": "done", "timestamp": now_ms() - 3_560_000}
+        ]
+    })
+}
+
+/// The VM named `web`.
+pub fn web(uptime: &str) -> Value {
+    running(1, "web", uptime)
+}
+
+pub fn broken() -> Value {
+    json!({
+        "id": "6c1e9b0e-0000-4000-8000-000000000002", "name": "batch", "status": "exited",
+        "uptime": "never", "app_id": "ef".repeat(20), "boot_progress": "booting",
+        "boot_error": "failed to mount the data disk", "events": []
+    })
+}
+
+pub fn containers(state: &str, status: &str) -> Value {
+    json!({"containers": [{"id": "c0ffee", "names": ["/app"], "image": "nginx", "image_id": "sha256:1",
+        "created": 1_700_000_000u64, "state": state, "status": status}]})
+}
+
+/// A VMM holding `vms`, a guest at 95% memory with one running container.
+pub fn vmm(vms: Vec<Value>) -> Shared {
+    Arc::new(Mutex::new(Vmm {
+        vms,
+        sys: json!({"os_name": "dstack", "total_memory": 1000u64, "available_memory": 50u64,
+            "used_memory": 950u64, "free_memory": 10u64, "uptime": 3600u64, "loadavg_one": 10,
+            "disks": []}),
+        containers: containers("running", "Up 2 hours (healthy)"),
+        ..Vmm::default()
+    }))
+}
+
+/// Serves `vmm` on a unix socket in `dir` (or on TCP at 127.0.0.1); its URL as configured.
+pub async fn serve(vmm: Shared, unix: bool, dir: &Path) -> (String, tokio::task::JoinHandle<()>) {
+    let app = router(vmm);
+    if unix {
+        let path = dir.join("vmm.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (format!("unix:{}", path.display()), server)
+    } else {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (format!("http://{addr}"), server)
+    }
+}
