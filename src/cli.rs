@@ -66,6 +66,9 @@ pub enum CvmCommand {
     /// Every instance that received keys (first and last boot, boots, measurements, the newest
     /// refusal since), and those only ever refused.
     List(crate::chain::cli::StoreArgs),
+    /// A VM's serial console or output, from the dstack-vmm hosts of [[cvm.vmm]] (--follow until
+    /// Ctrl-C).
+    Logs(crate::cvm::logs::LogsArgs),
     /// One instance, by its id (hex; a unique prefix of at least 4 digits will do).
     Show {
         /// The instance id.
@@ -553,6 +556,10 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
         Command::Cvm(CvmCommand::List(args)) => {
             let config = load(cli.config.as_deref(), &store_overrides(&args))?;
             Ok(runtime()?.block_on(crate::cvm::cli::run_list(&config.storage, args.json)))
+        }
+        Command::Cvm(CvmCommand::Logs(args)) => {
+            let config = load(cli.config.as_deref(), &Overrides::default())?;
+            Ok(runtime()?.block_on(crate::cvm::logs::run(&config.cvm, &args)))
         }
         Command::Cvm(CvmCommand::Show { id, store }) => {
             let config = load(cli.config.as_deref(), &store_overrides(&store))?;

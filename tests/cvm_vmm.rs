@@ -280,3 +280,52 @@ async fn serve_polls_a_configured_vmm_and_shows_its_vms() {
     assert!(admin["records"]["instances"].as_array().unwrap().is_empty());
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
 }
+
+/// `keywarden cvm logs NAME` finds the VM on the configured VMM and prints its console (the
+/// last lines asked, heartbeats skipped); `--follow` prints what comes later until the stream
+/// ends; an unknown VM and an unknown channel are clear errors.
+#[tokio::test]
+async fn cvm_logs_prints_a_vms_console_without_heartbeats() {
+    let vmm = fake::vmm(vec![web("1h 0m 0s"), fake::broken()]);
+    let id = web("1h")["id"].as_str().unwrap().to_owned();
+    vmm.lock()
+        .unwrap()
+        .serial
+        .insert(id, (1..=5).map(|i| format!("console line {i}")).collect());
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _server) = fake::serve(vmm, true, dir.path()).await;
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[cvm.vmm]]\nurl = \"{url}\"\ntoken = \"file:{}\"\n",
+            token.display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config.to_str().unwrap(), "cvm", "logs"];
+        all.extend_from_slice(args);
+        let all: Vec<String> = all.into_iter().map(String::from).collect();
+        tokio::task::spawn_blocking(move || {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            common::run_to_end(&all, &[])
+        })
+    };
+    let (code, out, err) = run(&["web", "--lines", "2"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "console line 4\nconsole line 5\n");
+    let (code, out, err) = run(&["web", "--follow", "--channel", "stdout"])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("console line 5\nfollowed line\n"), "{out}");
+    assert!(!out.contains("heartbeat"), "{out}");
+    let (code, _, err) = run(&["nope"]).await.unwrap();
+    assert_eq!(code, 2);
+    assert!(err.contains("no VM \"nope\""), "{err}");
+    let (code, _, err) = run(&["web", "--channel", "audio"]).await.unwrap();
+    assert_eq!(code, 2, "{err}");
+}

@@ -66,6 +66,17 @@ impl SourceError {
     ];
 }
 
+/// The error of an answer with `status` (not 200) and `body`.
+fn refusal(status: u16, body: &[u8]) -> SourceError {
+    match status {
+        401 | 403 => SourceError::Unauthorized(status),
+        _ => SourceError::Status {
+            status,
+            body: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        },
+    }
+}
+
 /// A client of one VMM.
 #[derive(Clone)]
 pub struct VmmClient {
@@ -116,6 +127,94 @@ impl VmmClient {
         self.post(&format!("/guest/{method}?json"), body).await
     }
 
+    /// Streams the answer to `GET path` into `sink`, chunk by chunk, as long as the VMM sends
+    /// it (a followed log ends when the VMM ends it). Only connecting is bounded by the request
+    /// timeout; a silence longer than `idle` ends the stream with a timeout.
+    pub async fn stream(
+        &self,
+        path: &str,
+        idle: Duration,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<(), SourceError> {
+        let idle_timeout = |_| SourceError::Timeout(idle);
+        match &self.address {
+            VmmAddress::Http(base) => {
+                let mut req = reqwest::Client::builder()
+                    .connect_timeout(self.timeout)
+                    .build()
+                    .unwrap_or_default()
+                    .get(format!("{base}{path}"));
+                if let Some(t) = &self.token {
+                    req = req.bearer_auth(t);
+                }
+                let mut resp = tokio::time::timeout(self.timeout, req.send())
+                    .await
+                    .map_err(|_| SourceError::Timeout(self.timeout))?
+                    .map_err(|e| SourceError::Unreachable(e.to_string()))?;
+                let status = resp.status().as_u16();
+                if status != 200 {
+                    let body = resp.text().await.unwrap_or_default();
+                    return Err(refusal(status, body.as_bytes()));
+                }
+                while let Some(chunk) = tokio::time::timeout(idle, resp.chunk())
+                    .await
+                    .map_err(idle_timeout)?
+                    .map_err(|e| SourceError::Unreachable(e.to_string()))?
+                {
+                    sink(&chunk);
+                }
+                Ok(())
+            }
+            VmmAddress::Unix(socket) => {
+                let unreachable =
+                    |e: &dyn std::fmt::Display| SourceError::Unreachable(e.to_string());
+                let stream =
+                    tokio::time::timeout(self.timeout, tokio::net::UnixStream::connect(socket))
+                        .await
+                        .map_err(|_| SourceError::Timeout(self.timeout))?
+                        .map_err(|e| unreachable(&format!("{}: {e}", socket.display())))?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .map_err(|e| unreachable(&e))?;
+                let mut req = hyper::Request::get(path).header(hyper::header::HOST, "localhost");
+                if let Some(t) = &self.token {
+                    req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+                }
+                let req = req
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .map_err(|e| unreachable(&e))?;
+                let exchange = async move {
+                    let resp = sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| unreachable(&e))?;
+                    let status = resp.status().as_u16();
+                    let mut body = resp.into_body();
+                    if status != 200 {
+                        let bytes = http_body_util::Limited::new(body, 4096)
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        return Err(refusal(status, &bytes));
+                    }
+                    while let Some(frame) = tokio::time::timeout(idle, body.frame())
+                        .await
+                        .map_err(idle_timeout)?
+                    {
+                        if let Some(data) = frame.map_err(|e| unreachable(&e))?.data_ref() {
+                            sink(data);
+                        }
+                    }
+                    Ok(())
+                };
+                let (answer, _) = tokio::join!(exchange, conn);
+                answer
+            }
+        }
+    }
+
     async fn post(&self, path: &str, body: &serde_json::Value) -> Result<Bytes, SourceError> {
         let body = Bytes::from(body.to_string());
         let answer = async {
@@ -129,11 +228,7 @@ impl VmmClient {
             .map_err(|_| SourceError::Timeout(self.timeout))??;
         match status {
             200 => Ok(bytes),
-            401 | 403 => Err(SourceError::Unauthorized(status)),
-            _ => Err(SourceError::Status {
-                status,
-                body: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
-            }),
+            _ => Err(refusal(status, &bytes)),
         }
     }
 

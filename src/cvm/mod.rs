@@ -2,19 +2,21 @@
 //!
 //! What this module owns today: what the KMS's own records say (spec/07 §1), always on, with no
 //! configuration, and the dstack-vmm hosts of `[[cvm.vmm]]` (spec/07 §2). Still to come: the
-//! gateway, Nitro-host and peer-KMS sources, the fleet join, and `cvm logs`.
+//! gateway, Nitro-host and peer-KMS sources, and containers' logs.
 //!
 //! - [`fleet`] (pure): every instance that received keys, and what changed between two looks: a
 //!   first boot is a deployment, each later boot a restart.
 //! - [`records`]: the `cvm_records` task: the boot records read through the store's API every
 //!   second → [`fleet`] → `CVM deployed` / `CVM restarted` log lines and the metrics.
 //! - [`report`]: the fleet joined (pure) with the newest key refusal of each instance, for
-//!   [`cli`] (`keywarden cvm list`, `cvm show ID`) and [`admin`] (`/admin/cvm`).
+//!   [`cli`] (`keywarden cvm list`, `cvm show ID`) and [`admin`] (`/admin/cvm`), and with the
+//!   polled VMs (stuck, unmonitored).
 //! - [`vmm`] (pure): dstack-vmm's and the guest API's answers read tolerantly, and what two polls
 //!   of a VM tell: status with the derived `error`, uptime, restarts, boot duration, container
 //!   restarts, memory use.
 //! - [`client`]: pRPC and guest calls to one VMM over TCP or a unix socket, with its token.
 //! - [`poller`]: one `cvm_vmm` task per VMM → [`poller::CvmView`] and the metrics.
+//! - [`logs`]: `keywarden cvm logs ID`, a VM's console or output from the VMM's log stream.
 //! - [`config`]: the `[cvm]` section.
 //! - [`metrics`]: the `dstack_cvm_*` metrics (aggregates, and capped per-instance series).
 //!
@@ -26,6 +28,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod fleet;
+pub mod logs;
 pub mod metrics;
 pub mod poller;
 pub mod records;

@@ -98,6 +98,23 @@ pub struct VmmPoller {
     failing: bool,
 }
 
+/// Every VM `client`'s VMM has (brief), page by page.
+pub async fn list_vms(client: &VmmClient) -> Result<Vec<VmInfo>, SourceError> {
+    let mut vms = Vec::new();
+    for page in 0..MAX_PAGES {
+        let body =
+            json!({"ids": [], "brief": true, "keyword": "", "page": page, "page_size": PAGE_SIZE});
+        let answer: StatusAnswer = vmm::parse("Status", &client.prpc("Status", &body).await?)?;
+        let n = answer.vms.len();
+        vms.extend(answer.vms);
+        let total = answer.total.unwrap_or(0);
+        if n == 0 || n < PAGE_SIZE as usize || vms.len() as u64 >= total {
+            break;
+        }
+    }
+    Ok(vms)
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -126,23 +143,6 @@ impl VmmPoller {
             tracked: HashMap::new(),
             failing: false,
         }
-    }
-
-    /// Every VM the VMM has, page by page.
-    async fn status(&self) -> Result<Vec<VmInfo>, SourceError> {
-        let mut vms = Vec::new();
-        for page in 0..MAX_PAGES {
-            let body = json!({"ids": [], "brief": true, "keyword": "", "page": page, "page_size": PAGE_SIZE});
-            let answer: StatusAnswer =
-                vmm::parse("Status", &self.client.prpc("Status", &body).await?)?;
-            let n = answer.vms.len();
-            vms.extend(answer.vms);
-            let total = answer.total.unwrap_or(0);
-            if n == 0 || n < PAGE_SIZE as usize || vms.len() as u64 >= total {
-                break;
-            }
-        }
-        Ok(vms)
     }
 
     /// Whether `vm` needs its full `GetInfo` this poll.
@@ -192,7 +192,7 @@ impl VmmPoller {
     /// One poll: reads the VMM, derives, publishes.
     pub async fn poll_once(&mut self) {
         let started = Instant::now();
-        let listed = match self.status().await {
+        let listed = match list_vms(&self.client).await {
             Ok(v) => v,
             Err(e) => {
                 self.metrics

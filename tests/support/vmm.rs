@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 /// The token the in-test VMM expects.
@@ -29,6 +30,8 @@ pub struct Vmm {
     pub legacy: bool,
     /// How long each answer takes.
     pub latency: Duration,
+    /// Each VM's serial console, by VM id.
+    pub serial: std::collections::HashMap<String, Vec<String>>,
 }
 
 pub type Shared = Arc<Mutex<Vmm>>;
@@ -105,8 +108,53 @@ async fn pause(vmm: &Shared) {
     }
 }
 
+/// `GET /logs?id&follow&ansi&lines&ch`: the console as the VMM streams it, a heartbeat among
+/// the lines; following adds one line a little later, then ends (a bounded stream).
+async fn logs(
+    State(vmm): State<Shared>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    if !authorized(&headers) {
+        return (StatusCode::UNAUTHORIZED, "bad token").into_response();
+    }
+    if !matches!(
+        q.get("ch").map(String::as_str),
+        None | Some("serial" | "stdout" | "stderr")
+    ) {
+        return (StatusCode::BAD_REQUEST, "unknown channel").into_response();
+    }
+    let Some(lines) = q
+        .get("id")
+        .and_then(|id| vmm.lock().unwrap().serial.get(id).cloned())
+    else {
+        return (StatusCode::NOT_FOUND, "VM not found").into_response();
+    };
+    let tail: usize = q
+        .get("lines")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let mut text: Vec<String> = lines[lines.len().saturating_sub(tail)..].to_vec();
+    text.insert(text.len().min(1), "[vmm heartbeat]".to_owned());
+    let first = text.join("\n") + "\n";
+    let follow = q.get("follow").is_some_and(|f| f == "true");
+    let later = async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, std::io::Error>(axum::body::Bytes::from("followed line\n"))
+    };
+    let mut chunks: Vec<
+        futures::future::BoxFuture<'static, Result<axum::body::Bytes, std::io::Error>>,
+    > = vec![Box::pin(async move { Ok(axum::body::Bytes::from(first)) })];
+    if follow {
+        chunks.push(Box::pin(later));
+    }
+    let stream = futures::stream::iter(chunks).then(|f| f);
+    axum::body::Body::from_stream(stream).into_response()
+}
+
 fn router(vmm: Shared) -> axum::Router {
     axum::Router::new()
+        .route("/logs", axum::routing::get(logs))
         .route("/prpc/{method}", post(prpc))
         .route("/guest/{method}", post(guest))
         .with_state(vmm)
