@@ -187,9 +187,9 @@ async fn start(
     );
     let cvm = crate::cvm::subsystem(&config.cvm, store.clone(), &mut registry).map_err(|e| {
         crate::config::ConfigError::Invalid(vec![crate::problem::Problem::new(
-            "cvm.vmm",
+            "cvm",
             e.to_string(),
-            "give token = \"env:VAR\" or \"file:PATH\" naming a readable token",
+            "point token at a readable secret (env:VAR or file:PATH) and ca_file at a readable PEM certificate",
         )])
     })?;
     let chain = crate::chain::subsystem(

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use common::{Keywarden, PgDb, http, https, run_to_end};
 
 /// Metric names (as queried: counters with `_total`) in the README table; `per_instance`: only
-/// those whose series are per VM (label `instance`), which exist only while a VM is polled.
+/// those whose series are per VM (label `instance`) or per probed KMS (label `peer`), which
+/// exist only while a VM is polled or a KMS probed.
 fn readme_metrics(per_instance: bool) -> BTreeSet<String> {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
@@ -22,7 +23,7 @@ fn readme_metrics(per_instance: bool) -> BTreeSet<String> {
         .expect("README metrics table end marker");
     readme[start..end]
         .lines()
-        .filter(|l| !per_instance || l.contains("label `instance`"))
+        .filter(|l| !per_instance || l.contains("label `instance`") || l.contains("label `peer`"))
         .filter_map(|l| l.strip_prefix("| `"))
         .filter_map(|l| l.split('`').next())
         .map(str::to_owned)
@@ -104,8 +105,8 @@ async fn serve_on_sqlite_answers_health_metrics_logs_json_and_stops_on_sigterm()
         "{text}"
     );
 
-    // The README documents exactly what the service exports (per-VM families have no series
-    // while no VMM is polled).
+    // The README documents exactly what the service exports (per-VM and per-peer families have
+    // no series while nothing is polled).
     let exported = exported_metrics(&text);
     let documented: BTreeSet<String> = readme_metrics(false)
         .difference(&readme_metrics(true))
@@ -115,9 +116,15 @@ async fn serve_on_sqlite_answers_health_metrics_logs_json_and_stops_on_sigterm()
     assert_eq!(documented, exported, "README metrics table is out of date");
     assert_eq!(
         readme_metrics(true),
-        ["dstack_cvm_memory_usage_ratio", "dstack_cvm_up"]
-            .map(String::from)
-            .into(),
+        [
+            "dstack_cvm_memory_usage_ratio",
+            "dstack_cvm_peer_kms_cert_expiry_seconds",
+            "dstack_cvm_peer_kms_probe_duration_seconds",
+            "dstack_cvm_peer_kms_up",
+            "dstack_cvm_up"
+        ]
+        .map(String::from)
+        .into(),
     );
 
     // Admin API is off without a token.

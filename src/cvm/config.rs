@@ -33,6 +33,23 @@ fn default_concurrency() -> usize {
     8
 }
 
+/// One `[[cvm.peer_kms]]` entry: another KMS to probe.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerKms {
+    /// Its RPC base URL (`https://host:port`).
+    pub url: String,
+    /// Its root CA (PEM), which its RPC certificate chains to.
+    pub ca_file: PathBuf,
+    /// How often it is probed.
+    #[serde(default = "default_probe_interval", with = "humantime_serde")]
+    pub probe_interval: Duration,
+}
+
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
 /// Where a VMM listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmmAddress {
@@ -58,6 +75,8 @@ impl VmmEntry {
 pub struct CvmConfig {
     /// The dstack-vmm hosts polled.
     pub vmm: Vec<VmmEntry>,
+    /// Other KMS instances probed (ours or upstream dstack's).
+    pub peer_kms: Vec<PeerKms>,
     /// Per-instance series (labels `instance` and `app`) at most; aggregates always exist.
     pub max_instance_series: usize,
     /// Per-request timeout to a source.
@@ -75,6 +94,7 @@ impl Default for CvmConfig {
     fn default() -> Self {
         Self {
             vmm: Vec::new(),
+            peer_kms: Vec::new(),
             max_instance_series: 500,
             request_timeout: Duration::from_secs(5),
             boot_timeout: Duration::from_secs(300),
@@ -115,6 +135,22 @@ impl CvmConfig {
                     "set a number of requests in flight from 1 to 64 (default 8)",
                 ));
             }
+        }
+        for (i, p) in self.peer_kms.iter().enumerate() {
+            let key = format!("cvm.peer_kms[{i}]");
+            match url::Url::parse(&p.url) {
+                Ok(u) if u.scheme() == "https" => {}
+                _ => out.push(Problem::new(
+                    format!("{key}.url"),
+                    format!("{:?} is not an https URL", p.url),
+                    "write the KMS's RPC address, e.g. https://kms.example.org:8000",
+                )),
+            }
+            out.extend(positive(
+                &format!("{key}.probe_interval"),
+                p.probe_interval,
+                "30s",
+            ));
         }
         if !(1..=100_000).contains(&self.max_instance_series) {
             out.push(Problem::new(
@@ -160,5 +196,23 @@ mod tests {
             VmmAddress::Unix("/run/dstack/vmm.sock".into())
         );
         assert!(CvmConfig::default().problems().is_empty());
+    }
+
+    #[test]
+    fn a_peer_kms_is_reached_over_https_only() {
+        let peer = |url: &str| PeerKms {
+            url: url.into(),
+            ca_file: "/etc/kms-ca.pem".into(),
+            probe_interval: default_probe_interval(),
+        };
+        let cfg = CvmConfig {
+            peer_kms: vec![
+                peer("https://kms.example.org:8000"),
+                peer("http://kms:8000"),
+            ],
+            ..CvmConfig::default()
+        };
+        let keys: Vec<String> = cfg.problems().into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, vec!["cvm.peer_kms[1].url"]);
     }
 }

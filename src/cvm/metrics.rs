@@ -33,6 +33,11 @@ struct StatusLabels {
     status: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct InstanceLabels {
     instance: String,
@@ -58,6 +63,9 @@ pub struct CvmMetrics {
     capped: Gauge,
     stuck: Gauge,
     unmonitored: Gauge,
+    peer_up: Family<PeerLabels, Gauge>,
+    peer_latency: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    peer_expiry: Family<PeerLabels, Gauge>,
     max_series: usize,
     exported: Arc<Mutex<BTreeSet<InstanceLabels>>>,
 }
@@ -87,6 +95,9 @@ impl CvmMetrics {
             capped: Gauge::default(),
             stuck: Gauge::default(),
             unmonitored: Gauge::default(),
+            peer_up: Family::default(),
+            peer_latency: Family::default(),
+            peer_expiry: Family::default(),
             max_series,
             exported: Arc::default(),
         };
@@ -170,6 +181,21 @@ impl CvmMetrics {
             m.unmonitored.clone(),
         );
         registry.register(
+            "dstack_cvm_peer_kms_up",
+            "Whether a probed KMS answered /health and KMS.GetMeta over TLS (1) or not (0), by peer (its index in [[cvm.peer_kms]])",
+            m.peer_up.clone(),
+        );
+        registry.register(
+            "dstack_cvm_peer_kms_probe_duration_seconds",
+            "How long the last successful probe of a peer KMS took, by peer",
+            m.peer_latency.clone(),
+        );
+        registry.register(
+            "dstack_cvm_peer_kms_cert_expiry_seconds",
+            "Seconds until a peer KMS's TLS certificate expires (negative: expired), by peer",
+            m.peer_expiry.clone(),
+        );
+        registry.register(
             "dstack_cvm_instance_series_capped",
             "VMs left without per-instance series because of cvm.max_instance_series",
             m.capped.clone(),
@@ -201,6 +227,24 @@ impl CvmMetrics {
         self.stuck.set(i64::try_from(stuck).unwrap_or(i64::MAX));
         if let Some(n) = unmonitored {
             self.unmonitored.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Exports a probe of peer `index`: its latency and certificate expiry when it was up.
+    pub fn peer(&self, index: usize, up: Option<(Duration, Option<i64>)>) {
+        let labels = PeerLabels {
+            peer: index.to_string(),
+        };
+        self.peer_up
+            .get_or_create(&labels)
+            .set(i64::from(up.is_some()));
+        if let Some((latency, expiry)) = up {
+            self.peer_latency
+                .get_or_create(&labels)
+                .set(latency.as_secs_f64());
+            if let Some(e) = expiry {
+                self.peer_expiry.get_or_create(&labels).set(e);
+            }
         }
     }
 

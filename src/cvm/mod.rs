@@ -2,7 +2,7 @@
 //!
 //! What this module owns today: what the KMS's own records say (spec/07 §1), always on, with no
 //! configuration, and the dstack-vmm hosts of `[[cvm.vmm]]` (spec/07 §2). Still to come: the
-//! gateway, Nitro-host and peer-KMS sources, and containers' logs.
+//! gateway and Nitro-host sources, the upstream KMS counters, and containers' logs.
 //!
 //! - [`fleet`] (pure): every instance that received keys, and what changed between two looks: a
 //!   first boot is a deployment, each later boot a restart.
@@ -17,6 +17,8 @@
 //! - [`client`]: pRPC and guest calls to one VMM over TCP or a unix socket, with its token.
 //! - [`poller`]: one `cvm_vmm` task per VMM → [`poller::CvmView`] and the metrics.
 //! - [`logs`]: `keywarden cvm logs ID`, a VM's console or output from the VMM's log stream.
+//! - [`peer`]: one `cvm_peer_kms` task per `[[cvm.peer_kms]]`: `/health` and `KMS.GetMeta` over
+//!   TLS trusting that KMS's root CA, its certificate's expiry.
 //! - [`config`]: the `[cvm]` section.
 //! - [`metrics`]: the `dstack_cvm_*` metrics (aggregates, and capped per-instance series).
 //!
@@ -30,6 +32,7 @@ pub mod config;
 pub mod fleet;
 pub mod logs;
 pub mod metrics;
+pub mod peer;
 pub mod poller;
 pub mod records;
 pub mod report;
@@ -47,6 +50,14 @@ pub enum CvmError {
         index: usize,
         /// Why.
         source: crate::secret::SecretError,
+    },
+    /// A peer KMS's root CA cannot be used.
+    #[error("cvm.peer_kms[{index}].ca_file: {source}")]
+    PeerCa {
+        /// Which entry.
+        index: usize,
+        /// Why.
+        source: peer::ProbeError,
     },
 }
 
@@ -93,6 +104,11 @@ pub fn subsystem(
             ),
             crate::runtime::Criticality::Optional,
         );
+    }
+    for (index, p) in cfg.peer_kms.iter().enumerate() {
+        let prober = peer::PeerProber::new(index, p, cfg.request_timeout, metrics.clone())
+            .map_err(|source| CvmError::PeerCa { index, source })?;
+        tasks.add(prober, crate::runtime::Criticality::Optional);
     }
     Ok(Subsystem {
         tasks,
