@@ -23,6 +23,7 @@ use prometheus_client::registry::Registry;
 
 struct Polled {
     vmm: Shared,
+    metrics: CvmMetrics,
     poller: VmmPoller,
     view: Arc<CvmView>,
     registry: Registry,
@@ -54,10 +55,11 @@ async fn start(unix: bool, token: &str) -> Polled {
         entry.poll_interval,
         4,
         view.clone(),
-        metrics,
+        metrics.clone(),
     );
     Polled {
         vmm,
+        metrics,
         poller,
         view,
         registry,
@@ -328,4 +330,55 @@ async fn cvm_logs_prints_a_vms_console_without_heartbeats() {
     assert!(err.contains("no VM \"nope\""), "{err}");
     let (code, _, err) = run(&["web", "--channel", "audio"]).await.unwrap();
     assert_eq!(code, 2, "{err}");
+}
+
+/// With the gateway polled, each VM's instance has a last-seen time (its latest WireGuard
+/// handshake) and stale handshakes are counted; a gateway gone leaves no last-seen series.
+#[tokio::test]
+async fn the_gateway_says_when_each_vm_was_last_seen() {
+    let mut p = start(true, TOKEN).await;
+    p.poller.poll_once().await;
+    let now = keywarden::clock::unix_secs();
+    let hosts = std::sync::Arc::new(std::sync::Mutex::new(serde_json::json!([
+        {"instance_id": format!("{:040x}", 1), "app_id": "ab", "latest_handshake": now - 10},
+        {"instance_id": "ff", "app_id": "ab", "latest_handshake": now - 600}
+    ])));
+    let dir = tempfile::tempdir().unwrap();
+    let (url, server) = fake::serve_app(fake::gateway(hosts), false, dir.path()).await;
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let entry = VmmEntry {
+        url,
+        token: Some(SecretRef::File(token)),
+        poll_interval: Duration::from_secs(15),
+        concurrency: 1,
+    };
+    let gateway = keywarden::cvm::gateway::GatewayPoller::new(
+        VmmClient::new(&entry, Duration::from_secs(2)).unwrap(),
+        entry.poll_interval,
+        p.view.clone(),
+        p.metrics.clone(),
+    );
+    gateway.poll_once().await;
+    assert_eq!(p.vm("web").last_seen, Some(now - 10));
+    assert_eq!(p.vm("batch").last_seen, None);
+    assert_eq!(
+        p.metric("dstack_cvm_last_seen_timestamp_seconds{instance=\"web\"}"),
+        Some((now - 10) as f64)
+    );
+    assert_eq!(p.metric("dstack_cvm_gateway_hosts"), Some(2.0));
+    assert_eq!(p.metric("dstack_cvm_gateway_stale_hosts"), Some(1.0));
+
+    server.abort();
+    let _ = server.await;
+    gateway.poll_once().await;
+    assert_eq!(
+        p.metric("dstack_cvm_source_polls_total{source=\"gateway\",outcome=\"unreachable\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        p.metric("dstack_cvm_last_seen_timestamp_seconds{instance=\"web\"}"),
+        None
+    );
+    assert_eq!(p.vm("web").last_seen, None);
 }

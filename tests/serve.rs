@@ -117,6 +117,7 @@ async fn serve_on_sqlite_answers_health_metrics_logs_json_and_stops_on_sigterm()
     assert_eq!(
         readme_metrics(true),
         [
+            "dstack_cvm_last_seen_timestamp_seconds",
             "dstack_cvm_memory_usage_ratio",
             "dstack_cvm_peer_kms_cert_expiry_seconds",
             "dstack_cvm_peer_kms_probe_duration_seconds",

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::problem::{Problem, http_url, positive};
 use crate::secret::SecretRef;
 
-/// One `[[cvm.vmm]]` entry.
+/// One `[[cvm.vmm]]` entry (also the shape of `[cvm.gateway]`: a dstack host API).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VmmEntry {
@@ -77,6 +77,9 @@ pub struct CvmConfig {
     pub vmm: Vec<VmmEntry>,
     /// Other KMS instances probed (ours or upstream dstack's).
     pub peer_kms: Vec<PeerKms>,
+    /// The dstack gateway's admin API, whose WireGuard handshakes say when each instance was
+    /// last seen (`concurrency` unused).
+    pub gateway: Option<VmmEntry>,
     /// Per-instance series (labels `instance` and `app`) at most; aggregates always exist.
     pub max_instance_series: usize,
     /// Per-request timeout to a source.
@@ -95,6 +98,7 @@ impl Default for CvmConfig {
         Self {
             vmm: Vec::new(),
             peer_kms: Vec::new(),
+            gateway: None,
             max_instance_series: 500,
             request_timeout: Duration::from_secs(5),
             boot_timeout: Duration::from_secs(300),
@@ -107,8 +111,13 @@ impl CvmConfig {
     /// Everything wrong with the section.
     pub fn problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
-        for (i, v) in self.vmm.iter().enumerate() {
-            let key = format!("cvm.vmm[{i}]");
+        let entries = self
+            .vmm
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("cvm.vmm[{i}]"), v))
+            .chain(self.gateway.iter().map(|g| ("cvm.gateway".to_owned(), g)));
+        for (key, v) in entries {
             match v.url.strip_prefix("unix:") {
                 Some(path) if !path.starts_with('/') => out.push(Problem::new(
                     format!("{key}.url"),

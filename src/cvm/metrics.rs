@@ -43,8 +43,8 @@ struct InstanceLabels {
     instance: String,
 }
 
-/// Where restarts and polls come from.
-const SOURCES: [&str; 2] = ["vmm", "guest"];
+/// Where polls go.
+const SOURCES: [&str; 3] = ["vmm", "guest", "gateway"];
 
 /// CVM metrics. Cheap to clone; clones update the same series.
 #[derive(Clone, Debug)]
@@ -55,6 +55,9 @@ pub struct CvmMetrics {
     last_boot: Gauge,
     instances: Family<StatusLabels, Gauge>,
     up: Family<InstanceLabels, Gauge>,
+    last_seen: Family<InstanceLabels, Gauge>,
+    gateway_hosts: Gauge,
+    gateway_stale: Gauge,
     memory: Family<InstanceLabels, Gauge<f64, AtomicU64>>,
     boot_duration: Histogram,
     container_restarts: Counter,
@@ -81,6 +84,9 @@ impl CvmMetrics {
             last_boot: Gauge::default(),
             instances: Family::default(),
             up: Family::default(),
+            last_seen: Family::default(),
+            gateway_hosts: Gauge::default(),
+            gateway_stale: Gauge::default(),
             memory: Family::default(),
             boot_duration: Histogram::new([
                 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0, 1200.0,
@@ -146,6 +152,21 @@ impl CvmMetrics {
             m.up.clone(),
         );
         registry.register(
+            "dstack_cvm_last_seen_timestamp_seconds",
+            "When the gateway last saw a VM's instance (its latest WireGuard handshake, Unix seconds), per VM name, for at most cvm.max_instance_series VMs",
+            m.last_seen.clone(),
+        );
+        registry.register(
+            "dstack_cvm_gateway_hosts",
+            "Instances the dstack gateway routes",
+            m.gateway_hosts.clone(),
+        );
+        registry.register(
+            "dstack_cvm_gateway_stale_hosts",
+            "Instances the gateway routes whose latest WireGuard handshake is more than 3 minutes old (or none yet)",
+            m.gateway_stale.clone(),
+        );
+        registry.register(
             "dstack_cvm_memory_usage_ratio",
             "Memory in use / total in a running VM's guest, per VM name, for at most cvm.max_instance_series VMs",
             m.memory.clone(),
@@ -162,7 +183,7 @@ impl CvmMetrics {
         );
         registry.register(
             "dstack_cvm_source_polls",
-            "Requests to the CVM sources, by source (vmm, guest) and outcome (ok, unreachable, timeout, unauthorized, http_error, too_large, malformed)",
+            "Requests to the CVM sources, by source (vmm, guest, gateway) and outcome (ok, unreachable, timeout, unauthorized, http_error, too_large, malformed)",
             m.polls.clone(),
         );
         registry.register(
@@ -248,6 +269,14 @@ impl CvmMetrics {
         }
     }
 
+    /// Exports the gateway's hosts and stale hosts (`None`: it did not answer).
+    pub fn gateway(&self, hosts: Option<(usize, usize)>) {
+        let (n, stale) = hosts.unwrap_or((0, 0));
+        self.gateway_hosts.set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.gateway_stale
+            .set(i64::try_from(stale).unwrap_or(i64::MAX));
+    }
+
     /// Observes one boot's duration.
     pub fn booted(&self, d: Duration) {
         self.boot_duration.observe(d.as_secs_f64());
@@ -298,6 +327,16 @@ impl CvmMetrics {
             self.up
                 .get_or_create(&labels)
                 .set(i64::from(v.status == VmStatus::Running.label()));
+            match v.last_seen {
+                Some(t) => {
+                    self.last_seen
+                        .get_or_create(&labels)
+                        .set(i64::try_from(t).unwrap_or(i64::MAX));
+                }
+                None => {
+                    self.last_seen.remove(&labels);
+                }
+            }
             match v.memory_ratio {
                 Some(r) => {
                     self.memory.get_or_create(&labels).set(r);
@@ -310,6 +349,7 @@ impl CvmMetrics {
         }
         for gone in exported.difference(&now) {
             self.up.remove(gone);
+            self.last_seen.remove(gone);
             self.memory.remove(gone);
         }
         *exported = now;

@@ -2,7 +2,7 @@
 //!
 //! What this module owns today: what the KMS's own records say (spec/07 §1), always on, with no
 //! configuration, and the dstack-vmm hosts of `[[cvm.vmm]]` (spec/07 §2). Still to come: the
-//! gateway and Nitro-host sources, the upstream KMS counters, and containers' logs.
+//! Nitro-host source, the upstream KMS counters, and containers' logs.
 //!
 //! - [`fleet`] (pure): every instance that received keys, and what changed between two looks: a
 //!   first boot is a deployment, each later boot a restart.
@@ -17,6 +17,8 @@
 //! - [`client`]: pRPC and guest calls to one VMM over TCP or a unix socket, with its token.
 //! - [`poller`]: one `cvm_vmm` task per VMM → [`poller::CvmView`] and the metrics.
 //! - [`logs`]: `keywarden cvm logs ID`, a VM's console or output from the VMM's log stream.
+//! - [`gateway`]: the `cvm_gateway` task with `[cvm.gateway]`: each instance's latest WireGuard
+//!   handshake, its last-seen time.
 //! - [`peer`]: one `cvm_peer_kms` task per `[[cvm.peer_kms]]`: `/health` and `KMS.GetMeta` over
 //!   TLS trusting that KMS's root CA, its certificate's expiry.
 //! - [`config`]: the `[cvm]` section.
@@ -30,6 +32,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod fleet;
+pub mod gateway;
 pub mod logs;
 pub mod metrics;
 pub mod peer;
@@ -43,11 +46,11 @@ use std::sync::Arc;
 /// Errors of building the CVM subsystem.
 #[derive(Debug, thiserror::Error)]
 pub enum CvmError {
-    /// A VMM's token cannot be read.
-    #[error("cvm.vmm[{index}].token: {source}")]
+    /// A VMM's or the gateway's token cannot be read.
+    #[error("{key}.token: {source}")]
     Token {
-        /// Which entry.
-        index: usize,
+        /// Which entry (`cvm.vmm[0]`, `cvm.gateway`).
+        key: String,
         /// Why.
         source: crate::secret::SecretError,
     },
@@ -90,8 +93,12 @@ pub fn subsystem(
         crate::runtime::Criticality::Optional,
     );
     for (index, entry) in cfg.vmm.iter().enumerate() {
-        let client = client::VmmClient::new(entry, cfg.request_timeout)
-            .map_err(|source| CvmError::Token { index, source })?;
+        let client = client::VmmClient::new(entry, cfg.request_timeout).map_err(|source| {
+            CvmError::Token {
+                key: format!("cvm.vmm[{index}]"),
+                source,
+            }
+        })?;
         tasks.add(
             poller::VmmPoller::new(
                 index,
@@ -102,6 +109,17 @@ pub fn subsystem(
                 view.clone(),
                 metrics.clone(),
             ),
+            crate::runtime::Criticality::Optional,
+        );
+    }
+    if let Some(g) = &cfg.gateway {
+        let client =
+            client::VmmClient::new(g, cfg.request_timeout).map_err(|source| CvmError::Token {
+                key: "cvm.gateway".into(),
+                source,
+            })?;
+        tasks.add(
+            gateway::GatewayPoller::new(client, g.poll_interval, view.clone(), metrics.clone()),
             crate::runtime::Criticality::Optional,
         );
     }

@@ -35,6 +35,8 @@ const MAX_PAGES: u64 = 1000;
 pub struct CvmView {
     vmms: RwLock<BTreeMap<usize, (bool, Vec<VmView>)>>,
     configured: usize,
+    /// When the gateway last saw each instance (Unix seconds), by instance id.
+    seen: RwLock<HashMap<String, u64>>,
 }
 
 impl CvmView {
@@ -43,7 +45,13 @@ impl CvmView {
         Self {
             vmms: RwLock::default(),
             configured,
+            seen: RwLock::default(),
         }
+    }
+
+    /// Replaces what the gateway says of each instance's last handshake.
+    pub fn set_seen(&self, seen: HashMap<String, u64>) {
+        *self.seen.write().unwrap_or_else(|e| e.into_inner()) = seen;
     }
 
     /// Whether VMMs are configured and every one answered its last poll: only then does a VM
@@ -55,14 +63,21 @@ impl CvmView {
             && vmms.values().all(|(answered, _)| *answered)
     }
 
-    /// Every VM, by VMM in configuration order.
+    /// Every VM, by VMM in configuration order, with when the gateway last saw it.
     pub fn all(&self) -> Vec<VmView> {
+        let seen = self.seen.read().unwrap_or_else(|e| e.into_inner());
         self.vmms
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .flat_map(|(_, vms)| vms)
-            .cloned()
+            .map(|v| VmView {
+                last_seen: v
+                    .instance_id
+                    .as_deref()
+                    .and_then(|i| seen.get(&i.to_ascii_lowercase()).copied()),
+                ..v.clone()
+            })
             .collect()
     }
 
@@ -313,6 +328,7 @@ impl VmmPoller {
                 uptime_seconds: uptime.map(|u| u.as_secs()),
                 boot_seconds: t.boot,
                 boot_progress: info.boot_progress.clone(),
+                last_seen: None,
                 boot_error: info.boot_error.clone().filter(|e| !e.trim().is_empty()),
                 restarts: t.restarts,
                 container_restarts: t.container_restarts,

@@ -226,6 +226,7 @@ mod tests {
             uptime_seconds: Some(uptime),
             boot_seconds: None,
             boot_progress: Some(progress.into()),
+            last_seen: None,
             boot_error: None,
             restarts: 0,
             container_restarts: 0,

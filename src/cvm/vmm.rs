@@ -188,6 +188,8 @@ pub struct VmView {
     pub boot_seconds: Option<f64>,
     /// Its last boot step (`done` when ready).
     pub boot_progress: Option<String>,
+    /// When the gateway last saw its instance (WireGuard handshake, Unix seconds).
+    pub last_seen: Option<u64>,
     /// Why its boot failed.
     pub boot_error: Option<String>,
     /// Restarts seen (uptime resets) since this process watches it.

@@ -215,7 +215,31 @@ pub fn vmm(vms: Vec<Value>) -> Shared {
 
 /// Serves `vmm` on a unix socket in `dir` (or on TCP at 127.0.0.1); its URL as configured.
 pub async fn serve(vmm: Shared, unix: bool, dir: &Path) -> (String, tokio::task::JoinHandle<()>) {
-    let app = router(vmm);
+    serve_app(router(vmm), unix, dir).await
+}
+
+/// An in-test dstack gateway admin API: `Admin.Status` with `hosts`, behind the token.
+pub fn gateway(hosts: Arc<Mutex<Value>>) -> axum::Router {
+    axum::Router::new().route(
+        "/prpc/Admin.Status",
+        post(move |headers: HeaderMap| {
+            let hosts = hosts.lock().unwrap().clone();
+            async move {
+                if !authorized(&headers) {
+                    return (StatusCode::UNAUTHORIZED, "bad token").into_response();
+                }
+                axum::Json(json!({"hosts": hosts, "num_connections": 1})).into_response()
+            }
+        }),
+    )
+}
+
+/// Serves `app` on a unix socket in `dir` (or on TCP at 127.0.0.1); its URL as configured.
+pub async fn serve_app(
+    app: axum::Router,
+    unix: bool,
+    dir: &Path,
+) -> (String, tokio::task::JoinHandle<()>) {
     if unix {
         let path = dir.join("vmm.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
