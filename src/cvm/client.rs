@@ -11,7 +11,7 @@ use http_body_util::BodyExt as _;
 use super::config::{VmmAddress, VmmEntry};
 use crate::secret::SecretRef;
 
-/// The largest answer read.
+/// The largest answer read (a log stream excepted).
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
 /// Why a source gave no usable answer.
@@ -99,8 +99,9 @@ impl VmmClient {
         Ok(Self {
             address: entry.address(),
             token,
+            // No whole-request timeout: a followed log lasts; `post` bounds its own answers.
             http: reqwest::Client::builder()
-                .timeout(timeout)
+                .connect_timeout(timeout)
                 .build()
                 .unwrap_or_default(),
             timeout,
@@ -136,54 +137,103 @@ impl VmmClient {
         idle: Duration,
         mut sink: impl FnMut(&[u8]),
     ) -> Result<(), SourceError> {
-        let idle_timeout = |_| SourceError::Timeout(idle);
+        self.exchange(hyper::Method::GET, path, None, idle, &mut |chunk| {
+            sink(chunk);
+            Ok(())
+        })
+        .await
+    }
+
+    /// `POST path` with `body`; the whole answer within the request timeout, at most
+    /// [`MAX_ANSWER`] bytes.
+    async fn post(&self, path: &str, body: &serde_json::Value) -> Result<Bytes, SourceError> {
+        let mut bytes = Vec::new();
+        let mut collect = |chunk: &[u8]| {
+            if bytes.len() + chunk.len() > MAX_ANSWER {
+                return Err(SourceError::TooLarge);
+            }
+            bytes.extend_from_slice(chunk);
+            Ok(())
+        };
+        let answer = self.exchange(
+            hyper::Method::POST,
+            path,
+            Some(Bytes::from(body.to_string())),
+            self.timeout,
+            &mut collect,
+        );
+        tokio::time::timeout(self.timeout, answer)
+            .await
+            .map_err(|_| SourceError::Timeout(self.timeout))??;
+        Ok(bytes.into())
+    }
+
+    /// Sends `method path` (with a JSON `body`) and hands a 200 answer to `sink` chunk by chunk
+    /// (an error from `sink` ends it). Connecting waits at most the request timeout; a silence
+    /// of `idle` ends the answer with a timeout. Any other status is an error.
+    async fn exchange(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Bytes>,
+        idle: Duration,
+        sink: &mut impl FnMut(&[u8]) -> Result<(), SourceError>,
+    ) -> Result<(), SourceError> {
+        let unreachable = |e: &dyn std::fmt::Display| SourceError::Unreachable(e.to_string());
+        let silent = |_| SourceError::Timeout(idle);
+        let connecting = |_| SourceError::Timeout(self.timeout);
         match &self.address {
             VmmAddress::Http(base) => {
-                let mut req = reqwest::Client::builder()
-                    .connect_timeout(self.timeout)
-                    .build()
-                    .unwrap_or_default()
-                    .get(format!("{base}{path}"));
+                let mut req = self.http.request(method, format!("{base}{path}"));
+                if let Some(body) = body {
+                    req = req.header("content-type", "application/json").body(body);
+                }
                 if let Some(t) = &self.token {
                     req = req.bearer_auth(t);
                 }
                 let mut resp = tokio::time::timeout(self.timeout, req.send())
                     .await
-                    .map_err(|_| SourceError::Timeout(self.timeout))?
-                    .map_err(|e| SourceError::Unreachable(e.to_string()))?;
+                    .map_err(connecting)?
+                    .map_err(|e| unreachable(&e))?;
                 let status = resp.status().as_u16();
                 if status != 200 {
-                    let body = resp.text().await.unwrap_or_default();
-                    return Err(refusal(status, body.as_bytes()));
+                    let text = resp.text().await.unwrap_or_default();
+                    return Err(refusal(status, text.as_bytes()));
                 }
                 while let Some(chunk) = tokio::time::timeout(idle, resp.chunk())
                     .await
-                    .map_err(idle_timeout)?
-                    .map_err(|e| SourceError::Unreachable(e.to_string()))?
+                    .map_err(silent)?
+                    .map_err(|e| unreachable(&e))?
                 {
-                    sink(&chunk);
+                    sink(&chunk)?;
                 }
                 Ok(())
             }
             VmmAddress::Unix(socket) => {
-                let unreachable =
-                    |e: &dyn std::fmt::Display| SourceError::Unreachable(e.to_string());
                 let stream =
                     tokio::time::timeout(self.timeout, tokio::net::UnixStream::connect(socket))
                         .await
-                        .map_err(|_| SourceError::Timeout(self.timeout))?
+                        .map_err(connecting)?
                         .map_err(|e| unreachable(&format!("{}: {e}", socket.display())))?;
                 let (mut sender, conn) =
                     hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                         .await
                         .map_err(|e| unreachable(&e))?;
-                let mut req = hyper::Request::get(path).header(hyper::header::HOST, "localhost");
+                let mut req = hyper::Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .header(hyper::header::HOST, "localhost");
+                if body.is_some() {
+                    req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+                }
                 if let Some(t) = &self.token {
                     req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
                 }
                 let req = req
-                    .body(http_body_util::Empty::<Bytes>::new())
+                    .body(http_body_util::Full::new(body.unwrap_or_default()))
                     .map_err(|e| unreachable(&e))?;
+                // The connection runs until the request's future, which holds the sender, is
+                // done.
                 let exchange = async move {
                     let resp = sender
                         .send_request(req)
@@ -192,19 +242,19 @@ impl VmmClient {
                     let status = resp.status().as_u16();
                     let mut body = resp.into_body();
                     if status != 200 {
-                        let bytes = http_body_util::Limited::new(body, 4096)
+                        let text = http_body_util::Limited::new(body, 4096)
                             .collect()
                             .await
                             .map(|b| b.to_bytes())
                             .unwrap_or_default();
-                        return Err(refusal(status, &bytes));
+                        return Err(refusal(status, &text));
                     }
                     while let Some(frame) = tokio::time::timeout(idle, body.frame())
                         .await
-                        .map_err(idle_timeout)?
+                        .map_err(silent)?
                     {
                         if let Some(data) = frame.map_err(|e| unreachable(&e))?.data_ref() {
-                            sink(data);
+                            sink(data)?;
                         }
                     }
                     Ok(())
@@ -213,97 +263,5 @@ impl VmmClient {
                 answer
             }
         }
-    }
-
-    async fn post(&self, path: &str, body: &serde_json::Value) -> Result<Bytes, SourceError> {
-        let body = Bytes::from(body.to_string());
-        let answer = async {
-            match &self.address {
-                VmmAddress::Http(base) => self.post_http(&format!("{base}{path}"), body).await,
-                VmmAddress::Unix(socket) => self.post_unix(socket, path, body).await,
-            }
-        };
-        let (status, bytes) = tokio::time::timeout(self.timeout, answer)
-            .await
-            .map_err(|_| SourceError::Timeout(self.timeout))??;
-        match status {
-            200 => Ok(bytes),
-            _ => Err(refusal(status, &bytes)),
-        }
-    }
-
-    async fn post_http(&self, url: &str, body: Bytes) -> Result<(u16, Bytes), SourceError> {
-        let mut req = self
-            .http
-            .post(url)
-            .header("content-type", "application/json")
-            .body(body);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let mut resp = req
-            .send()
-            .await
-            .map_err(|e| SourceError::Unreachable(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| SourceError::Unreachable(e.to_string()))?
-        {
-            if bytes.len() + chunk.len() > MAX_ANSWER {
-                return Err(SourceError::TooLarge);
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        Ok((status, bytes.into()))
-    }
-
-    async fn post_unix(
-        &self,
-        socket: &std::path::Path,
-        path: &str,
-        body: Bytes,
-    ) -> Result<(u16, Bytes), SourceError> {
-        let unreachable = |e: &dyn std::fmt::Display| SourceError::Unreachable(e.to_string());
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|e| unreachable(&format!("{}: {e}", socket.display())))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| unreachable(&e))?;
-        let mut req = hyper::Request::post(path)
-            .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::CONTENT_TYPE, "application/json");
-        if let Some(t) = &self.token {
-            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let req = req
-            .body(http_body_util::Full::new(body))
-            .map_err(|e| unreachable(&e))?;
-        // The connection runs until the request's future, which holds the sender, is done.
-        let exchange = async move {
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| unreachable(&e))?;
-            let status = resp.status().as_u16();
-            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        SourceError::TooLarge
-                    } else {
-                        unreachable(&e)
-                    }
-                })?
-                .to_bytes();
-            Ok((status, bytes))
-        };
-        let (answer, _) = tokio::join!(exchange, conn);
-        answer
     }
 }
