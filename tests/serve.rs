@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use common::{Keywarden, PgDb, http, https, run_to_end};
 
 /// Metric names (as queried: counters with `_total`) in the README table; `per_instance`: only
-/// those whose series are per VM (label `instance`) or per probed KMS (label `peer`), which
-/// exist only while a VM is polled or a KMS probed.
+/// those whose series are per VM (label `instance`), per probed KMS (`peer`) or per vsock proxy
+/// (`proxy`), which exist only while one is polled, probed or checked.
 fn readme_metrics(per_instance: bool) -> BTreeSet<String> {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
@@ -23,7 +23,17 @@ fn readme_metrics(per_instance: bool) -> BTreeSet<String> {
         .expect("README metrics table end marker");
     readme[start..end]
         .lines()
-        .filter(|l| !per_instance || l.contains("label `instance`") || l.contains("label `peer`"))
+        .filter(|l| {
+            !per_instance
+                || [
+                    "label `instance`",
+                    "label `peer`",
+                    "label `proxy`",
+                    "labels `proxy`",
+                ]
+                .iter()
+                .any(|m| l.contains(m))
+        })
         .filter_map(|l| l.strip_prefix("| `"))
         .filter_map(|l| l.split('`').next())
         .map(str::to_owned)
@@ -122,7 +132,9 @@ async fn serve_on_sqlite_answers_health_metrics_logs_json_and_stops_on_sigterm()
             "dstack_cvm_peer_kms_cert_expiry_seconds",
             "dstack_cvm_peer_kms_probe_duration_seconds",
             "dstack_cvm_peer_kms_up",
-            "dstack_cvm_up"
+            "dstack_cvm_up",
+            "dstack_cvm_vsock_proxy_check_up",
+            "dstack_cvm_vsock_proxy_up",
         ]
         .map(String::from)
         .into(),

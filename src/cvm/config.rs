@@ -50,6 +50,35 @@ fn default_probe_interval() -> Duration {
     Duration::from_secs(30)
 }
 
+/// One `[[cvm.nitro_proxy]]` entry: the vsock proxy a Nitro Enclave needs on this host, and how to
+/// tell it runs (each check optional, at least one).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NitroProxy {
+    /// A systemd unit that must be active (e.g. `nitro-enclaves-vsock-proxy.service`).
+    #[serde(default)]
+    pub systemd_unit: Option<String>,
+    /// Text a running process's command line must contain (e.g. `vsock-proxy 8000`).
+    #[serde(default)]
+    pub process: Option<String>,
+    /// A TCP port something must listen on.
+    #[serde(default)]
+    pub listening_port: Option<u16>,
+    /// An address a TCP connection must succeed to.
+    #[serde(default)]
+    pub connect: Option<std::net::SocketAddr>,
+    /// How long that connection may take.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How often the checks run.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
 /// Where a VMM listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmmAddress {
@@ -77,6 +106,8 @@ pub struct CvmConfig {
     pub vmm: Vec<VmmEntry>,
     /// Other KMS instances probed (ours or upstream dstack's).
     pub peer_kms: Vec<PeerKms>,
+    /// Nitro Enclave vsock proxies on this host.
+    pub nitro_proxy: Vec<NitroProxy>,
     /// The dstack gateway's admin API, whose WireGuard handshakes say when each instance was
     /// last seen (`concurrency` unused).
     pub gateway: Option<VmmEntry>,
@@ -98,6 +129,7 @@ impl Default for CvmConfig {
         Self {
             vmm: Vec::new(),
             peer_kms: Vec::new(),
+            nitro_proxy: Vec::new(),
             gateway: None,
             max_instance_series: 500,
             request_timeout: Duration::from_secs(5),
@@ -144,6 +176,28 @@ impl CvmConfig {
                     "set a number of requests in flight from 1 to 64 (default 8)",
                 ));
             }
+        }
+        for (i, n) in self.nitro_proxy.iter().enumerate() {
+            let key = format!("cvm.nitro_proxy[{i}]");
+            if n.systemd_unit.is_none()
+                && n.process.is_none()
+                && n.listening_port.is_none()
+                && n.connect.is_none()
+            {
+                out.push(Problem::new(
+                    key.clone(),
+                    "no check is configured",
+                    "set at least one of systemd_unit, process, listening_port, connect",
+                ));
+            }
+            out.extend(
+                [
+                    (format!("{key}.connect_timeout"), n.connect_timeout, "2s"),
+                    (format!("{key}.check_interval"), n.check_interval, "15s"),
+                ]
+                .iter()
+                .filter_map(|(k, d, ex)| positive(k, *d, ex)),
+            );
         }
         for (i, p) in self.peer_kms.iter().enumerate() {
             let key = format!("cvm.peer_kms[{i}]");

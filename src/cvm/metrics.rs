@@ -38,6 +38,17 @@ struct PeerLabels {
     peer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyLabels {
+    proxy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyCheckLabels {
+    proxy: String,
+    check: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct InstanceLabels {
     instance: String,
@@ -67,6 +78,8 @@ pub struct CvmMetrics {
     stuck: Gauge,
     unmonitored: Gauge,
     peer_up: Family<PeerLabels, Gauge>,
+    proxy_up: Family<ProxyLabels, Gauge>,
+    proxy_checks: Family<ProxyCheckLabels, Gauge>,
     peer_latency: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     peer_expiry: Family<PeerLabels, Gauge>,
     max_series: usize,
@@ -102,6 +115,8 @@ impl CvmMetrics {
             stuck: Gauge::default(),
             unmonitored: Gauge::default(),
             peer_up: Family::default(),
+            proxy_up: Family::default(),
+            proxy_checks: Family::default(),
             peer_latency: Family::default(),
             peer_expiry: Family::default(),
             max_series,
@@ -217,6 +232,16 @@ impl CvmMetrics {
             m.peer_expiry.clone(),
         );
         registry.register(
+            "dstack_cvm_vsock_proxy_up",
+            "Whether a Nitro Enclave vsock proxy passes every configured check (1) or not (0), by proxy (its index in [[cvm.nitro_proxy]])",
+            m.proxy_up.clone(),
+        );
+        registry.register(
+            "dstack_cvm_vsock_proxy_check_up",
+            "Whether one check of a vsock proxy passes (1) or not (0), by proxy and check (systemd, process, listening, connect)",
+            m.proxy_checks.clone(),
+        );
+        registry.register(
             "dstack_cvm_instance_series_capped",
             "VMs left without per-instance series because of cvm.max_instance_series",
             m.capped.clone(),
@@ -275,6 +300,22 @@ impl CvmMetrics {
         self.gateway_hosts.set(i64::try_from(n).unwrap_or(i64::MAX));
         self.gateway_stale
             .set(i64::try_from(stale).unwrap_or(i64::MAX));
+    }
+
+    /// Exports the checks of vsock proxy `index`.
+    pub fn nitro_proxy(&self, index: usize, results: &[(super::nitro::Check, Result<(), String>)]) {
+        let proxy = index.to_string();
+        for (check, r) in results {
+            self.proxy_checks
+                .get_or_create(&ProxyCheckLabels {
+                    proxy: proxy.clone(),
+                    check: check.label(),
+                })
+                .set(i64::from(r.is_ok()));
+        }
+        self.proxy_up
+            .get_or_create(&ProxyLabels { proxy })
+            .set(i64::from(results.iter().all(|(_, r)| r.is_ok())));
     }
 
     /// Observes one boot's duration.

@@ -2,7 +2,7 @@
 //!
 //! What this module owns today: what the KMS's own records say (spec/07 §1), always on, with no
 //! configuration, and the dstack-vmm hosts of `[[cvm.vmm]]` (spec/07 §2). Still to come: the
-//! Nitro-host source, the upstream KMS counters, and containers' logs.
+//! upstream KMS counters and containers' logs.
 //!
 //! - [`fleet`] (pure): every instance that received keys, and what changed between two looks: a
 //!   first boot is a deployment, each later boot a restart.
@@ -19,6 +19,8 @@
 //! - [`logs`]: `keywarden cvm logs ID`, a VM's console or output from the VMM's log stream.
 //! - [`gateway`]: the `cvm_gateway` task with `[cvm.gateway]`: each instance's latest WireGuard
 //!   handshake, its last-seen time.
+//! - [`nitro`]: one `cvm_nitro_proxy` task per `[[cvm.nitro_proxy]]`: is the vsock proxy a Nitro
+//!   Enclave needs running (systemd unit, process, listening port, connect)?
 //! - [`peer`]: one `cvm_peer_kms` task per `[[cvm.peer_kms]]`: `/health` and `KMS.GetMeta` over
 //!   TLS trusting that KMS's root CA, its certificate's expiry.
 //! - [`config`]: the `[cvm]` section.
@@ -35,6 +37,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod logs;
 pub mod metrics;
+pub mod nitro;
 pub mod peer;
 pub mod poller;
 pub mod records;
@@ -120,6 +123,12 @@ pub fn subsystem(
             })?;
         tasks.add(
             gateway::GatewayPoller::new(client, g.poll_interval, view.clone(), metrics.clone()),
+            crate::runtime::Criticality::Optional,
+        );
+    }
+    for (index, p) in cfg.nitro_proxy.iter().enumerate() {
+        tasks.add(
+            nitro::ProxyChecker::new(index, p.clone(), metrics.clone()),
             crate::runtime::Criticality::Optional,
         );
     }
