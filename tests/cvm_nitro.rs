@@ -80,7 +80,7 @@ async fn a_running_listener_and_process_pass_and_fail_once_stopped() {
     for check in [Check::Process, Check::Listening, Check::Connect] {
         assert_eq!(outcome(&results, check), Ok(()), "{check:?}");
     }
-    metrics.nitro_proxy(0, &results);
+    metrics.nitro_proxy(0, &keywarden::cvm::nitro::passed(&results));
     let text = keywarden::telemetry::encode(&registry).unwrap();
     assert!(
         text.contains("dstack_cvm_vsock_proxy_up{proxy=\"0\"} 1"),
@@ -105,7 +105,7 @@ async fn a_running_listener_and_process_pass_and_fail_once_stopped() {
             .unwrap_err()
             .contains("failed")
     );
-    metrics.nitro_proxy(0, &results);
+    metrics.nitro_proxy(0, &keywarden::cvm::nitro::passed(&results));
     let text = keywarden::telemetry::encode(&registry).unwrap();
     assert!(
         text.contains("dstack_cvm_vsock_proxy_up{proxy=\"0\"} 0"),

@@ -68,6 +68,14 @@ pub fn cmdline_matches(raw: &[u8], text: &str) -> bool {
     !joined.is_empty() && joined.join(" ").contains(text)
 }
 
+/// Each check's label and whether it passed, as the metrics take them.
+pub fn passed(results: &[(Check, Result<(), String>)]) -> Vec<(&'static str, bool)> {
+    results
+        .iter()
+        .map(|(c, r)| (c.label(), r.is_ok()))
+        .collect()
+}
+
 /// The checks of one vsock proxy.
 pub struct ProxyChecker {
     index: usize,
@@ -186,7 +194,7 @@ impl Task for ProxyChecker {
                 }
                 failing = now;
             }
-            self.metrics.nitro_proxy(self.index, &results);
+            self.metrics.nitro_proxy(self.index, &passed(&results));
         }
         Ok(())
     }
