@@ -13,7 +13,6 @@ mod fake;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keywarden::cvm::client::VmmClient;
 use keywarden::cvm::config::VmmEntry;
 use keywarden::cvm::metrics::CvmMetrics;
 use keywarden::cvm::poller::{CvmView, VmmPoller};
@@ -91,16 +90,16 @@ fn main() {
                 poll_interval: Duration::from_secs(15),
                 concurrency: 8,
             };
-            let client = VmmClient::new(&entry, Duration::from_secs(5)).unwrap();
-            pollers.push(VmmPoller::new(
-                usize::try_from(k).unwrap(),
-                url,
-                client,
-                entry.poll_interval,
-                entry.concurrency,
-                view.clone(),
-                metrics.clone(),
-            ));
+            pollers.push(
+                VmmPoller::new(
+                    usize::try_from(k).unwrap(),
+                    &entry,
+                    Duration::from_secs(5),
+                    view.clone(),
+                    metrics.clone(),
+                )
+                .unwrap(),
+            );
         }
         println!(
             "== {VMMS} VMMs x {VMS} VMs, {} ms per answer, {rounds} rounds of one poll each, all VMMs at once",

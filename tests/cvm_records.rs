@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use chain_engine::store_on;
 use std::sync::Arc;
 
-use keywarden::cvm::client::VmmClient;
 use keywarden::cvm::config::VmmEntry;
 use keywarden::cvm::metrics::CvmMetrics;
 use keywarden::cvm::poller::{CvmView, VmmPoller};
@@ -119,16 +118,14 @@ async fn fleet_from_boot_records(db: Option<&common::PgDb>) {
     let mut registry = Registry::default();
     let metrics = CvmMetrics::new(&mut registry, 500);
     let view = Arc::new(CvmView::new(1));
-    let client = VmmClient::new(&entry, Duration::from_secs(2)).unwrap();
     let mut poller = VmmPoller::new(
         0,
-        vmm_url,
-        client,
-        entry.poll_interval,
-        4,
+        &entry,
+        Duration::from_secs(2),
         view.clone(),
         metrics.clone(),
-    );
+    )
+    .unwrap();
     poller.poll_once().await;
     let timeout = Duration::from_secs(300);
     let window = Duration::from_secs(7 * 86400);

@@ -44,19 +44,17 @@ async fn start(unix: bool, token: &str) -> Polled {
         poll_interval: Duration::from_secs(15),
         concurrency: 4,
     };
-    let client = VmmClient::new(&entry, Duration::from_secs(2)).unwrap();
     let mut registry = Registry::default();
     let metrics = CvmMetrics::new(&mut registry, 500);
     let view = Arc::new(CvmView::new(1));
     let poller = VmmPoller::new(
         0,
-        url,
-        client,
-        entry.poll_interval,
-        4,
+        &entry,
+        Duration::from_secs(2),
         view.clone(),
         metrics.clone(),
-    );
+    )
+    .unwrap();
     Polled {
         vmm,
         metrics,

@@ -96,24 +96,18 @@ pub fn subsystem(
         crate::runtime::Criticality::Optional,
     );
     for (index, entry) in cfg.vmm.iter().enumerate() {
-        let client = client::VmmClient::new(entry, cfg.request_timeout).map_err(|source| {
-            CvmError::Token {
-                key: format!("cvm.vmm[{index}]"),
-                source,
-            }
+        let poller = poller::VmmPoller::new(
+            index,
+            entry,
+            cfg.request_timeout,
+            view.clone(),
+            metrics.clone(),
+        )
+        .map_err(|source| CvmError::Token {
+            key: format!("cvm.vmm[{index}]"),
+            source,
         })?;
-        tasks.add(
-            poller::VmmPoller::new(
-                index,
-                entry.url.clone(),
-                client,
-                entry.poll_interval,
-                entry.concurrency,
-                view.clone(),
-                metrics.clone(),
-            ),
-            crate::runtime::Criticality::Optional,
-        );
+        tasks.add(poller, crate::runtime::Criticality::Optional);
     }
     if let Some(g) = &cfg.gateway {
         let client =

@@ -18,6 +18,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{SourceError, VmmClient};
+use super::config::VmmEntry;
 use super::metrics::CvmMetrics;
 use super::vmm::{
     self, ContainerView, ContainersAnswer, InfoAnswer, StatusAnswer, SysInfo, VmInfo, VmStatus,
@@ -137,27 +138,26 @@ fn unix_ms() -> u64 {
 }
 
 impl VmmPoller {
-    /// The poller of VMM number `index` (`label` names it in logs), through `client`.
+    /// The poller of `[[cvm.vmm]]` number `index`, each request bounded by `timeout` (its token
+    /// resolved now).
     pub fn new(
         index: usize,
-        label: String,
-        client: VmmClient,
-        interval: Duration,
-        concurrency: usize,
+        entry: &VmmEntry,
+        timeout: Duration,
         view: Arc<CvmView>,
         metrics: CvmMetrics,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, crate::secret::SecretError> {
+        Ok(Self {
             index,
-            label,
-            client,
-            interval,
-            concurrency: concurrency.max(1),
+            label: entry.url.clone(),
+            client: VmmClient::new(entry, timeout)?,
+            interval: entry.poll_interval,
+            concurrency: entry.concurrency.max(1),
             view,
             metrics,
             tracked: HashMap::new(),
             failing: false,
-        }
+        })
     }
 
     /// Whether `vm` needs its full `GetInfo` this poll.
