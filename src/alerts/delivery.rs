@@ -158,10 +158,8 @@ impl Task for Deliverer {
     }
 
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut repost = tokio::time::interval(self.repost_interval);
-        repost.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = crate::runtime::ticker(TICK);
+        let mut repost = crate::runtime::ticker(self.repost_interval);
         loop {
             // A cancelled step leaves its row undelivered: it is sent again after the restart.
             tokio::select! {

@@ -108,8 +108,7 @@ impl Task for HealthMonitor {
     }
 
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = crate::runtime::ticker(self.interval);
         let mut was_healthy = true;
         loop {
             tokio::select! {

@@ -902,8 +902,7 @@ impl Task for Follower {
         let mut projections = std::mem::take(&mut self.projections);
         let interval = self.chain.cfg.poll_interval;
         // Readiness follows staleness even while a step waits on slow or dead endpoints.
-        let mut refresh = tokio::time::interval(READINESS_REFRESH);
-        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refresh = crate::runtime::ticker(READINESS_REFRESH);
         let mut cursor: Option<Cursor> = None;
         loop {
             let result = {

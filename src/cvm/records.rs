@@ -120,8 +120,7 @@ impl Task for RecordsWatcher {
             }
         };
         self.metrics.fleet(fleet.len(), fleet.latest_boot());
-        let mut tick = tokio::time::interval(LOOK_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = crate::runtime::ticker(LOOK_EVERY);
         loop {
             let last = tokio::select! {
                 () = cancel.cancelled() => true,

@@ -494,8 +494,7 @@ impl Task for Notifier {
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let mut known: HashMap<String, BTreeSet<String>> = HashMap::new();
         let mut loaded = false;
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = crate::runtime::ticker(TICK);
         // The views live as long as this task holds them, so their senders never close.
         let (mut chain, mut queues) = (self.view.changes(), self.proposals.changes());
         loop {

@@ -353,6 +353,15 @@ pub fn summary(pending: &[&Proposal], now: i64) -> QueueSummary {
 /// signed anything at or after `since` (Unix seconds): an on-chain approval or execution
 /// signature, or a verified confirmation of a `pending` proposal. `None` when no Safe is followed.
 pub fn participation(state: &GovernanceState, pending: &[&Proposal], since: i64) -> Option<f64> {
+    let mut confirmed: std::collections::HashMap<Address, std::collections::BTreeSet<Address>> =
+        std::collections::HashMap::new();
+    for p in pending {
+        for (owner, at) in &p.confirmed_at {
+            if *at >= since {
+                confirmed.entry(p.safe).or_default().insert(*owner);
+            }
+        }
+    }
     state
         .safes
         .iter()
@@ -362,12 +371,11 @@ pub fn participation(state: &GovernanceState, pending: &[&Proposal], since: i64)
                 .owners_signed_since(u64::try_from(since).unwrap_or(0))
                 .collect();
             signed.extend(
-                pending
-                    .iter()
-                    .filter(|p| p.safe == *address)
-                    .flat_map(|p| &p.confirmed_at)
-                    .filter(|(owner, at)| *at >= since && s.owners.contains(owner))
-                    .map(|(owner, _)| *owner),
+                confirmed
+                    .get(address)
+                    .into_iter()
+                    .flatten()
+                    .filter(|owner| s.owners.contains(owner)),
             );
             signed.len() as f64 / s.owners.len() as f64
         })
