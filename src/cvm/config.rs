@@ -262,6 +262,46 @@ mod tests {
     }
 
     #[test]
+    fn a_nitro_proxy_needs_a_check_and_the_gateway_a_url() {
+        let cfg = CvmConfig {
+            nitro_proxy: vec![
+                NitroProxy {
+                    systemd_unit: None,
+                    process: None,
+                    listening_port: None,
+                    connect: None,
+                    connect_timeout: default_connect_timeout(),
+                    check_interval: default_poll_interval(),
+                },
+                NitroProxy {
+                    listening_port: Some(8000),
+                    connect_timeout: Duration::ZERO,
+                    systemd_unit: None,
+                    process: None,
+                    connect: None,
+                    check_interval: default_poll_interval(),
+                },
+            ],
+            gateway: Some(VmmEntry {
+                url: "gateway:8011".into(),
+                token: None,
+                poll_interval: default_poll_interval(),
+                concurrency: default_concurrency(),
+            }),
+            ..CvmConfig::default()
+        };
+        let keys: Vec<String> = cfg.problems().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "cvm.gateway.url",
+                "cvm.nitro_proxy[0]",
+                "cvm.nitro_proxy[1].connect_timeout"
+            ]
+        );
+    }
+
+    #[test]
     fn a_peer_kms_is_reached_over_https_only() {
         let peer = |url: &str| PeerKms {
             url: url.into(),
