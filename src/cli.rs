@@ -54,8 +54,8 @@ pub enum Command {
     /// What a Safe proposal would really do, before anyone signs it.
     #[command(subcommand)]
     Governance(GovernanceCommand),
-    /// The CVMs this KMS released keys to, from its boot records (works whether or not the
-    /// service runs).
+    /// The CVMs: this KMS's boot records (whether or not the service runs), joined with the
+    /// dstack-vmm hosts of [[cvm.vmm]] when configured.
     #[command(subcommand)]
     Cvm(CvmCommand),
 }
@@ -64,18 +64,20 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum CvmCommand {
     /// Every instance that received keys (first and last boot, boots, measurements, the newest
-    /// refusal since), and those only ever refused.
-    List(crate::chain::cli::StoreArgs),
+    /// refusal since), and those only ever refused; with [[cvm.vmm]], every VM beside them
+    /// (status, uptime, boot time, memory, containers), the stuck and the unmonitored.
+    List(crate::cvm::cli::CvmArgs),
     /// A VM's serial console or output, from the dstack-vmm hosts of [[cvm.vmm]] (--follow until
     /// Ctrl-C).
     Logs(crate::cvm::logs::LogsArgs),
-    /// One instance, by its id (hex; a unique prefix of at least 4 digits will do).
+    /// One instance, by its id (hex; a unique prefix of at least 4 digits will do), or a VM by
+    /// its id or name on the [[cvm.vmm]] hosts: its records and the VM as its VMM shows it.
     Show {
-        /// The instance id.
+        /// The instance id, or the VM's id or name.
         id: String,
-        /// Where the store is, and the output form.
+        /// Where the store is, the output form, and whether to ask the VMMs.
         #[command(flatten)]
-        store: crate::chain::cli::StoreArgs,
+        args: crate::cvm::cli::CvmArgs,
     },
 }
 
@@ -554,16 +556,25 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
             )))
         }
         Command::Cvm(CvmCommand::List(args)) => {
-            let config = load(cli.config.as_deref(), &store_overrides(&args))?;
-            Ok(runtime()?.block_on(crate::cvm::cli::run_list(&config.storage, args.json)))
+            let config = load(cli.config.as_deref(), &store_overrides(&args.store))?;
+            Ok(runtime()?.block_on(crate::cvm::cli::run_list(
+                &config.storage,
+                &config.cvm,
+                &args,
+            )))
         }
         Command::Cvm(CvmCommand::Logs(args)) => {
             let config = load(cli.config.as_deref(), &Overrides::default())?;
             Ok(runtime()?.block_on(crate::cvm::logs::run(&config.cvm, &args)))
         }
-        Command::Cvm(CvmCommand::Show { id, store }) => {
-            let config = load(cli.config.as_deref(), &store_overrides(&store))?;
-            Ok(runtime()?.block_on(crate::cvm::cli::run_show(&config.storage, &id, store.json)))
+        Command::Cvm(CvmCommand::Show { id, args }) => {
+            let config = load(cli.config.as_deref(), &store_overrides(&args.store))?;
+            Ok(runtime()?.block_on(crate::cvm::cli::run_show(
+                &config.storage,
+                &config.cvm,
+                &id,
+                &args,
+            )))
         }
         Command::Chain(cmd) => {
             let (args, what) = match cmd {

@@ -77,8 +77,12 @@ async fn until(what: &str, f: impl Fn() -> bool) {
     }
 }
 
-async fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
-    let mut all: Vec<String> = args.iter().map(ToString::to_string).collect();
+/// Runs `keywarden ARGS --database-url URL` (with `--config CONFIG` first when given).
+async fn cli(config: Option<&std::path::Path>, url: &str, args: &[&str]) -> (i32, String, String) {
+    let mut all: Vec<String> = config
+        .map(|c| vec!["--config".to_owned(), c.display().to_string()])
+        .unwrap_or_default();
+    all.extend(args.iter().map(ToString::to_string));
     all.extend(["--database-url".into(), url.into()]);
     tokio::task::spawn_blocking(move || {
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
@@ -106,7 +110,7 @@ async fn fleet_from_boot_records(db: Option<&common::PgDb>) {
     stuck["events"] = json!([]);
     let mut booted = fake::running(1, "booted", "1h 0m 0s");
     booted["instance_id"] = json!(instance(1));
-    let (vmm_url, _server) = fake::serve(fake::vmm(vec![booted, stuck]), true, dir.path()).await;
+    let (vmm_url, server) = fake::serve(fake::vmm(vec![booted, stuck]), true, dir.path()).await;
     let token = dir.path().join("vmm-token");
     std::fs::write(&token, fake::TOKEN).unwrap();
     let entry = VmmEntry {
@@ -126,7 +130,7 @@ async fn fleet_from_boot_records(db: Option<&common::PgDb>) {
         metrics.clone(),
     )
     .unwrap();
-    poller.poll_once().await;
+    poller.poll_once().await.unwrap();
     let timeout = Duration::from_secs(300);
     let window = Duration::from_secs(7 * 86400);
     let watcher = RecordsWatcher::new(store.clone(), metrics, view.clone(), timeout, window);
@@ -191,11 +195,22 @@ async fn fleet_from_boot_records(db: Option<&common::PgDb>) {
         .collect();
     assert_eq!(unlisted, vec![instance(2)]);
 
-    let (code, out, err) = cli(&url, &["cvm", "list", "--json"]).await;
+    // The same from a shell, the VMM looked at once: `cvm list` with the VMs beside the records.
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[cvm.vmm]]\nurl = {vmm_url:?}\ntoken = {:?}\n",
+            format!("file:{}", dir.path().join("vmm-token").display())
+        ),
+    )
+    .unwrap();
+    let config = Some(config.as_path());
+    let (code, out, err) = cli(config, &url, &["cvm", "list", "--json"]).await;
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     let by_id = |n: u8| {
-        v["instances"]
+        v["records"]["instances"]
             .as_array()
             .unwrap()
             .iter()
@@ -210,12 +225,16 @@ async fn fleet_from_boot_records(db: Option<&common::PgDb>) {
     assert_eq!(by_id(2)["state"], "deployed");
     assert_eq!(by_id(2)["last_refusal"]["reason"], "not_authorized");
     assert_eq!(by_id(2)["compose_hash"], "cc".repeat(32));
-    let only = v["refused_only"].as_array().unwrap();
+    let only = v["records"]["refused_only"].as_array().unwrap();
     assert_eq!(only.len(), 1, "{v}");
     assert_eq!(only[0]["instance_id"], instance(3));
     assert_eq!(only[0]["reason"], "not_authorized");
+    assert_eq!(v["vms"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["joined"]["stuck"][0]["vm"]["name"], "stuck");
+    assert_eq!(v["joined"]["unmonitored"][0]["instance_id"], instance(2));
+    assert_eq!(v["failed_sources"], json!([]));
 
-    let (code, out, err) = cli(&url, &["cvm", "list"]).await;
+    let (code, out, err) = cli(config, &url, &["cvm", "list"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("refused at the key step, never received keys"),
@@ -225,16 +244,78 @@ async fn fleet_from_boot_records(db: Option<&common::PgDb>) {
         out.contains("2 instance(s) received keys; 1 more only refused"),
         "{out}"
     );
-
-    let (code, out, err) = cli(&url, &["cvm", "show", &format!("0x{}", &instance(1)[..6])]).await;
+    let row = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no VM {name} in {out}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // Columns: name, app, status, uptime, boot time (about 40 s), memory, containers.
+    let booted = row("booted");
+    assert!(booted.starts_with("booted booted-app running 1h "), "{out}");
+    assert!(booted.contains("s 95% 1/1 running "), "{out}");
+    assert!(booted.contains("2 boot(s), last "), "{out}");
+    assert!(row("stuck").contains("refused: not_authorized"), "{out}");
+    assert!(
+        out.contains("stuck at key request: VM stuck")
+            && out.contains("the KMS refused it: not_authorized"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "warning: unmonitored host: instance {}",
+            instance(2)
+        )),
+        "{out}"
+    );
+    // Only the records: no VMM asked.
+    let (code, out, err) = cli(config, &url, &["cvm", "list", "--records-only"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("restarted (2 boot(s))"), "{out}");
-    let (code, _, err) = cli(&url, &["cvm", "show", "abz"]).await;
+    assert!(!out.contains("on the dstack-vmm hosts"), "{out}");
+
+    let (code, out, err) = cli(
+        config,
+        &url,
+        &["cvm", "show", &format!("0x{}", &instance(1)[..6])],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("restarted (2 boot(s), 1 restart(s))"), "{out}");
+    assert!(out.contains("vm              booted ("), "{out}");
+    assert!(out.contains("memory          95.0% in use"), "{out}");
+    assert!(
+        out.contains("  app                  running     Up 2 hours (healthy)"),
+        "{out}"
+    );
+    // By the VM's name; a VM that never received keys shows only the VM.
+    let (code, out, err) = cli(config, &url, &["cvm", "show", "stuck", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["instance"].is_null(), "{v}");
+    assert_eq!(v["vm"]["boot_progress"], "requesting app keys");
+    let (code, _, err) = cli(None, &url, &["cvm", "show", "abz"]).await;
     assert_eq!(code, 2);
-    assert!(err.contains("is not an instance id"), "{err}");
-    let (code, _, err) = cli(&url, &["cvm", "show", "ffff"]).await;
+    assert!(err.contains("no instance \"abz\" received keys"), "{err}");
+    let (code, _, err) = cli(config, &url, &["cvm", "show", "ffff"]).await;
     assert_eq!(code, 2);
-    assert!(err.contains("no instance ffff"), "{err}");
+    assert!(
+        err.contains("no instance \"ffff\"") && err.contains("no VM on the configured VMMs"),
+        "{err}"
+    );
+    // A VMM that does not answer: named, and the records still shown.
+    server.abort();
+    let _ = server.await;
+    let (code, out, err) = cli(config, &url, &["cvm", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!(
+            "warning: {vmm_url} gave no usable answer: unreachable"
+        )),
+        "{err}"
+    );
+    assert!(out.contains("2 instance(s) received keys"), "{out}");
     store.close().await;
 }
 

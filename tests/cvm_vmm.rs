@@ -86,7 +86,7 @@ impl Polled {
 #[tokio::test]
 async fn a_vmm_over_a_unix_socket_is_polled_into_status_restarts_and_memory() {
     let mut p = start(true, TOKEN).await;
-    p.poller.poll_once().await;
+    p.poller.poll_once().await.unwrap();
     let web_vm = p.vm("web");
     assert_eq!(web_vm.status, "running");
     assert_eq!(web_vm.uptime_seconds, Some(3600));
@@ -109,10 +109,16 @@ async fn a_vmm_over_a_unix_socket_is_polled_into_status_restarts_and_memory() {
         p.metric("dstack_cvm_instances{status=\"error\"}"),
         Some(1.0)
     );
-    assert_eq!(p.metric("dstack_cvm_up{instance=\"web\"}"), Some(1.0));
-    assert_eq!(p.metric("dstack_cvm_up{instance=\"batch\"}"), Some(0.0));
     assert_eq!(
-        p.metric("dstack_cvm_memory_usage_ratio{instance=\"web\"}"),
+        p.metric("dstack_cvm_up{instance=\"web\",app=\"web-app\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        p.metric("dstack_cvm_up{instance=\"batch\",app=\"\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        p.metric("dstack_cvm_memory_usage_ratio{instance=\"web\",app=\"web-app\"}"),
         Some(0.95)
     );
     assert_eq!(
@@ -127,9 +133,9 @@ async fn a_vmm_over_a_unix_socket_is_polled_into_status_restarts_and_memory() {
     // A restart loop: four uptime resets.
     for _ in 0..4 {
         p.vmm.lock().unwrap().vms[0] = web("4s");
-        p.poller.poll_once().await;
+        p.poller.poll_once().await.unwrap();
         p.vmm.lock().unwrap().vms[0] = web("30m");
-        p.poller.poll_once().await;
+        p.poller.poll_once().await.unwrap();
     }
     assert_eq!(p.vm("web").restarts, 4);
     assert_eq!(
@@ -139,21 +145,27 @@ async fn a_vmm_over_a_unix_socket_is_polled_into_status_restarts_and_memory() {
 
     // A container goes into restarting: one container restart, however long it stays there.
     p.vmm.lock().unwrap().containers = containers("restarting", "Restarting (1) 3 seconds ago");
-    p.poller.poll_once().await;
-    p.poller.poll_once().await;
+    p.poller.poll_once().await.unwrap();
+    p.poller.poll_once().await.unwrap();
     assert_eq!(p.vm("web").container_restarts, 1);
     assert_eq!(p.metric("dstack_cvm_container_restarts_total"), Some(1.0));
 
     // A malformed answer: a source error, and the VMs' series go instead of turning into zeros.
     p.vmm.lock().unwrap().malformed = true;
-    p.poller.poll_once().await;
+    assert!(matches!(
+        p.poller.poll_once().await,
+        Err(keywarden::cvm::client::SourceError::Malformed(_))
+    ));
     assert_eq!(
         p.metric("dstack_cvm_source_polls_total{source=\"vmm\",outcome=\"malformed\"}"),
         Some(1.0)
     );
-    assert_eq!(p.metric("dstack_cvm_up{instance=\"web\"}"), None);
     assert_eq!(
-        p.metric("dstack_cvm_memory_usage_ratio{instance=\"web\"}"),
+        p.metric("dstack_cvm_up{instance=\"web\",app=\"web-app\"}"),
+        None
+    );
+    assert_eq!(
+        p.metric("dstack_cvm_memory_usage_ratio{instance=\"web\",app=\"web-app\"}"),
         None
     );
     assert_eq!(
@@ -164,23 +176,29 @@ async fn a_vmm_over_a_unix_socket_is_polled_into_status_restarts_and_memory() {
 
     // It answers again, then goes away: unreachable, series gone again.
     p.vmm.lock().unwrap().malformed = false;
-    p.poller.poll_once().await;
-    assert_eq!(p.metric("dstack_cvm_up{instance=\"web\"}"), Some(1.0));
+    p.poller.poll_once().await.unwrap();
+    assert_eq!(
+        p.metric("dstack_cvm_up{instance=\"web\",app=\"web-app\"}"),
+        Some(1.0)
+    );
     p.server.abort();
     let _ = (&mut p.server).await;
-    p.poller.poll_once().await;
+    p.poller.poll_once().await.unwrap_err();
     assert_eq!(
         p.metric("dstack_cvm_source_polls_total{source=\"vmm\",outcome=\"unreachable\"}"),
         Some(1.0)
     );
-    assert_eq!(p.metric("dstack_cvm_up{instance=\"web\"}"), None);
+    assert_eq!(
+        p.metric("dstack_cvm_up{instance=\"web\",app=\"web-app\"}"),
+        None
+    );
 }
 
 #[tokio::test]
 async fn legacy_teepod_paths_over_tcp_are_followed_and_a_wrong_token_is_unauthorized() {
     let mut p = start(false, TOKEN).await;
     p.vmm.lock().unwrap().legacy = true;
-    p.poller.poll_once().await;
+    p.poller.poll_once().await.unwrap();
     assert_eq!(p.vm("web").status, "running");
     assert_eq!(
         p.metric("dstack_cvm_instances{status=\"running\"}"),
@@ -188,7 +206,7 @@ async fn legacy_teepod_paths_over_tcp_are_followed_and_a_wrong_token_is_unauthor
     );
 
     let mut wrong = start(false, "not-the-token").await;
-    wrong.poller.poll_once().await;
+    wrong.poller.poll_once().await.unwrap_err();
     assert_eq!(
         wrong.metric("dstack_cvm_source_polls_total{source=\"vmm\",outcome=\"unauthorized\"}"),
         Some(1.0)
@@ -202,7 +220,7 @@ async fn per_instance_series_are_capped_and_aggregates_stay() {
     let mut registry = Registry::default();
     let metrics = CvmMetrics::new(&mut registry, 1);
     // Reuse the VMM with a poller whose metrics cap per-instance series at one VM.
-    p.poller.poll_once().await;
+    p.poller.poll_once().await.unwrap();
     metrics.publish(&p.view.all());
     let text = keywarden::telemetry::encode(&registry).unwrap();
     assert_eq!(text.matches("dstack_cvm_up{").count(), 1, "{text}");
@@ -258,7 +276,7 @@ async fn serve_polls_a_configured_vmm_and_shows_its_vms() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(
-        metrics.contains("dstack_cvm_up{instance=\"web\"} 1"),
+        metrics.contains("dstack_cvm_up{instance=\"web\",app=\"web-app\"} 1"),
         "{metrics}"
     );
     let admin: serde_json::Value = client
@@ -328,6 +346,65 @@ async fn cvm_logs_prints_a_vms_console_without_heartbeats() {
     assert!(err.contains("no VM \"nope\""), "{err}");
     let (code, _, err) = run(&["web", "--channel", "audio"]).await.unwrap();
     assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run(&["web", "--container", "app"]).await.unwrap();
+    assert_eq!(code, 2);
+    assert!(err.contains("no [cvm.guest] is configured"), "{err}");
+}
+
+/// `keywarden cvm logs NAME --container app` reaches the VM's guest agent through the gateway
+/// (`https://<instance_id>-8090.<base_domain>/logs/app`, over TLS trusting the configured CA)
+/// and prints the container's logs, the tail asked, following until the stream ends; a
+/// container the guest does not publish is named as such.
+#[tokio::test]
+async fn cvm_logs_of_a_container_come_from_its_guest_agent_through_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _server) = fake::serve(fake::vmm(vec![web("1h")]), true, dir.path()).await;
+    let (agent, ca_pem, _agent) = fake::serve_tls(fake::guest_agent(), "dstack.test").await;
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let ca = dir.path().join("gateway-ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[cvm.vmm]]\nurl = \"{url}\"\ntoken = \"file:{}\"\n\n[cvm.guest]\nbase_domain = \"dstack.test\"\nconnect_to = \"{agent}\"\nca_file = \"{}\"\n",
+            token.display(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config.to_str().unwrap(), "cvm", "logs"];
+        all.extend_from_slice(args);
+        let all: Vec<String> = all.into_iter().map(String::from).collect();
+        tokio::task::spawn_blocking(move || {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            common::run_to_end(&all, &[])
+        })
+    };
+    let (code, out, err) = run(&["web", "--container", "app", "--lines", "2"])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "app line 4\napp line 5\n");
+    // By instance id, without asking the VMM, and following.
+    let instance = format!("0x{:040x}", 1);
+    let (code, out, err) = run(&[&instance, "--container", "app", "--follow"])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("app line 5\napp followed line\n"), "{out}");
+    let (code, _, err) = run(&["web", "--container", "db"]).await.unwrap();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no container \"db\", or the app does not publish its containers' logs"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["web", "--container", "app", "--channel", "stderr"])
+        .await
+        .unwrap();
+    assert_eq!(code, 2, "{err}");
 }
 
 /// With the gateway polled, each VM's instance has a last-seen time (its latest WireGuard
@@ -335,7 +412,7 @@ async fn cvm_logs_prints_a_vms_console_without_heartbeats() {
 #[tokio::test]
 async fn the_gateway_says_when_each_vm_was_last_seen() {
     let mut p = start(true, TOKEN).await;
-    p.poller.poll_once().await;
+    p.poller.poll_once().await.unwrap();
     let now = keywarden::clock::unix_secs();
     let hosts = std::sync::Arc::new(std::sync::Mutex::new(serde_json::json!([
         {"instance_id": format!("{:040x}", 1), "app_id": "ab", "latest_handshake": now - 10},
@@ -357,11 +434,11 @@ async fn the_gateway_says_when_each_vm_was_last_seen() {
         p.view.clone(),
         p.metrics.clone(),
     );
-    gateway.poll_once().await;
+    gateway.poll_once().await.unwrap();
     assert_eq!(p.vm("web").last_seen, Some(now - 10));
     assert_eq!(p.vm("batch").last_seen, None);
     assert_eq!(
-        p.metric("dstack_cvm_last_seen_timestamp_seconds{instance=\"web\"}"),
+        p.metric("dstack_cvm_last_seen_timestamp_seconds{instance=\"web\",app=\"web-app\"}"),
         Some((now - 10) as f64)
     );
     assert_eq!(p.metric("dstack_cvm_gateway_hosts"), Some(2.0));
@@ -369,13 +446,13 @@ async fn the_gateway_says_when_each_vm_was_last_seen() {
 
     server.abort();
     let _ = server.await;
-    gateway.poll_once().await;
+    gateway.poll_once().await.unwrap_err();
     assert_eq!(
         p.metric("dstack_cvm_source_polls_total{source=\"gateway\",outcome=\"unreachable\"}"),
         Some(1.0)
     );
     assert_eq!(
-        p.metric("dstack_cvm_last_seen_timestamp_seconds{instance=\"web\"}"),
+        p.metric("dstack_cvm_last_seen_timestamp_seconds{instance=\"web\",app=\"web-app\"}"),
         None
     );
     assert_eq!(p.vm("web").last_seen, None);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{Keywarden, PgDb, http, https, run_to_end};
 
 /// Metric names (as queried: counters with `_total`) in the README table; `per_instance`: only
-/// those whose series are per VM (label `instance`), per probed KMS (`peer`) or per vsock proxy
+/// those whose series are per VM (labels `instance` and `app`), per probed KMS (`peer`) or per vsock proxy
 /// (`proxy`), which exist only while one is polled, probed or checked.
 fn readme_metrics(per_instance: bool) -> BTreeSet<String> {
     let readme =
@@ -26,7 +26,7 @@ fn readme_metrics(per_instance: bool) -> BTreeSet<String> {
         .filter(|l| {
             !per_instance
                 || [
-                    "label `instance`",
+                    "labels `instance`",
                     "label `peer`",
                     "label `proxy`",
                     "labels `proxy`",
@@ -129,6 +129,8 @@ async fn serve_on_sqlite_answers_health_metrics_logs_json_and_stops_on_sigterm()
         [
             "dstack_cvm_last_seen_timestamp_seconds",
             "dstack_cvm_memory_usage_ratio",
+            "dstack_cvm_peer_kms_attestation_failures_total",
+            "dstack_cvm_peer_kms_attestation_requests_total",
             "dstack_cvm_peer_kms_cert_expiry_seconds",
             "dstack_cvm_peer_kms_probe_duration_seconds",
             "dstack_cvm_peer_kms_up",

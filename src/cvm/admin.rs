@@ -24,16 +24,16 @@ pub fn routes(store: Store, view: Arc<CvmView>, cfg: CvmConfig) -> Router {
 
 async fn fleet(
     State((store, view, cfg)): State<Admin>,
-) -> Result<axum::Json<serde_json::Value>, HttpError> {
+) -> Result<axum::Json<super::report::Overview>, HttpError> {
     let report = super::report::fleet(&store).await.map_err(|e| {
         tracing::error!(error = %e, "cvm report failed");
         HttpError::Unavailable("database unavailable".into())
     })?;
-    let vms = view.all();
-    let since = crate::clock::unix_secs_i64()
-        .saturating_sub(i64::try_from(cfg.unmonitored_window.as_secs()).unwrap_or(i64::MAX));
-    let joined = super::report::join_vms(&report, &vms, view.complete(), cfg.boot_timeout, since);
-    Ok(axum::Json(
-        serde_json::json!({ "records": report, "vms": vms, "joined": joined }),
-    ))
+    Ok(axum::Json(super::report::overview(
+        report,
+        view.all(),
+        view.complete(),
+        &cfg,
+        crate::clock::unix_secs_i64(),
+    )))
 }

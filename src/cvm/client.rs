@@ -108,6 +108,16 @@ impl VmmClient {
         })
     }
 
+    /// A client of the HTTPS service at `base` (no token), through `http`.
+    pub fn https(base: String, http: reqwest::Client, timeout: Duration) -> Self {
+        Self {
+            address: VmmAddress::Http(base),
+            token: None,
+            http,
+            timeout,
+        }
+    }
+
     /// Calls pRPC `method` with `body`; an unknown method is tried again under `Teepod.`.
     pub async fn prpc(&self, method: &str, body: &serde_json::Value) -> Result<Bytes, SourceError> {
         match self.post(&format!("/prpc/{method}?json"), body).await {

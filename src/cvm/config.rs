@@ -44,6 +44,10 @@ pub struct PeerKms {
     /// How often it is probed.
     #[serde(default = "default_probe_interval", with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// Its Prometheus `/metrics`, whose attestation counters are scraped each probe (upstream
+    /// dstack KMS: the RPC address's `/metrics`; keywarden: its metrics listener's).
+    #[serde(default)]
+    pub metrics_url: Option<String>,
 }
 
 fn default_probe_interval() -> Duration {
@@ -73,6 +77,29 @@ pub struct NitroProxy {
     /// How often the checks run.
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub check_interval: Duration,
+}
+
+/// `[cvm.guest]`: how a CVM's guest agent is reached through the dstack gateway, for its
+/// containers' logs (`https://<instance_id>-8090.<base_domain>/`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GuestAgent {
+    /// The gateway's base domain (e.g. `dstack.example.org`).
+    pub base_domain: String,
+    /// Connect here instead of resolving the name (e.g. the gateway's own address).
+    #[serde(default)]
+    pub connect_to: Option<std::net::SocketAddr>,
+    /// The only root CA (PEM) the gateway's certificate may chain to; the system's roots when
+    /// absent.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl GuestAgent {
+    /// The base URL of the guest agent of `instance_id` (hex, no `0x`).
+    pub fn url(&self, instance_id: &str) -> String {
+        format!("https://{instance_id}-8090.{}", self.base_domain)
+    }
 }
 
 fn default_connect_timeout() -> Duration {
@@ -111,6 +138,8 @@ pub struct CvmConfig {
     /// The dstack gateway's admin API, whose WireGuard handshakes say when each instance was
     /// last seen (`concurrency` unused).
     pub gateway: Option<VmmEntry>,
+    /// The guest agents behind the gateway, for `cvm logs --container`.
+    pub guest: Option<GuestAgent>,
     /// Per-instance series (labels `instance` and `app`) at most; aggregates always exist.
     pub max_instance_series: usize,
     /// Per-request timeout to a source.
@@ -131,6 +160,7 @@ impl Default for CvmConfig {
             peer_kms: Vec::new(),
             nitro_proxy: Vec::new(),
             gateway: None,
+            guest: None,
             max_instance_series: 500,
             request_timeout: Duration::from_secs(5),
             boot_timeout: Duration::from_secs(300),
@@ -214,6 +244,24 @@ impl CvmConfig {
                 p.probe_interval,
                 "30s",
             ));
+            if let Some(m) = &p.metrics_url {
+                out.extend(http_url(
+                    &format!("{key}.metrics_url"),
+                    "is",
+                    m,
+                    "write the peer's metrics address, e.g. https://kms.example.org:8000/metrics",
+                ));
+            }
+        }
+        if let Some(g) = &self.guest {
+            let d = g.base_domain.trim();
+            if d.is_empty() || d.contains("://") || d.contains('/') || d.starts_with('.') {
+                out.push(Problem::new(
+                    "cvm.guest.base_domain",
+                    format!("{:?} is not a domain name", g.base_domain),
+                    "write the gateway's base domain alone, e.g. dstack.example.org",
+                ));
+            }
         }
         if !(1..=100_000).contains(&self.max_instance_series) {
             out.push(Problem::new(
@@ -302,20 +350,54 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_kms_is_reached_over_https_only() {
-        let peer = |url: &str| PeerKms {
+    fn the_guest_agents_base_domain_is_a_bare_domain() {
+        let with = |d: &str| CvmConfig {
+            guest: Some(GuestAgent {
+                base_domain: d.into(),
+                connect_to: None,
+                ca_file: None,
+            }),
+            ..CvmConfig::default()
+        };
+        assert!(with("dstack.example.org").problems().is_empty());
+        for bad in [
+            "",
+            "https://dstack.example.org",
+            "dstack.example.org/x",
+            ".example.org",
+        ] {
+            let keys: Vec<String> = with(bad).problems().into_iter().map(|p| p.key).collect();
+            assert_eq!(keys, vec!["cvm.guest.base_domain"], "{bad}");
+        }
+        assert_eq!(
+            with("dstack.example.org").guest.unwrap().url("ab12"),
+            "https://ab12-8090.dstack.example.org"
+        );
+    }
+
+    #[test]
+    fn a_peer_kms_is_reached_over_https_only_and_its_metrics_over_http_or_https() {
+        let peer = |url: &str, metrics: Option<&str>| PeerKms {
             url: url.into(),
             ca_file: "/etc/kms-ca.pem".into(),
             probe_interval: default_probe_interval(),
+            metrics_url: metrics.map(str::to_owned),
         };
         let cfg = CvmConfig {
             peer_kms: vec![
-                peer("https://kms.example.org:8000"),
-                peer("http://kms:8000"),
+                peer(
+                    "https://kms.example.org:8000",
+                    Some("https://kms.example.org:8000/metrics"),
+                ),
+                peer("http://kms:8000", Some("http://127.0.0.1:9100/metrics")),
+                peer("https://kms:8000", Some("kms:8000/metrics")),
             ],
             ..CvmConfig::default()
         };
         let keys: Vec<String> = cfg.problems().into_iter().map(|p| p.key).collect();
-        assert_eq!(keys, vec!["cvm.peer_kms[1].url"]);
+        assert_eq!(
+            keys,
+            vec!["cvm.peer_kms[1].url", "cvm.peer_kms[2].metrics_url"]
+        );
     }
 }

@@ -85,8 +85,8 @@ impl GatewayPoller {
         }
     }
 
-    /// One poll.
-    pub async fn poll_once(&self) {
+    /// One poll (its error, when the gateway gave no usable answer, is counted and logged).
+    pub async fn poll_once(&self) -> Result<(), SourceError> {
         let started = Instant::now();
         let answer = async {
             let body = self
@@ -95,12 +95,13 @@ impl GatewayPoller {
                 .await?;
             Ok::<GatewayStatus, SourceError>(super::vmm::parse("Admin.Status", &body)?)
         };
-        match answer.await {
+        let result = match answer.await {
             Ok(status) => {
                 let (seen, stale) = last_seen(&status, crate::clock::unix_secs());
                 self.metrics.gateway(Some((status.hosts.len(), stale)));
                 self.view.set_seen(seen);
                 self.metrics.source_poll("gateway", "ok", started.elapsed());
+                Ok(())
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cvm: the gateway gave no usable answer; no last-seen times until it does");
@@ -108,9 +109,11 @@ impl GatewayPoller {
                 self.view.set_seen(HashMap::new());
                 self.metrics
                     .source_poll("gateway", e.label(), started.elapsed());
+                Err(e)
             }
-        }
+        };
         self.metrics.publish(&self.view.all());
+        result
     }
 }
 

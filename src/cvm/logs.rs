@@ -1,14 +1,16 @@
 //! `keywarden cvm logs ID`: what `dstack-cloud logs` shows of a VM (spec/07 §4). The VM is found
 //! by its id, name or instance id on the `[[cvm.vmm]]` hosts; its serial console or stdout /
-//! stderr comes from the VMM's log stream. Heartbeat lines are skipped; Ctrl-C ends a follow
-//! cleanly.
+//! stderr comes from the VMM's log stream. With `--container NAME`, that container's own logs
+//! come from the VM's guest agent through the dstack gateway (`[cvm.guest]`), which serves them
+//! only when the app's compose sets `public_logs`. Heartbeat lines are skipped; Ctrl-C ends a
+//! follow cleanly.
 
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use super::client::{SourceError, VmmClient};
-use super::config::{CvmConfig, VmmEntry};
+use super::config::{CvmConfig, GuestAgent, VmmEntry};
 use super::vmm::VmInfo;
 
 /// The line the VMM sends every minute of silence while following.
@@ -50,8 +52,16 @@ pub struct LogsArgs {
     #[arg(long, value_name = "N")]
     pub lines: Option<u32>,
     /// Which output of the VM.
-    #[arg(long, value_enum, default_value = "serial")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "serial",
+        conflicts_with = "container"
+    )]
     pub channel: LogChannel,
+    /// A container's own logs instead, from the guest agent through the gateway ([cvm.guest]).
+    #[arg(long, value_name = "NAME")]
+    pub container: Option<String>,
 }
 
 /// Splits a byte stream into lines, dropping the VMM's heartbeats (pure).
@@ -97,13 +107,25 @@ enum LogsError {
     Source(String, SourceError),
     #[error("{0}")]
     Secret(#[from] crate::secret::SecretError),
+    #[error(
+        "no [cvm.guest] is configured: a container's logs come from its guest agent through the dstack gateway; set base_domain"
+    )]
+    NoGuest,
+    #[error("VM {0:?} has no instance id yet (its guest has not reported one)")]
+    NoInstance(String),
+    #[error(
+        "{0}: no container {1:?}, or the app does not publish its containers' logs (its compose sets no public_logs)"
+    )]
+    NoContainer(String, String),
+    #[error("cvm.guest.ca_file: cannot use {0}: {1}")]
+    GuestCa(String, String),
 }
 
 impl LogsError {
     /// 2 for what the operator gave, 1 for a source failing.
     fn code(&self) -> u8 {
         match self {
-            Self::Source(..) => 1,
+            Self::Source(..) | Self::GuestCa(..) => 1,
             _ => 2,
         }
     }
@@ -135,8 +157,47 @@ async fn find(cfg: &CvmConfig, id: &str) -> Result<(VmInfo, VmmClient, VmmEntry)
     }
 }
 
-async fn show(cfg: &CvmConfig, args: &LogsArgs) -> Result<(), LogsError> {
-    let (vm, client, entry) = find(cfg, &args.id).await?;
+/// The instance id `id` is (40 hex digits, `0x` optional), or that of the VM it names.
+async fn instance_id(cfg: &CvmConfig, id: &str) -> Result<String, LogsError> {
+    let bare = id.trim_start_matches("0x").to_ascii_lowercase();
+    if bare.len() == 40 && bare.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Ok(bare);
+    }
+    let (vm, _, _) = find(cfg, id).await?;
+    vm.instance_id
+        .map(|i| i.trim_start_matches("0x").to_ascii_lowercase())
+        .filter(|i| !i.is_empty())
+        .ok_or(LogsError::NoInstance(vm.name))
+}
+
+/// The client of `instance`'s guest agent, as `guest` says to reach it.
+fn guest_client(
+    guest: &GuestAgent,
+    instance: &str,
+    timeout: Duration,
+) -> Result<VmmClient, LogsError> {
+    crate::tls::ensure_crypto_provider();
+    let base = guest.url(instance);
+    let mut http = reqwest::Client::builder().connect_timeout(timeout);
+    if let Some(addr) = guest.connect_to {
+        http = http.resolve(&format!("{instance}-8090.{}", guest.base_domain), addr);
+    }
+    if let Some(path) = &guest.ca_file {
+        let shown = path.display().to_string();
+        let pem =
+            std::fs::read(path).map_err(|e| LogsError::GuestCa(shown.clone(), e.to_string()))?;
+        let ca = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| LogsError::GuestCa(shown.clone(), e.to_string()))?;
+        http = http.tls_certs_only([ca]);
+    }
+    let http = http
+        .build()
+        .map_err(|e| LogsError::GuestCa(base.clone(), e.to_string()))?;
+    Ok(VmmClient::https(base, http, timeout))
+}
+
+/// Prints what `stream` gives, line by line, heartbeats skipped.
+async fn print_stream(client: &VmmClient, path: &str, source: &str) -> Result<(), LogsError> {
     let mut lines = Lines::default();
     let mut out = std::io::stdout().lock();
     let mut print = |chunk: &[u8]| {
@@ -145,6 +206,36 @@ async fn show(cfg: &CvmConfig, args: &LogsArgs) -> Result<(), LogsError> {
         }
         let _ = out.flush();
     };
+    let streamed = client
+        .stream(path, IDLE, &mut print)
+        .await
+        .map_err(|e| LogsError::Source(source.to_owned(), e));
+    if let Some(last) = lines.finish() {
+        println!("{last}");
+    }
+    streamed
+}
+
+async fn show(cfg: &CvmConfig, args: &LogsArgs) -> Result<(), LogsError> {
+    if let Some(container) = &args.container {
+        let guest = cfg.guest.as_ref().ok_or(LogsError::NoGuest)?;
+        let instance = instance_id(cfg, &args.id).await?;
+        let client = guest_client(guest, &instance, cfg.request_timeout)?;
+        let name: String = url::form_urlencoded::byte_serialize(container.as_bytes()).collect();
+        let path = format!(
+            "/logs/{name}?follow={}&text=true&timestamps=false&bare=true&ansi=false{}",
+            args.follow,
+            args.lines.map(|n| format!("&tail={n}")).unwrap_or_default()
+        );
+        let source = guest.url(&instance);
+        return match print_stream(&client, &path, &source).await {
+            Err(LogsError::Source(_, SourceError::Status { status: 404, .. })) => {
+                Err(LogsError::NoContainer(source, container.clone()))
+            }
+            other => other,
+        };
+    }
+    let (vm, client, entry) = find(cfg, &args.id).await?;
     let tail = args
         .lines
         .map(|n| format!("&lines={n}"))
@@ -155,14 +246,7 @@ async fn show(cfg: &CvmConfig, args: &LogsArgs) -> Result<(), LogsError> {
         args.follow,
         args.channel.as_str()
     );
-    let streamed = client
-        .stream(&path, IDLE, &mut print)
-        .await
-        .map_err(|e| LogsError::Source(entry.url.clone(), e));
-    if let Some(last) = lines.finish() {
-        println!("{last}");
-    }
-    streamed
+    print_stream(&client, &path, &entry.url).await
 }
 
 /// Runs `cvm logs`.

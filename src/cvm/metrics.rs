@@ -1,5 +1,5 @@
-//! `dstack_cvm_*` metrics. Aggregates always exist; per-instance series (label `instance`, the
-//! VM's name) exist for at most `cvm.max_instance_series` VMs and go when their VM or its VMM
+//! `dstack_cvm_*` metrics. Aggregates always exist; per-instance series (labels `instance`, the
+//! VM's name, and `app`, its app's name from the compose file) exist for at most `cvm.max_instance_series` VMs and go when their VM or its VMM
 //! does, instead of turning into zeros. No app or instance id is ever a label.
 
 use std::collections::BTreeSet;
@@ -52,10 +52,12 @@ struct ProxyCheckLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct InstanceLabels {
     instance: String,
+    /// The app's name, empty until a full answer told it.
+    app: String,
 }
 
 /// Where polls go.
-const SOURCES: [&str; 3] = ["vmm", "guest", "gateway"];
+const SOURCES: [&str; 4] = ["vmm", "guest", "gateway", "peer_metrics"];
 
 /// CVM metrics. Cheap to clone; clones update the same series.
 #[derive(Clone, Debug)]
@@ -82,6 +84,8 @@ pub struct CvmMetrics {
     proxy_checks: Family<ProxyCheckLabels, Gauge>,
     peer_latency: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     peer_expiry: Family<PeerLabels, Gauge>,
+    peer_attestations: Family<PeerLabels, Counter>,
+    peer_failures: Family<PeerLabels, Counter>,
     max_series: usize,
     exported: Arc<Mutex<BTreeSet<InstanceLabels>>>,
 }
@@ -119,6 +123,8 @@ impl CvmMetrics {
             proxy_checks: Family::default(),
             peer_latency: Family::default(),
             peer_expiry: Family::default(),
+            peer_attestations: Family::default(),
+            peer_failures: Family::default(),
             max_series,
             exported: Arc::default(),
         };
@@ -232,6 +238,16 @@ impl CvmMetrics {
             m.peer_expiry.clone(),
         );
         registry.register(
+            "dstack_cvm_peer_kms_attestation_requests",
+            "Attestations a peer KMS counted (its dstack_kms_attestation_requests_total, scraped when metrics_url is set), by peer",
+            m.peer_attestations.clone(),
+        );
+        registry.register(
+            "dstack_cvm_peer_kms_attestation_failures",
+            "Attestations a peer KMS counted as failed (its dstack_kms_attestation_failures_total, scraped when metrics_url is set), by peer",
+            m.peer_failures.clone(),
+        );
+        registry.register(
             "dstack_cvm_vsock_proxy_up",
             "Whether a Nitro Enclave vsock proxy passes every configured check (1) or not (0), by proxy (its index in [[cvm.nitro_proxy]])",
             m.proxy_up.clone(),
@@ -292,6 +308,17 @@ impl CvmMetrics {
                 self.peer_expiry.get_or_create(&labels).set(e);
             }
         }
+    }
+
+    /// Advances peer `index`'s re-exported attestation counters.
+    pub fn peer_attestations(&self, index: usize, requests: u64, failures: u64) {
+        let labels = PeerLabels {
+            peer: index.to_string(),
+        };
+        self.peer_attestations
+            .get_or_create(&labels)
+            .inc_by(requests);
+        self.peer_failures.get_or_create(&labels).inc_by(failures);
     }
 
     /// Exports the gateway's hosts and stale hosts (`None`: it did not answer).
@@ -364,6 +391,7 @@ impl CvmMetrics {
         for v in named.into_iter().take(self.max_series) {
             let labels = InstanceLabels {
                 instance: v.name.clone(),
+                app: v.app.clone().unwrap_or_default(),
             };
             self.up
                 .get_or_create(&labels)

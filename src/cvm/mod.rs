@@ -1,8 +1,8 @@
 //! CVM and fleet health. No dstack component exports per-CVM metrics, so keywarden derives them.
 //!
-//! What this module owns today: what the KMS's own records say (spec/07 §1), always on, with no
-//! configuration, and the dstack-vmm hosts of `[[cvm.vmm]]` (spec/07 §2). Still to come: the
-//! upstream KMS counters and containers' logs.
+//! What this module owns: what the KMS's own records say (spec/07 §1), always on, with no
+//! configuration; the dstack-vmm hosts of `[[cvm.vmm]]` (spec/07 §2); the gateway, peer KMS
+//! instances and Nitro vsock proxies (§3); and the logs (§4).
 //!
 //! - [`fleet`] (pure): every instance that received keys, and what changed between two looks: a
 //!   first boot is a deployment, each later boot a restart.
@@ -16,13 +16,16 @@
 //!   restarts, memory use.
 //! - [`client`]: pRPC and guest calls to one VMM over TCP or a unix socket, with its token.
 //! - [`poller`]: one `cvm_vmm` task per VMM → [`poller::CvmView`] and the metrics.
-//! - [`logs`]: `keywarden cvm logs ID`, a VM's console or output from the VMM's log stream.
+//! - [`logs`]: `keywarden cvm logs ID`, a VM's console or output from the VMM's log stream, or
+//!   a container's logs from its guest agent through the gateway.
+//! - [`look`]: one poll of every VMM and the gateway, for [`cli`] run from a shell.
 //! - [`gateway`]: the `cvm_gateway` task with `[cvm.gateway]`: each instance's latest WireGuard
 //!   handshake, its last-seen time.
 //! - [`nitro`]: one `cvm_nitro_proxy` task per `[[cvm.nitro_proxy]]`: is the vsock proxy a Nitro
 //!   Enclave needs running (systemd unit, process, listening port, connect)?
 //! - [`peer`]: one `cvm_peer_kms` task per `[[cvm.peer_kms]]`: `/health` and `KMS.GetMeta` over
-//!   TLS trusting that KMS's root CA, its certificate's expiry.
+//!   TLS trusting that KMS's root CA, its certificate's expiry, and upstream's two attestation
+//!   counters from its `/metrics`.
 //! - [`config`]: the `[cvm]` section.
 //! - [`metrics`]: the `dstack_cvm_*` metrics (aggregates, and capped per-instance series).
 //!
@@ -36,6 +39,7 @@ pub mod config;
 pub mod fleet;
 pub mod gateway;
 pub mod logs;
+pub mod look;
 pub mod metrics;
 pub mod nitro;
 pub mod peer;

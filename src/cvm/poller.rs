@@ -204,8 +204,9 @@ impl VmmPoller {
         (id, answer.await)
     }
 
-    /// One poll: reads the VMM, derives, publishes.
-    pub async fn poll_once(&mut self) {
+    /// One poll: reads the VMM, derives, publishes. The error, when the VMM's VM list gave no
+    /// usable answer (counted and logged); a single VM's or guest's failure is only counted.
+    pub async fn poll_once(&mut self) -> Result<(), SourceError> {
         let started = Instant::now();
         let listed = match list_vms(&self.client).await {
             Ok(v) => v,
@@ -219,7 +220,7 @@ impl VmmPoller {
                 self.tracked.clear();
                 self.view.set(self.index, false, Vec::new());
                 self.metrics.publish(&self.view.all());
-                return;
+                return Err(e);
             }
         };
         if self.failing {
@@ -322,6 +323,7 @@ impl VmmPoller {
                 vmm: self.label.clone(),
                 id: info.id.clone(),
                 name: info.name.clone(),
+                app: vmm::app_name(&info),
                 app_id: info.app_id.clone(),
                 instance_id: info.instance_id.clone(),
                 status: status.label(),
@@ -353,6 +355,7 @@ impl VmmPoller {
         self.view.set(self.index, true, views);
         self.metrics.publish(&self.view.all());
         self.metrics.source_poll("vmm", "ok", started.elapsed());
+        Ok(())
     }
 }
 

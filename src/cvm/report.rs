@@ -187,6 +187,37 @@ pub fn join_vms(
     }
 }
 
+/// The fleet as `/admin/cvm` and `cvm list --json` give it: the KMS's records, every polled
+/// VM, and the two joined.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Overview {
+    /// The KMS's records.
+    pub records: FleetReport,
+    /// Every VM of the VMMs that answered.
+    pub vms: Vec<VmView>,
+    /// Stuck VMs and unmonitored instances.
+    pub joined: Joined,
+}
+
+/// Joins `records` with `vms` (from VMMs that all answered when `complete`) as `cfg` sets the
+/// boot timeout and the unmonitored window, at `now` (Unix seconds).
+pub fn overview(
+    records: FleetReport,
+    vms: Vec<VmView>,
+    complete: bool,
+    cfg: &super::config::CvmConfig,
+    now: i64,
+) -> Overview {
+    let since =
+        now.saturating_sub(i64::try_from(cfg.unmonitored_window.as_secs()).unwrap_or(i64::MAX));
+    let joined = join_vms(&records, &vms, complete, cfg.boot_timeout, since);
+    Overview {
+        records,
+        vms,
+        joined,
+    }
+}
+
 /// The fleet from `store`.
 pub async fn fleet(store: &Store) -> Result<FleetReport, StoreError> {
     let rows = store.instances_booted_since(0).await?;
@@ -218,6 +249,7 @@ mod tests {
     fn vm(name: &str, instance: &str, progress: &str, uptime: u64) -> VmView {
         VmView {
             vmm: "unix:/vmm.sock".into(),
+            app: None,
             id: name.into(),
             name: name.into(),
             app_id: "aa".into(),

@@ -67,6 +67,9 @@ pub struct VmConfiguration {
     /// Virtual CPUs.
     #[serde(default)]
     pub vcpu: Option<u64>,
+    /// The app's `app-compose.json`, as text.
+    #[serde(default)]
+    pub compose_file: Option<String>,
 }
 
 /// One VMM event.
@@ -176,6 +179,8 @@ pub struct VmView {
     pub id: String,
     /// Its name.
     pub name: String,
+    /// Its app's name (from the compose file), once a full answer told it.
+    pub app: Option<String>,
     /// App id (hex).
     pub app_id: String,
     /// Instance id (hex), once known.
@@ -286,6 +291,19 @@ pub fn parse_uptime(text: &str) -> Result<Option<Duration>, VmmError> {
         .map_err(|_| VmmError::Uptime(text.to_owned()))
 }
 
+/// The app's name, from the `name` of the compose file in `vm`'s configuration (only full
+/// answers carry it). An unreadable compose file gives no name rather than an error: the VM is
+/// still watched.
+pub fn app_name(vm: &VmInfo) -> Option<String> {
+    let compose = vm.configuration.as_ref()?.compose_file.as_deref()?;
+    let value: serde_json::Value = serde_json::from_str(compose).ok()?;
+    value["name"]
+        .as_str()
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+}
+
 /// When `vm`'s boot reached `done` (Unix milliseconds), from its events.
 pub fn boot_done_at(vm: &VmInfo) -> Option<u64> {
     vm.events
@@ -387,6 +405,29 @@ mod tests {
             status: status.into(),
             ..VmInfo::default()
         }
+    }
+
+    #[test]
+    fn the_app_name_comes_from_the_compose_file_of_a_full_answer() {
+        let with = |compose: Option<&str>| VmInfo {
+            configuration: Some(VmConfiguration {
+                compose_file: compose.map(str::to_owned),
+                ..VmConfiguration::default()
+            }),
+            ..vm("running")
+        };
+        let named = with(Some(
+            r#"{"manifest_version":2,"name":" billing ","runner":"docker-compose"}"#,
+        ));
+        assert_eq!(app_name(&named).as_deref(), Some("billing"));
+        assert_eq!(app_name(&with(Some(r#"{"name":""}"#))), None);
+        assert_eq!(app_name(&with(Some("not json"))), None);
+        assert_eq!(app_name(&with(None)), None);
+        assert_eq!(
+            app_name(&vm("running")),
+            None,
+            "a brief answer has no configuration"
+        );
     }
 
     #[test]

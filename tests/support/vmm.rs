@@ -167,13 +167,15 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// VM number `n`, named `name`, running for `uptime`; its boot finished 40 s after it started an
-/// hour ago.
+/// VM number `n`, named `name` (its app `{name}-app`), running for `uptime`; its boot finished
+/// 40 s after it started an hour ago.
 pub fn running(n: u64, name: &str, uptime: &str) -> Value {
     json!({
         "id": format!("6c1e9b0e-0000-4000-8000-{n:012x}"), "name": name, "status": "running",
         "uptime": uptime, "app_url": "http://x", "app_id": "ab".repeat(20), "instance_id": format!("{n:040x}"),
-        "configuration": {"memory": 2048, "vcpu": 2, "disk_size": 20, "image": "dstack-0.5.3"},
+        "configuration": {"memory": 2048, "vcpu": 2, "disk_size": 20, "image": "dstack-0.5.3",
+            "compose_file": json!({"manifest_version": 2, "name": format!("{name}-app"),
+                "runner": "docker-compose", "public_logs": true}).to_string()},
         "exited_at": null, "boot_progress": "done", "boot_error": "", "shutdown_progress": "",
         "image_version": "0.5.3",
         "events": [
@@ -255,4 +257,73 @@ pub async fn serve_app(
         });
         (format!("http://{addr}"), server)
     }
+}
+
+/// An in-test guest agent's `GET /logs/{container}` (spec/07 §4): container `app` has five
+/// lines (the `tail` asked; one more a little later when following); any other name is 404, as
+/// for an app whose compose does not set `public_logs`.
+pub fn guest_agent() -> axum::Router {
+    axum::Router::new().route(
+        "/logs/{container}",
+        axum::routing::get(
+            |axum::extract::Path(container): axum::extract::Path<String>,
+             axum::extract::Query(q): axum::extract::Query<
+                std::collections::HashMap<String, String>,
+            >| async move {
+                if container != "app" || q.get("text").map(String::as_str) != Some("true") {
+                    return (StatusCode::NOT_FOUND, "Not Found").into_response();
+                }
+                let tail: usize = q.get("tail").and_then(|n| n.parse().ok()).unwrap_or(100);
+                let lines: Vec<String> = (1..=5).map(|i| format!("app line {i}")).collect();
+                let first = lines[lines.len().saturating_sub(tail)..].join("\n") + "\n";
+                let follow = q.get("follow").is_some_and(|f| f == "true");
+                let mut chunks: Vec<
+                    futures::future::BoxFuture<'static, Result<axum::body::Bytes, std::io::Error>>,
+                > = vec![Box::pin(async move { Ok(axum::body::Bytes::from(first)) })];
+                if follow {
+                    chunks.push(Box::pin(async {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok(axum::body::Bytes::from("app followed line\n"))
+                    }));
+                }
+                axum::body::Body::from_stream(futures::stream::iter(chunks).then(|f| f))
+                    .into_response()
+            },
+        ),
+    )
+}
+
+/// Serves `app` over TLS on 127.0.0.1 with a self-signed certificate for `*.{domain}`: its
+/// address, the certificate (PEM, the one root to trust) and the server's handle.
+pub async fn serve_tls(
+    app: axum::Router,
+    domain: &str,
+) -> (std::net::SocketAddr, String, tokio::task::JoinHandle<()>) {
+    keywarden::tls::ensure_crypto_provider();
+    let issued = rcgen::generate_simple_self_signed(vec![format!("*.{domain}")]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(issued.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![issued.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(tls),
+                        hyper_util::service::TowerToHyperService::new(app),
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, issued.cert.pem(), server)
 }
