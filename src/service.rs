@@ -74,11 +74,22 @@ async fn run(config: Config, started: Instant) -> anyhow::Result<u8> {
     }
 }
 
-/// Where the KMS's own attestation comes from. The simulated KMS guest is the one place the
-/// service reaches into `sim`, behind `kms.insecure_self_attest_with_test_pki`.
-fn own_attestation(
+/// How long the guest agent may take to answer at start-up.
+const GUEST_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the KMS's own attestation comes from: the dstack guest agent (`kms.self_attestation`),
+/// or the simulated KMS guest, the one place the service reaches into `sim`, behind
+/// `kms.insecure_self_attest_with_test_pki`.
+async fn own_attestation(
     config: &Config,
 ) -> anyhow::Result<Option<Box<dyn crate::kms::selfcheck::AttestationSource>>> {
+    use crate::kms::config::SelfAttestation;
+    use crate::kms::guest_agent::{GuestAgent, locate};
+    if config.kms.self_attestation == SelfAttestation::GuestAgent {
+        let endpoint = locate(config.kms.guest_agent.as_deref(), std::path::Path::exists)?;
+        let agent = GuestAgent::connect(endpoint, GUEST_AGENT_TIMEOUT).await?;
+        return Ok(Some(Box::new(agent)));
+    }
     match (
         config.kms.insecure_self_attest_with_test_pki,
         &config.attestation.insecure_test_pki,
@@ -208,7 +219,7 @@ async fn start(
             api: &config.api,
         },
         kms_keys,
-        own_attestation(&config)?,
+        own_attestation(&config).await?,
         &store,
         chain.mirror.clone(),
         Listening {

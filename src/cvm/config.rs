@@ -106,25 +106,6 @@ fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)
 }
 
-/// Where a VMM listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmmAddress {
-    /// Over TCP (`http` or `https`), the base URL without a trailing `/`.
-    Http(String),
-    /// Over a unix socket.
-    Unix(PathBuf),
-}
-
-impl VmmEntry {
-    /// Where it listens (the entry validated).
-    pub fn address(&self) -> VmmAddress {
-        match self.url.strip_prefix("unix:") {
-            Some(path) => VmmAddress::Unix(PathBuf::from(path)),
-            None => VmmAddress::Http(self.url.trim_end_matches('/').to_owned()),
-        }
-    }
-}
-
 /// `[cvm]`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -278,6 +259,7 @@ impl CvmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::client::Endpoint;
 
     #[test]
     fn vmm_addresses_are_urls_or_absolute_sockets() {
@@ -299,12 +281,12 @@ mod tests {
         let keys: Vec<String> = cfg.problems().into_iter().map(|p| p.key).collect();
         assert_eq!(keys, vec!["cvm.vmm[2].url", "cvm.vmm[3].url"]);
         assert_eq!(
-            cfg.vmm[0].address(),
-            VmmAddress::Http("http://127.0.0.1:9080".into())
+            Endpoint::parse(&cfg.vmm[0].url),
+            Endpoint::Http("http://127.0.0.1:9080".into())
         );
         assert_eq!(
-            cfg.vmm[1].address(),
-            VmmAddress::Unix("/run/dstack/vmm.sock".into())
+            Endpoint::parse(&cfg.vmm[1].url),
+            Endpoint::Unix("/run/dstack/vmm.sock".into())
         );
         assert!(CvmConfig::default().problems().is_empty());
     }

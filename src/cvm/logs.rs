@@ -193,7 +193,9 @@ fn guest_client(
     let http = http
         .build()
         .map_err(|e| LogsError::GuestCa(base.clone(), e.to_string()))?;
-    Ok(VmmClient::https(base, http, timeout))
+    Ok(VmmClient::over(crate::http::client::Client::over(
+        base, http, timeout,
+    )))
 }
 
 /// Prints what `stream` gives, line by line, heartbeats skipped.

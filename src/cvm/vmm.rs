@@ -24,6 +24,12 @@ pub enum VmmError {
     Uptime(String),
 }
 
+impl From<VmmError> for crate::http::client::ClientError {
+    fn from(e: VmmError) -> Self {
+        Self::Malformed(e.to_string())
+    }
+}
+
 /// One `VmInfo` (only what is read; the rest is ignored).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct VmInfo {

@@ -8,8 +8,10 @@
 //! and the `X-App-Version` header); [`conn::serve`] runs every listener's connections (accept
 //! backoff, a connection cap shedding idle ones, a header-read timeout, HTTP/1.1, drain on
 //! shutdown); [`Server`] serves a plain-HTTP router that way as a supervised task.
-//! [`HttpError`] is the one error type that becomes a JSON response.
+//! [`HttpError`] is the one error type that becomes a JSON response. [`client`] is the other
+//! direction: the one client of the JSON services keywarden calls.
 
+pub mod client;
 pub mod config;
 pub mod conn;
 

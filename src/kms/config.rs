@@ -32,6 +32,22 @@ pub struct KmsConfig {
     /// Attest the KMS itself as a simulated guest of the test PKI (`attestation.insecure_test_pki`)
     /// running the simulated OS image, and gate every key release on its own `isKmsAllowed`.
     pub insecure_self_attest_with_test_pki: bool,
+    /// How the KMS attests itself: `none`, or `guest_agent` (the dstack guest agent of the CVM it
+    /// runs in; every key release is then gated on its own `isKmsAllowed`).
+    pub self_attestation: SelfAttestation,
+    /// The guest agent: `unix:/path` or an `http://` base URL; the standard sockets when absent.
+    pub guest_agent: Option<String>,
+}
+
+/// `kms.self_attestation`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SelfAttestation {
+    /// The KMS does not attest itself.
+    #[default]
+    None,
+    /// The dstack guest agent of the CVM the KMS runs in.
+    GuestAgent,
 }
 
 impl Default for KmsConfig {
@@ -46,6 +62,8 @@ impl Default for KmsConfig {
             os_images: Vec::new(),
             insecure_skip_os_image_check: false,
             insecure_self_attest_with_test_pki: false,
+            self_attestation: SelfAttestation::None,
+            guest_agent: None,
         }
     }
 }
@@ -71,6 +89,24 @@ impl KmsConfig {
     /// `attestation.insecure_test_pki` is set (self-attestation needs it).
     pub fn problems(&self, test_pki: bool) -> Vec<Problem> {
         let mut out = Vec::new();
+        if self.insecure_self_attest_with_test_pki && self.self_attestation != SelfAttestation::None
+        {
+            out.push(Problem::new(
+                "kms.self_attestation",
+                "is set together with kms.insecure_self_attest_with_test_pki",
+                "choose one way for the KMS to attest itself",
+            ));
+        }
+        if let Some(agent) = &self.guest_agent
+            && !agent.starts_with("unix:/")
+        {
+            out.extend(http_url(
+                "kms.guest_agent",
+                "is",
+                agent,
+                "write unix:/var/run/dstack.sock or the agent's http:// base URL",
+            ));
+        }
         if self.insecure_self_attest_with_test_pki && !test_pki {
             out.push(Problem::new(
                 "kms.insecure_self_attest_with_test_pki",

@@ -13,13 +13,15 @@
 //! [`keys::AppKeys::derive`] on the [`workers`] → boot and audit record committed by the
 //! [`ledger`] ([`audit`]) → response; a refusal is a [`refusal::Refused`]. [`signcert`] serves
 //! `SignCert`: a CSR whose attestation binds its key, authorized with the boot-time identity,
-//! answered with a leaf under the app's CA.
+//! answered with a leaf under the app's CA. At start-up, with `kms.self_attestation`, the KMS
+//! attests itself ([`selfcheck`]) through the dstack guest agent of its CVM ([`guest_agent`]).
 
 pub mod audit;
 pub mod authz;
 pub mod config;
 pub mod dispatch;
 pub mod gates;
+pub mod guest_agent;
 pub mod keys;
 pub mod ledger;
 pub mod limiter;

@@ -41,14 +41,20 @@ pub enum SelfCheckError {
     /// The bootstrap report data could not be computed.
     #[error("bootstrap report data: {0}")]
     Bootstrap(#[from] super::KmsError),
+    /// The dstack guest agent gave no attestation.
+    #[error(transparent)]
+    GuestAgent(#[from] super::guest_agent::GuestAgentError),
 }
 
+/// An attestation being obtained.
+pub type Attested<'a> = BoxFuture<'a, Result<Vec<u8>, SelfCheckError>>;
+
 /// Where the KMS's own attestation comes from: the dstack guest agent of the CVM the KMS runs in
-/// (a later issue), or a simulated KMS guest (`sim::kms`, behind
+/// ([`super::guest_agent`]), or a simulated KMS guest (`sim::kms`, behind
 /// `kms.insecure_self_attest_with_test_pki`).
 pub trait AttestationSource: Send + Sync {
     /// A dstack attestation over `report_data`.
-    fn attest(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestationError>;
+    fn attest(&self, report_data: &[u8; 64]) -> Attested<'_>;
     /// The OS image hash our host claims for us (what a guest's vm_config carries).
     fn os_image_hash(&self) -> Vec<u8>;
 }
@@ -74,9 +80,7 @@ pub async fn attest_self(
     now: u64,
 ) -> Result<OwnIdentity, SelfCheckError> {
     let report_data = crate::attestation::ratls::report_data_for_spki(&keys.rpc_spki()?);
-    let attestation = source
-        .attest(&report_data)
-        .map_err(SelfCheckError::Source)?;
+    let attestation = source.attest(&report_data).await?;
     let cert_der = keys.reissue_rpc_cert(domains, &attestation)?;
     let collateral = match crate::attestation::versioned::parse(&attestation)
         .map_err(SelfCheckError::Verify)?
@@ -101,9 +105,7 @@ pub async fn attest_self(
     let bootstrap = super::keys::BootstrapInfo::of(&keys.root)?;
     Ok(OwnIdentity {
         boot: verified.boot_info,
-        bootstrap_attestation: source
-            .attest(&bootstrap.report_data)
-            .map_err(SelfCheckError::Source)?,
+        bootstrap_attestation: source.attest(&bootstrap.report_data).await?,
     })
 }
 

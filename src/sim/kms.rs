@@ -2,8 +2,9 @@
 //! with quotes of the test PKI, as a guest with app id zero, no instance id, running the
 //! simulated OS image.
 
-use crate::attestation::AttestationError;
-use crate::kms::selfcheck::AttestationSource;
+use futures::FutureExt as _;
+
+use crate::kms::selfcheck::{AttestationSource, Attested, SelfCheckError};
 
 use super::client::{SIMULATED_OS_IMAGE_HASH, guest_spec};
 use super::testpki::{GuestSpec, TestPki};
@@ -28,8 +29,12 @@ impl SimulatedKms {
 }
 
 impl AttestationSource for SimulatedKms {
-    fn attest(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestationError> {
-        self.pki.dstack_attestation(&self.guest, report_data)
+    fn attest(&self, report_data: &[u8; 64]) -> Attested<'_> {
+        let attested = self
+            .pki
+            .dstack_attestation(&self.guest, report_data)
+            .map_err(SelfCheckError::Source);
+        async move { attested }.boxed()
     }
 
     fn os_image_hash(&self) -> Vec<u8> {
