@@ -48,6 +48,7 @@ struct Setup {
     provider: DynProvider,
     owner: Address,
     kms: Address,
+    app_implementation: Address,
     app: Address,
     kw: Keywarden,
     ca: String,
@@ -111,6 +112,7 @@ async fn setup_with(database_url: Option<&str>, extra_env: &[(&str, &str)]) -> S
         provider,
         owner,
         kms: deployment.kms,
+        app_implementation: deployment.app_implementation,
         app: deployment.app,
         kw,
         ca,
@@ -372,15 +374,31 @@ async fn attested_kms_serves_keys_only_while_its_own_measurement_is_allowed_on_c
             .contains("dstack_kms_self_check_allowed 1")
     );
 
-    // GetMeta carries the bootstrap attestation over the root keys' report data.
-    let meta: serde_json::Value = common::https(&s._dir.path().join("data"))
-        .post(format!("{}/prpc/KMS.GetMeta?json", s.kw.api_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // GetMeta carries the bootstrap attestation over the root keys' report data, and, as
+    // upstream does with on-chain authorization, the gateway app id and the app implementation
+    // from the mirror.
+    send!(kms.setGatewayAppId("gateway-app".into()).from(s.owner));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let meta = loop {
+        let meta: serde_json::Value = common::https(&s._dir.path().join("data"))
+            .post(format!("{}/prpc/KMS.GetMeta?json", s.kw.api_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if meta["gateway_app_id"] == "gateway-app" {
+            break meta;
+        }
+        assert!(Instant::now() < deadline, "{meta}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        meta["app_auth_implementation"],
+        s.app_implementation.to_checksum(None)
+    );
+    assert_eq!(meta["chain_id"], 31337);
     let raw = hex::decode(meta["bootstrap_info"]["attestation"].as_str().unwrap()).unwrap();
     let root =
         keywarden::kms::root::load_existing(&s._dir.path().join("data"), &Default::default())

@@ -400,6 +400,8 @@ async fn guest_gets_its_keys_and_refusals_carry_typed_reasons() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // Upstream's pRPC labels protobuf answers this way.
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
     let pk = proto::PublicKeyResponse::decode(r.bytes().await.unwrap()).unwrap();
     let x =
         x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(expected.env_crypt_key));

@@ -33,6 +33,8 @@ impl KmsRpc {
     pub(super) fn meta(&self) -> Result<proto::GetMetaResponse, Refused> {
         let info = BootstrapInfo::of(&self.0.keys.root)
             .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
+        // With on-chain authorization upstream fills these from its auth API; ours is the mirror.
+        let mirrored = self.0.chain.mirror.as_ref().map(|m| m.snapshot());
         Ok(proto::GetMetaResponse {
             ca_cert: self.0.keys.root_ca_pem.clone(),
             allow_any_upgrade: false,
@@ -48,10 +50,16 @@ impl KmsRpc {
                     .unwrap_or_default(),
             }),
             is_dev: false,
-            gateway_app_id: None,
+            gateway_app_id: mirrored.as_ref().map(|m| m.kms.gateway_app_id.clone()),
             kms_contract_address: self.0.chain.kms_contract_address.clone(),
-            chain_id: self.0.chain.chain_id,
-            app_auth_implementation: None,
+            // The configured chain id, else the one the follower found the endpoints on.
+            chain_id: self.0.chain.chain_id.or_else(|| {
+                let m = self.0.chain.mirror.as_ref()?;
+                Some(m.status().progress().chain_id).filter(|id| *id != 0)
+            }),
+            app_auth_implementation: mirrored
+                .and_then(|m| m.kms.app_implementation)
+                .map(|a| a.to_checksum(None)),
         })
     }
 

@@ -1,11 +1,11 @@
 //! The KMS wire messages (proto package `kms`), as protobuf (prost) and as pRPC JSON.
 //!
-//! JSON uses the proto field names; `bytes` are lowercase hex on output and hex (with or
-//! without `0x`) or base64 on input, as upstream's pRPC accepts.
+//! JSON uses the proto field names; `bytes` are lowercase hex on output. On input upstream's pRPC
+//! accepts hex only; we accept hex (with or without `0x`) and, as our own extension, base64.
 
 use serde::{Deserialize, Serialize};
 
-/// Hex/base64 `bytes` fields in JSON.
+/// `bytes` fields in JSON: hex (upstream's form), or base64 (our extension).
 mod hexbytes {
     use base64::Engine as _;
     use serde::{Deserialize, Deserializer, Serializer};

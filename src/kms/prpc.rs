@@ -79,14 +79,15 @@ fn decode<T: Message + Default + DeserializeOwned>(
         }),
     }
 }
+/// The content type of protobuf answers and errors, as upstream's pRPC sends it.
+const PROTOBUF: &str = "application/octet-stream";
+
 fn encode<T: Message + Serialize>(enc: Encoding, value: &T) -> Response {
     match enc {
         Encoding::Json => axum::Json(value).into_response(),
-        Encoding::Protobuf => (
-            [(header::CONTENT_TYPE, "application/protobuf")],
-            value.encode_to_vec(),
-        )
-            .into_response(),
+        Encoding::Protobuf => {
+            ([(header::CONTENT_TYPE, PROTOBUF)], value.encode_to_vec()).into_response()
+        }
     }
 }
 /// At most the first 64 characters of a caller-supplied name, for error messages: a 60 KB path
@@ -119,7 +120,7 @@ fn refusal_response(enc: Encoding, r: &Refused) -> Response {
             .into_response(),
         Encoding::Protobuf => (
             status,
-            [(header::CONTENT_TYPE, "application/protobuf")],
+            [(header::CONTENT_TYPE, PROTOBUF)],
             proto::ProtoError {
                 message: r.message.clone(),
             }
