@@ -5,7 +5,7 @@
 //! Every failure is printed as one line on stderr naming the problem and its fix.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -138,6 +138,24 @@ pub enum KmsCommand {
     /// Act as a dstack guest (test PKI): temp CA → own RA-TLS certificate → GetAppKey; prints
     /// the keys received.
     Client(ClientArgs),
+    /// Fetch the root keys of a running KMS (keywarden or upstream dstack's) into this
+    /// instance's empty data directory: this instance attests itself (the dstack guest agent
+    /// with kms.self_attestation = "guest_agent", or --test-pki) and calls GetKmsKey. The source
+    /// must have replication on and admit this boot through isKmsAllowed.
+    Onboard {
+        /// The source KMS's RPC URL, e.g. https://kms-0.example.org:8000.
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// The source's root CA certificate (PEM): the only CA its TLS certificate may chain to.
+        #[arg(long, value_name = "FILE")]
+        ca: PathBuf,
+        /// Attest as a simulated KMS guest of this test PKI instead of the guest agent.
+        #[arg(long, value_name = "DIR")]
+        test_pki: Option<PathBuf>,
+        /// Data directory (overrides the configuration).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 /// Where a simulated guest connects and who it is.
@@ -238,6 +256,55 @@ fn failure(code: u8) -> impl Fn(&dyn std::fmt::Display) -> Failure {
     move |e| Failure {
         code,
         message: e.to_string(),
+    }
+}
+
+/// Runs `kms onboard`.
+async fn onboard(config: &Config, from: &str, ca: &Path, test_pki: Option<&Path>) -> ExitCode {
+    let source = match crate::service::own_attestation(&config.kms, test_pki).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            eprintln!(
+                "keywarden: error: onboarding attests this instance: run it in its dstack CVM with kms.self_attestation = \"guest_agent\", or give --test-pki DIR"
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("keywarden: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A service running on this data directory would not see the new keys: refuse meanwhile.
+    let _lock = match crate::store::lock_data_dir(&config.storage.data_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("keywarden: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let data_dir = &config.storage.data_dir;
+    match crate::kms::onboard::onboard(from, ca, source.as_ref(), data_dir, &config.kms).await {
+        Ok(installed) => {
+            let keys = crate::kms::root::load_existing(data_dir, &config.kms);
+            let k256 = keys
+                .ok()
+                .and_then(|k| crate::kms::keys::BootstrapInfo::of(&k.root).ok())
+                .map(|b| hex::encode(b.k256_pubkey))
+                .unwrap_or_default();
+            let what = match installed {
+                crate::kms::root::Installed::Created => "stored the root keys of",
+                crate::kms::root::Installed::AlreadyPresent => "already holds the root keys of",
+            };
+            println!(
+                "{} {what} {from} (k256 public key {k256})",
+                crate::kms::root::key_dir(data_dir).display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keywarden: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 
@@ -444,6 +511,19 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                 println!("bootstrap_report_data {rd}");
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Kms(KmsCommand::Onboard {
+            from,
+            ca,
+            test_pki,
+            data_dir,
+        }) => {
+            let overrides = Overrides {
+                data_dir,
+                ..Overrides::default()
+            };
+            let config = load(cli.config.as_deref(), &overrides)?;
+            Ok(runtime()?.block_on(onboard(&config, &from, &ca, test_pki.as_deref())))
         }
         Command::Kms(KmsCommand::Client(args)) => runtime()?.block_on(async {
             let guest = enroll(&args.guest, false).await?;

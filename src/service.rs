@@ -77,29 +77,26 @@ async fn run(config: Config, started: Instant) -> anyhow::Result<u8> {
 /// How long the guest agent may take to answer at start-up.
 const GUEST_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where the KMS's own attestation comes from: the dstack guest agent (`kms.self_attestation`),
-/// or the simulated KMS guest, the one place the service reaches into `sim`, behind
-/// `kms.insecure_self_attest_with_test_pki`.
-async fn own_attestation(
-    config: &Config,
+/// Where the KMS's own attestation comes from: the simulated KMS guest of the test PKI in
+/// `test_pki` (the one place the service reaches into `sim`, behind
+/// `kms.insecure_self_attest_with_test_pki` or `kms onboard --test-pki`), or the dstack guest
+/// agent (`kms.self_attestation`); `None` when neither is set.
+pub(crate) async fn own_attestation(
+    kms: &crate::kms::config::KmsConfig,
+    test_pki: Option<&std::path::Path>,
 ) -> anyhow::Result<Option<Box<dyn crate::kms::selfcheck::AttestationSource>>> {
     use crate::kms::config::SelfAttestation;
     use crate::kms::guest_agent::{GuestAgent, locate};
-    if config.kms.self_attestation == SelfAttestation::GuestAgent {
-        let endpoint = locate(config.kms.guest_agent.as_deref(), std::path::Path::exists)?;
+    if let Some(dir) = test_pki {
+        let pki = crate::sim::testpki::TestPki::load(dir)?;
+        return Ok(Some(Box::new(crate::sim::kms::SimulatedKms::new(pki))));
+    }
+    if kms.self_attestation == SelfAttestation::GuestAgent {
+        let endpoint = locate(kms.guest_agent.as_deref(), std::path::Path::exists)?;
         let agent = GuestAgent::connect(endpoint, GUEST_AGENT_TIMEOUT).await?;
         return Ok(Some(Box::new(agent)));
     }
-    match (
-        config.kms.insecure_self_attest_with_test_pki,
-        &config.attestation.insecure_test_pki,
-    ) {
-        (true, Some(dir)) => {
-            let pki = crate::sim::testpki::TestPki::load(dir)?;
-            Ok(Some(Box::new(crate::sim::kms::SimulatedKms::new(pki))))
-        }
-        _ => Ok(None),
-    }
+    Ok(None)
 }
 
 /// Connections the metrics and admin listeners each keep open (scrapers and operators).
@@ -219,7 +216,15 @@ async fn start(
             api: &config.api,
         },
         kms_keys,
-        own_attestation(&config).await?,
+        own_attestation(
+            &config.kms,
+            config
+                .attestation
+                .insecure_test_pki
+                .as_deref()
+                .filter(|_| config.kms.insecure_self_attest_with_test_pki),
+        )
+        .await?,
         &store,
         chain.mirror.clone(),
         Listening {

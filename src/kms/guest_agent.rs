@@ -3,7 +3,7 @@
 //! Flow: [`locate`] (pure) picks the agent: `kms.guest_agent` when set (`unix:/path` or an
 //! `http://` base URL, as the SDKs' simulator endpoint), else the first of [`SOCKETS`] that
 //! exists; none is a start-up error naming the paths, never a silent fallback. [`GuestAgent::
-//! connect`] asks `Info` for the OS image hash the KMS runs. Each attestation is `GetQuote` with
+//! connect`] asks `Info` for the OS image hash the KMS runs (and the host's `vm_config`). Each attestation is `GetQuote` with
 //! the 64 bytes of report data (the RPC key's, then the bootstrap's); [`attestation_of`] (pure)
 //! turns the answer into a dstack `VersionedAttestation`: the agent's own `attestation` when it
 //! gives one (non-TDX platforms), else its TDX quote with the event log and `vm_config` carried
@@ -135,6 +135,7 @@ pub struct GuestAgent {
     client: Client,
     at: String,
     os_image_hash: Vec<u8>,
+    vm_config: String,
 }
 
 impl GuestAgent {
@@ -164,10 +165,19 @@ impl GuestAgent {
             .as_str()
             .ok_or_else(|| answer("no os_image_hash".into()))
             .and_then(|h| unhex("an os_image_hash", h).map_err(answer))?;
+        // Newer agents give the host's vm_config; otherwise what the KMS checks of it.
+        let vm_config = info["vm_config"]
+            .as_str()
+            .filter(|c| !c.is_empty())
+            .map_or_else(
+                || serde_json::json!({"os_image_hash": hex::encode(&os_image_hash)}).to_string(),
+                str::to_owned,
+            );
         Ok(Self {
             client,
             at,
             os_image_hash,
+            vm_config,
         })
     }
 
@@ -201,6 +211,10 @@ impl AttestationSource for GuestAgent {
 
     fn os_image_hash(&self) -> Vec<u8> {
         self.os_image_hash.clone()
+    }
+
+    fn vm_config(&self) -> String {
+        self.vm_config.clone()
     }
 }
 

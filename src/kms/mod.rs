@@ -15,6 +15,7 @@
 //! `SignCert`: a CSR whose attestation binds its key, authorized with the boot-time identity,
 //! answered with a leaf under the app's CA. At start-up, with `kms.self_attestation`, the KMS
 //! attests itself ([`selfcheck`]) through the dstack guest agent of its CVM ([`guest_agent`]).
+//! A new replica gets the root keys of a running KMS with [`onboard`] (`GetKmsKey`).
 
 pub mod audit;
 pub mod authz;
@@ -26,6 +27,7 @@ pub mod keys;
 pub mod ledger;
 pub mod limiter;
 pub mod metrics;
+pub mod onboard;
 pub mod osimage;
 pub mod proto;
 pub mod prpc;

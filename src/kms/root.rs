@@ -88,6 +88,14 @@ pub enum RootKeyError {
     /// Key or certificate generation failed.
     #[error("cannot generate KMS key material: {0}")]
     Generate(String),
+    /// Onboarding found other root keys in place.
+    #[error(
+        "{path} already holds other root keys than the source's; refusing to overwrite them (fix: onboard into an empty data directory)"
+    )]
+    Different {
+        /// The key directory.
+        path: String,
+    },
 }
 
 /// The loaded root key material and certificates.
@@ -186,23 +194,119 @@ pub fn load_or_create(data_dir: &Path, cfg: &KmsConfig) -> Result<KmsKeys, RootK
     if dir.join(ROOT_CA_KEY).exists() {
         return load(&dir, &sealer);
     }
+    let mut keys = install(data_dir, &sealer, &generate(cfg)?)?;
+    keys.created = true;
+    Ok(keys)
+}
+
+/// Writes `files` (secret ones sealed) into a staging directory, checks that they load as a key
+/// set, and renames it into place: a crash or a bad set never leaves half a key directory.
+fn install(data_dir: &Path, sealer: &Sealer, files: &KeyFiles) -> Result<KmsKeys, RootKeyError> {
+    let dir = key_dir(data_dir);
     let staging = data_dir.join(".kms-bootstrap");
     let _ = std::fs::remove_dir_all(&staging);
     create_private_dir(&staging)?;
-    let files = generate(cfg)?;
-    for (name, bytes, secret) in &files {
-        let content = if *secret {
-            sealer.seal(bytes)?
-        } else {
-            bytes.to_vec()
-        };
-        write_private(&staging.join(name), &content)?;
+    let staged = (|| {
+        for (name, bytes, secret) in files {
+            let content = if *secret {
+                sealer.seal(bytes)?
+            } else {
+                bytes.to_vec()
+            };
+            write_private(&staging.join(name), &content)?;
+        }
+        write_fingerprints(&staging)?;
+        load(&staging, sealer)
+    })();
+    if let Err(e) = staged {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
     }
-    write_fingerprints(&staging)?;
     std::fs::rename(&staging, &dir).map_err(io_err(&dir))?;
-    let mut keys = load(&dir, &sealer)?;
-    keys.created = true;
-    Ok(keys)
+    load(&dir, sealer)
+}
+
+/// Root key material received from another KMS when onboarding (`GetMeta`, `GetTempCaCert`,
+/// `GetKmsKey`).
+pub struct Received {
+    /// The root CA certificate (PEM), as the source serves it.
+    pub root_ca_pem: String,
+    /// The root CA key (PKCS#8 PEM).
+    pub root_ca_key_pem: Zeroizing<String>,
+    /// The root k256 key (32 bytes).
+    pub k256: Zeroizing<Vec<u8>>,
+    /// The temp CA certificate (PEM).
+    pub tmp_ca_pem: String,
+    /// The temp CA key (PKCS#8 PEM).
+    pub tmp_ca_key_pem: Zeroizing<String>,
+}
+
+/// What installing received keys did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installed {
+    /// The key set was written.
+    Created,
+    /// The data directory already held these very root keys.
+    AlreadyPresent,
+}
+
+/// Stores `received` under `data_dir` like locally created keys (0600, sealed when
+/// configured), with an RPC certificate of our own for `cfg.domains`. Existing keys are never
+/// overwritten: the same root keys are [`Installed::AlreadyPresent`], others an error.
+pub fn install_received(
+    data_dir: &Path,
+    cfg: &KmsConfig,
+    received: &Received,
+) -> Result<Installed, RootKeyError> {
+    let gen_err = |what: &str, e: &dyn std::fmt::Display| {
+        RootKeyError::Generate(format!("the received {what}: {e}"))
+    };
+    let ca = p256::SecretKey::from_pkcs8_pem(&received.root_ca_key_pem)
+        .map_err(|e| gen_err("root CA key", &e))?;
+    let k256 = K256SigningKey::from_slice(&received.k256).map_err(|e| gen_err("k256 key", &e))?;
+    let dir = key_dir(data_dir);
+    let sealer = Sealer::from_config(cfg)?;
+    if dir.join(ROOT_CA_KEY).exists() {
+        let existing = load(&dir, &sealer)?;
+        let same = existing.root.ca.to_bytes() == ca.to_bytes()
+            && existing.root.k256.to_bytes() == k256.to_bytes();
+        return if same {
+            Ok(Installed::AlreadyPresent)
+        } else {
+            Err(RootKeyError::Different {
+                path: dir.display().to_string(),
+            })
+        };
+    }
+    let ca_der = ca.to_pkcs8_der().map_err(|e| gen_err("root CA key", &e))?;
+    let root_ca_kp =
+        KeyPair::try_from(ca_der.as_bytes()).map_err(|e| gen_err("root CA key", &e))?;
+    let root_der = pem::parse(&received.root_ca_pem)
+        .map_err(|e| gen_err("root CA certificate", &e))?
+        .into_contents();
+    let rpc_kp = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| RootKeyError::Generate(e.to_string()))?;
+    let rpc = rpc_cert(&cfg.domains, &rpc_kp, &root_der, &root_ca_kp, None)?;
+    let text = |s: &str| Zeroizing::new(s.as_bytes().to_vec());
+    let files: KeyFiles = vec![
+        (
+            ROOT_CA_KEY,
+            Zeroizing::new(ca_der.as_bytes().to_vec()),
+            true,
+        ),
+        (ROOT_CA_CERT, text(&received.root_ca_pem), false),
+        (
+            ROOT_K256_KEY,
+            Zeroizing::new(k256.to_bytes().to_vec()),
+            true,
+        ),
+        (TMP_CA_KEY, text(&received.tmp_ca_key_pem), true),
+        (TMP_CA_CERT, text(&received.tmp_ca_pem), false),
+        (RPC_KEY, text(&rpc_kp.serialize_pem()), true),
+        (RPC_CERT, text(&rpc.cert_pem), false),
+    ];
+    install(data_dir, &sealer, &files)?;
+    Ok(Installed::Created)
 }
 
 /// Loads existing key material only (for `kms info`); never creates it.

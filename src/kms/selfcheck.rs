@@ -57,6 +57,8 @@ pub trait AttestationSource: Send + Sync {
     fn attest(&self, report_data: &[u8; 64]) -> Attested<'_>;
     /// The OS image hash our host claims for us (what a guest's vm_config carries).
     fn os_image_hash(&self) -> Vec<u8>;
+    /// Our vm_config, as a guest sends it with a key request (onboarding's `GetKmsKey`).
+    fn vm_config(&self) -> String;
 }
 
 /// What the KMS learnt about itself at start-up.

@@ -40,4 +40,8 @@ impl AttestationSource for SimulatedKms {
     fn os_image_hash(&self) -> Vec<u8> {
         SIMULATED_OS_IMAGE_HASH.to_vec()
     }
+
+    fn vm_config(&self) -> String {
+        super::client::simulated_vm_config()
+    }
 }
