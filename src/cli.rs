@@ -58,6 +58,17 @@ pub enum Command {
     /// dstack-vmm hosts of [[cvm.vmm]] when configured.
     #[command(subcommand)]
     Cvm(CvmCommand),
+    /// The replicas sharing this database.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `keywarden cluster ...`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// The leader (epoch, since, last renewal) and the replicas that reported in the last minute,
+    /// with their roles and the newest chain block each one's mirror has.
+    Status(crate::chain::cli::StoreArgs),
 }
 
 /// `keywarden cvm ...`
@@ -642,6 +653,10 @@ fn run(cli: Cli, started: Instant) -> Result<ExitCode, Failure> {
                 &config.cvm,
                 &args,
             )))
+        }
+        Command::Cluster(ClusterCommand::Status(args)) => {
+            let config = load(cli.config.as_deref(), &store_overrides(&args))?;
+            Ok(runtime()?.block_on(crate::cluster::cli::run_status(&config.storage, args.json)))
         }
         Command::Cvm(CvmCommand::Logs(args)) => {
             let config = load(cli.config.as_deref(), &Overrides::default())?;

@@ -9,6 +9,7 @@ pub mod attestation;
 pub mod chain;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod cvm;
 pub mod demo;

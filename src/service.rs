@@ -182,18 +182,31 @@ async fn start(
     // The subsystems, each built in one call with its metrics on the one registry. The chain
     // mirror registers itself (not ready) before any listener serves, so /readyz never reports
     // a mirror that has not caught up.
+    let cluster = crate::cluster::subsystem(
+        &config.cluster,
+        match &target {
+            crate::config::DatabaseTarget::Postgres(url) => Some(url.as_str()),
+            crate::config::DatabaseTarget::Sqlite(_) => None,
+        },
+        &config.storage.data_dir,
+        api_addr.clone(),
+        &mut registry,
+    )?;
+    let leadership = cluster.leadership.clone();
     let chain_connection = crate::chain::connect(&config.chain, &mut registry);
-    let alerts = crate::alerts::subsystem(&config.alerts, store.clone(), &mut registry)
-        .map_err(|e| crate::config::ConfigError::Invalid(vec![e.0]))?;
+    let alerts =
+        crate::alerts::subsystem(&config.alerts, store.clone(), &leadership, &mut registry)
+            .map_err(|e| crate::config::ConfigError::Invalid(vec![e.0]))?;
     let governance = crate::governance::subsystem(
         &config.governance,
         &config.chain,
         store.clone(),
         alerts.outbox.clone(),
         chain_connection.reads(),
+        &leadership,
         &mut registry,
     );
-    let cvm = crate::cvm::subsystem(&config.cvm, store.clone(), &mut registry).map_err(|e| {
+    let cvm = crate::cvm::subsystem(&config.cvm, store.clone(), &leadership, &mut registry).map_err(|e| {
         crate::config::ConfigError::Invalid(vec![crate::problem::Problem::new(
             "cvm",
             e.to_string(),
@@ -206,6 +219,7 @@ async fn start(
         store.clone(),
         readiness.clone(),
         governance.projection.into_iter().collect(),
+        (&leadership, config.cluster.catch_up_interval),
     );
     let kms = crate::kms::subsystem::subsystem(
         Settings {
@@ -249,7 +263,9 @@ async fn start(
         run,
         started,
         data_dir_lock,
+        leadership,
     });
+    cluster.tasks.spawn_on(&supervisor);
     kms.tasks.spawn_on(&supervisor);
     chain.tasks.spawn_on(&supervisor);
     governance.tasks.spawn_on(&supervisor);

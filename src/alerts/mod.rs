@@ -93,10 +93,11 @@ pub struct Subsystem {
 }
 
 /// Builds the alerts subsystem: registers `keywarden_alert_*` on `registry`; the delivery task
-/// runs when at least one channel is configured.
+/// runs when at least one channel is configured, while this replica leads.
 pub fn subsystem(
     cfg: &config::AlertsConfig,
     store: crate::store::Store,
+    leadership: &crate::cluster::Leadership,
     registry: &mut prometheus_client::registry::Registry,
 ) -> Result<Subsystem, config::AlertsConfigError> {
     let channels = cfg.channels()?;
@@ -104,8 +105,17 @@ pub fn subsystem(
     let outbox = outbox::Outbox::new(store.clone(), &channels);
     let mut tasks = crate::runtime::Tasks::default();
     if !channels.is_empty() {
+        let first = delivery::Deliverer::new(store.clone(), channels.clone(), cfg, metrics.clone());
+        let cfg = cfg.clone();
         tasks.add(
-            delivery::Deliverer::new(store, channels, cfg, metrics),
+            crate::cluster::Singleton::new(leadership.clone(), first, move || {
+                Ok(delivery::Deliverer::new(
+                    store.clone(),
+                    channels.clone(),
+                    &cfg,
+                    metrics.clone(),
+                ))
+            }),
             crate::runtime::Criticality::Optional,
         );
     }

@@ -51,6 +51,8 @@ pub struct Inner {
     pub started: Instant,
     /// This process's hold on the data directory, for as long as the state lives.
     pub data_dir_lock: crate::store::DataDirLock,
+    /// Whether this replica leads (`/readyz` names the role).
+    pub leadership: crate::cluster::Leadership,
 }
 
 impl std::ops::Deref for AppState {

@@ -28,18 +28,21 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, HttpError> {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let not_ready = state.health().await;
+    let role = state.leadership.role().label();
     if not_ready.is_empty() {
         let degraded = state.readiness.degraded();
         let body = if degraded.is_empty() {
-            serde_json::json!({ "status": "ready" })
+            serde_json::json!({ "status": "ready", "role": role })
         } else {
-            serde_json::json!({ "status": "ready", "degraded": degraded })
+            serde_json::json!({ "status": "ready", "role": role, "degraded": degraded })
         };
         (StatusCode::OK, axum::Json(body)).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({ "status": "not_ready", "not_ready": not_ready })),
+            axum::Json(
+                serde_json::json!({ "status": "not_ready", "role": role, "not_ready": not_ready }),
+            ),
         )
             .into_response()
     }

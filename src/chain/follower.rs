@@ -37,6 +37,7 @@ use super::projection::{At, ChainReads, Processed, Projection};
 use super::rpc::RpcPool;
 use super::status::{SyncProgress, SyncStatus};
 use super::store::{BatchWrite, Checkpoint, ProjectionRows, StoredEvent};
+use crate::cluster::Leadership;
 use crate::runtime::{ComponentState, Readiness, Task};
 use crate::store::Store;
 
@@ -102,6 +103,12 @@ pub struct Follower {
     status: Arc<SyncStatus>,
     readiness: Readiness,
     metrics: ChainMetrics,
+    /// Whether this replica syncs from the chain (it leads) or follows the shared tables.
+    leadership: Leadership,
+    /// How often a cluster follower reloads the shared tables without a notification.
+    catch_up: std::time::Duration,
+    /// The epoch of the current leadership term, which every write carries.
+    epoch: Option<i64>,
 }
 
 /// A range's logs as fetched, before they are completed and committed.
@@ -153,7 +160,22 @@ impl Follower {
             status,
             readiness,
             metrics,
+            leadership: Leadership::single(),
+            catch_up: std::time::Duration::from_secs(5),
+            epoch: None,
         }
+    }
+
+    /// The same follower in a cluster: it syncs from the chain only while `leadership` leads,
+    /// and otherwise reloads the shared tables when notified, and every `catch_up`.
+    pub fn with_leadership(
+        mut self,
+        leadership: Leadership,
+        catch_up: std::time::Duration,
+    ) -> Self {
+        self.leadership = leadership;
+        self.catch_up = catch_up;
+        self
     }
 
     async fn block(&self, tag: BlockNumberOrTag) -> Result<Option<BlockRef>, ChainError> {
@@ -219,7 +241,7 @@ impl Follower {
                     );
                     self.metrics.resync();
                 }
-                self.store.chain_reset(&fresh).await?;
+                self.store.chain_reset(&fresh, self.epoch).await?;
                 fresh
             }
         };
@@ -354,6 +376,7 @@ impl Follower {
         self.store
             .chain_commit_batch(&BatchWrite {
                 checkpoint,
+                epoch: self.epoch,
                 events: &[ProjectionRows {
                     projection: p.name(),
                     events: rows,
@@ -409,7 +432,7 @@ impl Follower {
                 self.metrics.reorg(depth);
                 c.checkpoint.processed_block = number;
                 c.checkpoint.updated_at = crate::clock::unix_secs_i64();
-                self.store.chain_rewind(&c.checkpoint).await?;
+                self.store.chain_rewind(&c.checkpoint, self.epoch).await?;
                 c.processed_timestamp = u64::try_from(timestamp).unwrap_or(0);
             }
             None => {
@@ -425,7 +448,7 @@ impl Follower {
                 self.metrics.resync();
                 c.checkpoint.processed_block = c.checkpoint.start_block.saturating_sub(1);
                 c.checkpoint.updated_at = crate::clock::unix_secs_i64();
-                self.store.chain_reset(&c.checkpoint).await?;
+                self.store.chain_reset(&c.checkpoint, self.epoch).await?;
                 c.processed_timestamp = 0;
             }
         }
@@ -673,8 +696,9 @@ impl Follower {
         let mut checkpoint = c.checkpoint.clone();
         checkpoint.processed_block = to;
         checkpoint.head_block = head.number;
-        checkpoint.head_seen_at = crate::clock::unix_secs_i64();
-        checkpoint.updated_at = checkpoint.head_seen_at;
+        // `head_seen_at` moves only when the follower has caught up (`chain_record_head`): it is
+        // what cluster followers take for the leader's freshness.
+        checkpoint.updated_at = crate::clock::unix_secs_i64();
         let events: Vec<ProjectionRows<'_>> = ps
             .iter()
             .zip(&rows)
@@ -686,6 +710,7 @@ impl Follower {
         self.store
             .chain_commit_batch(&BatchWrite {
                 checkpoint: &checkpoint,
+                epoch: self.epoch,
                 events: &events,
                 blocks: &blocks,
                 prune_below: to.saturating_sub(self.chain.cfg.reorg_window),
@@ -811,7 +836,12 @@ impl Follower {
             );
         }
         self.store
-            .chain_record_head(c.chain_id, head.number, crate::clock::unix_secs_i64())
+            .chain_record_head(
+                c.chain_id,
+                head.number,
+                crate::clock::unix_secs_i64(),
+                self.epoch,
+            )
             .await?;
         self.status.mark_fresh(Instant::now());
         Ok(())
@@ -893,13 +923,10 @@ fn rows_of(
     Ok(rows)
 }
 
-impl Task for Follower {
-    fn name(&self) -> &'static str {
-        "chain_sync"
-    }
-
-    async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let mut projections = std::mem::take(&mut self.projections);
+impl Follower {
+    /// Syncs from the chain until `term` ends (leadership lost, or shutdown): the cursor is
+    /// opened afresh from the store, since another leader may have moved it.
+    async fn lead(&mut self, ps: &mut Projections, term: &CancellationToken) -> anyhow::Result<()> {
         let interval = self.chain.cfg.poll_interval;
         // Readiness follows staleness even while a step waits on slow or dead endpoints.
         let mut refresh = crate::runtime::ticker(READINESS_REFRESH);
@@ -909,17 +936,17 @@ impl Task for Follower {
                 let step = async {
                     match cursor.as_mut() {
                         None => {
-                            cursor = Some(self.open(&mut projections).await?);
+                            cursor = Some(self.open(ps).await?);
                             Ok(())
                         }
-                        Some(c) => self.poll(c, &mut projections).await,
+                        Some(c) => self.poll(c, ps).await,
                     }
                 };
                 tokio::pin!(step);
                 loop {
                     // Dropping a step mid-batch rolls its transaction back: nothing half-done.
                     tokio::select! {
-                        () = cancel.cancelled() => return Ok(()),
+                        () = term.cancelled() => return Ok(()),
                         r = &mut step => break r,
                         _ = refresh.tick() => self.update_readiness(),
                     }
@@ -928,12 +955,136 @@ impl Task for Follower {
             match result {
                 Ok(()) => {}
                 Err(e @ ChainError::ChainIdMismatch { .. }) => return Err(e.into()),
+                Err(ChainError::Store(crate::store::StoreError::Fenced(epoch))) => {
+                    tracing::warn!(
+                        epoch,
+                        "chain sync: the leadership passed to another replica; this batch was refused"
+                    );
+                    return Ok(());
+                }
                 Err(e) => tracing::warn!(error = %e, "chain sync step failed; retrying"),
             }
+            if let Some(c) = &cursor {
+                self.leadership.set_processed(c.checkpoint.processed_block);
+            }
             self.update_readiness();
+            if term
+                .run_until_cancelled(tokio::time::sleep(interval))
+                .await
+                .is_none()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A cluster follower: reloads the projections from the shared tables whenever the leader
+    /// announces a commit (and every `catch_up`), until this replica leads or `cancel`.
+    async fn follow(&self, ps: &mut Projections, cancel: &CancellationToken) {
+        let mut leadership = self.leadership.clone();
+        let mut tick = crate::runtime::ticker(self.catch_up);
+        let mut refresh = crate::runtime::ticker(READINESS_REFRESH);
+        let mut listener: Option<sqlx::postgres::PgListener> = None;
+        let mut loaded: Option<Checkpoint> = None;
+        while !leadership.role().leads() {
+            if listener.is_none() {
+                listener = self.store.chain_listen().await.ok().flatten();
+            }
+            match self.replay(ps, loaded.as_ref()).await {
+                Ok(Some(c)) => loaded = Some(c),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "chain: reloading the shared tables failed; retrying")
+                }
+            }
+            self.update_readiness();
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
-                () = tokio::time::sleep(interval) => {}
+                () = cancel.cancelled() => return,
+                changed = leadership.changed(cancel) => if !changed { return },
+                ok = notified => if !ok { listener = None },
+                _ = tick.tick() => {}
+                _ = refresh.tick() => {}
+            }
+        }
+    }
+
+    /// Rebuilds every projection from the shared tables when the leader's checkpoint moved past
+    /// `loaded`, and takes the leader's freshness; the checkpoint read, once the leader wrote one.
+    async fn replay(
+        &self,
+        ps: &mut Projections,
+        loaded: Option<&Checkpoint>,
+    ) -> Result<Option<Checkpoint>, ChainError> {
+        let cfg = &self.chain.cfg;
+        let Some(c) = self.store.chain_checkpoints().await?.into_iter().find(|c| {
+            c.start_block == cfg.start_block && cfg.chain_id.is_none_or(|id| id == c.chain_id)
+        }) else {
+            return Ok(None);
+        };
+        let moved = loaded
+            .is_none_or(|l| (l.processed_block, l.updated_at) != (c.processed_block, c.updated_at));
+        if moved {
+            let at = self.processed_ref(&c).await?;
+            let identities = self.store.chain_projections(c.chain_id).await?;
+            for p in ps.iter_mut() {
+                let current = identities
+                    .iter()
+                    .any(|i| i.name == p.name() && i.identity == p.identity());
+                let stored = if current {
+                    self.store.chain_events(c.chain_id, p.name()).await?
+                } else {
+                    Vec::new()
+                };
+                p.rebuild(&stored, processed_at(c.chain_id, c.processed_block, at));
+                p.publish();
+            }
+        }
+        // The leader was caught up when it last saw the head.
+        let age = crate::clock::unix_secs_i64().saturating_sub(c.head_seen_at);
+        let age = std::time::Duration::from_secs(u64::try_from(age).unwrap_or(0));
+        if c.head_seen_at > 0
+            && let Some(at) = Instant::now().checked_sub(age)
+        {
+            self.status.mark_fresh(at);
+        }
+        self.leadership.follower_lag(age.as_secs_f64());
+        self.leadership.set_processed(c.processed_block);
+        self.status.set_progress(SyncProgress {
+            chain_id: c.chain_id,
+            head_block: c.head_block,
+            target_block: c.processed_block,
+            processed_block: c.processed_block,
+            endpoints: self.rpc.status(),
+        });
+        Ok(Some(c))
+    }
+}
+
+impl Task for Follower {
+    fn name(&self) -> &'static str {
+        "chain_sync"
+    }
+
+    async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let mut projections = std::mem::take(&mut self.projections);
+        loop {
+            if self.leadership.role().leads() {
+                let Some(term) = self.leadership.term(&cancel).await else {
+                    return Ok(());
+                };
+                self.epoch = term.epoch;
+                self.lead(&mut projections, &term.token).await?;
+            } else {
+                self.follow(&mut projections, &cancel).await;
+            }
+            if cancel.is_cancelled() {
+                return Ok(());
             }
         }
     }

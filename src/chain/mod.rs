@@ -115,6 +115,7 @@ pub fn subsystem(
     store: crate::store::Store,
     readiness: crate::runtime::Readiness,
     others: follower::Projections,
+    cluster: (&crate::cluster::Leadership, std::time::Duration),
 ) -> Subsystem {
     let mut tasks = crate::runtime::Tasks::default();
     let mirror = cfg.resolve().zip(conn.rpc).map(|(resolved, rpc)| {
@@ -126,7 +127,11 @@ pub fn subsystem(
             rpc,
             others,
         );
-        tasks.add(follower, crate::runtime::Criticality::Critical);
+        let (leadership, catch_up) = cluster;
+        tasks.add(
+            follower.with_leadership(leadership.clone(), catch_up),
+            crate::runtime::Criticality::Critical,
+        );
         mirror
     });
     Subsystem {

@@ -15,7 +15,7 @@ use alloy::primitives::{Address, B256};
 use serde::Serialize;
 use sqlx::Row;
 
-use crate::store::{Backend, Store, StoreError, on_backend, on_writer, write_tx};
+use crate::store::{Backend, Store, StoreError, on_backend, write_tx};
 
 /// Progress of one chain's sync.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -29,7 +29,7 @@ pub struct Checkpoint {
     pub processed_block: u64,
     /// Newest head the follower saw.
     pub head_block: u64,
-    /// When it saw it (Unix seconds).
+    /// When the follower last caught up with the head (Unix seconds; 0: never): its freshness.
     pub head_seen_at: i64,
     /// When the checkpoint last changed (Unix seconds).
     pub updated_at: i64,
@@ -78,6 +78,8 @@ pub struct ProjectionRows<'a> {
 pub struct BatchWrite<'a> {
     /// The new checkpoint.
     pub checkpoint: &'a Checkpoint,
+    /// The leadership epoch the write must hold (a cluster leader's); `None` on a single node.
+    pub epoch: Option<i64>,
     /// Each projection's rows of the batch.
     pub events: &'a [ProjectionRows<'a>],
     /// Projections whose stored rows this batch replaces (their history was fetched again for a
@@ -126,9 +128,32 @@ macro_rules! checkpoint_row {
     };
 }
 
-/// Binds the checkpoint upsert's parameters in column order.
+/// The PostgreSQL channel a committed chain write is announced on (its payload: the chain id),
+/// so followers in a cluster reload at once.
+pub const NOTIFY_CHANNEL: &str = "keywarden_chain";
+
+/// Within a chain write's transaction on PostgreSQL: announces the commit of `$chain_id`.
+macro_rules! notify {
+    ($store:expr, $tx:ident, $chain_id:expr) => {
+        if matches!($store.backend, Backend::Postgres(_)) {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(NOTIFY_CHANNEL)
+                .bind($chain_id.to_string())
+                .execute(&mut *$tx)
+                .await?;
+        }
+    };
+}
+
+/// Within a chain write's transaction: refuses it unless `$epoch` (a cluster leader's) still
+/// leads, upserts the checkpoint and, on PostgreSQL, announces the commit on [`NOTIFY_CHANNEL`].
 macro_rules! upsert_checkpoint {
-    ($tx:expr, $c:expr) => {
+    ($store:expr, $tx:ident, $c:expr, $epoch:expr) => {
+        $crate::store::fence!($tx, $epoch);
+        upsert_checkpoint!(@row $tx, $c);
+        notify!($store, $tx, $c.chain_id);
+    };
+    (@row $tx:ident, $c:expr) => {
         sqlx::query(
             "INSERT INTO chain_checkpoints (chain_id, start_block, processed_block, head_block, head_seen_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (chain_id) DO UPDATE SET \
@@ -308,14 +333,18 @@ impl Store {
                 .bind(to_i64(b.prune_below))
                 .execute(&mut *tx)
                 .await?;
-            upsert_checkpoint!(tx, b.checkpoint);
+            upsert_checkpoint!(self, tx, b.checkpoint, b.epoch);
         });
         Ok(())
     }
 
     /// Undoes everything above `checkpoint.processed_block` (the common ancestor) and moves the
     /// checkpoint there, atomically.
-    pub async fn chain_rewind(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+    pub async fn chain_rewind(
+        &self,
+        checkpoint: &Checkpoint,
+        epoch: Option<i64>,
+    ) -> Result<(), StoreError> {
         let chain_id = to_i64(checkpoint.chain_id);
         let above = to_i64(checkpoint.processed_block);
         write_tx!(self, tx => {
@@ -328,14 +357,18 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
-            upsert_checkpoint!(tx, checkpoint);
+            upsert_checkpoint!(self, tx, checkpoint, epoch);
         });
         Ok(())
     }
 
     /// Forgets everything synced for `checkpoint.chain_id` (every projection's rows and
     /// identity) and starts over at `checkpoint`.
-    pub async fn chain_reset(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+    pub async fn chain_reset(
+        &self,
+        checkpoint: &Checkpoint,
+        epoch: Option<i64>,
+    ) -> Result<(), StoreError> {
         let chain_id = to_i64(checkpoint.chain_id);
         write_tx!(self, tx => {
             for table in ["chain_events", "chain_blocks", "chain_projections"] {
@@ -344,26 +377,42 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            upsert_checkpoint!(tx, checkpoint);
+            upsert_checkpoint!(self, tx, checkpoint, epoch);
         });
         Ok(())
     }
 
-    /// Records the newest head seen (for `chain status` while nothing new is committed).
+    /// Records the newest head seen, when the follower last caught up with it: `chain status`
+    /// while nothing new is committed, and a cluster follower's freshness.
     pub async fn chain_record_head(
         &self,
         chain_id: u64,
         head_block: u64,
         seen_at: i64,
+        epoch: Option<i64>,
     ) -> Result<(), StoreError> {
-        on_writer!(self, pool => {
+        write_tx!(self, tx => {
+            crate::store::fence!(tx, epoch);
             sqlx::query("UPDATE chain_checkpoints SET head_block = $1, head_seen_at = $2 WHERE chain_id = $3")
                 .bind(to_i64(head_block))
                 .bind(seen_at)
                 .bind(to_i64(chain_id))
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+            notify!(self, tx, chain_id);
         });
         Ok(())
+    }
+
+    /// Listens for committed chain writes ([`NOTIFY_CHANNEL`]); `None` on SQLite.
+    pub async fn chain_listen(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                let mut l = sqlx::postgres::PgListener::connect_with(pool).await?;
+                l.listen(NOTIFY_CHANNEL).await?;
+                Ok(Some(l))
+            }
+            Backend::Sqlite { .. } => Ok(None),
+        }
     }
 }

@@ -58,6 +58,8 @@ pub struct Config {
     pub alerts: crate::alerts::config::AlertsConfig,
     /// CVM health sources.
     pub cvm: crate::cvm::config::CvmConfig,
+    /// Several replicas on one PostgreSQL.
+    pub cluster: crate::cluster::config::ClusterConfig,
 }
 
 /// Flags given on the `serve` command line; they win over file and environment.
@@ -224,6 +226,10 @@ impl Config {
             self.governance.problems(),
             self.alerts.problems(),
             self.cvm.problems(),
+            self.cluster.problems(matches!(
+                self.storage.database_target(),
+                Ok(DatabaseTarget::Postgres(_))
+            )),
             self.attestation.problems(),
         ]
         .concat();

@@ -79,61 +79,101 @@ pub struct Subsystem {
     pub admin: axum::Router,
 }
 
-/// Builds the CVM subsystem: registers `dstack_cvm_*` on `registry`, the task reading `store`'s
-/// boot records, one poller per `[[cvm.vmm]]`, and the admin route.
+/// Builds the CVM subsystem: registers `dstack_cvm_*` on `registry`; the task reading `store`'s
+/// boot records and one task per configured source (VMM, gateway, vsock proxy, peer KMS), each
+/// run while this replica leads; and the admin route.
 pub fn subsystem(
     cfg: &config::CvmConfig,
     store: crate::store::Store,
+    leadership: &crate::cluster::Leadership,
     registry: &mut prometheus_client::registry::Registry,
 ) -> Result<Subsystem, CvmError> {
     let metrics = metrics::CvmMetrics::new(registry, cfg.max_instance_series);
     let view = Arc::new(poller::CvmView::new(cfg.vmm.len()));
     let mut tasks = crate::runtime::Tasks::default();
+    // Every task is singleton work: each leadership term builds its own.
+    let records = {
+        let (store, metrics, view) = (store.clone(), metrics.clone(), view.clone());
+        let (timeout, window) = (cfg.boot_timeout, cfg.unmonitored_window);
+        move || {
+            records::RecordsWatcher::new(
+                store.clone(),
+                metrics.clone(),
+                view.clone(),
+                timeout,
+                window,
+            )
+        }
+    };
     tasks.add(
-        records::RecordsWatcher::new(
-            store.clone(),
-            metrics.clone(),
-            view.clone(),
-            cfg.boot_timeout,
-            cfg.unmonitored_window,
-        ),
+        crate::cluster::Singleton::new(leadership.clone(), records(), move || Ok(records())),
         crate::runtime::Criticality::Optional,
     );
     for (index, entry) in cfg.vmm.iter().enumerate() {
-        let poller = poller::VmmPoller::new(
-            index,
-            entry,
-            cfg.request_timeout,
-            view.clone(),
-            metrics.clone(),
-        )
-        .map_err(|source| CvmError::Token {
+        let poller = {
+            let (entry, timeout, view, metrics) = (
+                entry.clone(),
+                cfg.request_timeout,
+                view.clone(),
+                metrics.clone(),
+            );
+            move || poller::VmmPoller::new(index, &entry, timeout, view.clone(), metrics.clone())
+        };
+        let first = poller().map_err(|source| CvmError::Token {
             key: format!("cvm.vmm[{index}]"),
             source,
         })?;
-        tasks.add(poller, crate::runtime::Criticality::Optional);
+        tasks.add(
+            crate::cluster::Singleton::new(leadership.clone(), first, move || Ok(poller()?)),
+            crate::runtime::Criticality::Optional,
+        );
     }
     if let Some(g) = &cfg.gateway {
-        let client =
-            client::VmmClient::new(g, cfg.request_timeout).map_err(|source| CvmError::Token {
-                key: "cvm.gateway".into(),
-                source,
-            })?;
+        let gateway = {
+            let (g, timeout, view, metrics) = (
+                g.clone(),
+                cfg.request_timeout,
+                view.clone(),
+                metrics.clone(),
+            );
+            move || {
+                client::VmmClient::new(&g, timeout).map(|client| {
+                    gateway::GatewayPoller::new(
+                        client,
+                        g.poll_interval,
+                        view.clone(),
+                        metrics.clone(),
+                    )
+                })
+            }
+        };
+        let first = gateway().map_err(|source| CvmError::Token {
+            key: "cvm.gateway".into(),
+            source,
+        })?;
         tasks.add(
-            gateway::GatewayPoller::new(client, g.poll_interval, view.clone(), metrics.clone()),
+            crate::cluster::Singleton::new(leadership.clone(), first, move || Ok(gateway()?)),
             crate::runtime::Criticality::Optional,
         );
     }
     for (index, p) in cfg.nitro_proxy.iter().enumerate() {
+        let (p, metrics) = (p.clone(), metrics.clone());
+        let checker = move || nitro::ProxyChecker::new(index, p.clone(), metrics.clone());
         tasks.add(
-            nitro::ProxyChecker::new(index, p.clone(), metrics.clone()),
+            crate::cluster::Singleton::new(leadership.clone(), checker(), move || Ok(checker())),
             crate::runtime::Criticality::Optional,
         );
     }
     for (index, p) in cfg.peer_kms.iter().enumerate() {
-        let prober = peer::PeerProber::new(index, p, cfg.request_timeout, metrics.clone())
-            .map_err(|source| CvmError::PeerCa { index, source })?;
-        tasks.add(prober, crate::runtime::Criticality::Optional);
+        let prober = {
+            let (p, timeout, metrics) = (p.clone(), cfg.request_timeout, metrics.clone());
+            move || peer::PeerProber::new(index, &p, timeout, metrics.clone())
+        };
+        let first = prober().map_err(|source| CvmError::PeerCa { index, source })?;
+        tasks.add(
+            crate::cluster::Singleton::new(leadership.clone(), first, move || Ok(prober()?)),
+            crate::runtime::Criticality::Optional,
+        );
     }
     Ok(Subsystem {
         tasks,

@@ -92,6 +92,7 @@ pub fn subsystem(
     store: crate::store::Store,
     outbox: crate::alerts::outbox::Outbox,
     reads: Option<crate::chain::projection::ChainReads>,
+    leadership: &crate::cluster::Leadership,
     registry: &mut prometheus_client::registry::Registry,
 ) -> Subsystem {
     let metrics = metrics::GovernanceMetrics::new(registry);
@@ -99,27 +100,57 @@ pub fn subsystem(
     let proposals = Arc::new(queue::ProposalsView::default());
     let mut tasks = crate::runtime::Tasks::default();
     let projection = chain.resolve().map(|r| {
-        let simulator = reads.map(|reads| simulate::Simulator::new(reads, r.kms));
-        let watcher = queue::QueueWatcher::new(
-            cfg,
-            view.clone(),
-            proposals.clone(),
-            store.clone(),
-            simulator,
-            metrics.clone(),
-        );
-        if watcher.has_service() {
-            tasks.add(watcher, crate::runtime::Criticality::Optional);
-        }
-        tasks.add(
-            notify::Notifier::new(
+        // Each leadership term builds its own watcher and notifier.
+        let watcher = {
+            let (cfg, view, proposals, store, metrics) = (
+                cfg.clone(),
                 view.clone(),
                 proposals.clone(),
-                outbox,
+                store.clone(),
+                metrics.clone(),
+            );
+            move || {
+                queue::QueueWatcher::new(
+                    &cfg,
+                    view.clone(),
+                    proposals.clone(),
+                    store.clone(),
+                    reads
+                        .clone()
+                        .map(|reads| simulate::Simulator::new(reads, r.kms)),
+                    metrics.clone(),
+                )
+            }
+        };
+        let first = watcher();
+        if first.has_service() {
+            tasks.add(
+                crate::cluster::Singleton::new(leadership.clone(), first, move || Ok(watcher())),
+                crate::runtime::Criticality::Optional,
+            );
+        }
+        let notifier = {
+            let (view, proposals, store, window, metrics) = (
+                view.clone(),
+                proposals.clone(),
                 store.clone(),
                 cfg.in_use_window,
                 metrics.clone(),
-            ),
+            );
+            move || {
+                notify::Notifier::new(
+                    view.clone(),
+                    proposals.clone(),
+                    outbox.clone(),
+                    store.clone(),
+                    window,
+                    metrics.clone(),
+                )
+            }
+        };
+        let first = notifier();
+        tasks.add(
+            crate::cluster::Singleton::new(leadership.clone(), first, move || Ok(notifier())),
             crate::runtime::Criticality::Optional,
         );
         Box::new(watch::GovernanceProjection::new(

@@ -80,6 +80,9 @@ pub enum StoreError {
     /// The database did not answer in time.
     #[error("database did not answer within {0:?}")]
     Timeout(Duration),
+    /// A singleton write of a leader whose leadership has passed to another replica.
+    #[error("this replica's leadership (epoch {0}) has passed to another replica: write refused")]
+    Fenced(i64),
 }
 
 /// The pools of the selected database (visible to sibling modules' `impl Store` blocks).
@@ -140,9 +143,29 @@ macro_rules! write_tx {
     };
 }
 
+/// Inside `write_tx!`: with `Some(epoch)` (a cluster leader's write), refuses the transaction
+/// unless `epoch` still holds the leadership. The check is an update of the leadership row, so a
+/// new leader's epoch bump waits for this transaction, and one made after the bump matches
+/// nothing: two leaders never write at once.
+macro_rules! fence {
+    ($tx:ident, $epoch:expr) => {
+        if let Some(epoch) = $epoch {
+            let held =
+                sqlx::query("UPDATE cluster_leader SET epoch = epoch WHERE id = 1 AND epoch = $1")
+                    .bind(epoch)
+                    .execute(&mut *$tx)
+                    .await?
+                    .rows_affected();
+            if held != 1 {
+                return Err($crate::store::StoreError::Fenced(epoch).into());
+            }
+        }
+    };
+}
+
 // Sibling modules extend `Store` with these macros.
 #[allow(unused_imports)]
-pub(crate) use {on_backend, on_writer, write_tx};
+pub(crate) use {fence, on_backend, on_writer, write_tx};
 
 /// Appends one audit row (shared by single appends and ledger batches).
 const INSERT_AUDIT: &str =

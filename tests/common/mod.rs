@@ -210,6 +210,14 @@ impl Keywarden {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// Kills the service at once (SIGKILL: no drain, no step-down), and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Sends SIGTERM and waits (at most `limit`) for the exit code.
     pub fn terminate(&mut self, limit: Duration) -> i32 {
         let mut child = self.child.take().unwrap();

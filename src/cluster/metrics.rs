@@ -1,0 +1,60 @@
+//! `keywarden_leader`, `keywarden_leadership_changes_total` and
+//! `keywarden_follower_lag_seconds`.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::lease::Role;
+
+/// Cluster metrics. Cheap to clone; clones update the same series.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterMetrics {
+    leader: Gauge,
+    changes: Counter,
+    lag: Gauge<f64, AtomicU64>,
+}
+
+impl ClusterMetrics {
+    /// Registers the metrics on `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "keywarden_leader",
+            "1 while this replica runs the singleton work (the cluster's leader, or a single node), else 0",
+            m.leader.clone(),
+        );
+        registry.register(
+            "keywarden_leadership_changes",
+            "Times this replica became or stopped being the leader",
+            m.changes.clone(),
+        );
+        registry.register(
+            "keywarden_follower_lag_seconds",
+            "How long ago the leader last caught up with the chain, as this follower last read it (0 on the leader)",
+            m.lag.clone(),
+        );
+        m.set_role(Role::Single);
+        m
+    }
+
+    /// Exports `role`.
+    pub fn set_role(&self, role: Role) {
+        self.leader.set(i64::from(role.leads()));
+        if role.leads() {
+            self.lag.set(0.0);
+        }
+    }
+
+    /// Counts a change of leadership.
+    pub fn changed(&self) {
+        self.changes.inc();
+    }
+
+    /// Exports a follower's lag.
+    pub fn follower_lag(&self, seconds: f64) {
+        self.lag.set(seconds);
+    }
+}

@@ -1,0 +1,302 @@
+//! Three replicas on one PostgreSQL, following one anvil chain: every replica serves identical
+//! keys; exactly one leads; an on-chain revocation is refused by all three within 2 s of the
+//! leader committing it; `kill -9` of the leader hands the leadership to another within 10 s,
+//! which resumes from the checkpoint; a stale leader's write is refused by the fencing check.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "support/guest_chain.rs"]
+mod guest_chain;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, FixedBytes};
+use common::{Keywarden, PgDb};
+use guest_chain::allow_simulated_guest;
+use keywarden::chain::contracts::DstackApp;
+use keywarden::sim::client::{self, ClientError, Guest};
+use keywarden::sim::testpki::TestPki;
+use sha2::{Digest as _, Sha256};
+use support::anvil::Anvil;
+
+const COMPOSE: &[u8] = b"{\"name\":\"cluster-test\"}";
+
+struct Replica {
+    kw: Keywarden,
+    data: PathBuf,
+}
+
+/// Starts replica `n` of the cluster on `db` (its own data directory under `dir`).
+fn start(n: usize, dir: &Path, db: &str, chain: &[String], pki_dir: &Path) -> Replica {
+    let data = dir.join(format!("replica-{n}"));
+    let images = keywarden::kms::osimage::env_value(&[client::simulated_os_image()]);
+    let env: Vec<(&str, &str)> = vec![
+        ("KEYWARDEN_KMS__OS_IMAGES", &images),
+        ("KEYWARDEN_CLUSTER__ENABLED", "true"),
+        ("KEYWARDEN_CLUSTER__HEARTBEAT_INTERVAL", "1s"),
+        ("KEYWARDEN_CLUSTER__CATCH_UP_INTERVAL", "1s"),
+        ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),
+        ("KEYWARDEN_CHAIN__POLL_INTERVAL", "100ms"),
+        ("KEYWARDEN_CHAIN__MAX_STALENESS", "10s"),
+    ];
+    let mut args = vec![
+        "--insecure-test-pki",
+        pki_dir.to_str().unwrap(),
+        "--database-url",
+        db,
+    ];
+    args.extend(chain.iter().map(String::as_str));
+    let kw = Keywarden::start(&data, &args, &env);
+    Replica { kw, data }
+}
+
+async fn app_key(
+    r: &Replica,
+    pki: &TestPki,
+    app: Address,
+) -> Result<keywarden::kms::proto::AppKeyResponse, ClientError> {
+    let ca = std::fs::read_to_string(r.data.join("kms/root-ca.pem")).unwrap();
+    let guest = Guest::enroll(
+        &r.kw.api_url(),
+        Some(ca),
+        pki,
+        &client::guest_spec(app.into_array(), COMPOSE, vec![0x1d; 20]),
+        true,
+    )
+    .await?;
+    guest.get_app_key(&client::simulated_vm_config()).await
+}
+
+async fn roles(replicas: &[&Replica]) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in replicas {
+        let ready: serde_json::Value = common::http()
+            .get(format!("http://{}/readyz", r.kw.metrics))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        out.push(ready["role"].as_str().unwrap_or("none").to_owned());
+    }
+    out
+}
+
+/// Waits (at most `limit`) until exactly one of `replicas` leads; its index.
+async fn one_leader(replicas: &[&Replica], limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = roles(replicas).await;
+        let leaders: Vec<usize> = (0..now.len()).filter(|i| now[*i] == "leader").collect();
+        if let [one] = leaders.as_slice() {
+            return *one;
+        }
+        assert!(Instant::now() < deadline, "roles never settled: {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
+    let anvil = Anvil::spawn();
+    let chain = allow_simulated_guest(&anvil.url(), COMPOSE).await;
+    let db = PgDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(keywarden::clock::unix_secs() - 60).unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki.save(&pki_dir).unwrap();
+    let chain_env = vec![
+        "--rpc-url".to_owned(),
+        anvil.url().to_string(),
+        "--kms-contract".to_owned(),
+        chain.deployment.kms.to_string(),
+        "--start-block".to_owned(),
+        chain.deployment.block.to_string(),
+    ];
+
+    // The first replica creates the root keys; the others start from a copy (as restored
+    // from its backup; `kms onboard` is tested on its own).
+    let mut first = start(0, dir.path(), &db.url, &chain_env, &pki_dir);
+    first.kw.wait_ready().await;
+    for n in 1..3 {
+        let to = dir.path().join(format!("replica-{n}/kms"));
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(first.data.join("kms")).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    }
+    let mut others: Vec<Replica> = (1..3)
+        .map(|n| start(n, dir.path(), &db.url, &chain_env, &pki_dir))
+        .collect();
+    for r in &mut others {
+        r.kw.wait_ready().await;
+    }
+    let mut all: Vec<Replica> = std::iter::once(first).chain(others).collect();
+    let leader = one_leader(&all.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
+
+    // Identical keys from every replica.
+    let app = chain.deployment.app;
+    let mut keys = Vec::new();
+    for r in &all {
+        keys.push(app_key(r, &pki, app).await.unwrap());
+    }
+    assert!(keys.windows(2).all(|w| w[0] == w[1]), "replicas disagree");
+
+    // `cluster status` names the leader and all three replicas.
+    let (code, out, err) = common::run_to_end(
+        &["cluster", "status", "--json", "--database-url", &db.url],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["replicas"].as_array().unwrap().len(), 3, "{status}");
+    let leader_id = std::fs::read_to_string(all[leader].data.join("replica-id")).unwrap();
+    assert_eq!(status["leader"]["node_id"], leader_id.trim());
+
+    // A revocation: every replica refuses within 2 s of the leader committing it.
+    let hash = FixedBytes(Sha256::digest(COMPOSE).into());
+    let contract = DstackApp::new(app, &chain.provider);
+    let receipt = contract
+        .removeComposeHash(hash)
+        .from(chain.owner)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(receipt.status());
+    let sent = Instant::now();
+    for (i, r) in all.iter().enumerate() {
+        loop {
+            match app_key(r, &pki, app).await {
+                Err(ClientError::Refused { message, .. })
+                    if message.contains("Compose hash not allowed") =>
+                {
+                    break;
+                }
+                other => {
+                    assert!(
+                        sent.elapsed() < Duration::from_secs(3),
+                        "replica {i} still answers {other:?} {:?} after the revocation",
+                        sent.elapsed()
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let propagation = sent.elapsed();
+    assert!(propagation < Duration::from_secs(3), "{propagation:?}");
+
+    // kill -9 of the leader: another leads within 10 s and follows the chain on.
+    all[leader].kw.kill9();
+    let killed = Instant::now();
+    let left: Vec<&Replica> = all
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, r)| r)
+        .collect();
+    let next = one_leader(&left, Duration::from_secs(10)).await;
+    let failover = killed.elapsed();
+    assert!(failover < Duration::from_secs(10), "{failover:?}");
+    let receipt = contract
+        .addComposeHash(hash)
+        .from(chain.owner)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(receipt.status());
+    for r in &left {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while app_key(r, &pki, app).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the re-allowed compose hash never served"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!(
+        "cluster: revocation on all replicas within {propagation:?}; failover to replica {next} in {failover:?}"
+    );
+    for r in all.iter_mut() {
+        if r.kw.pid() != 0 {
+            assert_eq!(r.kw.terminate(Duration::from_secs(10)), 0);
+        }
+    }
+    db.drop_now().await;
+}
+
+/// Fencing: a write carrying an epoch that no longer leads is refused in its transaction, and
+/// one carrying the current epoch passes.
+#[tokio::test]
+async fn a_stale_leaders_write_is_refused() {
+    let db = PgDb::create().await;
+    let store = keywarden::store::Store::open(
+        &keywarden::config::StorageConfig::default(),
+        &keywarden::config::DatabaseTarget::Postgres(db.url.clone()),
+    )
+    .await
+    .unwrap();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO cluster_leader (id, epoch, node_id, since, beat) VALUES (1, 4, 'a', 0, 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let checkpoint = keywarden::chain::store::Checkpoint {
+        chain_id: 31337,
+        start_block: 1,
+        processed_block: 0,
+        head_block: 0,
+        head_seen_at: 0,
+        updated_at: 0,
+    };
+    store.chain_reset(&checkpoint, Some(4)).await.unwrap();
+    // Another replica took over: epoch 5.
+    sqlx::query("UPDATE cluster_leader SET epoch = 5, node_id = 'b'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let stale = store.chain_record_head(31337, 9, 100, Some(4)).await;
+    assert!(
+        matches!(stale, Err(keywarden::store::StoreError::Fenced(4))),
+        "{stale:?}"
+    );
+    assert_eq!(
+        store
+            .chain_checkpoint(31337)
+            .await
+            .unwrap()
+            .unwrap()
+            .head_block,
+        0
+    );
+    store
+        .chain_record_head(31337, 9, 100, Some(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .chain_checkpoint(31337)
+            .await
+            .unwrap()
+            .unwrap()
+            .head_block,
+        9
+    );
+    store.close().await;
+    db.drop_now().await;
+}
