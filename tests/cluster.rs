@@ -300,3 +300,88 @@ async fn a_stale_leaders_write_is_refused() {
     store.close().await;
     db.drop_now().await;
 }
+
+/// Alert delivery across a failover: a term claims a due delivery and dies mid-send; the next
+/// term takes the claim over and delivers it (the alert is not lost), the dead term's late
+/// mark is refused, and a delivered row is claimed by nobody again.
+#[tokio::test]
+async fn a_delivery_claimed_by_a_dead_leader_is_taken_over_not_lost() {
+    use keywarden::alerts::outbox::Outbox;
+    use keywarden::alerts::{Alert, Severity};
+    let db = PgDb::create().await;
+    let store = keywarden::store::Store::open(
+        &keywarden::config::StorageConfig::default(),
+        &keywarden::config::DatabaseTarget::Postgres(db.url.clone()),
+    )
+    .await
+    .unwrap();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO cluster_leader (id, epoch, node_id, since, beat) VALUES (1, 1, 'a', 0, 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let cfg = keywarden::alerts::config::AlertsConfig {
+        slack_webhook_url: Some("http://127.0.0.1:9/slack".into()),
+        ..Default::default()
+    };
+    let outbox = Outbox::new(store.clone(), &cfg.channels().unwrap());
+    let alert = Alert {
+        key: "timelock:0xabc:0x01".into(),
+        transition: "scheduled".into(),
+        name: "GovernanceProposal".into(),
+        severity: Severity::Critical,
+        labels: Default::default(),
+        summary: "a proposal".into(),
+        description: "details".into(),
+        resolved: false,
+    };
+    assert!(outbox.record(&alert, true).await.unwrap());
+    let now = keywarden::clock::unix_secs_i64();
+    let due = store.alerts_due(now, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert!(
+        store
+            .alert_claim(&due[0], "term-a", now, Some(1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .alert_claim(&due[0], "term-a", now, Some(1))
+            .await
+            .unwrap(),
+        "a term does not claim what it holds"
+    );
+    // Leader a dies mid-send; b leads with epoch 2 and finds the row still due.
+    sqlx::query("UPDATE cluster_leader SET epoch = 2, node_id = 'b'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let due = store.alerts_due(now, 10).await.unwrap();
+    assert_eq!(due.len(), 1, "the claimed, unsent delivery is still due");
+    assert!(
+        store
+            .alert_claim(&due[0], "term-b", now, Some(2))
+            .await
+            .unwrap()
+    );
+    let late = store.alert_delivered(&due[0], now, Some(1)).await;
+    assert!(
+        matches!(late, Err(keywarden::store::StoreError::Fenced(1))),
+        "{late:?}"
+    );
+    store.alert_delivered(&due[0], now, Some(2)).await.unwrap();
+    assert!(store.alerts_due(now, 10).await.unwrap().is_empty());
+    assert!(
+        !store
+            .alert_claim(&due[0], "term-c", now, Some(2))
+            .await
+            .unwrap()
+    );
+    store.close().await;
+    db.drop_now().await;
+}

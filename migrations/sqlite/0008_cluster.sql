@@ -16,3 +16,8 @@ CREATE TABLE cluster_nodes (
     api TEXT NOT NULL,
     processed_block BIGINT NOT NULL
 );
+
+-- A delivery being sent is claimed by the leadership term sending it; a later term takes over
+-- a claim whose term ended (its leader died mid-send), so the alert is sent again, never lost.
+ALTER TABLE alert_deliveries ADD COLUMN claimed_by TEXT;
+ALTER TABLE alert_deliveries ADD COLUMN claimed_at BIGINT;

@@ -1,8 +1,9 @@
 //! The delivery task: sends due deliveries, retries failures with backoff, and re-posts firing
 //! alerts to Alertmanager until they are resolved.
 //!
-//! Flow, per tick (250 ms): due rows ([`Store::alerts_due`]) → the channel's request → sent →
-//! marked delivered, or due again after `retry_initial · 2^attempts` (at most `retry_max`) with
+//! Flow, per tick (250 ms): due rows ([`Store::alerts_due`]) → each claimed for this task's
+//! leadership term (one task is built per term) → the channel's request → sent → marked
+//! delivered, or due again after `retry_initial · 2^attempts` (at most `retry_max`) with
 //! the error kept; a failure is counted and logged, never dropped. Every `repost_interval`, each
 //! firing alert (and each resolved in the last five minutes) is posted to Alertmanager again.
 
@@ -35,6 +36,24 @@ pub struct Deliverer {
     retry_max: Duration,
     repost_interval: Duration,
     metrics: AlertMetrics,
+    /// Whose epoch the delivery writes carry.
+    leadership: crate::cluster::Leadership,
+    /// This task's claim on the rows it sends: unique to it, hence to its leadership term.
+    term: String,
+}
+
+/// A claim id no other deliverer holds.
+fn term_id() -> String {
+    let mut nonce = [0u8; 12];
+    // Without randomness the time alone still differs between terms of one process.
+    let _ = getrandom::fill(&mut nonce);
+    format!(
+        "{}-{}",
+        hex::encode(nonce),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    )
 }
 
 /// Seconds before attempt `attempts + 1`.
@@ -65,7 +84,15 @@ impl Deliverer {
             retry_max: cfg.retry_max,
             repost_interval: cfg.repost_interval,
             metrics,
+            leadership: crate::cluster::Leadership::single(),
+            term: term_id(),
         }
+    }
+
+    /// The same deliverer in a cluster: its writes carry the leadership's epoch.
+    pub fn in_cluster(mut self, leadership: crate::cluster::Leadership) -> Self {
+        self.leadership = leadership;
+        self
     }
 
     async fn deliver(&self, d: &Due) -> anyhow::Result<()> {
@@ -74,10 +101,14 @@ impl Deliverer {
             return Ok(());
         };
         let now = crate::clock::unix_secs_i64();
+        let epoch = self.leadership.role().epoch();
+        if !self.store.alert_claim(d, &self.term, now, epoch).await? {
+            return Ok(());
+        }
         let req = channel.request(&d.alert, d.starts_at, now);
         match channel::send(&self.http, &req).await {
             Ok(()) => {
-                self.store.alert_delivered(d, now).await?;
+                self.store.alert_delivered(d, now, epoch).await?;
                 self.metrics.delivery(channel.label(), true);
                 tracing::info!(
                     channel = channel.label(),
@@ -92,7 +123,7 @@ impl Deliverer {
                 let wait = backoff(self.retry_initial, self.retry_max, d.attempts);
                 let next =
                     now.saturating_add(i64::try_from(wait.as_secs().max(1)).unwrap_or(i64::MAX));
-                self.store.alert_failed(d, next, &error).await?;
+                self.store.alert_failed(d, next, &error, epoch).await?;
                 self.metrics.delivery(channel.label(), false);
                 tracing::warn!(
                     channel = channel.label(),

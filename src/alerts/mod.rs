@@ -105,17 +105,17 @@ pub fn subsystem(
     let outbox = outbox::Outbox::new(store.clone(), &channels);
     let mut tasks = crate::runtime::Tasks::default();
     if !channels.is_empty() {
-        let first = delivery::Deliverer::new(store.clone(), channels.clone(), cfg, metrics.clone());
-        let cfg = cfg.clone();
+        let (cfg, leader) = (cfg.clone(), leadership.clone());
+        let deliverer = move || {
+            delivery::Deliverer::new(store.clone(), channels.clone(), &cfg, metrics.clone())
+                .in_cluster(leader.clone())
+        };
         tasks.add(
-            crate::cluster::Singleton::new(leadership.clone(), first, move || {
-                Ok(delivery::Deliverer::new(
-                    store.clone(),
-                    channels.clone(),
-                    &cfg,
-                    metrics.clone(),
-                ))
-            }),
+            crate::cluster::Singleton::new(
+                leadership.clone(),
+                deliverer(),
+                move || Ok(deliverer()),
+            ),
             crate::runtime::Criticality::Optional,
         );
     }

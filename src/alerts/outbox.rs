@@ -3,13 +3,16 @@
 //! Flow: [`Outbox::record`] inserts the transition into `alert_transitions`; only when that row
 //! is new does it queue one `alert_deliveries` row per channel and update `alert_firing` (what
 //! Alertmanager keeps seeing), all in one transaction. The delivery task reads due rows
-//! ([`Store::alerts_due`]) and marks each delivered or due again later.
+//! ([`Store::alerts_due`]), claims each for its leadership term ([`Store::alert_claim`]), sends
+//! it, and marks it delivered or due again later; each write carries the term's epoch. A claim
+//! of a term that ended (a leader that died mid-send) is taken over by the next term: that one
+//! delivery may then arrive twice (same stable alert id), none is lost.
 
 use sqlx::Row;
 
 use super::channel::Channel;
 use super::{Alert, AlertsError};
-use crate::store::{Backend, Store, StoreError, on_backend, on_writer, write_tx};
+use crate::store::{Backend, Store, StoreError, on_backend, write_tx};
 
 /// Where producers record alert transitions.
 #[derive(Clone, Debug)]
@@ -188,28 +191,72 @@ impl Store {
             .collect()
     }
 
-    /// Marks a delivery done (once: a second call changes nothing).
-    pub async fn alert_delivered(&self, d: &Due, now: i64) -> Result<(), StoreError> {
-        on_writer!(self, pool => {
+    /// Claims a due delivery for the leadership term `term` (holding `epoch` in a cluster):
+    /// `false` when it was delivered meanwhile or this term already holds it. A claim of another
+    /// (ended) term is taken over.
+    pub async fn alert_claim(
+        &self,
+        d: &Due,
+        term: &str,
+        now: i64,
+        epoch: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        Ok(write_tx!(self, tx => {
+            crate::store::fence!(tx, epoch);
             sqlx::query(
-                "UPDATE alert_deliveries SET delivered_at = $1, attempts = attempts + 1, last_error = NULL \
+                "UPDATE alert_deliveries SET claimed_by = $1, claimed_at = $2 \
+                 WHERE alert_key = $3 AND transition = $4 AND channel = $5 AND delivered_at IS NULL \
+                 AND (claimed_by IS NULL OR claimed_by <> $1)",
+            )
+            .bind(term)
+            .bind(now)
+            .bind(&d.alert.key)
+            .bind(&d.alert.transition)
+            .bind(&d.channel)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1
+        }))
+    }
+
+    /// Marks a delivery done (once: a second call changes nothing) and releases its claim.
+    pub async fn alert_delivered(
+        &self,
+        d: &Due,
+        now: i64,
+        epoch: Option<i64>,
+    ) -> Result<(), StoreError> {
+        write_tx!(self, tx => {
+            crate::store::fence!(tx, epoch);
+            sqlx::query(
+                "UPDATE alert_deliveries SET delivered_at = $1, attempts = attempts + 1, last_error = NULL, \
+                 claimed_by = NULL, claimed_at = NULL \
                  WHERE alert_key = $2 AND transition = $3 AND channel = $4 AND delivered_at IS NULL",
             )
             .bind(now)
             .bind(&d.alert.key)
             .bind(&d.alert.transition)
             .bind(&d.channel)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
         });
         Ok(())
     }
 
-    /// Records a failed attempt; the delivery is due again at `next`.
-    pub async fn alert_failed(&self, d: &Due, next: i64, error: &str) -> Result<(), StoreError> {
-        on_writer!(self, pool => {
+    /// Records a failed attempt and releases the claim; the delivery is due again at `next`.
+    pub async fn alert_failed(
+        &self,
+        d: &Due,
+        next: i64,
+        error: &str,
+        epoch: Option<i64>,
+    ) -> Result<(), StoreError> {
+        write_tx!(self, tx => {
+            crate::store::fence!(tx, epoch);
             sqlx::query(
-                "UPDATE alert_deliveries SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2 \
+                "UPDATE alert_deliveries SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2, \
+                 claimed_by = NULL, claimed_at = NULL \
                  WHERE alert_key = $3 AND transition = $4 AND channel = $5 AND delivered_at IS NULL",
             )
             .bind(next)
@@ -217,7 +264,7 @@ impl Store {
             .bind(&d.alert.key)
             .bind(&d.alert.transition)
             .bind(&d.channel)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
         });
         Ok(())
