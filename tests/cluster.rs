@@ -385,3 +385,109 @@ async fn a_delivery_claimed_by_a_dead_leader_is_taken_over_not_lost() {
     store.close().await;
     db.drop_now().await;
 }
+
+/// A leader whose lease session is cut (`pg_terminate_backend`, as a partition would) steps down
+/// within a heartbeat; a new term begins (a higher epoch), and the replicas keep following the
+/// chain: a revocation made afterwards is refused by both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_from_the_database_steps_down_and_a_new_term_begins() {
+    let anvil = Anvil::spawn();
+    let chain = allow_simulated_guest(&anvil.url(), COMPOSE).await;
+    let db = PgDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(keywarden::clock::unix_secs() - 60).unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki.save(&pki_dir).unwrap();
+    let args = vec![
+        "--rpc-url".to_owned(),
+        anvil.url().to_string(),
+        "--kms-contract".to_owned(),
+        chain.deployment.kms.to_string(),
+        "--start-block".to_owned(),
+        chain.deployment.block.to_string(),
+    ];
+    let mut first = start(0, dir.path(), &db.url, &args, &pki_dir);
+    first.kw.wait_ready().await;
+    let to = dir.path().join("replica-1/kms");
+    std::fs::create_dir_all(&to).unwrap();
+    for f in std::fs::read_dir(first.data.join("kms")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+    }
+    let mut second = start(1, dir.path(), &db.url, &args, &pki_dir);
+    second.kw.wait_ready().await;
+    let all = [first, second];
+    let leader = one_leader(&all.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let epoch = |pool: &sqlx::PgPool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT epoch FROM cluster_leader WHERE id = 1")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let before = epoch(&pool).await;
+    let id = std::fs::read_to_string(all[leader].data.join("replica-id")).unwrap();
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(format!("keywarden-lease-{}", id.trim()))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(cut, 1, "the leader's lease session");
+    let cut_at = Instant::now();
+    let deadline = cut_at + Duration::from_secs(5);
+    while !all[leader]
+        .kw
+        .lines()
+        .iter()
+        .any(|l| l.contains("lost the leadership"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the cut leader never stepped down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stepped_down = cut_at.elapsed();
+    assert!(stepped_down <= Duration::from_secs(1), "{stepped_down:?}");
+    while epoch(&pool).await <= before {
+        assert!(Instant::now() < deadline, "no new leadership term");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    one_leader(&all.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
+
+    let contract = DstackApp::new(chain.deployment.app, &chain.provider);
+    let receipt = contract
+        .removeComposeHash(FixedBytes(Sha256::digest(COMPOSE).into()))
+        .from(chain.owner)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(receipt.status());
+    for r in &all {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(
+            app_key(r, &pki, chain.deployment.app).await,
+            Err(ClientError::Refused { ref message, .. }) if message.contains("Compose hash not allowed")
+        ) {
+            assert!(
+                Instant::now() < deadline,
+                "the revocation never reached a replica"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!("cluster: a leader cut from the database stepped down in {stepped_down:?}");
+    pool.close().await;
+    for mut r in all {
+        assert_eq!(r.kw.terminate(Duration::from_secs(10)), 0);
+    }
+    db.drop_now().await;
+}

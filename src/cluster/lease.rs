@@ -293,7 +293,15 @@ impl Task for LeaseTask {
             let attempt = async {
                 let c = match conn.take() {
                     Some(c) => c,
-                    None => sqlx::PgConnection::connect(&self.url).await?,
+                    None => {
+                        // Named, so an operator (or a test) can find the lease's session.
+                        let opts =
+                            <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(
+                                &self.url,
+                            )?
+                            .application_name(&format!("keywarden-lease-{}", self.node));
+                        sqlx::PgConnection::connect_with(&opts).await?
+                    }
                 };
                 Ok::<_, sqlx::Error>(c)
             };

@@ -42,7 +42,10 @@ impl KmsRpc {
 /// The refusal of a release whose record could not be committed (the ledger logged why).
 pub(super) fn not_recorded(e: super::ledger::LedgerError) -> Refused {
     tracing::error!(error = %e, "the key release could not be recorded; keys withheld");
-    Refused::new(Refusal::Internal, "could not record the key release")
+    Refused::new(
+        Refusal::StoreUnavailable,
+        "could not record the key release; retry later",
+    )
 }
 
 /// The audit record of a key request about `boot`; `why` (an object) adds the refusal's reason

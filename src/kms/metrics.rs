@@ -124,6 +124,8 @@ pub enum Refusal {
     CsrSignatureInvalid,
     /// The method is not offered.
     Unsupported,
+    /// The database could not record the key release (no record, no keys): retry later.
+    StoreUnavailable,
     /// Something failed on our side.
     Internal,
 }
@@ -145,6 +147,7 @@ impl Refusal {
             Self::BadCsr => "bad_csr",
             Self::CsrSignatureInvalid => "csr_signature_invalid",
             Self::Unsupported => "unsupported",
+            Self::StoreUnavailable => "store_unavailable",
             Self::Internal => "internal",
         }
     }

@@ -108,7 +108,8 @@ fn refusal_response(enc: Encoding, r: &Refused) -> Response {
         Refusal::AuthUnavailable
         | Refusal::ChainStateStale
         | Refusal::Overloaded
-        | Refusal::KmsNotAllowed => StatusCode::SERVICE_UNAVAILABLE,
+        | Refusal::KmsNotAllowed
+        | Refusal::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     };
