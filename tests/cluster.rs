@@ -12,10 +12,12 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Address, FixedBytes};
+use alloy::primitives::{Address, B256, Bytes, FixedBytes, U256};
+use alloy::providers::DynProvider;
+use alloy::sol_types::SolCall as _;
 use common::{Keywarden, PgDb};
 use guest_chain::allow_simulated_guest;
-use keywarden::chain::contracts::DstackApp;
+use keywarden::chain::contracts::{DstackApp, TimelockController};
 use keywarden::sim::client::{self, ClientError, Guest};
 use keywarden::sim::testpki::TestPki;
 use sha2::{Digest as _, Sha256};
@@ -23,16 +25,90 @@ use support::anvil::Anvil;
 
 const COMPOSE: &[u8] = b"{\"name\":\"cluster-test\"}";
 
+/// Schedules `target.call(data)` on `timelock` with `delay` seconds (`proposer` proposes) and,
+/// with `execute`, executes it at once (a zero delay). Its operation id.
+async fn through_timelock(
+    provider: &DynProvider,
+    (timelock, proposer): (Address, Address),
+    target: Address,
+    data: Vec<u8>,
+    (salt, delay, execute): (u8, u64, bool),
+) -> B256 {
+    let tl = TimelockController::new(timelock, provider);
+    let (data, salt) = (Bytes::from(data), B256::repeat_byte(salt));
+    let scheduled = tl
+        .schedule(
+            target,
+            U256::ZERO,
+            data.clone(),
+            B256::ZERO,
+            salt,
+            U256::from(delay),
+        )
+        .from(proposer)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(scheduled.status());
+    if execute {
+        let executed = tl
+            .execute(target, U256::ZERO, data.clone(), B256::ZERO, salt)
+            .from(proposer)
+            .send()
+            .await
+            .unwrap()
+            .get_receipt()
+            .await
+            .unwrap();
+        assert!(executed.status());
+    }
+    tl.hashOperation(target, U256::ZERO, data, B256::ZERO, salt)
+        .call()
+        .await
+        .unwrap()
+}
+
+/// An in-test alert receiver: the `id` of every webhook delivery, in arrival order.
+async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let ids = ids.clone();
+            move |body: axum::Json<serde_json::Value>| {
+                ids.lock()
+                    .unwrap()
+                    .push(body["id"].as_str().unwrap_or_default().to_owned());
+                async { "ok" }
+            }
+        }),
+    );
+    (
+        format!("http://{}/hook", common::serve_router(app).await),
+        ids,
+    )
+}
+
 struct Replica {
     kw: Keywarden,
     data: PathBuf,
 }
 
 /// Starts replica `n` of the cluster on `db` (its own data directory under `dir`).
-fn start(n: usize, dir: &Path, db: &str, chain: &[String], pki_dir: &Path) -> Replica {
+fn start(
+    n: usize,
+    dir: &Path,
+    db: &str,
+    chain: &[String],
+    pki_dir: &Path,
+    extra_env: &[(&str, &str)],
+) -> Replica {
     let data = dir.join(format!("replica-{n}"));
     let images = keywarden::kms::osimage::env_value(&[client::simulated_os_image()]);
-    let env: Vec<(&str, &str)> = vec![
+    let mut env: Vec<(&str, &str)> = vec![
         ("KEYWARDEN_KMS__OS_IMAGES", &images),
         ("KEYWARDEN_CLUSTER__ENABLED", "true"),
         ("KEYWARDEN_CLUSTER__HEARTBEAT_INTERVAL", "1s"),
@@ -41,6 +117,7 @@ fn start(n: usize, dir: &Path, db: &str, chain: &[String], pki_dir: &Path) -> Re
         ("KEYWARDEN_CHAIN__POLL_INTERVAL", "100ms"),
         ("KEYWARDEN_CHAIN__MAX_STALENESS", "10s"),
     ];
+    env.extend_from_slice(extra_env);
     let mut args = vec![
         "--insecure-test-pki",
         pki_dir.to_str().unwrap(),
@@ -103,12 +180,41 @@ async fn one_leader(replicas: &[&Replica], limit: Duration) -> usize {
 async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
     let anvil = Anvil::spawn();
     let chain = allow_simulated_guest(&anvil.url(), COMPOSE).await;
+    let (provider, owner, app) = (&chain.provider, chain.owner, chain.deployment.app);
+    // The app is governed by a timelock (delay 0) the owner account proposes to.
+    let timelock =
+        keywarden::sim::governance::deploy_timelock(provider, owner, Duration::ZERO, &[owner])
+            .await
+            .unwrap();
+    let contract = DstackApp::new(app, provider);
+    let receipt = contract
+        .transferOwnership(timelock)
+        .from(owner)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(receipt.status());
+    let accept = DstackApp::acceptOwnershipCall {}.abi_encode();
+    let gov = (timelock, owner);
+    through_timelock(provider, gov, app, accept, (1, 0, true)).await;
+
     let db = PgDb::create().await;
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::generate(keywarden::clock::unix_secs() - 60).unwrap();
     let pki_dir = dir.path().join("pki");
     pki.save(&pki_dir).unwrap();
-    let chain_env = vec![
+    let (hook, delivered) = receiver().await;
+    let secret = dir.path().join("webhook-secret");
+    std::fs::write(&secret, "cluster-test-secret").unwrap();
+    let secret_ref = format!("file:{}", secret.display());
+    let alerts = [
+        ("KEYWARDEN_ALERTS__WEBHOOK_URL", hook.as_str()),
+        ("KEYWARDEN_ALERTS__WEBHOOK_SECRET", secret_ref.as_str()),
+    ];
+    let args = vec![
         "--rpc-url".to_owned(),
         anvil.url().to_string(),
         "--kms-contract".to_owned(),
@@ -119,7 +225,7 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
 
     // The first replica creates the root keys; the others start from a copy (as restored
     // from its backup; `kms onboard` is tested on its own).
-    let mut first = start(0, dir.path(), &db.url, &chain_env, &pki_dir);
+    let mut first = start(0, dir.path(), &db.url, &args, &pki_dir, &alerts);
     first.kw.wait_ready().await;
     for n in 1..3 {
         let to = dir.path().join(format!("replica-{n}/kms"));
@@ -130,7 +236,7 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
         }
     }
     let mut others: Vec<Replica> = (1..3)
-        .map(|n| start(n, dir.path(), &db.url, &chain_env, &pki_dir))
+        .map(|n| start(n, dir.path(), &db.url, &args, &pki_dir, &alerts))
         .collect();
     for r in &mut others {
         r.kw.wait_ready().await;
@@ -139,7 +245,6 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
     let leader = one_leader(&all.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
 
     // Identical keys from every replica.
-    let app = chain.deployment.app;
     let mut keys = Vec::new();
     for r in &all {
         keys.push(app_key(r, &pki, app).await.unwrap());
@@ -159,17 +264,8 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
 
     // A revocation: every replica refuses within 2 s of the leader committing it.
     let hash = FixedBytes(Sha256::digest(COMPOSE).into());
-    let contract = DstackApp::new(app, &chain.provider);
-    let receipt = contract
-        .removeComposeHash(hash)
-        .from(chain.owner)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
-    assert!(receipt.status());
+    let remove = DstackApp::removeComposeHashCall { composeHash: hash }.abi_encode();
+    through_timelock(provider, gov, app, remove, (2, 0, true)).await;
     let sent = Instant::now();
     for (i, r) in all.iter().enumerate() {
         loop {
@@ -192,8 +288,40 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
     }
     let propagation = sent.elapsed();
     assert!(propagation < Duration::from_secs(3), "{propagation:?}");
+    let add = DstackApp::addComposeHashCall { composeHash: hash }.abi_encode();
+    through_timelock(provider, gov, app, add, (3, 0, true)).await;
+    for r in &all {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while app_key(r, &pki, app).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the re-allowed compose hash never served"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
-    // kill -9 of the leader: another leads within 10 s and follows the chain on.
+    // Load spread over the three replicas while the leader is killed (kill -9) a second in.
+    let mut loads = Vec::new();
+    for r in &all {
+        let ca = std::fs::read_to_string(r.data.join("kms/root-ca.pem")).unwrap();
+        let guest = Guest::enroll(
+            &r.kw.api_url(),
+            Some(ca),
+            &pki,
+            &client::guest_spec(app.into_array(), COMPOSE, vec![0x1d; 20]),
+            false,
+        )
+        .await
+        .unwrap();
+        loads.push(tokio::spawn(keywarden::sim::loadgen::run(
+            guest,
+            keywarden::sim::loadgen::Load::Closed { concurrency: 2 },
+            Duration::from_secs(3),
+            None,
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     all[leader].kw.kill9();
     let killed = Instant::now();
     let left: Vec<&Replica> = all
@@ -205,25 +333,50 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
     let next = one_leader(&left, Duration::from_secs(10)).await;
     let failover = killed.elapsed();
     assert!(failover < Duration::from_secs(10), "{failover:?}");
-    let receipt = contract
-        .addComposeHash(hash)
-        .from(chain.owner)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
-    assert!(receipt.status());
-    for r in &left {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while app_key(r, &pki, app).await.is_err() {
+    // A governance operation scheduled during the failover (pending for an hour): the new
+    // leader alerts it, once.
+    let during = through_timelock(
+        provider,
+        gov,
+        app,
+        DstackApp::removeComposeHashCall { composeHash: hash }.abi_encode(),
+        (4, 3600, false),
+    )
+    .await;
+    for (i, load) in loads.into_iter().enumerate() {
+        let report = load.await.unwrap();
+        if i == leader {
+            assert!(report.ok > 0, "{report:?}");
             assert!(
-                Instant::now() < deadline,
-                "the re-allowed compose hash never served"
+                report.errors.keys().all(|k| k == "transport"),
+                "the killed replica's clients saw only broken connections: {report:?}"
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        } else {
+            assert!(
+                report.errors.is_empty() && report.ok > 0,
+                "a surviving replica failed requests during the failover: {report:?}"
+            );
         }
+    }
+
+    // Every alert delivered exactly once, the failover's included.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let scheduled = format!("{during}/scheduled");
+    loop {
+        let ids = delivered.lock().unwrap().clone();
+        if ids.iter().any(|i| i.ends_with(&scheduled)) {
+            let mut unique = ids.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(
+                unique.len(),
+                ids.len(),
+                "an alert was delivered twice: {ids:#?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "alerts missing: {ids:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!(
         "cluster: revocation on all replicas within {propagation:?}; failover to replica {next} in {failover:?}"
@@ -406,7 +559,7 @@ async fn a_leader_cut_from_the_database_steps_down_and_a_new_term_begins() {
         "--start-block".to_owned(),
         chain.deployment.block.to_string(),
     ];
-    let mut first = start(0, dir.path(), &db.url, &args, &pki_dir);
+    let mut first = start(0, dir.path(), &db.url, &args, &pki_dir, &[]);
     first.kw.wait_ready().await;
     let to = dir.path().join("replica-1/kms");
     std::fs::create_dir_all(&to).unwrap();
@@ -414,7 +567,7 @@ async fn a_leader_cut_from_the_database_steps_down_and_a_new_term_begins() {
         let f = f.unwrap();
         std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
     }
-    let mut second = start(1, dir.path(), &db.url, &args, &pki_dir);
+    let mut second = start(1, dir.path(), &db.url, &args, &pki_dir, &[]);
     second.kw.wait_ready().await;
     let all = [first, second];
     let leader = one_leader(&all.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
