@@ -4,26 +4,26 @@
 //! which resumes from the checkpoint; a stale leader's write is refused by the fencing check.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/cluster.rs"]
+mod cluster;
 mod common;
 #[path = "support/guest_chain.rs"]
 mod guest_chain;
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use alloy::primitives::{Address, B256, Bytes, FixedBytes, U256};
 use alloy::providers::DynProvider;
 use alloy::sol_types::SolCall as _;
-use common::{Keywarden, PgDb};
+use cluster::{COMPOSE, Replica, app_key, copy_keys, one_leader, start};
+use common::PgDb;
 use guest_chain::allow_simulated_guest;
 use keywarden::chain::contracts::{DstackApp, TimelockController};
 use keywarden::sim::client::{self, ClientError, Guest};
 use keywarden::sim::testpki::TestPki;
 use sha2::{Digest as _, Sha256};
 use support::anvil::Anvil;
-
-const COMPOSE: &[u8] = b"{\"name\":\"cluster-test\"}";
 
 /// Schedules `target.call(data)` on `timelock` with `delay` seconds (`proposer` proposes) and,
 /// with `execute`, executes it at once (a zero delay). Its operation id.
@@ -92,90 +92,6 @@ async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     )
 }
 
-struct Replica {
-    kw: Keywarden,
-    data: PathBuf,
-}
-
-/// Starts replica `n` of the cluster on `db` (its own data directory under `dir`).
-fn start(
-    n: usize,
-    dir: &Path,
-    db: &str,
-    chain: &[String],
-    pki_dir: &Path,
-    extra_env: &[(&str, &str)],
-) -> Replica {
-    let data = dir.join(format!("replica-{n}"));
-    let images = keywarden::kms::osimage::env_value(&[client::simulated_os_image()]);
-    let mut env: Vec<(&str, &str)> = vec![
-        ("KEYWARDEN_KMS__OS_IMAGES", &images),
-        ("KEYWARDEN_CLUSTER__ENABLED", "true"),
-        ("KEYWARDEN_CLUSTER__HEARTBEAT_INTERVAL", "1s"),
-        ("KEYWARDEN_CLUSTER__CATCH_UP_INTERVAL", "1s"),
-        ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),
-        ("KEYWARDEN_CHAIN__POLL_INTERVAL", "100ms"),
-        ("KEYWARDEN_CHAIN__MAX_STALENESS", "10s"),
-    ];
-    env.extend_from_slice(extra_env);
-    let mut args = vec![
-        "--insecure-test-pki",
-        pki_dir.to_str().unwrap(),
-        "--database-url",
-        db,
-    ];
-    args.extend(chain.iter().map(String::as_str));
-    let kw = Keywarden::start(&data, &args, &env);
-    Replica { kw, data }
-}
-
-async fn app_key(
-    r: &Replica,
-    pki: &TestPki,
-    app: Address,
-) -> Result<keywarden::kms::proto::AppKeyResponse, ClientError> {
-    let ca = std::fs::read_to_string(r.data.join("kms/root-ca.pem")).unwrap();
-    let guest = Guest::enroll(
-        &r.kw.api_url(),
-        Some(ca),
-        pki,
-        &client::guest_spec(app.into_array(), COMPOSE, vec![0x1d; 20]),
-        true,
-    )
-    .await?;
-    guest.get_app_key(&client::simulated_vm_config()).await
-}
-
-async fn roles(replicas: &[&Replica]) -> Vec<String> {
-    let mut out = Vec::new();
-    for r in replicas {
-        let ready: serde_json::Value = common::http()
-            .get(format!("http://{}/readyz", r.kw.metrics))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        out.push(ready["role"].as_str().unwrap_or("none").to_owned());
-    }
-    out
-}
-
-/// Waits (at most `limit`) until exactly one of `replicas` leads; its index.
-async fn one_leader(replicas: &[&Replica], limit: Duration) -> usize {
-    let deadline = Instant::now() + limit;
-    loop {
-        let now = roles(replicas).await;
-        let leaders: Vec<usize> = (0..now.len()).filter(|i| now[*i] == "leader").collect();
-        if let [one] = leaders.as_slice() {
-            return *one;
-        }
-        assert!(Instant::now() < deadline, "roles never settled: {now:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
     let anvil = Anvil::spawn();
@@ -228,12 +144,7 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
     let mut first = start(0, dir.path(), &db.url, &args, &pki_dir, &alerts);
     first.kw.wait_ready().await;
     for n in 1..3 {
-        let to = dir.path().join(format!("replica-{n}/kms"));
-        std::fs::create_dir_all(&to).unwrap();
-        for f in std::fs::read_dir(first.data.join("kms")).unwrap() {
-            let f = f.unwrap();
-            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
-        }
+        copy_keys(&first.data, &dir.path().join(format!("replica-{n}")));
     }
     let mut others: Vec<Replica> = (1..3)
         .map(|n| start(n, dir.path(), &db.url, &args, &pki_dir, &alerts))
@@ -561,12 +472,7 @@ async fn a_leader_cut_from_the_database_steps_down_and_a_new_term_begins() {
     ];
     let mut first = start(0, dir.path(), &db.url, &args, &pki_dir, &[]);
     first.kw.wait_ready().await;
-    let to = dir.path().join("replica-1/kms");
-    std::fs::create_dir_all(&to).unwrap();
-    for f in std::fs::read_dir(first.data.join("kms")).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
-    }
+    copy_keys(&first.data, &dir.path().join("replica-1"));
     let mut second = start(1, dir.path(), &db.url, &args, &pki_dir, &[]);
     second.kw.wait_ready().await;
     let all = [first, second];
