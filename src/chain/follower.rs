@@ -998,18 +998,31 @@ impl Follower {
                 }
             }
             self.update_readiness();
-            let notified = async {
-                match listener.as_mut() {
-                    Some(l) => l.recv().await.is_ok(),
-                    None => std::future::pending().await,
+            // Until a reason to reload comes, readiness follows the staleness.
+            loop {
+                let notified = async {
+                    match listener.as_mut() {
+                        Some(l) => l.recv().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    changed = leadership.changed(cancel) => {
+                        if !changed {
+                            return;
+                        }
+                        break;
+                    }
+                    ok = notified => {
+                        if !ok {
+                            listener = None;
+                        }
+                        break;
+                    }
+                    _ = tick.tick() => break,
+                    _ = refresh.tick() => self.update_readiness(),
                 }
-            };
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                changed = leadership.changed(cancel) => if !changed { return },
-                ok = notified => if !ok { listener = None },
-                _ = tick.tick() => {}
-                _ = refresh.tick() => {}
             }
         }
     }
