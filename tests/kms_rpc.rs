@@ -1386,10 +1386,10 @@ async fn every_refused_key_request_leaves_one_audit_record_with_its_reason() {
     store.close().await;
 }
 
-/// The database becomes unwritable while the service runs: the caller gets 500, no key, and
-/// no audit line says "ok".
+/// The database becomes unwritable while the service runs: the caller gets 503 (retry later), no
+/// key, and no audit line says "ok".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_ledger_commit_gives_500_and_no_ok_anywhere() {
+async fn a_failed_ledger_commit_gives_503_store_unavailable_and_no_ok_anywhere() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (mut kw, pki) = start_dev_auth(
@@ -1417,7 +1417,11 @@ async fn a_failed_ledger_commit_gives_500_and_no_ok_anywhere() {
             body.clone(),
         )
         .await;
-        assert_eq!(status, 500, "{method}: {err}");
+        assert_eq!(status, 503, "{method}: {err}");
+        assert_eq!(
+            err["error"], "could not record the key release; retry later",
+            "{method}"
+        );
         assert!(err.get("k256_key").is_none() && err.get("secret_key").is_none());
     }
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
