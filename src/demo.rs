@@ -1,6 +1,7 @@
 //! `keywarden demo`: the whole key-dispatch story on one machine, with real components.
 //!
-//! Flow: anvil (installed from npm if missing) → our DstackKms/DstackApp deployed → the demo
+//! Flow: anvil and the Safe / OpenZeppelin artifacts (found, or installed from npm into
+//! keywarden's cache: `sim::toolchain`) → our DstackKms/DstackApp deployed → the demo
 //! app's compose hash and the simulated OS image allowed on-chain → a real Safe 1.4.1 (2 of 3)
 //! and OpenZeppelin TimelockController take both contracts over → a test attestation PKI →
 //! `keywarden serve` on SQLite following the chain, alerting the signers' webhook → simulated
@@ -31,7 +32,6 @@ use crate::sim::testpki::TestPki;
 
 /// The demo app's docker-compose (its SHA-256 is the compose hash allowed on-chain).
 const DEMO_COMPOSE: &str = r#"{"manifest_version":2,"name":"keywarden-demo","runner":"docker-compose","docker_compose_file":"services:\n  app:\n    image: nginx:stable\n"}"#;
-const ANVIL: &str = "node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil";
 /// The demo timelock's minimum delay; the demo advances chain time past it instead of waiting.
 const TIMELOCK_DELAY: Duration = Duration::from_secs(3600);
 /// How long the demo waits for keywarden's alerts.
@@ -86,26 +86,6 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
 
 fn step(text: impl std::fmt::Display) {
     println!("==> {text}");
-}
-
-/// Finds anvil, installing the pinned npm packages when it is missing.
-fn anvil_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("KEYWARDEN_ANVIL") {
-        return Ok(PathBuf::from(p));
-    }
-    let path = PathBuf::from(ANVIL);
-    if !path.exists() {
-        step("installing anvil from npm (npm ci, pinned by package-lock.json)");
-        let ok = Command::new("npm")
-            .args(["ci", "--ignore-scripts", "--no-audit", "--no-fund"])
-            .status()
-            .context("cannot run npm; install Node.js and npm, or run from the repository root")?
-            .success();
-        if !ok || !path.exists() {
-            bail!("npm ci did not install {ANVIL}; run the demo from the repository root");
-        }
-    }
-    Ok(path)
 }
 
 fn start_anvil(bin: &Path) -> anyhow::Result<(Managed, url::Url)> {
@@ -344,7 +324,7 @@ async fn wait_alert(
 
 /// Runs the demo. Returns when the story is done and the duration passed (or Ctrl-C).
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let anvil_bin = anvil_binary()?;
+    let anvil_bin = crate::sim::toolchain::anvil(&crate::sim::toolchain::ensure()?);
     let (mut anvil, rpc) = start_anvil(&anvil_bin)?;
     step(format!("anvil running at {rpc} (1 s blocks)"));
 

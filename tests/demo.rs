@@ -1,6 +1,8 @@
 //! The README's first command: the whole demo (anvil, contracts, keywarden with the test PKI,
 //! simulated CVMs, a Safe and timelock governing the contracts, the signers' critical alert,
-//! on-chain revocation) runs to its end and cleans up after itself.
+//! on-chain revocation) runs to its end and cleans up after itself, from a directory outside the
+//! repository (its npm toolchain installed into keywarden's cache, kept under the build
+//! directory between runs); without npm it says in one line what to install.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,7 +11,9 @@ mod common;
 fn demo_serves_keys_then_refuses_after_on_chain_revocation() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
-    let (code, out, err) = common::run_to_end(
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-npm-cache");
+    let (code, out, err) = common::run_in(
+        dir.path(),
         &[
             "demo",
             "--duration",
@@ -17,7 +21,7 @@ fn demo_serves_keys_then_refuses_after_on_chain_revocation() {
             "--data-dir",
             data.to_str().unwrap(),
         ],
-        &[],
+        &[("XDG_CACHE_HOME", cache.to_str().unwrap())],
     );
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert_eq!(out.matches("got its keys over RA-TLS").count(), 3, "{out}");
@@ -65,4 +69,29 @@ fn demo_serves_keys_then_refuses_after_on_chain_revocation() {
             "{message} missing from the keywarden log"
         );
     }
+}
+
+#[test]
+fn the_demo_outside_the_repository_without_npm_names_what_to_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().to_str().unwrap();
+    let (code, out, err) = common::run_in(
+        dir.path(),
+        &["demo", "--duration", "0"],
+        &[
+            ("PATH", "/nonexistent"),
+            ("HOME", home),
+            ("XDG_CACHE_HOME", home),
+        ],
+    );
+    assert_ne!(code, 0, "{out}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("error"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("install Node.js with npm") && line.contains("KEYWARDEN_NODE_MODULES"),
+        "{err}"
+    );
+    assert!(!out.contains("Usage"), "no npm usage text: {out}");
 }

@@ -59,17 +59,19 @@ impl SafeRelease {
 const FALLBACK_HANDLER_ARTIFACT: &str = "@safe-global/safe-contracts/build/artifacts/contracts/handler/CompatibilityFallbackHandler.sol/CompatibilityFallbackHandler.json";
 const TIMELOCK_ARTIFACT: &str = "@openzeppelin/contracts/build/contracts/TimelockController.json";
 
-/// `field` (`bytecode` or `deployedBytecode`) of the npm artifact at `node_modules/{path}`, read
-/// from the working directory (the repository root).
+/// `field` (`bytecode` or `deployedBytecode`) of the npm artifact at `{node_modules}/{path}`,
+/// in the toolchain's directory ([`super::toolchain::node_modules`]).
 pub fn npm_artifact(path: &str, field: &str) -> Result<Bytes, ChainError> {
-    let full = Path::new("node_modules").join(path);
+    let full = super::toolchain::node_modules()
+        .unwrap_or_else(|| Path::new("node_modules").to_path_buf())
+        .join(path);
     let bad = |detail: String| ChainError::Artifact {
         contract: "npm artifact",
         detail: format!("{}: {detail}", full.display()),
     };
     let text = std::fs::read_to_string(&full).map_err(|e| {
         bad(format!(
-            "{e} (run from the repository root after `npm ci`, which installs it)"
+            "{e} (run `npm ci` in the repository, or `keywarden demo`, which installs the pinned packages into its cache)"
         ))
     })?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;

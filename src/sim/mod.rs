@@ -2,7 +2,8 @@
 //! that issues TDX quotes and RA-TLS certificates ([`testpki`]), a simulated dstack guest and KMS
 //! client ([`client`]), the load generator ([`loadgen`]), the simulated KMS attestation source
 //! ([`kms`]), our test contracts' deployment ([`deploy`]), a real Safe and timelock governing
-//! them ([`governance`]) and the `dev` commands ([`cli`]).
+//! them ([`governance`]), where the npm toolchain they need is ([`toolchain`]) and the `dev`
+//! commands ([`cli`]).
 //!
 //! Only `service` (behind the `insecure_*` switches), `cli` and `demo` reach in here; what
 //! production trusts of a test PKI is read through `attestation::testroot`.
@@ -14,3 +15,4 @@ pub mod governance;
 pub mod kms;
 pub mod loadgen;
 pub mod testpki;
+pub mod toolchain;

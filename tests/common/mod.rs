@@ -99,8 +99,16 @@ pub fn bin() -> Command {
 
 /// Runs keywarden to completion (for commands that exit), returning (code, stdout, stderr).
 pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    run_in(Path::new("."), args, env)
+}
+
+/// [`run_to_end`] with `dir` as the working directory.
+pub fn run_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = bin();
-    cmd.args(args).env_remove("RUST_LOG").stdin(Stdio::null());
+    cmd.current_dir(dir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
     }
