@@ -118,6 +118,7 @@ impl Task for HealthMonitor {
                 _ = tick.tick() => {}
             }
             let problems = self.state.health().await;
+            self.state.process.beat(crate::clock::unix_secs_i64());
             let healthy = problems.is_empty();
             if healthy != was_healthy {
                 if healthy {

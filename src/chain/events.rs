@@ -226,7 +226,8 @@ impl Event {
         }
     }
 
-    /// The measurement this event allows, if it allows one: its kind and value.
+    /// The measurement this event allows, if it allows one: its kind (one of
+    /// [`MEASUREMENT_KINDS`]) and value.
     pub fn registered_measurement(&self) -> Option<(&'static str, B256)> {
         match *self {
             Self::KmsAggregatedMr(v, true) => Some(("kms_aggregated_mr", v)),
@@ -238,6 +239,15 @@ impl Event {
         }
     }
 }
+
+/// Every kind [`Event::registered_measurement`] names (a metric label's closed set).
+pub const MEASUREMENT_KINDS: [&str; 5] = [
+    "kms_aggregated_mr",
+    "kms_device",
+    "os_image",
+    "compose_hash",
+    "device",
+];
 
 /// Kind of the synthetic [`Event::CodeObserved`] row.
 pub const CODE_OBSERVED: &str = "CodeObserved";

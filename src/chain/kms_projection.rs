@@ -241,6 +241,7 @@ impl Projection for KmsProjection {
                     block = row.block_number,
                     "measurement registered"
                 );
+                self.mirror.metrics().measurement_registered(kind);
             }
             next.apply(&e);
         }

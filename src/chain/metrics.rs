@@ -230,6 +230,11 @@ impl LiveOutcome {
     const ALL: [LiveOutcome; 3] = [Self::Answered, Self::Cached, Self::Failed];
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
 /// Chain and mirror metrics. Cheap to clone; clones update the same series.
 #[derive(Clone, Debug)]
 pub struct ChainMetrics {
@@ -252,6 +257,7 @@ pub struct ChainMetrics {
     mirror_entries: Family<SetLabels, Gauge>,
     decisions: Family<DecisionLabels, Counter>,
     live_contracts: Family<LiveLabels, Gauge>,
+    measurements: Family<KindLabels, Counter>,
     live_calls: Family<LiveCallLabels, Counter>,
     live_latency: Histogram,
 }
@@ -284,6 +290,7 @@ impl ChainMetrics {
             mirror_entries: Family::default(),
             decisions: Family::default(),
             live_contracts: Family::default(),
+            measurements: Family::default(),
             live_calls: Family::default(),
             live_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
         };
@@ -312,6 +319,14 @@ impl ChainMetrics {
             "Logs of the watched contracts committed to the store",
             m.logs.clone(),
         );
+        r.register(
+            "dstack_chain_measurements_registered",
+            "Measurements allowed on DstackKms or an app, as the leader applied them; label `kind` (`kms_aggregated_mr`, `kms_device`, `os_image`, `compose_hash`, `device`)",
+            m.measurements.clone(),
+        );
+        for kind in crate::chain::events::MEASUREMENT_KINDS {
+            let _ = m.measurements.get_or_create(&KindLabels { kind });
+        }
         r.register(
             "dstack_chain_reorgs",
             "Reorgs detected (stored block hash no longer canonical)",
@@ -490,6 +505,11 @@ impl ChainMetrics {
     pub fn reorg(&self, depth: u64) {
         self.reorgs.inc();
         self.reorg_depth.observe(depth as f64);
+    }
+
+    /// Counts a measurement allowed on chain (`kind` from [`crate::chain::events::MEASUREMENT_KINDS`]).
+    pub fn measurement_registered(&self, kind: &'static str) {
+        self.measurements.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Counts a full resync.

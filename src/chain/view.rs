@@ -72,6 +72,11 @@ impl Mirror {
         log_mode_changes((!first).then_some(&*previous), &state);
     }
 
+    /// The chain metrics its decisions are counted in.
+    pub fn metrics(&self) -> &ChainMetrics {
+        &self.metrics
+    }
+
     /// The follower's freshness this mirror's decisions follow.
     pub fn status(&self) -> &SyncStatus {
         &self.status

@@ -90,6 +90,7 @@ pub struct GovernanceMetrics {
     missing: Family<MissingLabels, Gauge>,
     oldest_proposal_age: Gauge,
     simulations: Family<OutcomeLabels, Counter>,
+    proposals: Family<KindLabels, Counter>,
 }
 
 impl GovernanceMetrics {
@@ -114,7 +115,11 @@ impl GovernanceMetrics {
             missing: Family::default(),
             oldest_proposal_age: Gauge::default(),
             simulations: Family::default(),
+            proposals: Family::default(),
         };
+        for kind in ["safe", "timelock"] {
+            let _ = m.proposals.get_or_create(&KindLabels { kind });
+        }
         for outcome in ["simulated", "unsupported", "failed"] {
             let _ = m.simulations.get_or_create(&OutcomeLabels { outcome });
         }
@@ -198,6 +203,11 @@ impl GovernanceMetrics {
             m.indexing_lag.clone(),
         );
         registry.register(
+            "dstack_governance_proposals",
+            "New governance proposals announced (a Safe proposal seen on the Transaction Service, a timelock operation scheduled); label `kind` (`safe`, `timelock`)",
+            m.proposals.clone(),
+        );
+        registry.register(
             "dstack_governance_proposals_pending",
             "Pending Safe proposals (Transaction Service queue, nonce not yet used)",
             m.proposals_pending.clone(),
@@ -228,6 +238,11 @@ impl GovernanceMetrics {
             m.affected.clone(),
         );
         m
+    }
+
+    /// Counts a new proposal of `kind` (`safe` or `timelock`).
+    pub fn proposal(&self, kind: &'static str) {
+        self.proposals.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Exports the findings of the pending operations and the most instances one would cut off.

@@ -371,6 +371,11 @@ impl Notifier {
     async fn log(&self, alert: &Alert, affected: u64, findings: &[Finding]) {
         let first = matches!(alert.transition.as_str(), "scheduled" | "proposed");
         if first {
+            self.metrics.proposal(if alert.transition == "scheduled" {
+                "timelock"
+            } else {
+                "safe"
+            });
             tracing::info!(
                 key = %alert.key,
                 severity = alert.severity.label(),

@@ -61,6 +61,7 @@ struct TaskLabels {
 #[derive(Clone, Debug)]
 pub struct ProcessMetrics {
     healthy: Gauge,
+    heartbeat: Gauge,
     startup_duration: Gauge<f64, AtomicU64>,
     handler_panics: Family<ListenerLabels, Counter>,
     task_panics: Family<TaskLabels, Counter>,
@@ -103,6 +104,7 @@ impl ProcessMetrics {
         );
         let m = Self {
             healthy: Gauge::default(),
+            heartbeat: Gauge::default(),
             startup_duration: Gauge::default(),
             handler_panics: Family::default(),
             task_panics: Family::default(),
@@ -130,6 +132,11 @@ impl ProcessMetrics {
             "keywarden_http_accept_errors",
             "Failed accepts on the metrics and admin listeners (e.g. out of file descriptors), by listener",
             m.accept_errors.clone(),
+        );
+        registry.register(
+            "keywarden_heartbeat_timestamp_seconds",
+            "When the health monitor last ran its check (Unix seconds): absent or old, nothing watches",
+            m.heartbeat.clone(),
         );
         registry.register(
             "keywarden_healthy",
@@ -171,6 +178,11 @@ impl ProcessMetrics {
     /// Sets `keywarden_healthy`.
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.set(i64::from(healthy));
+    }
+
+    /// Sets `keywarden_heartbeat_timestamp_seconds` to `now` (Unix seconds).
+    pub fn beat(&self, now: i64) {
+        self.heartbeat.set(now);
     }
 
     /// Records the start-up duration.

@@ -1,0 +1,303 @@
+//! The alerting surface as shipped: `alert-rules/` pass Prometheus's `promtool check rules` and
+//! their unit tests (every rule fires in one case and stays quiet in another); every rule has a
+//! severity, a static summary, a templated description and a `runbook_url` that is a heading of
+//! `docs/runbook.md`, no `$value` in a label, an expression that parses with `rate`/`increase`
+//! only over counters; every metric the rules name is exported by a running keywarden; and
+//! `alertmanager/` is a valid tree routing each severity to its receivers (`amtool`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use promql_parser::parser::{self, Expr};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn files(dir: &str, suffix: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "no {suffix} under {dir}");
+    out
+}
+
+/// Whether `tool` runs here; a loud skip otherwise (`scripts/test` installs it).
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool).arg("--version").output().is_ok();
+    if !ok {
+        eprintln!("SKIPPED: {tool} is not installed (scripts/test --prepare-only installs it)");
+    }
+    ok
+}
+
+fn run(tool: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(tool)
+        .current_dir(root())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Every rule of every rule file: (file, rule).
+fn rules() -> Vec<(PathBuf, serde_yaml::Value)> {
+    files("alert-rules", ".rules.yml")
+        .into_iter()
+        .flat_map(|f| {
+            let doc: serde_yaml::Value =
+                serde_yaml::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+            doc["groups"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .flat_map(|g| g["rules"].as_sequence().unwrap().clone())
+                .map(|r| (f.clone(), r))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Every selector's metric name in `e`, and every (function, metric) of a range function.
+fn walk(e: &Expr, names: &mut BTreeSet<String>, ranged: &mut Vec<(String, String)>) {
+    match e {
+        Expr::Aggregate(a) => {
+            walk(&a.expr, names, ranged);
+            if let Some(p) = &a.param {
+                walk(p, names, ranged);
+            }
+        }
+        Expr::Unary(u) => walk(&u.expr, names, ranged),
+        Expr::Binary(b) => {
+            walk(&b.lhs, names, ranged);
+            walk(&b.rhs, names, ranged);
+        }
+        Expr::Paren(p) => walk(&p.expr, names, ranged),
+        Expr::Subquery(s) => walk(&s.expr, names, ranged),
+        Expr::VectorSelector(v) => names.extend(v.name.clone()),
+        Expr::MatrixSelector(m) => names.extend(m.vs.name.clone()),
+        Expr::Call(c) => {
+            for arg in &c.args.args {
+                if let Expr::MatrixSelector(m) = &**arg
+                    && let Some(n) = &m.vs.name
+                {
+                    ranged.push((c.func.name.to_owned(), n.clone()));
+                }
+                walk(arg, names, ranged);
+            }
+        }
+        Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
+    }
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_check_and_their_unit_tests() {
+    if !have("promtool") {
+        return;
+    }
+    let rule_files: Vec<String> = files("alert-rules", ".rules.yml")
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let mut args = vec!["check", "rules"];
+    args.extend(rule_files.iter().map(String::as_str));
+    let (ok, out) = run("promtool", &args);
+    assert!(ok, "{out}");
+    let tests: Vec<String> = std::fs::read_dir(root().join("alert-rules/tests"))
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .collect();
+    let mut args = vec!["test", "rules"];
+    args.extend(tests.iter().map(String::as_str));
+    let (ok, out) = run("promtool", &args);
+    assert!(ok, "{out}");
+    // Every alerting rule is tested, firing in one case and quiet in another.
+    let tested: String = tests
+        .iter()
+        .map(|t| std::fs::read_to_string(t).unwrap())
+        .collect();
+    for (_, r) in rules() {
+        if let Some(name) = r["alert"].as_str() {
+            let cases = tested.matches(&format!("alertname: {name}\n")).count();
+            assert!(cases >= 2, "{name} has {cases} promtool case(s)");
+        }
+    }
+}
+
+#[test]
+fn every_rule_is_labelled_annotated_linked_to_its_runbook_and_parses() {
+    let runbook = std::fs::read_to_string(root().join("docs/runbook.md")).unwrap();
+    let headings: BTreeSet<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| h.trim().to_lowercase())
+        .collect();
+    let mut alerts = 0;
+    for (file, r) in rules() {
+        let expr = r["expr"].as_str().unwrap();
+        let parsed =
+            parser::parse(expr).unwrap_or_else(|e| panic!("{}: {expr}: {e}", file.display()));
+        let (mut names, mut ranged) = (BTreeSet::new(), Vec::new());
+        walk(&parsed, &mut names, &mut ranged);
+        for (func, metric) in &ranged {
+            if matches!(func.as_str(), "rate" | "irate" | "increase") {
+                assert!(
+                    metric.ends_with("_total") || metric.ends_with("_bucket"),
+                    "{func} over {metric}, which is not a counter"
+                );
+            }
+        }
+        let Some(name) = r["alert"].as_str() else {
+            continue;
+        };
+        alerts += 1;
+        let labels = r["labels"].as_mapping().unwrap();
+        assert!(
+            matches!(
+                r["labels"]["severity"].as_str(),
+                Some("critical" | "warning" | "info")
+            ),
+            "{name}"
+        );
+        for (k, v) in labels {
+            assert!(
+                !v.as_str().unwrap_or_default().contains("$value"),
+                "{name}: label {k:?} carries $value"
+            );
+        }
+        let summary = r["annotations"]["summary"].as_str().unwrap();
+        assert!(!summary.contains("{{"), "{name}: the summary is static");
+        let description = r["annotations"]["description"].as_str().unwrap();
+        assert!(
+            description.contains("{{"),
+            "{name}: the description is templated"
+        );
+        let url = r["annotations"]["runbook_url"].as_str().unwrap();
+        assert_eq!(url, format!("docs/runbook.md#{}", name.to_lowercase()));
+        assert!(
+            headings.contains(&name.to_lowercase()),
+            "{name}: no heading in docs/runbook.md"
+        );
+    }
+    assert!(alerts >= 28, "{alerts} alerting rules");
+}
+
+#[tokio::test]
+async fn every_metric_a_rule_names_is_exported_by_a_running_keywarden() {
+    let dir = tempfile::tempdir().unwrap();
+    // Another keywarden as the peer KMS (up, so its certificate's expiry is read) and a vsock
+    // proxy that is not running: their per-entry series exist.
+    let mut peer = common::Keywarden::start(&dir.path().join("peer"), &[], &[]);
+    peer.wait_ready().await;
+    let peers = format!(
+        "[{{ url = \"{}\", ca_file = {:?}, probe_interval = \"100ms\" }}]",
+        peer.api_url(),
+        dir.path()
+            .join("peer/kms/root-ca.pem")
+            .display()
+            .to_string()
+    );
+    let proxies = format!(
+        "[{{ listening_port = {}, check_interval = \"100ms\" }}]",
+        common::free_port()
+    );
+    let env = [
+        ("KEYWARDEN_CVM__PEER_KMS", peers.as_str()),
+        ("KEYWARDEN_CVM__NITRO_PROXY", proxies.as_str()),
+    ];
+    let mut kw = common::Keywarden::start(&dir.path().join("data"), &[], &env);
+    kw.wait_ready().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = kw.metrics_text().await;
+        if text.contains("dstack_cvm_peer_kms_up{") && text.contains("dstack_cvm_vsock_proxy_up{") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let exported: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .flat_map(|l| {
+            let mut it = l.split_whitespace();
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            match kind {
+                "counter" => vec![format!("{name}_total")],
+                "histogram" => ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .map(|s| format!("{name}{s}"))
+                    .collect(),
+                _ => vec![name.to_owned()],
+            }
+        })
+        .collect();
+    let recorded: BTreeSet<String> = rules()
+        .iter()
+        .filter_map(|(_, r)| r["record"].as_str().map(str::to_owned))
+        .collect();
+    for (file, r) in rules() {
+        let (mut names, mut ranged) = (BTreeSet::new(), Vec::new());
+        walk(
+            &parser::parse(r["expr"].as_str().unwrap()).unwrap(),
+            &mut names,
+            &mut ranged,
+        );
+        for n in names {
+            // `up` is Prometheus's own; recording rules are the rules' own series.
+            if n == "up" || recorded.contains(&n) {
+                continue;
+            }
+            assert!(
+                exported.contains(&n),
+                "{}: {n} is not exported by keywarden",
+                file.display()
+            );
+        }
+    }
+    assert_eq!(kw.terminate(std::time::Duration::from_secs(5)), 0);
+    assert_eq!(peer.terminate(std::time::Duration::from_secs(5)), 0);
+}
+
+#[test]
+fn the_escalation_tree_is_valid_and_routes_each_severity_to_its_receivers() {
+    if !have("amtool") {
+        return;
+    }
+    let config = "alertmanager/alertmanager.yml";
+    let (ok, out) = run("amtool", &["check-config", config]);
+    assert!(ok, "{out}");
+    for (severity, receivers) in [
+        ("critical", "pager,security"),
+        ("warning", "team-chat"),
+        ("info", "log"),
+    ] {
+        let (ok, out) = run(
+            "amtool",
+            &[
+                "config",
+                "routes",
+                "test",
+                &format!("--config.file={config}"),
+                &format!("--verify.receivers={receivers}"),
+                &format!("severity={severity}"),
+                "alertname=KeywardenTest",
+            ],
+        );
+        assert!(ok, "{severity} → {receivers}: {out}");
+    }
+}
