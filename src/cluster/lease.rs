@@ -185,7 +185,7 @@ impl LeaseTask {
     ) -> (Self, Leadership) {
         let (role, rx) = watch::channel(Role::Follower);
         let leadership = Leadership::over(rx, Some(metrics.clone()));
-        metrics.set_role(Role::Follower);
+        metrics.set_leading(false);
         (
             Self {
                 url,
@@ -218,7 +218,7 @@ impl LeaseTask {
         if before.leads() != next.leads() {
             self.metrics.changed();
         }
-        self.metrics.set_role(next);
+        self.metrics.set_leading(next.leads());
         self.role.send_replace(next);
     }
 

@@ -7,8 +7,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use super::lease::Role;
-
 /// Cluster metrics. Cheap to clone; clones update the same series.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterMetrics {
@@ -36,14 +34,14 @@ impl ClusterMetrics {
             "How long ago the leader last caught up with the chain, as this follower last read it (0 on the leader)",
             m.lag.clone(),
         );
-        m.set_role(Role::Single);
+        m.set_leading(true);
         m
     }
 
-    /// Exports `role`.
-    pub fn set_role(&self, role: Role) {
-        self.leader.set(i64::from(role.leads()));
-        if role.leads() {
+    /// Exports whether this replica runs the singleton work.
+    pub fn set_leading(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+        if leading {
             self.lag.set(0.0);
         }
     }

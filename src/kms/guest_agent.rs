@@ -181,7 +181,7 @@ impl GuestAgent {
         })
     }
 
-    async fn quote(&self, report_data: [u8; 64]) -> Result<Vec<u8>, SelfCheckError> {
+    async fn quote(&self, report_data: [u8; 64]) -> Result<Vec<u8>, GuestAgentError> {
         let body = self
             .client
             .post(
@@ -194,19 +194,23 @@ impl GuestAgent {
                 method: "GetQuote",
                 source,
             })?;
-        Ok(
-            attestation_of(&body, &report_data).map_err(|problem| GuestAgentError::Answer {
-                at: self.at.clone(),
-                method: "GetQuote",
-                problem,
-            })?,
-        )
+        attestation_of(&body, &report_data).map_err(|problem| GuestAgentError::Answer {
+            at: self.at.clone(),
+            method: "GetQuote",
+            problem,
+        })
     }
 }
 
 impl AttestationSource for GuestAgent {
     fn attest(&self, report_data: &[u8; 64]) -> Attested<'_> {
-        self.quote(*report_data).boxed()
+        let report_data = *report_data;
+        async move {
+            self.quote(report_data)
+                .await
+                .map_err(|e| SelfCheckError::Unavailable(e.to_string()))
+        }
+        .boxed()
     }
 
     fn os_image_hash(&self) -> Vec<u8> {

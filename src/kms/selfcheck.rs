@@ -41,16 +41,16 @@ pub enum SelfCheckError {
     /// The bootstrap report data could not be computed.
     #[error("bootstrap report data: {0}")]
     Bootstrap(#[from] super::KmsError),
-    /// The dstack guest agent gave no attestation.
-    #[error(transparent)]
-    GuestAgent(#[from] super::guest_agent::GuestAgentError),
+    /// The source (the dstack guest agent) gave no attestation; its own error, in words.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// An attestation being obtained.
 pub type Attested<'a> = BoxFuture<'a, Result<Vec<u8>, SelfCheckError>>;
 
 /// Where the KMS's own attestation comes from: the dstack guest agent of the CVM the KMS runs in
-/// ([`super::guest_agent`]), or a simulated KMS guest (`sim::kms`, behind
+/// (`kms::guest_agent`), or a simulated KMS guest (`sim::kms`, behind
 /// `kms.insecure_self_attest_with_test_pki`).
 pub trait AttestationSource: Send + Sync {
     /// A dstack attestation over `report_data`.
