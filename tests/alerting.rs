@@ -2,11 +2,16 @@
 //! their unit tests (every rule fires in one case and stays quiet in another); every rule has a
 //! severity, a static summary, a templated description and a `runbook_url` that is a heading of
 //! `docs/runbook.md`, no `$value` in a label, an expression that parses with `rate`/`increase`
-//! only over counters; every metric the rules name is exported by a running keywarden; and
-//! `alertmanager/` is a valid tree routing each severity to its receivers (`amtool`).
+//! only over counters; the dashboards follow the linter's rules (stable uids, a datasource
+//! variable and no `__inputs`, a unit and a query on every panel, `$__rate_interval` in rates,
+//! every query parsing); every metric the rules and dashboards name is exported by a running
+//! keywarden; and `alertmanager/` is a valid tree routing each severity to its receivers
+//! (`amtool`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "support/vmm.rs"]
+mod fake;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -196,8 +201,105 @@ fn every_rule_is_labelled_annotated_linked_to_its_runbook_and_parses() {
     assert!(alerts >= 28, "{alerts} alerting rules");
 }
 
+/// Every dashboard file: (path, JSON).
+fn dashboards() -> Vec<(PathBuf, serde_json::Value)> {
+    ["dashboards", "dashboards/kubernetes"]
+        .iter()
+        .flat_map(|d| files(d, ".json"))
+        .map(|p| {
+            let json = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            (p, json)
+        })
+        .collect()
+}
+
+/// A dashboard query as Prometheus receives it (Grafana's variables substituted).
+fn substituted(expr: &str) -> String {
+    expr.replace("$__rate_interval", "5m")
+        .replace("$namespace", "keywarden")
+        .replace("$pod", ".*")
+}
+
+/// Every query of a dashboard's panels: (panel title, expression).
+fn queries(d: &serde_json::Value) -> Vec<(String, String)> {
+    d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or_default().to_owned();
+            p["targets"].as_array().into_iter().flatten().map(move |t| {
+                (
+                    title.clone(),
+                    t["expr"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn the_dashboards_follow_the_linter_rules() {
+    let mut uids = BTreeSet::new();
+    let all = dashboards();
+    assert_eq!(all.len(), 6, "three dashboards, standalone and Kubernetes");
+    for (path, d) in &all {
+        let name = path.display();
+        assert!(d.get("__inputs").is_none(), "{name}: no __inputs");
+        let uid = d["uid"].as_str().unwrap();
+        assert!(
+            uid.starts_with("keywarden-") && uids.insert(uid.to_owned()),
+            "{name}: uid"
+        );
+        let vars = d["templating"]["list"].as_array().unwrap();
+        assert!(
+            vars.iter()
+                .any(|v| v["type"] == "datasource" && v["name"] == "datasource"),
+            "{name}: a datasource variable"
+        );
+        if path.to_string_lossy().contains("kubernetes") {
+            for var in ["namespace", "pod"] {
+                assert!(vars.iter().any(|v| v["name"] == var), "{name}: ${var}");
+            }
+        }
+        for p in d["panels"].as_array().unwrap() {
+            let title = p["title"].as_str().unwrap();
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "{name}: {title}");
+            let unit = p["fieldConfig"]["defaults"]["unit"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(!unit.is_empty(), "{name}: {title} has no unit");
+            assert!(
+                !p["targets"].as_array().unwrap().is_empty(),
+                "{name}: {title} is empty"
+            );
+        }
+        for (title, expr) in queries(d) {
+            assert!(!expr.is_empty(), "{name}: {title}");
+            let parsed = parser::parse(&substituted(&expr))
+                .unwrap_or_else(|e| panic!("{name}: {title}: {expr}: {e}"));
+            let (mut names, mut ranged) = (BTreeSet::new(), Vec::new());
+            walk(&parsed, &mut names, &mut ranged);
+            for (func, metric) in &ranged {
+                if matches!(func.as_str(), "rate" | "irate") {
+                    assert!(
+                        expr.contains("[$__rate_interval]"),
+                        "{name}: {title}: {func} without $__rate_interval"
+                    );
+                }
+                if matches!(func.as_str(), "rate" | "irate" | "increase") {
+                    assert!(
+                        metric.ends_with("_total") || metric.ends_with("_bucket"),
+                        "{name}: {title}: {func} over {metric}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[tokio::test]
-async fn every_metric_a_rule_names_is_exported_by_a_running_keywarden() {
+async fn every_metric_a_rule_or_dashboard_names_is_exported_by_a_running_keywarden() {
     let dir = tempfile::tempdir().unwrap();
     // Another keywarden as the peer KMS (up, so its certificate's expiry is read) and a vsock
     // proxy that is not running: their per-entry series exist.
@@ -215,16 +317,28 @@ async fn every_metric_a_rule_names_is_exported_by_a_running_keywarden() {
         "[{{ listening_port = {}, check_interval = \"100ms\" }}]",
         common::free_port()
     );
+    // And an (in-test) dstack-vmm with a running VM, so the per-VM series exist.
+    let (vmm_url, _vmm) = fake::serve(fake::vmm(vec![fake::web("1h")]), true, dir.path()).await;
+    let token = dir.path().join("vmm-token");
+    std::fs::write(&token, fake::TOKEN).unwrap();
+    let vmms = format!(
+        "[{{ url = {vmm_url:?}, token = \"file:{}\", poll_interval = \"100ms\" }}]",
+        token.display()
+    );
     let env = [
         ("KEYWARDEN_CVM__PEER_KMS", peers.as_str()),
         ("KEYWARDEN_CVM__NITRO_PROXY", proxies.as_str()),
+        ("KEYWARDEN_CVM__VMM", vmms.as_str()),
     ];
     let mut kw = common::Keywarden::start(&dir.path().join("data"), &[], &env);
     kw.wait_ready().await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let text = loop {
         let text = kw.metrics_text().await;
-        if text.contains("dstack_cvm_peer_kms_up{") && text.contains("dstack_cvm_vsock_proxy_up{") {
+        if text.contains("dstack_cvm_peer_kms_cert_expiry_seconds{")
+            && text.contains("dstack_cvm_vsock_proxy_up{")
+            && text.contains("dstack_cvm_memory_usage_ratio{")
+        {
             break text;
         }
         assert!(std::time::Instant::now() < deadline, "{text}");
@@ -250,13 +364,17 @@ async fn every_metric_a_rule_names_is_exported_by_a_running_keywarden() {
         .iter()
         .filter_map(|(_, r)| r["record"].as_str().map(str::to_owned))
         .collect();
-    for (file, r) in rules() {
+    let exprs = rules()
+        .into_iter()
+        .map(|(f, r)| (f, r["expr"].as_str().unwrap().to_owned()))
+        .chain(dashboards().into_iter().flat_map(|(f, d)| {
+            queries(&d)
+                .into_iter()
+                .map(move |(_, e)| (f.clone(), substituted(&e)))
+        }));
+    for (file, expr) in exprs {
         let (mut names, mut ranged) = (BTreeSet::new(), Vec::new());
-        walk(
-            &parser::parse(r["expr"].as_str().unwrap()).unwrap(),
-            &mut names,
-            &mut ranged,
-        );
+        walk(&parser::parse(&expr).unwrap(), &mut names, &mut ranged);
         for n in names {
             // `up` is Prometheus's own; recording rules are the rules' own series.
             if n == "up" || recorded.contains(&n) {
