@@ -22,7 +22,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use alloy::primitives::FixedBytes;
-use cluster::{COMPOSE, Replica, copy_keys, one_leader, start};
+use cluster::{COMPOSE, Env, Replica, one_leader};
 use keywarden::chain::contracts::DstackApp;
 use keywarden::sim::client::{self, ClientError, Guest};
 use keywarden::sim::loadgen::{Load, run};
@@ -64,33 +64,10 @@ async fn guest(r: &Replica, pki: &TestPki, app: alloy::primitives::Address) -> G
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let anvil = support::anvil::Anvil::spawn();
-    let chain = guest_chain::allow_simulated_guest(&anvil.url(), COMPOSE).await;
-    let db = common::PgDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::generate(keywarden::clock::unix_secs() - 60).unwrap();
-    let pki_dir = dir.path().join("pki");
-    pki.save(&pki_dir).unwrap();
-    let args = vec![
-        "--rpc-url".to_owned(),
-        anvil.url().to_string(),
-        "--kms-contract".to_owned(),
-        chain.deployment.kms.to_string(),
-        "--start-block".to_owned(),
-        chain.deployment.block.to_string(),
-    ];
+    let env = Env::new().await;
+    let (chain, pki, db) = (&env.chain, &env.pki, &env.db);
     let quiet = [("RUST_LOG", "warn")];
-    let mut first = start(0, dir.path(), &db.url, &args, &pki_dir, &quiet);
-    first.kw.wait_ready().await;
-    for n in 1..3 {
-        copy_keys(&first.data, &dir.path().join(format!("replica-{n}")));
-    }
-    let mut all = vec![first];
-    for n in 1..3 {
-        let mut r = start(n, dir.path(), &db.url, &args, &pki_dir, &quiet);
-        r.kw.wait_ready().await;
-        all.push(r);
-    }
+    let mut all = env.replicas(3, &quiet).await;
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     let app = DstackApp::new(chain.deployment.app, &chain.provider);
     let owner = chain.owner;
@@ -132,9 +109,7 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         failovers.push(killed.elapsed());
-        let mut back = start(leader, dir.path(), &db.url, &args, &pki_dir, &quiet);
-        back.kw.wait_ready().await;
-        all[leader] = back;
+        all[leader] = env.replica(leader, &quiet).await;
     }
     summary(
         "failover (kill -9 → new leader's first committed batch)",
@@ -144,7 +119,7 @@ async fn main() {
     // 2. Revocation propagation.
     let mut guests = Vec::new();
     for r in &all {
-        guests.push(guest(r, &pki, chain.deployment.app).await);
+        guests.push(guest(r, pki, chain.deployment.app).await);
     }
     let hash = FixedBytes(Sha256::digest(COMPOSE).into());
     let mut propagation = Vec::new();
@@ -190,7 +165,7 @@ async fn main() {
 
     // 3. Key throughput: one replica, then three.
     let single = run(
-        guest(&all[0], &pki, chain.deployment.app).await,
+        guest(&all[0], pki, chain.deployment.app).await,
         Load::Closed { concurrency: 16 },
         LOAD,
         None,
@@ -199,7 +174,7 @@ async fn main() {
     let mut spread = Vec::new();
     for r in &all {
         spread.push(tokio::spawn(run(
-            guest(r, &pki, chain.deployment.app).await,
+            guest(r, pki, chain.deployment.app).await,
             Load::Closed { concurrency: 16 },
             LOAD,
             None,
@@ -222,5 +197,5 @@ async fn main() {
     for mut r in all {
         r.kw.terminate(Duration::from_secs(10));
     }
-    db.drop_now().await;
+    env.finish().await;
 }

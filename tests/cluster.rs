@@ -16,14 +16,11 @@ use std::time::{Duration, Instant};
 use alloy::primitives::{Address, B256, Bytes, FixedBytes, U256};
 use alloy::providers::DynProvider;
 use alloy::sol_types::SolCall as _;
-use cluster::{COMPOSE, Replica, app_key, copy_keys, one_leader, start};
+use cluster::{COMPOSE, Env, Replica, app_key, one_leader};
 use common::PgDb;
-use guest_chain::allow_simulated_guest;
 use keywarden::chain::contracts::{DstackApp, TimelockController};
 use keywarden::sim::client::{self, ClientError, Guest};
-use keywarden::sim::testpki::TestPki;
 use sha2::{Digest as _, Sha256};
-use support::anvil::Anvil;
 
 /// Schedules `target.call(data)` on `timelock` with `delay` seconds (`proposer` proposes) and,
 /// with `execute`, executes it at once (a zero delay). Its operation id.
@@ -94,8 +91,8 @@ async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
-    let anvil = Anvil::spawn();
-    let chain = allow_simulated_guest(&anvil.url(), COMPOSE).await;
+    let env = Env::new().await;
+    let (chain, pki, db) = (&env.chain, &env.pki, &env.db);
     let (provider, owner, app) = (&chain.provider, chain.owner, chain.deployment.app);
     // The app is governed by a timelock (delay 0) the owner account proposes to.
     let timelock =
@@ -117,48 +114,21 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
     let gov = (timelock, owner);
     through_timelock(provider, gov, app, accept, (1, 0, true)).await;
 
-    let db = PgDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::generate(keywarden::clock::unix_secs() - 60).unwrap();
-    let pki_dir = dir.path().join("pki");
-    pki.save(&pki_dir).unwrap();
     let (hook, delivered) = receiver().await;
-    let secret = dir.path().join("webhook-secret");
+    let secret = env.dir.path().join("webhook-secret");
     std::fs::write(&secret, "cluster-test-secret").unwrap();
     let secret_ref = format!("file:{}", secret.display());
     let alerts = [
         ("KEYWARDEN_ALERTS__WEBHOOK_URL", hook.as_str()),
         ("KEYWARDEN_ALERTS__WEBHOOK_SECRET", secret_ref.as_str()),
     ];
-    let args = vec![
-        "--rpc-url".to_owned(),
-        anvil.url().to_string(),
-        "--kms-contract".to_owned(),
-        chain.deployment.kms.to_string(),
-        "--start-block".to_owned(),
-        chain.deployment.block.to_string(),
-    ];
-
-    // The first replica creates the root keys; the others start from a copy (as restored
-    // from its backup; `kms onboard` is tested on its own).
-    let mut first = start(0, dir.path(), &db.url, &args, &pki_dir, &alerts);
-    first.kw.wait_ready().await;
-    for n in 1..3 {
-        copy_keys(&first.data, &dir.path().join(format!("replica-{n}")));
-    }
-    let mut others: Vec<Replica> = (1..3)
-        .map(|n| start(n, dir.path(), &db.url, &args, &pki_dir, &alerts))
-        .collect();
-    for r in &mut others {
-        r.kw.wait_ready().await;
-    }
-    let mut all: Vec<Replica> = std::iter::once(first).chain(others).collect();
+    let mut all = env.replicas(3, &alerts).await;
     let leader = one_leader(&all.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
 
     // Identical keys from every replica.
     let mut keys = Vec::new();
     for r in &all {
-        keys.push(app_key(r, &pki, app).await.unwrap());
+        keys.push(app_key(r, pki, app).await.unwrap());
     }
     assert!(keys.windows(2).all(|w| w[0] == w[1]), "replicas disagree");
 
@@ -180,7 +150,7 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
     let sent = Instant::now();
     for (i, r) in all.iter().enumerate() {
         loop {
-            match app_key(r, &pki, app).await {
+            match app_key(r, pki, app).await {
                 Err(ClientError::Refused { message, .. })
                     if message.contains("Compose hash not allowed") =>
                 {
@@ -203,7 +173,7 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
     through_timelock(provider, gov, app, add, (3, 0, true)).await;
     for r in &all {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while app_key(r, &pki, app).await.is_err() {
+        while app_key(r, pki, app).await.is_err() {
             assert!(
                 Instant::now() < deadline,
                 "the re-allowed compose hash never served"
@@ -232,7 +202,7 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
         let guest = Guest::enroll(
             &r.kw.api_url(),
             Some(ca),
-            &pki,
+            pki,
             &client::guest_spec(app.into_array(), COMPOSE, vec![0x1d; 20]),
             false,
         )
@@ -320,7 +290,7 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
             assert_eq!(r.kw.terminate(Duration::from_secs(10)), 0);
         }
     }
-    db.drop_now().await;
+    env.finish().await;
 }
 
 /// Fencing: a write carrying an epoch that no longer leads is refused in its transaction, and
@@ -478,27 +448,9 @@ async fn a_delivery_claimed_by_a_dead_leader_is_taken_over_not_lost() {
 /// chain: a revocation made afterwards is refused by both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_from_the_database_steps_down_and_a_new_term_begins() {
-    let anvil = Anvil::spawn();
-    let chain = allow_simulated_guest(&anvil.url(), COMPOSE).await;
-    let db = PgDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::generate(keywarden::clock::unix_secs() - 60).unwrap();
-    let pki_dir = dir.path().join("pki");
-    pki.save(&pki_dir).unwrap();
-    let args = vec![
-        "--rpc-url".to_owned(),
-        anvil.url().to_string(),
-        "--kms-contract".to_owned(),
-        chain.deployment.kms.to_string(),
-        "--start-block".to_owned(),
-        chain.deployment.block.to_string(),
-    ];
-    let mut first = start(0, dir.path(), &db.url, &args, &pki_dir, &[]);
-    first.kw.wait_ready().await;
-    copy_keys(&first.data, &dir.path().join("replica-1"));
-    let mut second = start(1, dir.path(), &db.url, &args, &pki_dir, &[]);
-    second.kw.wait_ready().await;
-    let all = [first, second];
+    let env = Env::new().await;
+    let (chain, pki, db) = (&env.chain, &env.pki, &env.db);
+    let all = env.replicas(2, &[]).await;
     let leader = one_leader(&all.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     let epoch = |pool: &sqlx::PgPool| {
@@ -556,7 +508,7 @@ async fn a_leader_cut_from_the_database_steps_down_and_a_new_term_begins() {
     for r in &all {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !matches!(
-            app_key(r, &pki, chain.deployment.app).await,
+            app_key(r, pki, chain.deployment.app).await,
             Err(ClientError::Refused { ref message, .. }) if message.contains("Compose hash not allowed")
         ) {
             assert!(
@@ -571,5 +523,5 @@ async fn a_leader_cut_from_the_database_steps_down_and_a_new_term_begins() {
     for mut r in all {
         assert_eq!(r.kw.terminate(Duration::from_secs(10)), 0);
     }
-    db.drop_now().await;
+    env.finish().await;
 }

@@ -299,6 +299,25 @@ async fn serve_polls_a_configured_vmm_and_shows_its_vms() {
     assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
 }
 
+/// Runs `keywarden --config CONFIG cvm logs ARGS` off the test's runtime (its servers keep
+/// serving): (exit code, stdout, stderr).
+fn cvm_logs(
+    config: &std::path::Path,
+    args: &[&str],
+) -> tokio::task::JoinHandle<(i32, String, String)> {
+    let mut all = vec![
+        "--config".to_owned(),
+        config.display().to_string(),
+        "cvm".to_owned(),
+        "logs".to_owned(),
+    ];
+    all.extend(args.iter().map(ToString::to_string));
+    tokio::task::spawn_blocking(move || {
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        common::run_to_end(&all, &[])
+    })
+}
+
 /// `keywarden cvm logs NAME` finds the VM on the configured VMM and prints its console (the
 /// last lines asked, heartbeats skipped); `--follow` prints what comes later until the stream
 /// ends; an unknown VM and an unknown channel are clear errors.
@@ -323,15 +342,7 @@ async fn cvm_logs_prints_a_vms_console_without_heartbeats() {
         ),
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        let mut all = vec!["--config", config.to_str().unwrap(), "cvm", "logs"];
-        all.extend_from_slice(args);
-        let all: Vec<String> = all.into_iter().map(String::from).collect();
-        tokio::task::spawn_blocking(move || {
-            let all: Vec<&str> = all.iter().map(String::as_str).collect();
-            common::run_to_end(&all, &[])
-        })
-    };
+    let run = |args: &[&str]| cvm_logs(&config, args);
     let (code, out, err) = run(&["web", "--lines", "2"]).await.unwrap();
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "console line 4\nconsole line 5\n");
@@ -374,15 +385,7 @@ async fn cvm_logs_of_a_container_come_from_its_guest_agent_through_the_gateway()
         ),
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        let mut all = vec!["--config", config.to_str().unwrap(), "cvm", "logs"];
-        all.extend_from_slice(args);
-        let all: Vec<String> = all.into_iter().map(String::from).collect();
-        tokio::task::spawn_blocking(move || {
-            let all: Vec<&str> = all.iter().map(String::as_str).collect();
-            common::run_to_end(&all, &[])
-        })
-    };
+    let run = |args: &[&str]| cvm_logs(&config, args);
     let (code, out, err) = run(&["web", "--container", "app", "--lines", "2"])
         .await
         .unwrap();

@@ -110,3 +110,79 @@ pub fn copy_keys(from: &Path, to: &Path) {
         std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
     }
 }
+
+/// What the cluster tests and benchmark start from: anvil with our contracts and the simulated
+/// guest allowed, a fresh PostgreSQL database, a test PKI, and the `serve` arguments that follow
+/// that chain.
+pub struct Env {
+    pub anvil: crate::support::anvil::Anvil,
+    pub chain: crate::guest_chain::GuestChain,
+    pub db: crate::common::PgDb,
+    pub dir: tempfile::TempDir,
+    pub pki: TestPki,
+    pub pki_dir: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl Env {
+    pub async fn new() -> Self {
+        let anvil = crate::support::anvil::Anvil::spawn();
+        let chain = crate::guest_chain::allow_simulated_guest(&anvil.url(), COMPOSE).await;
+        let db = crate::common::PgDb::create().await;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = TestPki::generate(keywarden::clock::unix_secs() - 60).unwrap();
+        let pki_dir = dir.path().join("pki");
+        pki.save(&pki_dir).unwrap();
+        let args = vec![
+            "--rpc-url".to_owned(),
+            anvil.url().to_string(),
+            "--kms-contract".to_owned(),
+            chain.deployment.kms.to_string(),
+            "--start-block".to_owned(),
+            chain.deployment.block.to_string(),
+        ];
+        Self {
+            anvil,
+            chain,
+            db,
+            dir,
+            pki,
+            pki_dir,
+            args,
+        }
+    }
+
+    /// Drops the database (the chain and the directory go with `self`).
+    pub async fn finish(self) {
+        self.db.drop_now().await;
+    }
+
+    /// Replica `n` (its data directory kept across restarts), ready.
+    pub async fn replica(&self, n: usize, env: &[(&str, &str)]) -> Replica {
+        let mut r = start(
+            n,
+            self.dir.path(),
+            &self.db.url,
+            &self.args,
+            &self.pki_dir,
+            env,
+        );
+        r.kw.wait_ready().await;
+        r
+    }
+
+    /// `count` replicas with `env`, each ready: the first creates the root keys, the others
+    /// start from a copy of them.
+    pub async fn replicas(&self, count: usize, env: &[(&str, &str)]) -> Vec<Replica> {
+        let first = self.replica(0, env).await;
+        let mut all = vec![];
+        for n in 1..count {
+            copy_keys(&first.data, &self.dir.path().join(format!("replica-{n}")));
+        }
+        all.push(first);
+        for n in 1..count {
+            all.push(self.replica(n, env).await);
+        }
+        all
+    }
+}
