@@ -111,3 +111,60 @@ fn the_security_page_names_every_insecure_switch() {
         );
     }
 }
+
+/// Every backticked first cell of the table under `heading` in `page`.
+fn table_keys<'a>(page: &'a str, heading: &str) -> Vec<&'a str> {
+    let section = page.split(heading).nth(1).unwrap_or_default();
+    let section = section.split("\n## ").next().unwrap_or_default();
+    section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .collect()
+}
+
+/// The text of every source file of the crate.
+fn sources() -> String {
+    fn walk(dir: &std::path::Path, out: &mut String) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push_str(&std::fs::read_to_string(&p).unwrap());
+            }
+        }
+    }
+    let mut out = String::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut out,
+    );
+    out
+}
+
+#[test]
+fn the_observability_page_lists_log_messages_and_spans_the_code_emits() {
+    let page = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/observability.md"
+    ))
+    .unwrap();
+    let code = sources();
+    let messages = table_keys(&page, "## Log patterns");
+    assert!(messages.len() >= 20, "{messages:?}");
+    for m in messages {
+        assert!(
+            code.contains(&format!("\"{m}\"")),
+            "no log line {m:?} in src/"
+        );
+    }
+    let spans = table_keys(&page, "## Trace spans");
+    assert_eq!(spans.len(), 3, "{spans:?}");
+    for s in spans {
+        assert!(
+            code.contains(&format!("info_span!(\"{s}\"")) || code.contains(&format!("\"{s}\",")),
+            "no span {s:?} in src/"
+        );
+    }
+}
