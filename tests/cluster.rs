@@ -293,10 +293,9 @@ async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
     env.finish().await;
 }
 
-/// Fencing: a write carrying an epoch that no longer leads is refused in its transaction, and
-/// one carrying the current epoch passes.
-#[tokio::test]
-async fn a_stale_leaders_write_is_refused() {
+/// A fresh database whose leadership row says replica `a` leads at `epoch`: the database, a
+/// store on it, and a connection to move the leadership as another replica would.
+async fn led_store(epoch: i64) -> (PgDb, keywarden::store::Store, sqlx::PgConnection) {
     let db = PgDb::create().await;
     let store = keywarden::store::Store::open(
         &keywarden::config::StorageConfig::default(),
@@ -308,11 +307,20 @@ async fn a_stale_leaders_write_is_refused() {
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO cluster_leader (id, epoch, node_id, since, beat) VALUES (1, 4, 'a', 0, 0)",
+        "INSERT INTO cluster_leader (id, epoch, node_id, since, beat) VALUES (1, $1, 'a', 0, 0)",
     )
+    .bind(epoch)
     .execute(&mut conn)
     .await
     .unwrap();
+    (db, store, conn)
+}
+
+/// Fencing: a write carrying an epoch that no longer leads is refused in its transaction, and
+/// one carrying the current epoch passes.
+#[tokio::test]
+async fn a_stale_leaders_write_is_refused() {
+    let (db, store, mut conn) = led_store(4).await;
     let checkpoint = keywarden::chain::store::Checkpoint {
         chain_id: 31337,
         start_block: 1,
@@ -365,22 +373,7 @@ async fn a_stale_leaders_write_is_refused() {
 async fn a_delivery_claimed_by_a_dead_leader_is_taken_over_not_lost() {
     use keywarden::alerts::outbox::Outbox;
     use keywarden::alerts::{Alert, Severity};
-    let db = PgDb::create().await;
-    let store = keywarden::store::Store::open(
-        &keywarden::config::StorageConfig::default(),
-        &keywarden::config::DatabaseTarget::Postgres(db.url.clone()),
-    )
-    .await
-    .unwrap();
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO cluster_leader (id, epoch, node_id, since, beat) VALUES (1, 1, 'a', 0, 0)",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    let (db, store, mut conn) = led_store(1).await;
     let cfg = keywarden::alerts::config::AlertsConfig {
         slack_webhook_url: Some("http://127.0.0.1:9/slack".into()),
         ..Default::default()

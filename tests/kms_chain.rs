@@ -153,22 +153,7 @@ impl Setup {
 
     /// The KMS's own boot info, from the attestation its RPC server certificate carries.
     async fn kms_own_boot(&self) -> BootInfo {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let resp = reqwest::Client::builder()
-            .tls_info(true)
-            .add_root_certificate(reqwest::Certificate::from_pem(self.ca.as_bytes()).unwrap())
-            .build()
-            .unwrap()
-            .get(format!("{}/health", self.kw.api_url()))
-            .send()
-            .await
-            .unwrap();
-        let der = resp
-            .extensions()
-            .get::<reqwest::tls::TlsInfo>()
-            .and_then(|t| t.peer_certificate())
-            .unwrap()
-            .to_vec();
+        let der = self.kw.rpc_cert_der(&self.ca).await;
         let cert = keywarden::attestation::ratls::parse_cert(&der).unwrap();
         assert_eq!(cert.usage.as_deref(), Some("kms:rpc"));
         let verifier = Verifier::with_test_root(

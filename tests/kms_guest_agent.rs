@@ -70,22 +70,7 @@ async fn a_kms_in_a_cvm_attests_itself_through_the_guest_agent() {
     // The RPC certificate carries the agent's quote over its own key, and it verifies as the
     // KMS guest's boot.
     let ca = std::fs::read_to_string(data.join("kms/root-ca.pem")).unwrap();
-    keywarden::tls::ensure_crypto_provider();
-    let resp = reqwest::Client::builder()
-        .tls_info(true)
-        .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes()).unwrap()])
-        .build()
-        .unwrap()
-        .get(format!("{}/health", kw.api_url()))
-        .send()
-        .await
-        .unwrap();
-    let der = resp
-        .extensions()
-        .get::<reqwest::tls::TlsInfo>()
-        .and_then(|t| t.peer_certificate())
-        .unwrap()
-        .to_vec();
+    let der = kw.rpc_cert_der(&ca).await;
     let cert = keywarden::attestation::ratls::parse_cert(&der).unwrap();
     assert_eq!(cert.usage.as_deref(), Some("kms:rpc"));
     let verifier =

@@ -64,6 +64,25 @@ impl Keywarden {
     pub fn api_url(&self) -> String {
         format!("https://localhost:{}", self.api.port())
     }
+
+    /// The RPC server certificate (DER) the API listener serves, trusting only `ca_pem`.
+    pub async fn rpc_cert_der(&self, ca_pem: &str) -> Vec<u8> {
+        keywarden::tls::ensure_crypto_provider();
+        let resp = reqwest::Client::builder()
+            .tls_info(true)
+            .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
+            .build()
+            .unwrap()
+            .get(format!("{}/health", self.api_url()))
+            .send()
+            .await
+            .unwrap();
+        resp.extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|t| t.peer_certificate())
+            .unwrap()
+            .to_vec()
+    }
 }
 
 impl Keywarden {
