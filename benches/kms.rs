@@ -20,7 +20,6 @@ mod anvil;
 // The benchmark does not use the owner account.
 #[path = "../tests/common/mod.rs"]
 mod common;
-#[allow(dead_code)]
 #[path = "../tests/support/guest_chain.rs"]
 mod guest_chain;
 

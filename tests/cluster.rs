@@ -13,60 +13,14 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Address, B256, Bytes, FixedBytes, U256};
-use alloy::providers::DynProvider;
+use alloy::primitives::FixedBytes;
 use alloy::sol_types::SolCall as _;
 use cluster::{COMPOSE, Env, Replica, app_key, one_leader};
 use common::PgDb;
-use keywarden::chain::contracts::{DstackApp, TimelockController};
+use guest_chain::through_timelock;
+use keywarden::chain::contracts::DstackApp;
 use keywarden::sim::client::{self, ClientError, Guest};
 use sha2::{Digest as _, Sha256};
-
-/// Schedules `target.call(data)` on `timelock` with `delay` seconds (`proposer` proposes) and,
-/// with `execute`, executes it at once (a zero delay). Its operation id.
-async fn through_timelock(
-    provider: &DynProvider,
-    (timelock, proposer): (Address, Address),
-    target: Address,
-    data: Vec<u8>,
-    (salt, delay, execute): (u8, u64, bool),
-) -> B256 {
-    let tl = TimelockController::new(timelock, provider);
-    let (data, salt) = (Bytes::from(data), B256::repeat_byte(salt));
-    let scheduled = tl
-        .schedule(
-            target,
-            U256::ZERO,
-            data.clone(),
-            B256::ZERO,
-            salt,
-            U256::from(delay),
-        )
-        .from(proposer)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
-    assert!(scheduled.status());
-    if execute {
-        let executed = tl
-            .execute(target, U256::ZERO, data.clone(), B256::ZERO, salt)
-            .from(proposer)
-            .send()
-            .await
-            .unwrap()
-            .get_receipt()
-            .await
-            .unwrap();
-        assert!(executed.status());
-    }
-    tl.hashOperation(target, U256::ZERO, data, B256::ZERO, salt)
-        .call()
-        .await
-        .unwrap()
-}
 
 /// An in-test alert receiver: the `id` of every webhook delivery, in arrival order.
 async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
@@ -93,26 +47,9 @@ async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
 async fn three_replicas_serve_alike_follow_one_leader_and_fail_over() {
     let env = Env::new().await;
     let (chain, pki, db) = (&env.chain, &env.pki, &env.db);
-    let (provider, owner, app) = (&chain.provider, chain.owner, chain.deployment.app);
+    let (provider, app) = (&chain.provider, chain.deployment.app);
     // The app is governed by a timelock (delay 0) the owner account proposes to.
-    let timelock =
-        keywarden::sim::governance::deploy_timelock(provider, owner, Duration::ZERO, &[owner])
-            .await
-            .unwrap();
-    let contract = DstackApp::new(app, provider);
-    let receipt = contract
-        .transferOwnership(timelock)
-        .from(owner)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
-    assert!(receipt.status());
-    let accept = DstackApp::acceptOwnershipCall {}.abi_encode();
-    let gov = (timelock, owner);
-    through_timelock(provider, gov, app, accept, (1, 0, true)).await;
+    let gov = chain.govern_app_by_timelock().await;
 
     let (hook, delivered) = receiver().await;
     let secret = env.dir.path().join("webhook-secret");

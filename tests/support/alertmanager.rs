@@ -34,13 +34,15 @@ fn binary() -> PathBuf {
 impl Alertmanager {
     /// Starts one routing everything to a receiver that sends nothing, and waits until ready.
     pub async fn start() -> Self {
+        Self::start_with("route:\n  receiver: none\n  group_wait: 0s\nreceivers:\n  - name: none\n")
+            .await
+    }
+
+    /// Starts one with the configuration `config` (YAML), and waits until ready.
+    pub async fn start_with(config_yaml: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("alertmanager.yml");
-        std::fs::write(
-            &config,
-            "route:\n  receiver: none\n  group_wait: 0s\nreceivers:\n  - name: none\n",
-        )
-        .unwrap();
+        std::fs::write(&config, config_yaml).unwrap();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

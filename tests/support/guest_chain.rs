@@ -2,9 +2,13 @@
 //! DstackKms, a compose hash on the deployed app, any device. Shared by the KMS-on-chain tests and
 //! the KMS benchmark.
 
-use alloy::primitives::{Address, FixedBytes};
+// Shared by several test crates, each using a part of it.
+#![allow(dead_code)]
+
+use alloy::primitives::{Address, B256, Bytes, FixedBytes, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
-use keywarden::chain::contracts::{DstackApp, DstackKms};
+use alloy::sol_types::SolCall as _;
+use keywarden::chain::contracts::{DstackApp, DstackKms, TimelockController};
 use keywarden::sim::client;
 use keywarden::sim::deploy::Deployment;
 use sha2::{Digest as _, Sha256};
@@ -48,5 +52,75 @@ pub async fn allow_simulated_guest(url: &url::Url, compose: &[u8]) -> GuestChain
         deployment,
         provider,
         owner,
+    }
+}
+
+/// Schedules `target.call(data)` on `timelock` with `delay` seconds (`proposer` proposes) and,
+/// with `execute`, executes it at once (a zero delay). Its operation id.
+pub async fn through_timelock(
+    provider: &DynProvider,
+    (timelock, proposer): (Address, Address),
+    target: Address,
+    data: Vec<u8>,
+    (salt, delay, execute): (u8, u64, bool),
+) -> B256 {
+    let tl = TimelockController::new(timelock, provider);
+    let (data, salt) = (Bytes::from(data), B256::repeat_byte(salt));
+    let scheduled = tl
+        .schedule(
+            target,
+            U256::ZERO,
+            data.clone(),
+            B256::ZERO,
+            salt,
+            U256::from(delay),
+        )
+        .from(proposer)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(scheduled.status());
+    if execute {
+        let executed = tl
+            .execute(target, U256::ZERO, data.clone(), B256::ZERO, salt)
+            .from(proposer)
+            .send()
+            .await
+            .unwrap()
+            .get_receipt()
+            .await
+            .unwrap();
+        assert!(executed.status());
+    }
+    tl.hashOperation(target, U256::ZERO, data, B256::ZERO, salt)
+        .call()
+        .await
+        .unwrap()
+}
+
+impl GuestChain {
+    /// Hands the app to a TimelockController (delay 0) that the owner account proposes to and
+    /// executes on, as a governed deployment has it; `(timelock, proposer)` for `through_timelock`.
+    pub async fn govern_app_by_timelock(&self) -> (Address, Address) {
+        let (provider, owner, app) = (&self.provider, self.owner, self.deployment.app);
+        let timelock = keywarden::sim::governance::deploy_timelock(
+            provider,
+            owner,
+            std::time::Duration::ZERO,
+            &[owner],
+        )
+        .await
+        .unwrap();
+        send!(
+            DstackApp::new(app, provider)
+                .transferOwnership(timelock)
+                .from(owner)
+        );
+        let accept = DstackApp::acceptOwnershipCall {}.abi_encode();
+        through_timelock(provider, (timelock, owner), app, accept, (1, 0, true)).await;
+        (timelock, owner)
     }
 }
