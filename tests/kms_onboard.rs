@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod support;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -171,4 +172,82 @@ async fn a_source_without_replication_or_an_unattested_replica_gives_no_keys() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("onboarding attests this instance"), "{err}");
     assert_eq!(source.terminate(Duration::from_secs(5)), 0);
+}
+
+/// `dev deploy --env-file F [--allow-test-kms DIR]` on anvil: the variables in F.
+fn deploy(rpc: &str, env_file: &Path, allow: Option<&Path>) -> Vec<(String, String)> {
+    let mut args = vec!["dev", "deploy", "--rpc", rpc, "--env-file"];
+    args.push(env_file.to_str().unwrap());
+    if let Some(dir) = allow {
+        args.extend(["--allow-test-kms", dir.to_str().unwrap()]);
+    }
+    let (code, _, err) = common::run_to_end(&args, &[]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::read_to_string(env_file)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.to_owned(), v.trim_matches('\'').to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_onboards_from_a_chain_governed_source_once_dev_deploy_allowed_its_test_kms() {
+    let anvil = support::anvil::Anvil::spawn();
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    let (code, _, err) =
+        common::run_to_end(&["dev", "test-pki", "init", pki_dir.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    let rpc = anvil.url().to_string();
+    for (n, allow) in [(0, None), (1, Some(pki_dir.as_path()))] {
+        let vars = deploy(&rpc, &dir.path().join(format!("chain-{n}.env")), allow);
+        let names: Vec<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
+        let mut expected = vec![
+            "KEYWARDEN_CHAIN__RPC_URLS",
+            "KEYWARDEN_CHAIN__KMS_CONTRACT",
+            "KEYWARDEN_CHAIN__START_BLOCK",
+        ];
+        let images =
+            keywarden::kms::osimage::env_value(&[keywarden::sim::client::simulated_os_image()]);
+        let mut env: Vec<(&str, &str)> =
+            vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        if allow.is_some() {
+            expected.push("KEYWARDEN_KMS__OS_IMAGES");
+        } else {
+            env.push(("KEYWARDEN_KMS__OS_IMAGES", &images));
+        }
+        assert_eq!(names, expected);
+        env.extend([
+            ("KEYWARDEN_KMS__ALLOW_KMS_REPLICATION", "true"),
+            ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),
+        ]);
+        let data = dir.path().join(format!("source-{n}"));
+        let mut source = common::Keywarden::start(
+            &data,
+            &["--insecure-test-pki", pki_dir.to_str().unwrap()],
+            &env,
+        );
+        source.wait_ready().await;
+        let replica = dir.path().join(format!("replica-{n}"));
+        let (code, out, err) = onboard(
+            &source.api_url(),
+            &data.join("kms/root-ca.pem"),
+            &pki_dir,
+            &replica,
+        );
+        if allow.is_some() {
+            assert_eq!(code, 0, "{err}");
+            assert!(out.contains("stored the root keys of"), "{out}");
+        } else {
+            // The source asks the chain, which has not allowed this KMS.
+            assert_eq!(code, 1, "{out}");
+            assert!(err.contains("not allowed"), "{err}");
+            assert!(!replica.join("kms").exists());
+        }
+        assert_eq!(source.terminate(Duration::from_secs(5)), 0);
+    }
 }

@@ -49,28 +49,83 @@ pub struct DeployArgs {
     /// Print one JSON object `{"kms", "app_implementation", "app", "block"}` instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also write the deployment as a shell-sourceable environment file for `keywarden serve`
+    /// (`KEYWARDEN_CHAIN__RPC_URLS`, `KEYWARDEN_CHAIN__KMS_CONTRACT`,
+    /// `KEYWARDEN_CHAIN__START_BLOCK`, and with --allow-test-kms `KEYWARDEN_KMS__OS_IMAGES`), for
+    /// stacks whose services start after the deployment.
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
+    /// Allow on the deployed DstackKms the simulated KMS guest of the test PKI in DIR (its OS
+    /// image, aggregated MR and device), so that replicas attesting with that PKI
+    /// (`kms onboard --test-pki DIR`) pass `isKmsAllowed`. Test stacks only.
+    #[arg(long, value_name = "DIR")]
+    pub allow_test_kms: Option<PathBuf>,
+}
+
+/// The environment file `dev deploy --env-file` writes; with the simulated KMS allowed, also the
+/// `kms.os_images` entry that admits its (and simulated guests') OS image.
+fn env_file(rpc: &url::Url, deployment: &super::deploy::Deployment, test_kms: bool) -> String {
+    let mut out = format!(
+        "# Written by `keywarden dev deploy`: source it (set -a; . FILE) before `keywarden serve`.\n\
+         KEYWARDEN_CHAIN__RPC_URLS='[\"{rpc}\"]'\n\
+         KEYWARDEN_CHAIN__KMS_CONTRACT={}\n\
+         KEYWARDEN_CHAIN__START_BLOCK={}\n",
+        deployment.kms, deployment.block
+    );
+    if test_kms {
+        let images = crate::kms::osimage::env_value(&[super::client::simulated_os_image()]);
+        out.push_str(&format!("KEYWARDEN_KMS__OS_IMAGES='{images}'\n"));
+    }
+    out
+}
+
+/// Deploys, then does what `args` asks beyond it: the deployment or the error.
+async fn deploy(args: &DeployArgs) -> Result<super::deploy::Deployment, String> {
+    // The PKI is read before anything is sent, so that a wrong directory costs no transaction.
+    let kms_guest = match &args.allow_test_kms {
+        Some(dir) => Some(super::kms::SimulatedKms::new(
+            TestPki::load(dir).map_err(|e| format!("test PKI {}: {e}", dir.display()))?,
+        )),
+        None => None,
+    };
+    let deployment = super::deploy::deploy(&args.rpc)
+        .await
+        .map_err(|e| format!("deployment via {} failed: {e}", args.rpc))?;
+    let test_kms = kms_guest.is_some();
+    if let Some(guest) = kms_guest {
+        let measured = guest
+            .measurements(crate::clock::unix_secs())
+            .map_err(|e| format!("the test PKI's simulated KMS: {e}"))?;
+        super::deploy::allow_kms(&args.rpc, deployment.kms, measured)
+            .await
+            .map_err(|e| format!("allowing the test PKI's simulated KMS failed: {e}"))?;
+    }
+    if let Some(file) = &args.env_file {
+        std::fs::write(file, env_file(&args.rpc, &deployment, test_kms))
+            .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    }
+    Ok(deployment)
 }
 
 /// Runs `dev deploy`: prints the deployment on stdout, or the error on stderr and fails.
 pub async fn run_deploy(args: DeployArgs) -> ExitCode {
-    match super::deploy::deploy(&args.rpc).await {
-        Ok(deployment) => {
-            if args.json {
-                match serde_json::to_string(&deployment) {
-                    Ok(line) => println!("{line}"),
-                    Err(e) => {
-                        eprintln!("keywarden: error: cannot encode the deployment as JSON: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                println!("{deployment}");
-            }
-            ExitCode::SUCCESS
-        }
+    let deployment = match deploy(&args).await {
+        Ok(deployment) => deployment,
         Err(e) => {
-            eprintln!("keywarden: error: deployment via {} failed: {e}", args.rpc);
-            ExitCode::FAILURE
+            eprintln!("keywarden: error: {e}");
+            return ExitCode::FAILURE;
         }
+    };
+    if args.json {
+        match serde_json::to_string(&deployment) {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("keywarden: error: cannot encode the deployment as JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        println!("{deployment}");
     }
+    ExitCode::SUCCESS
 }

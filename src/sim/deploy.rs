@@ -146,6 +146,48 @@ pub async fn deploy_with_timeout(
     })
 }
 
+/// The three measurements `isKmsAllowed` looks up for a KMS.
+#[derive(Debug, Clone, Copy)]
+pub struct KmsMeasurements {
+    /// OS image hash.
+    pub os_image: B256,
+    /// Aggregated MR.
+    pub mr_aggregated: B256,
+    /// Device id.
+    pub device: B256,
+}
+
+/// Allows the KMS measured `m` on `kms`, so that it passes `isKmsAllowed`: what a replica needs
+/// before its peers hand it the root keys.
+pub async fn allow_kms(
+    rpc_url: &url::Url,
+    kms: Address,
+    m: KmsMeasurements,
+) -> Result<(), ChainError> {
+    let provider = ProviderBuilder::new().connect_http(rpc_url.clone());
+    let owner = *provider
+        .get_accounts()
+        .await?
+        .first()
+        .ok_or_else(|| ChainError::NoAccounts(rpc_url.to_string()))?;
+    let contract = DstackKms::new(kms, &provider);
+    let pending = contract
+        .addOsImageHash(m.os_image)
+        .from(owner)
+        .send()
+        .await?;
+    confirmed("addOsImageHash", pending, RECEIPT_TIMEOUT).await?;
+    let pending = contract
+        .addKmsAggregatedMr(m.mr_aggregated)
+        .from(owner)
+        .send()
+        .await?;
+    confirmed("addKmsAggregatedMr", pending, RECEIPT_TIMEOUT).await?;
+    let pending = contract.addKmsDevice(m.device).from(owner).send().await?;
+    confirmed("addKmsDevice", pending, RECEIPT_TIMEOUT).await?;
+    Ok(())
+}
+
 /// Creation code of our ERC-1967 proxy pointing at `implementation` and delegate-calling `init`.
 pub fn proxy_creation_code(implementation: Address, init: Bytes) -> Result<Bytes, ChainError> {
     let mut code = Artifact::Erc1967Proxy.bytecode()?.to_vec();
