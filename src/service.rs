@@ -166,8 +166,9 @@ async fn start(
     let kms_created = kms_keys.created;
     let now = unix_now();
     let node_id = store.node_id(now).await?;
+    let replica = crate::cluster::replica_id(&config.storage.data_dir)?;
     let run = store
-        .begin_run(env!("CARGO_PKG_VERSION"), telemetry::GIT_SHA, now)
+        .begin_run(&replica, env!("CARGO_PKG_VERSION"), telemetry::GIT_SHA, now)
         .await?;
     if run.previous_unclean {
         tracing::warn!("the previous run did not shut down cleanly");
@@ -188,7 +189,7 @@ async fn start(
             crate::config::DatabaseTarget::Postgres(url) => Some(url.as_str()),
             crate::config::DatabaseTarget::Sqlite(_) => None,
         },
-        &config.storage.data_dir,
+        &replica,
         api_addr.clone(),
         &mut registry,
     )?;

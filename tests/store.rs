@@ -62,21 +62,28 @@ on_both_backends!(node_id_is_created_once_and_survives_restart, |open| {
     s.close().await;
 });
 
-on_both_backends!(unclean_previous_run_is_detected, |open| {
-    let s = open().await.unwrap();
-    let first = s.begin_run("0.1.0", "abc", 10).await.unwrap();
-    assert_eq!(first.runs, 1);
-    assert!(!first.previous_unclean);
-    // No end_run: the process "crashed".
-    let second = s.begin_run("0.1.0", "abc", 20).await.unwrap();
-    assert!(second.previous_unclean);
-    assert_eq!(second.runs, 2);
-    s.end_run(second.run_id, 30).await.unwrap();
-    let third = s.begin_run("0.1.0", "abc", 40).await.unwrap();
-    assert!(!third.previous_unclean);
-    assert_eq!(third.runs, 3);
-    s.close().await;
-});
+on_both_backends!(
+    an_unclean_previous_run_of_the_same_replica_is_detected,
+    |open| {
+        let s = open().await.unwrap();
+        let first = s.begin_run("r1", "0.1.0", "abc", 10).await.unwrap();
+        assert_eq!(first.runs, 1);
+        assert!(!first.previous_unclean);
+        // No end_run: the process "crashed".
+        let second = s.begin_run("r1", "0.1.0", "abc", 20).await.unwrap();
+        assert!(second.previous_unclean);
+        assert_eq!(second.runs, 2);
+        s.end_run(second.run_id, 30).await.unwrap();
+        let third = s.begin_run("r1", "0.1.0", "abc", 40).await.unwrap();
+        assert!(!third.previous_unclean);
+        assert_eq!(third.runs, 3);
+        // Another replica on the same database starts while r1 runs: its own first run, clean.
+        let other = s.begin_run("r2", "0.1.0", "abc", 50).await.unwrap();
+        assert!(!other.previous_unclean);
+        assert_eq!(other.runs, 1);
+        s.close().await;
+    }
+);
 
 on_both_backends!(audit_records_come_back_newest_first, |open| {
     let s = open().await.unwrap();
@@ -240,3 +247,40 @@ on_both_backends!(
         s.close().await;
     }
 );
+
+#[tokio::test]
+async fn postgres_connections_are_encrypted_when_the_url_requires_tls() {
+    use sqlx::Connection as _;
+    let mut admin = sqlx::PgConnection::connect(&common::postgres_admin_url())
+        .await
+        .unwrap();
+    let ssl: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    if ssl != "on" {
+        eprintln!("SKIPPED: this PostgreSQL server has ssl off, so TLS cannot be tested here");
+        return;
+    }
+    let db = common::PgDb::create().await;
+    let name = db.url.rsplit_once('/').unwrap().1.to_owned();
+    let target = DatabaseTarget::Postgres(format!("{}?sslmode=require", db.url));
+    let store = Store::open(&StorageConfig::default(), &target)
+        .await
+        .unwrap();
+    store.node_id(1).await.unwrap();
+    let (all, encrypted): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COUNT(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+         JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1",
+    )
+    .bind(&name)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        all > 0 && encrypted == all,
+        "{encrypted} of {all} connections use TLS"
+    );
+    store.close().await;
+    db.drop_now().await;
+}

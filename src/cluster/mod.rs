@@ -71,12 +71,12 @@ pub fn replica_id(data_dir: &Path) -> Result<String, ClusterError> {
 }
 
 /// Builds the cluster subsystem: with `[cluster] enabled`, the lease on the PostgreSQL at
-/// `postgres_url` for this replica (serving keys on `api`); otherwise a single node's
-/// leadership.
+/// `postgres_url` for this replica (`replica`, from [`replica_id`], serving keys on `api`);
+/// otherwise a single node's leadership.
 pub fn subsystem(
     cfg: &config::ClusterConfig,
     postgres_url: Option<&str>,
-    data_dir: &Path,
+    replica: &str,
     api: String,
     registry: &mut prometheus_client::registry::Registry,
 ) -> Result<Subsystem, ClusterError> {
@@ -90,7 +90,7 @@ pub fn subsystem(
             tasks,
         });
     };
-    let replica = replica_id(data_dir)?;
+    let replica = replica.to_owned();
     let (lease, leadership) = lease::LeaseTask::new(
         url.to_owned(),
         replica.clone(),

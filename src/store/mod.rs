@@ -389,29 +389,34 @@ impl Store {
         }))
     }
 
-    /// Records a process start; tells whether the previous run ended cleanly.
+    /// Records a process start of `replica` (the data directory's id); tells whether that
+    /// replica's previous run ended cleanly.
     pub async fn begin_run(
         &self,
+        replica: &str,
         version: &str,
         git_sha: &str,
         now: i64,
     ) -> Result<RunStart, StoreError> {
         Ok(write_tx!(self, tx => {
-            let last = sqlx::query("SELECT stopped_at FROM service_runs ORDER BY id DESC LIMIT 1")
+            let last = sqlx::query("SELECT stopped_at FROM service_runs WHERE replica = $1 ORDER BY id DESC LIMIT 1")
+                .bind(replica)
                 .fetch_optional(&mut *tx)
                 .await?;
             let previous_unclean = match last {
                 Some(row) => row.try_get::<Option<i64>, _>("stopped_at")?.is_none(),
                 None => false,
             };
-            let row = sqlx::query("INSERT INTO service_runs (started_at, version, git_sha) VALUES ($1, $2, $3) RETURNING id")
+            let row = sqlx::query("INSERT INTO service_runs (started_at, version, git_sha, replica) VALUES ($1, $2, $3, $4) RETURNING id")
                 .bind(now)
                 .bind(version)
                 .bind(git_sha)
+                .bind(replica)
                 .fetch_one(&mut *tx)
                 .await?;
             let run_id: i64 = row.try_get("id")?;
-            let runs: i64 = sqlx::query("SELECT COUNT(*) AS n FROM service_runs")
+            let runs: i64 = sqlx::query("SELECT COUNT(*) AS n FROM service_runs WHERE replica = $1")
+                .bind(replica)
                 .fetch_one(&mut *tx)
                 .await?
                 .try_get("n")?;
