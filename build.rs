@@ -15,14 +15,24 @@ const KNOWN: [(&str, &str); 3] = [
 ];
 
 fn main() {
-    let sha = std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
+    // A build without the repository (a container build context has no .git) is told its
+    // revision through the environment.
+    println!("cargo:rerun-if-env-changed=KEYWARDEN_GIT_SHA");
+    let given = std::env::var("KEYWARDEN_GIT_SHA")
         .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .filter(|s| !s.trim().is_empty());
+    let sha = given
         .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::process::Command::new("git")
+                .args(["rev-parse", "--short=12", "HEAD"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        })
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=KEYWARDEN_GIT_SHA={sha}");
     println!("cargo:rerun-if-changed=.git/HEAD");
