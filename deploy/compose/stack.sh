@@ -12,7 +12,8 @@
 #                    with the test PKI); then runs `keywarden serve`.
 set -eu
 
-shared=/shared
+# The volume setup shares with the replicas (another directory when run outside compose).
+shared="${KEYWARDEN_STACK_SHARED:-/shared}"
 pki="$shared/test-pki"
 chain_env="$shared/chain.env"
 data="${KEYWARDEN_STORAGE__DATA_DIR:-/var/lib/keywarden}"

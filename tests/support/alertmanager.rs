@@ -65,6 +65,7 @@ impl Alertmanager {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
+        keywarden::tls::ensure_crypto_provider();
         let http = reqwest::Client::new();
         loop {
             let ready = http

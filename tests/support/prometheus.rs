@@ -61,6 +61,7 @@ impl Prometheus {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
+        keywarden::tls::ensure_crypto_provider();
         let http = reqwest::Client::new();
         loop {
             let ready = http
