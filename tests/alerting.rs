@@ -318,13 +318,7 @@ async fn every_metric_a_rule_or_dashboard_names_is_exported_by_a_running_keyward
         common::free_port()
     );
     // And an (in-test) dstack-vmm with a running VM, so the per-VM series exist.
-    let (vmm_url, _vmm) = fake::serve(fake::vmm(vec![fake::web("1h")]), true, dir.path()).await;
-    let token = dir.path().join("vmm-token");
-    std::fs::write(&token, fake::TOKEN).unwrap();
-    let vmms = format!(
-        "[{{ url = {vmm_url:?}, token = \"file:{}\", poll_interval = \"100ms\" }}]",
-        token.display()
-    );
+    let (vmms, _vmm) = fake::configured(vec![fake::web("1h")], dir.path(), "100ms").await;
     let env = [
         ("KEYWARDEN_CVM__PEER_KMS", peers.as_str()),
         ("KEYWARDEN_CVM__NITRO_PROXY", proxies.as_str()),

@@ -291,19 +291,14 @@ async fn the_datadog_openmetrics_check_submits_every_exported_family_under_its_m
         "[{{ listening_port = {}, check_interval = \"100ms\" }}]",
         common::free_port()
     );
-    let (vmm_url, _vmm) = fake::serve(fake::vmm(vec![fake::web("1h")]), true, dir.path()).await;
-    let token = dir.path().join("vmm-token");
-    std::fs::write(&token, fake::TOKEN).unwrap();
-    let vmms = format!(
-        "[{{ url = {vmm_url:?}, token = \"file:{}\", poll_interval = \"100ms\" }}]",
-        token.display()
-    );
+    let (vmms, _vmm) = fake::configured(vec![fake::web("1h")], dir.path(), "100ms").await;
     let handshake = keywarden::clock::unix_secs() - 10;
     let hosts = std::sync::Arc::new(std::sync::Mutex::new(serde_json::json!([
         {"instance_id": format!("{:040x}", 1), "app_id": "ab", "latest_handshake": handshake}
     ])));
     let (gateway_url, _gateway) = fake::serve_app(fake::gateway(hosts), false, dir.path()).await;
-    let gateway_token = format!("file:{}", token.display());
+    // The in-test gateway checks the same token the VMM does, in the file `configured` wrote.
+    let gateway_token = format!("file:{}", dir.path().join("vmm-token").display());
     let env = [
         ("KEYWARDEN_CVM__PEER_KMS", peers.as_str()),
         ("KEYWARDEN_CVM__NITRO_PROXY", proxies.as_str()),

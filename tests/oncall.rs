@@ -8,6 +8,8 @@
 //! - A governance critical proposal (removing a compose hash in use) pages pager and security,
 //!   naming the affected count.
 //! - 11 bad certificates (quotes of an untrusted PKI) page pager and security.
+//! - a CVM at 95% memory (on an in-test dstack-vmm): the warning reaches the team chat naming
+//!   the VM, which Prometheus keeps as `exported_instance`.
 //! - anvil stopped: the sync-lag warning reaches the team chat, and not the pager.
 //! - keywarden killed: "KMS down" pages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -15,6 +17,8 @@
 #[path = "support/alertmanager.rs"]
 mod alertmanager;
 mod common;
+#[path = "support/vmm.rs"]
+mod fake;
 #[path = "support/guest_chain.rs"]
 mod guest_chain;
 #[path = "support/prometheus.rs"]
@@ -207,7 +211,10 @@ async fn each_cause_reaches_its_receivers_through_the_shipped_rules_and_tree() {
         chain.deployment.kms.to_string(),
         chain.deployment.block.to_string(),
     );
+    // A dstack-vmm whose one VM runs at 95% memory.
+    let (vmms, _vmm) = fake::configured(vec![fake::web("1h")], dir.path(), "1s").await;
     let data = dir.path().join("data");
+    let polled = Instant::now();
     let mut kw = common::Keywarden::start(
         &data,
         &[
@@ -224,6 +231,7 @@ async fn each_cause_reaches_its_receivers_through_the_shipped_rules_and_tree() {
             ("KEYWARDEN_KMS__OS_IMAGES", images.as_str()),
             ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),
             ("KEYWARDEN_CHAIN__POLL_INTERVAL", "100ms"),
+            ("KEYWARDEN_CVM__VMM", vmms.as_str()),
         ],
     );
     kw.wait_ready().await;
@@ -286,6 +294,10 @@ async fn each_cause_reaches_its_receivers_through_the_shipped_rules_and_tree() {
         "a warning paged"
     );
 
+    let alert = "KeywardenCvmMemoryHigh";
+    let (memory, chat) = inbox.wait("team-chat", alert, polled, limit).await;
+    assert!(chat.contains("CVM web (app web-app) uses 95%"), "{chat}");
+
     // 3. keywarden dies.
     kw.kill9();
     let killed = Instant::now();
@@ -295,7 +307,8 @@ async fn each_cause_reaches_its_receivers_through_the_shipped_rules_and_tree() {
 
     eprintln!(
         "cause to page: governance critical {governance:?}, attestation spike {spike:?}, \
-         chain sync lag (to chat) {lag:?}, KMS down {down:?}; Prometheus alerts at the end: {}",
+         chain sync lag (to chat) {lag:?}, CVM memory (to chat, from keywarden's start) \
+         {memory:?}, KMS down {down:?}; Prometheus alerts at the end: {}",
         prometheus.alerts().await
     );
 }

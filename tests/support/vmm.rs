@@ -220,6 +220,23 @@ pub async fn serve(vmm: Shared, unix: bool, dir: &Path) -> (String, tokio::task:
     serve_app(router(vmm), unix, dir).await
 }
 
+/// Serves `vms` on a unix socket in `dir`, with the token in a file there: the value of
+/// `KEYWARDEN_CVM__VMM` that has `keywarden serve` poll it every `poll_interval`, and the server.
+pub async fn configured(
+    vms: Vec<Value>,
+    dir: &Path,
+    poll_interval: &str,
+) -> (String, tokio::task::JoinHandle<()>) {
+    let (url, server) = serve(vmm(vms), true, dir).await;
+    let token = dir.join("vmm-token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let entry = format!(
+        "[{{ url = {url:?}, token = \"file:{}\", poll_interval = \"{poll_interval}\" }}]",
+        token.display()
+    );
+    (entry, server)
+}
+
 /// An in-test dstack gateway admin API: `Admin.Status` with `hosts`, behind the token.
 pub fn gateway(hosts: Arc<Mutex<Value>>) -> axum::Router {
     axum::Router::new().route(
