@@ -3,7 +3,9 @@
 //! timelock, the removal of a compose hash twelve instances received keys with. The critical
 //! alert, naming the twelve, is delivered once to each channel, also when the notifier is killed
 //! between detection and delivery; then "ready" and "executed" follow, Alertmanager sees the alert
-//! resolved, and the mirror refuses the removed compose hash. SQLite and PostgreSQL.
+//! resolved, and the mirror refuses the removed compose hash. SQLite and PostgreSQL. An operation
+//! scheduled and executed between two of the notifier's looks is announced; one executed before
+//! its first look is history.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "support/alertmanager.rs"]
@@ -37,6 +39,9 @@ use keywarden::chain::contracts::{DstackApp, TCB_UP_TO_DATE, TimelockController}
 use keywarden::governance::metrics::GovernanceMetrics;
 use keywarden::governance::notify::Notifier;
 use keywarden::governance::queue::ProposalsView;
+use keywarden::governance::state::{
+    GovernanceState, OperationStatus, ScheduledCall, TimelockOperation, TimelockState,
+};
 use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
 use keywarden::runtime::Task;
 use keywarden::store::Store;
@@ -382,4 +387,111 @@ async fn removing_a_compose_hash_in_use_is_alerted_once_per_channel_on_postgres(
     let db = common::PgDb::create().await;
     removal_in_use_is_alerted_once_per_channel(Some(&db)).await;
     db.drop_now().await;
+}
+
+/// The governance state at `block`, chain time now, with `ops` on one timelock.
+fn timelock_state(
+    block: u64,
+    timelock: alloy::primitives::Address,
+    ops: &[(B256, TimelockOperation)],
+) -> Arc<GovernanceState> {
+    let mut timelocks = std::collections::BTreeMap::new();
+    timelocks.insert(
+        timelock,
+        TimelockState {
+            operations: ops.iter().cloned().collect(),
+            ..TimelockState::default()
+        },
+    );
+    Arc::new(GovernanceState {
+        block,
+        time: keywarden::clock::unix_secs(),
+        timelocks,
+        ..GovernanceState::default()
+    })
+}
+
+/// A zero-delay operation removing h(4) from `app`, scheduled at `block` and already executed.
+fn executed_at(block: u64, app: alloy::primitives::Address) -> TimelockOperation {
+    let data = DstackApp::removeComposeHashCall { composeHash: h(4) }.abi_encode();
+    TimelockOperation {
+        calls: std::collections::BTreeMap::from([(
+            0,
+            ScheduledCall {
+                target: app,
+                value: U256::ZERO,
+                data: data.into(),
+            },
+        )]),
+        delay: 0,
+        scheduled_block: block,
+        ready_at: None,
+        executed: std::collections::BTreeSet::from([0]),
+        status: OperationStatus::Done,
+    }
+}
+
+#[tokio::test]
+async fn an_operation_scheduled_and_executed_between_two_looks_is_announced_but_history_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_on(None, dir.path()).await;
+    let cfg = AlertsConfig {
+        slack_webhook_url: Some("http://127.0.0.1:9/slack".into()),
+        ..AlertsConfig::default()
+    };
+    let outbox = Outbox::new(store.clone(), &cfg.channels().unwrap());
+    let view = Arc::new(GovernanceView::default());
+    let (timelock, app) = (
+        alloy::primitives::Address::repeat_byte(0x71),
+        alloy::primitives::Address::repeat_byte(0xa9),
+    );
+    let (old, new) = (B256::repeat_byte(1), B256::repeat_byte(2));
+    let pending = || async {
+        let p = store.alerts_pending().await.unwrap();
+        p.iter().map(|(_, n)| n).sum::<i64>()
+    };
+    let recorded = || async {
+        outbox
+            .transitions("governance:")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| format!("{k}/{t}"))
+            .collect::<Vec<_>>()
+    };
+
+    // Executed before the notifier's first look: history, recorded and not delivered.
+    view.publish(timelock_state(10, timelock, &[(old, executed_at(5, app))]));
+    let tasks = start_notifier(&view, &outbox, &store, None);
+    let deadline = Instant::now() + WAIT;
+    while recorded().await.is_empty() {
+        assert!(Instant::now() < deadline, "history never recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pending().await, 0, "history was announced");
+
+    // Scheduled after that look and executed before the next: announced.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    view.publish(timelock_state(
+        12,
+        timelock,
+        &[(old, executed_at(5, app)), (new, executed_at(11, app))],
+    ));
+    let deadline = Instant::now() + WAIT;
+    while pending().await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the live operation was never announced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all = recorded().await;
+    assert!(
+        all.iter()
+            .any(|r| r.contains(&new.to_string()) && r.ends_with("/executed")),
+        "{all:?}"
+    );
+    assert_eq!(pending().await, 1);
+    tasks.stop().await;
+    store.close().await;
 }

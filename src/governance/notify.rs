@@ -9,7 +9,9 @@
 //! the boot records over `governance.in_use_window` → findings ([`super::classify`]) → an
 //! [`Alert`] recorded in the outbox ([`crate::alerts::outbox::Outbox::record`]: the transition and
 //! its deliveries in one transaction, so a restart sends nothing twice and misses nothing).
-//! An operation first seen already executed or cancelled (history) is recorded without delivery.
+//! An operation first seen already executed or cancelled is history, recorded without delivery,
+//! unless it was scheduled after a state this notifier already looked at while following the
+//! chain live: a short-delay operation scheduled and executed between two looks is announced.
 //! Log lines: `new governance proposal` when one is scheduled, `governance: suspicious
 //! transaction` (and an audit record) when its findings are critical.
 
@@ -35,6 +37,10 @@ use crate::store::Store;
 
 /// How often the state is looked at besides when the chain or the proposals change.
 const TICK: Duration = Duration::from_secs(1);
+
+/// A state whose chain time is within this of the wall clock is the chain followed live, not a
+/// backfill of its history.
+const LIVE_LAG_SECS: u64 = 300;
 
 /// How long a pending operation's assessment (decoding, and its in-use counts) is reused for the
 /// metrics before it is made again. A transition is always assessed afresh.
@@ -228,7 +234,13 @@ impl Notifier {
         }
     }
 
-    async fn step(&self, known: &mut HashMap<String, BTreeSet<String>>) -> anyhow::Result<()> {
+    /// One look at the state. `live_from` is the block of the previous look once the chain was
+    /// followed live: operations scheduled after it happened while we watched.
+    async fn step(
+        &self,
+        known: &mut HashMap<String, BTreeSet<String>>,
+        live_from: &mut Option<u64>,
+    ) -> anyhow::Result<()> {
         let state = self.view.snapshot();
         // Readiness is the chain's to decide: its time, as of the processed block.
         let now = state.time;
@@ -259,17 +271,23 @@ impl Notifier {
                 if !fresh {
                     continue;
                 }
-                // History: an operation first seen already finished is recorded, not announced.
-                let deliver = seen.is_some() || is_pending;
+                // History: an operation first seen already finished, from before we watched, is
+                // recorded, not announced.
+                let watched = live_from.is_some_and(|b| op.scheduled_block > b);
+                let first = seen.is_none();
+                let deliver = !first || is_pending || watched;
                 let alert = Self::alert(*timelock, *id, op, transition, &a);
                 let new = self.outbox.record(&alert, deliver).await?;
                 known.entry(key).or_default().insert(transition.to_owned());
                 if new && deliver {
-                    self.log(&alert, a.affected(), &a.findings).await;
+                    self.log(&alert, first, a.affected(), &a.findings).await;
                 }
             }
         }
         self.proposals_step(known, &state, &mut pending).await?;
+        if live_from.is_some() || state.time + LIVE_LAG_SECS >= crate::clock::unix_secs() {
+            *live_from = Some(state.block);
+        }
         self.metrics.pending_findings(&pending.0, pending.1);
         let queues = self.proposals.snapshot();
         let open: Vec<&Proposal> = queues.values().flat_map(|q| &q.proposals).collect();
@@ -315,7 +333,8 @@ impl Notifier {
                 let new = self.outbox.record(&alert, true).await?;
                 known.entry(key.clone()).or_default().insert(t.clone());
                 if new {
-                    self.log(&alert, p.affected(), &p.findings).await;
+                    self.log(&alert, t == "proposed", p.affected(), &p.findings)
+                        .await;
                 }
             }
         }
@@ -368,14 +387,16 @@ impl Notifier {
         Ok(())
     }
 
-    async fn log(&self, alert: &Alert, affected: u64, findings: &[Finding]) {
-        let first = matches!(alert.transition.as_str(), "scheduled" | "proposed");
+    /// Logs (and counts) an alert delivered; `first` when it is the first one for its
+    /// proposal or operation.
+    async fn log(&self, alert: &Alert, first: bool, affected: u64, findings: &[Finding]) {
         if first {
-            self.metrics.proposal(if alert.transition == "scheduled" {
-                "timelock"
-            } else {
-                "safe"
-            });
+            self.metrics
+                .proposal(if alert.key.starts_with(PROPOSAL_PREFIX) {
+                    "safe"
+                } else {
+                    "timelock"
+                });
             tracing::info!(
                 key = %alert.key,
                 severity = alert.severity.label(),
@@ -498,6 +519,7 @@ impl Task for Notifier {
 
     async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let mut known: HashMap<String, BTreeSet<String>> = HashMap::new();
+        let mut live_from = None;
         let mut loaded = false;
         let mut tick = crate::runtime::ticker(TICK);
         // The views live as long as this task holds them, so their senders never close.
@@ -516,7 +538,7 @@ impl Task for Notifier {
                     }
                     loaded = true;
                 }
-                self.step(&mut known).await
+                self.step(&mut known, &mut live_from).await
             };
             // A step cut short by shutdown leaves its transitions unrecorded: the next run
             // records them.
