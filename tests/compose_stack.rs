@@ -8,9 +8,9 @@
 //! same keys and one leads.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/alertmanager.rs"]
-mod alertmanager;
 mod common;
+#[path = "support/prometheus.rs"]
+mod prometheus;
 mod support;
 
 use std::collections::BTreeMap;
@@ -143,7 +143,7 @@ async fn the_compose_stacks_setup_and_three_replicas_onboard_and_elect_one_leade
     );
 
     // The replicas, each with its compose environment and the loopback stand-ins.
-    let alertmanager = alertmanager::Alertmanager::start().await;
+    let alertmanager = prometheus::Alertmanager::start().await;
     let mut replicas: Vec<Replica> = Vec::new();
     for n in 0..3 {
         let mut env = shared_env(compose_env(&format!("keywarden-{n}")));

@@ -8,9 +8,9 @@
 //! its first look is history.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/alertmanager.rs"]
-mod alertmanager;
 mod common;
+#[path = "support/prometheus.rs"]
+mod prometheus;
 mod support;
 #[macro_use]
 #[path = "support/chain_engine.rs"]
@@ -21,7 +21,6 @@ mod governance;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use alertmanager::Alertmanager;
 use alloy::primitives::{B256, U256};
 use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
@@ -45,6 +44,7 @@ use keywarden::governance::state::{
 use keywarden::governance::watch::{GovernanceProjection, GovernanceView};
 use keywarden::runtime::Task;
 use keywarden::store::Store;
+use prometheus::Alertmanager;
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;

@@ -14,8 +14,6 @@
 //! - keywarden killed: "KMS down" pages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/alertmanager.rs"]
-mod alertmanager;
 mod common;
 #[path = "support/vmm.rs"]
 mod fake;
@@ -240,7 +238,7 @@ async fn each_cause_reaches_its_receivers_through_the_shipped_rules_and_tree() {
     let inbox = Inbox::default();
     let hooks = inbox.serve().await;
     let alertmanager =
-        alertmanager::Alertmanager::start_with(&quick_tree(&hooks, &dir.path().join("slack-url")))
+        prometheus::Alertmanager::start_with(&quick_tree(&hooks, &dir.path().join("slack-url")))
             .await;
     let rules = quick_rules();
     let rule_files: Vec<String> = rules.iter().map(|(n, _)| format!("  - {n}\n")).collect();
