@@ -82,15 +82,10 @@ async fn main() {
             .to_owned();
         all[leader].kw.kill9();
         let killed = Instant::now();
-        let receipt = app
-            .addComposeHash(FixedBytes(Sha256::digest(format!("failover {k}")).into()))
-            .from(owner)
-            .send()
-            .await
-            .unwrap()
-            .get_receipt()
-            .await
-            .unwrap();
+        let receipt = send!(
+            app.addComposeHash(FixedBytes(Sha256::digest(format!("failover {k}")).into()))
+                .from(owner)
+        );
         let block = i64::try_from(receipt.block_number.unwrap()).unwrap();
         loop {
             let (node, processed): (String, i64) = sqlx::query_as(
@@ -124,16 +119,7 @@ async fn main() {
     let hash = FixedBytes(Sha256::digest(COMPOSE).into());
     let mut propagation = Vec::new();
     for _ in 0..REVOCATIONS {
-        let receipt = app
-            .removeComposeHash(hash)
-            .from(owner)
-            .send()
-            .await
-            .unwrap()
-            .get_receipt()
-            .await
-            .unwrap();
-        assert!(receipt.status());
+        send!(app.removeComposeHash(hash).from(owner));
         let sent = Instant::now();
         for g in &guests {
             while !matches!(
@@ -144,14 +130,7 @@ async fn main() {
             }
         }
         propagation.push(sent.elapsed());
-        app.addComposeHash(hash)
-            .from(owner)
-            .send()
-            .await
-            .unwrap()
-            .get_receipt()
-            .await
-            .unwrap();
+        send!(app.addComposeHash(hash).from(owner));
         for g in &guests {
             while g.get_app_key(&client::simulated_vm_config()).await.is_err() {
                 tokio::time::sleep(Duration::from_millis(5)).await;

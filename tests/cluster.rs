@@ -425,16 +425,11 @@ async fn a_leader_cut_from_the_database_steps_down_and_a_new_term_begins() {
     one_leader(&all.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
 
     let contract = DstackApp::new(chain.deployment.app, &chain.provider);
-    let receipt = contract
-        .removeComposeHash(FixedBytes(Sha256::digest(COMPOSE).into()))
-        .from(chain.owner)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
-    assert!(receipt.status());
+    send!(
+        contract
+            .removeComposeHash(FixedBytes(Sha256::digest(COMPOSE).into()))
+            .from(chain.owner)
+    );
     for r in &all {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !matches!(

@@ -273,16 +273,10 @@ async fn accepted_out_of_date_boot_is_refused_only_by_apps_requiring_an_up_to_da
     let compose = FixedBytes(Sha256::digest(COMPOSE).into());
     let kms = DstackKms::new(s.kms, &s.provider);
     // requireTcbUpToDate = true, any device.
-    let receipt = kms
-        .deployAndRegisterApp_1(s.owner, false, true, true, FixedBytes::ZERO, compose)
-        .from(s.owner)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
-    assert!(receipt.status());
+    let receipt = send!(
+        kms.deployAndRegisterApp_1(s.owner, false, true, true, FixedBytes::ZERO, compose)
+            .from(s.owner)
+    );
     let strict = receipt
         .inner
         .logs()
@@ -440,16 +434,11 @@ async fn attested_kms_serves_keys_only_while_its_own_measurement_is_allowed_on_c
 /// Upgrades the proxy at `proxy` (the KMS contract or an app) to `to` and waits until the KMS has
 /// mirrored the upgrade's block.
 async fn upgrade(s: &Setup, proxy: Address, to: Address) {
-    let receipt = DstackKms::new(proxy, &s.provider)
-        .upgradeToAndCall(to, Default::default())
-        .from(s.owner)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
-    assert!(receipt.status());
+    let receipt = send!(
+        DstackKms::new(proxy, &s.provider)
+            .upgradeToAndCall(to, Default::default())
+            .from(s.owner)
+    );
     mirrored(s, receipt.block_number.unwrap()).await;
 }
 

@@ -13,12 +13,13 @@ use keywarden::sim::client;
 use keywarden::sim::deploy::Deployment;
 use sha2::{Digest as _, Sha256};
 
-/// Sends a contract call and requires it to succeed.
+/// Sends a contract call and requires it to succeed; its receipt.
 #[macro_export]
 macro_rules! send {
     ($call:expr) => {{
         let receipt = $call.send().await.unwrap().get_receipt().await.unwrap();
         assert!(receipt.status());
+        receipt
     }};
 }
 
@@ -66,8 +67,8 @@ pub async fn through_timelock(
 ) -> B256 {
     let tl = TimelockController::new(timelock, provider);
     let (data, salt) = (Bytes::from(data), B256::repeat_byte(salt));
-    let scheduled = tl
-        .schedule(
+    send!(
+        tl.schedule(
             target,
             U256::ZERO,
             data.clone(),
@@ -76,24 +77,12 @@ pub async fn through_timelock(
             U256::from(delay),
         )
         .from(proposer)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
-    assert!(scheduled.status());
+    );
     if execute {
-        let executed = tl
-            .execute(target, U256::ZERO, data.clone(), B256::ZERO, salt)
-            .from(proposer)
-            .send()
-            .await
-            .unwrap()
-            .get_receipt()
-            .await
-            .unwrap();
-        assert!(executed.status());
+        send!(
+            tl.execute(target, U256::ZERO, data.clone(), B256::ZERO, salt)
+                .from(proposer)
+        );
     }
     tl.hashOperation(target, U256::ZERO, data, B256::ZERO, salt)
         .call()
