@@ -4,8 +4,8 @@
 //! alert, naming the twelve, is delivered once to each channel, also when the notifier is killed
 //! between detection and delivery; then "ready" and "executed" follow, Alertmanager sees the alert
 //! resolved, and the mirror refuses the removed compose hash. SQLite and PostgreSQL. An operation
-//! scheduled and executed between two of the notifier's looks is announced; one executed before
-//! its first look is history.
+//! scheduled and executed between two of the notifier's looks, or while none ran, is announced;
+//! one executed before the first look is history.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -432,7 +432,7 @@ fn executed_at(block: u64, app: alloy::primitives::Address) -> TimelockOperation
 }
 
 #[tokio::test]
-async fn an_operation_scheduled_and_executed_between_two_looks_is_announced_but_history_is_not() {
+async fn operations_finished_between_looks_or_while_none_ran_are_announced_but_history_is_not() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_on(None, dir.path()).await;
     let cfg = AlertsConfig {
@@ -492,6 +492,35 @@ async fn an_operation_scheduled_and_executed_between_two_looks_is_announced_but_
         "{all:?}"
     );
     assert_eq!(pending().await, 1);
+    tasks.stop().await;
+
+    // One more scheduled and executed while no notifier runs: the next one (after a restart, or
+    // the next leader) announces it too.
+    let (third, ops) = (
+        B256::repeat_byte(3),
+        [
+            (old, executed_at(5, app)),
+            (new, executed_at(11, app)),
+            (B256::repeat_byte(3), executed_at(13, app)),
+        ],
+    );
+    view.publish(timelock_state(14, timelock, &ops));
+    let tasks = start_notifier(&view, &outbox, &store, None);
+    let deadline = Instant::now() + WAIT;
+    while pending().await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the operation finished while none looked was never announced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        recorded()
+            .await
+            .iter()
+            .any(|r| r.contains(&third.to_string()))
+    );
+    assert_eq!(pending().await, 2);
     tasks.stop().await;
     store.close().await;
 }

@@ -85,6 +85,27 @@ on_both_backends!(
     }
 );
 
+on_both_backends!(a_kept_value_is_replaced_and_survives_a_reopen, |open| {
+    let s = open().await.unwrap();
+    assert_eq!(s.meta("governance_notifier_block").await.unwrap(), None);
+    s.set_meta("governance_notifier_block", "10", 1)
+        .await
+        .unwrap();
+    s.set_meta("governance_notifier_block", "12", 2)
+        .await
+        .unwrap();
+    s.close().await;
+    let s = open().await.unwrap();
+    assert_eq!(
+        s.meta("governance_notifier_block")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("12")
+    );
+    s.close().await;
+});
+
 on_both_backends!(audit_records_come_back_newest_first, |open| {
     let s = open().await.unwrap();
     for i in 0..5 {

@@ -10,8 +10,9 @@
 //! [`Alert`] recorded in the outbox ([`crate::alerts::outbox::Outbox::record`]: the transition and
 //! its deliveries in one transaction, so a restart sends nothing twice and misses nothing).
 //! An operation first seen already executed or cancelled is history, recorded without delivery,
-//! unless it was scheduled after a state this notifier already looked at while following the
-//! chain live: a short-delay operation scheduled and executed between two looks is announced.
+//! unless it was scheduled after a state a notifier already looked at while following the chain
+//! live (that block is kept in the store): a short-delay operation scheduled and executed between
+//! two looks, or while no notifier ran, is announced.
 //! Log lines: `new governance proposal` when one is scheduled, `governance: suspicious
 //! transaction` (and an audit record) when its findings are critical.
 
@@ -41,6 +42,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// A state whose chain time is within this of the wall clock is the chain followed live, not a
 /// backfill of its history.
 const LIVE_LAG_SECS: u64 = 300;
+
+/// Where the block of the last live look is kept, so that a restarted notifier (or the next
+/// leader's) announces what finished while none looked.
+const LIVE_FROM_KEY: &str = "governance_notifier_block";
 
 /// How long a pending operation's assessment (decoding, and its in-use counts) is reused for the
 /// metrics before it is made again. A transition is always assessed afresh.
@@ -285,7 +290,12 @@ impl Notifier {
             }
         }
         self.proposals_step(known, &state, &mut pending).await?;
-        if live_from.is_some() || state.time + LIVE_LAG_SECS >= crate::clock::unix_secs() {
+        let live = live_from.is_some() || state.time + LIVE_LAG_SECS >= crate::clock::unix_secs();
+        if live && *live_from != Some(state.block) {
+            let now = crate::clock::unix_secs_i64();
+            self.store
+                .set_meta(LIVE_FROM_KEY, &state.block.to_string(), now)
+                .await?;
             *live_from = Some(state.block);
         }
         self.metrics.pending_findings(&pending.0, pending.1);
@@ -536,6 +546,11 @@ impl Task for Notifier {
                     for (key, transition) in self.outbox.transitions(KEY_PREFIX).await? {
                         known.entry(key).or_default().insert(transition);
                     }
+                    live_from = self
+                        .store
+                        .meta(LIVE_FROM_KEY)
+                        .await?
+                        .and_then(|b| b.parse::<u64>().ok());
                     loaded = true;
                 }
                 self.step(&mut known, &mut live_from).await

@@ -389,6 +389,31 @@ impl Store {
         }))
     }
 
+    /// A value kept under `key` in the store's own key-value table, if any.
+    pub async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(on_backend!(self, pool => {
+            sqlx::query("SELECT value FROM meta WHERE key = $1")
+                .bind(key)
+                .fetch_optional(pool)
+                .await?
+                .map(|row| row.try_get::<String, _>("value"))
+                .transpose()?
+        }))
+    }
+
+    /// Keeps `value` under `key` (replacing what was there).
+    pub async fn set_meta(&self, key: &str, value: &str, now: i64) -> Result<(), StoreError> {
+        on_writer!(self, pool => {
+            sqlx::query("INSERT INTO meta (key, value, updated_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at")
+                .bind(key)
+                .bind(value)
+                .bind(now)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
     /// Records a process start of `replica` (the data directory's id); tells whether that
     /// replica's previous run ended cleanly.
     pub async fn begin_run(
