@@ -63,12 +63,7 @@ pub async fn deploy_with_timeout(
     receipt_timeout: Duration,
 ) -> Result<Deployment, ChainError> {
     crate::tls::ensure_crypto_provider();
-    let provider = ProviderBuilder::new().connect_http(rpc_url.clone());
-    let owner = *provider
-        .get_accounts()
-        .await?
-        .first()
-        .ok_or_else(|| ChainError::NoAccounts(rpc_url.to_string()))?;
+    let (provider, owner) = node(rpc_url).await?;
 
     let kms_implementation = create(
         &provider,
@@ -164,12 +159,7 @@ pub async fn allow_kms(
     kms: Address,
     m: KmsMeasurements,
 ) -> Result<(), ChainError> {
-    let provider = ProviderBuilder::new().connect_http(rpc_url.clone());
-    let owner = *provider
-        .get_accounts()
-        .await?
-        .first()
-        .ok_or_else(|| ChainError::NoAccounts(rpc_url.to_string()))?;
+    let (provider, owner) = node(rpc_url).await?;
     let contract = DstackKms::new(kms, &provider);
     let pending = contract
         .addOsImageHash(m.os_image)
@@ -186,6 +176,17 @@ pub async fn allow_kms(
     let pending = contract.addKmsDevice(m.device).from(owner).send().await?;
     confirmed("addKmsDevice", pending, RECEIPT_TIMEOUT).await?;
     Ok(())
+}
+
+/// A provider for the node at `rpc_url` and its first unlocked account, which sends (and owns).
+async fn node(rpc_url: &url::Url) -> Result<(impl Provider + use<>, Address), ChainError> {
+    let provider = ProviderBuilder::new().connect_http(rpc_url.clone());
+    let owner = *provider
+        .get_accounts()
+        .await?
+        .first()
+        .ok_or_else(|| ChainError::NoAccounts(rpc_url.to_string()))?;
+    Ok((provider, owner))
 }
 
 /// Creation code of our ERC-1967 proxy pointing at `implementation` and delegate-calling `init`.
