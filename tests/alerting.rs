@@ -12,6 +12,8 @@
 mod common;
 #[path = "support/vmm.rs"]
 mod fake;
+#[path = "support/fleet.rs"]
+mod fleet;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -301,43 +303,8 @@ fn the_dashboards_follow_the_linter_rules() {
 #[tokio::test]
 async fn every_metric_a_rule_or_dashboard_names_is_exported_by_a_running_keywarden() {
     let dir = tempfile::tempdir().unwrap();
-    // Another keywarden as the peer KMS (up, so its certificate's expiry is read) and a vsock
-    // proxy that is not running: their per-entry series exist.
-    let mut peer = common::Keywarden::start(&dir.path().join("peer"), &[], &[]);
-    peer.wait_ready().await;
-    let peers = format!(
-        "[{{ url = \"{}\", ca_file = {:?}, probe_interval = \"100ms\" }}]",
-        peer.api_url(),
-        dir.path()
-            .join("peer/kms/root-ca.pem")
-            .display()
-            .to_string()
-    );
-    let proxies = format!(
-        "[{{ listening_port = {}, check_interval = \"100ms\" }}]",
-        common::free_port()
-    );
-    // And an (in-test) dstack-vmm with a running VM, so the per-VM series exist.
-    let (vmms, _vmm) = fake::configured(vec![fake::web("1h")], dir.path(), "100ms").await;
-    let env = [
-        ("KEYWARDEN_CVM__PEER_KMS", peers.as_str()),
-        ("KEYWARDEN_CVM__NITRO_PROXY", proxies.as_str()),
-        ("KEYWARDEN_CVM__VMM", vmms.as_str()),
-    ];
-    let mut kw = common::Keywarden::start(&dir.path().join("data"), &[], &env);
-    kw.wait_ready().await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let text = loop {
-        let text = kw.metrics_text().await;
-        if text.contains("dstack_cvm_peer_kms_cert_expiry_seconds{")
-            && text.contains("dstack_cvm_vsock_proxy_up{")
-            && text.contains("dstack_cvm_memory_usage_ratio{")
-        {
-            break text;
-        }
-        assert!(std::time::Instant::now() < deadline, "{text}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let fleet = fleet::Fleet::start(dir.path()).await;
+    let text = &fleet.metrics;
     let exported: BTreeSet<String> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -381,8 +348,7 @@ async fn every_metric_a_rule_or_dashboard_names_is_exported_by_a_running_keyward
             );
         }
     }
-    assert_eq!(kw.terminate(std::time::Duration::from_secs(5)), 0);
-    assert_eq!(peer.terminate(std::time::Duration::from_secs(5)), 0);
+    fleet.stop();
 }
 
 #[test]

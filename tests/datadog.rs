@@ -13,10 +13,11 @@
 mod common;
 #[path = "support/vmm.rs"]
 mod fake;
+#[path = "support/fleet.rs"]
+mod fleet;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 const CONF: &str = "deploy/datadog/conf.d/openmetrics.d/conf.yaml";
 
@@ -273,60 +274,8 @@ async fn the_datadog_openmetrics_check_submits_every_exported_family_under_its_m
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // As in the alerting test: another keywarden as the peer KMS (here with its /metrics read,
-    // so the peer's attestation counters exist too), a vsock proxy that is not running, and an
-    // in-test dstack-vmm with a running VM, here also acting as the gateway (last-seen series).
-    let mut peer = common::Keywarden::start(&dir.path().join("peer"), &[], &[]);
-    peer.wait_ready().await;
-    let peers = format!(
-        "[{{ url = \"{}\", ca_file = {:?}, probe_interval = \"100ms\", metrics_url = \"http://{}/metrics\" }}]",
-        peer.api_url(),
-        dir.path()
-            .join("peer/kms/root-ca.pem")
-            .display()
-            .to_string(),
-        peer.metrics,
-    );
-    let proxies = format!(
-        "[{{ listening_port = {}, check_interval = \"100ms\" }}]",
-        common::free_port()
-    );
-    let (vmms, _vmm) = fake::configured(vec![fake::web("1h")], dir.path(), "100ms").await;
-    let handshake = keywarden::clock::unix_secs() - 10;
-    let hosts = std::sync::Arc::new(std::sync::Mutex::new(serde_json::json!([
-        {"instance_id": format!("{:040x}", 1), "app_id": "ab", "latest_handshake": handshake}
-    ])));
-    let (gateway_url, _gateway) = fake::serve_app(fake::gateway(hosts), false, dir.path()).await;
-    // The in-test gateway checks the same token the VMM does, in the file `configured` wrote.
-    let gateway_token = format!("file:{}", dir.path().join("vmm-token").display());
-    let env = [
-        ("KEYWARDEN_CVM__PEER_KMS", peers.as_str()),
-        ("KEYWARDEN_CVM__NITRO_PROXY", proxies.as_str()),
-        ("KEYWARDEN_CVM__VMM", vmms.as_str()),
-        ("KEYWARDEN_CVM__GATEWAY__URL", gateway_url.as_str()),
-        ("KEYWARDEN_CVM__GATEWAY__TOKEN", gateway_token.as_str()),
-        ("KEYWARDEN_CVM__GATEWAY__POLL_INTERVAL", "100ms"),
-    ];
-    let mut kw = common::Keywarden::start(&dir.path().join("data"), &[], &env);
-    kw.wait_ready().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let before = loop {
-        let text = kw.metrics_text().await;
-        if [
-            "dstack_cvm_peer_kms_cert_expiry_seconds{",
-            "dstack_cvm_peer_kms_attestation_requests_total{",
-            "dstack_cvm_vsock_proxy_up{",
-            "dstack_cvm_memory_usage_ratio{",
-            "dstack_cvm_last_seen_timestamp_seconds{",
-        ]
-        .iter()
-        .all(|s| text.contains(s))
-        {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "{text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let fleet = fleet::Fleet::start(dir.path()).await;
+    let (kw, before) = (&fleet.kw, fleet.metrics.clone());
 
     // The check, in its own process; the in-test VMM and gateway keep answering meanwhile.
     let endpoint = format!("http://{}/metrics", kw.metrics);
@@ -479,6 +428,5 @@ async fn the_datadog_openmetrics_check_submits_every_exported_family_under_its_m
         report["service_checks"][format!("{NAMESPACE}.openmetrics.health")],
         serde_json::json!([0])
     );
-    assert_eq!(kw.terminate(Duration::from_secs(5)), 0);
-    assert_eq!(peer.terminate(Duration::from_secs(5)), 0);
+    fleet.stop();
 }

@@ -204,27 +204,19 @@ async fn each_cause_reaches_its_receivers_through_the_shipped_rules_and_tree() {
     let pki_dir = dir.path().join("pki");
     pki.save(&pki_dir).unwrap();
     let images = keywarden::kms::osimage::env_value(&[client::simulated_os_image()]);
-    let (rpc, kms, block) = (
-        anvil.url().to_string(),
-        chain.deployment.kms.to_string(),
-        chain.deployment.block.to_string(),
-    );
     // A dstack-vmm whose one VM runs at 95% memory.
     let (vmms, _vmm) = fake::configured(vec![fake::web("1h")], dir.path(), "1s").await;
     let data = dir.path().join("data");
     let polled = Instant::now();
+    let mut args = vec![
+        "--insecure-test-pki".to_owned(),
+        pki_dir.display().to_string(),
+    ];
+    args.extend(chain.serve_args(&anvil.url()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut kw = common::Keywarden::start(
         &data,
-        &[
-            "--insecure-test-pki",
-            pki_dir.to_str().unwrap(),
-            "--rpc-url",
-            &rpc,
-            "--kms-contract",
-            &kms,
-            "--start-block",
-            &block,
-        ],
+        &args,
         &[
             ("KEYWARDEN_KMS__OS_IMAGES", images.as_str()),
             ("KEYWARDEN_CHAIN__CONFIRMATIONS", "0"),

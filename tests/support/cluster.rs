@@ -133,14 +133,7 @@ impl Env {
         let pki = TestPki::generate(keywarden::clock::unix_secs() - 60).unwrap();
         let pki_dir = dir.path().join("pki");
         pki.save(&pki_dir).unwrap();
-        let args = vec![
-            "--rpc-url".to_owned(),
-            anvil.url().to_string(),
-            "--kms-contract".to_owned(),
-            chain.deployment.kms.to_string(),
-            "--start-block".to_owned(),
-            chain.deployment.block.to_string(),
-        ];
+        let args = chain.serve_args(&anvil.url());
         Self {
             anvil,
             chain,

@@ -91,6 +91,18 @@ pub async fn through_timelock(
 }
 
 impl GuestChain {
+    /// The `keywarden serve` arguments that follow this deployment through `rpc`.
+    pub fn serve_args(&self, rpc: &url::Url) -> Vec<String> {
+        vec![
+            "--rpc-url".to_owned(),
+            rpc.to_string(),
+            "--kms-contract".to_owned(),
+            self.deployment.kms.to_string(),
+            "--start-block".to_owned(),
+            self.deployment.block.to_string(),
+        ]
+    }
+
     /// Hands the app to a TimelockController (delay 0) that the owner account proposes to and
     /// executes on, as a governed deployment has it; `(timelock, proposer)` for `through_timelock`.
     pub async fn govern_app_by_timelock(&self) -> (Address, Address) {
