@@ -251,3 +251,30 @@ async fn a_replica_onboards_from_a_chain_governed_source_once_dev_deploy_allowed
         assert_eq!(source.terminate(Duration::from_secs(5)), 0);
     }
 }
+
+#[test]
+fn dev_deploy_with_a_missing_test_pki_fails_before_sending_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("chain.env");
+    let missing = dir.path().join("no-pki");
+    // No node answers at this URL: the PKI is read first, so that is never reached.
+    let (code, _, err) = common::run_to_end(
+        &[
+            "dev",
+            "deploy",
+            "--rpc",
+            &format!("http://127.0.0.1:{}", common::free_port()),
+            "--env-file",
+            env_file.to_str().unwrap(),
+            "--allow-test-kms",
+            missing.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("test PKI {}", missing.display())),
+        "{err}"
+    );
+    assert!(!env_file.exists());
+}
